@@ -1,0 +1,51 @@
+"""Deterministic global batches, split across processes and accumulation micro-batches.
+
+Each epoch draws one permutation of the training indices from (seed, phase, epoch) alone, cuts
+it into global batches of ``batch_size * accumulation * processes`` samples and gives process r
+micro-batches r*k .. r*k + k - 1 of each (k = accumulation). The same seed therefore yields the
+same global batches whatever the number of processes, and a resumed run can skip the batches
+already done.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from kdistill.data.base import UNLABELED
+
+
+def epoch_global_batches(indices: Sequence[int], global_batch: int, min_size: int, seed: int,
+                         phase: int, epoch: int) -> list[list[int]]:
+    """The global batches of one epoch; a last batch smaller than ``min_size`` is dropped."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + phase * 10_007 + epoch)
+    order = torch.randperm(len(indices), generator=generator).tolist()
+    shuffled = [indices[i] for i in order]
+    batches = [shuffled[i:i + global_batch] for i in range(0, len(shuffled), global_batch)]
+    return [b for b in batches if len(b) >= min_size]
+
+
+def process_micro_batches(global_batch: Sequence[int], processes: int, rank: int,
+                          accumulation: int) -> list[list[int]]:
+    """This process's ``accumulation`` micro-batches of one global batch."""
+    chunks = np.array_split(np.asarray(global_batch), processes * accumulation)
+    return [c.tolist() for c in chunks[rank * accumulation:(rank + 1) * accumulation]]
+
+
+def unit_counts(batch: Mapping[str, Any]) -> dict[str, float]:
+    """How many examples, labelled examples and valid tokens a batch holds."""
+    first = next(v for v in batch.values() if isinstance(v, torch.Tensor))
+    examples = float(len(batch["index"]) if "index" in batch else len(first))
+    labels = batch.get("labels")
+    labeled = float((labels != UNLABELED).sum()) if isinstance(labels, torch.Tensor) else 0.0
+    mask = batch.get("token_mask", batch.get("attention_mask"))
+    tokens = float(mask.sum()) if isinstance(mask, torch.Tensor) else examples
+    return {"examples": examples, "labeled": labeled, "tokens": tokens}
+
+
+def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    """Move every tensor of a batch to ``device``."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

@@ -1,0 +1,24 @@
+"""Data: built-in data sets, loaders for user files and the sample conventions of kdistill."""
+
+from kdistill.data.base import (
+    UNLABELED,
+    ArrayDataset,
+    DataSplits,
+    IndexedDataset,
+    collate,
+    keep_labels,
+    labeled_indices,
+)
+from kdistill.data.builtin import DATASETS, load_dataset
+
+__all__ = [
+    "DATASETS",
+    "UNLABELED",
+    "ArrayDataset",
+    "DataSplits",
+    "IndexedDataset",
+    "collate",
+    "keep_labels",
+    "labeled_indices",
+    "load_dataset",
+]

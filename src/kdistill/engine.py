@@ -1,0 +1,439 @@
+"""The engine: one training loop for every recipe, on Hugging Face Accelerate.
+
+``Distiller(student, teacher, recipe, ...).fit(train, eval)`` trains ``student`` through a list of
+phases (each a recipe, a number of epochs and optionally its own optimizer and LR schedule).
+Per optimizer step it
+
+1. takes this process's micro-batches of the next global batch (:mod:`kdistill.batching`),
+2. counts each loss unit (examples, labelled examples, tokens) over the whole global batch,
+3. for every micro-batch: teacher taps, student taps, the recipe's terms, and
+   ``sum_k w_k * value_k * local_count_k / global_count_k`` backpropagated (gradients are
+   synchronised across processes on the last micro-batch only),
+4. clips, steps the optimizer and LR schedule, lets the teacher source update (EMA), logs.
+
+Only the student and the recipe's own modules are wrapped for data parallelism; the teacher
+runs outside the wrapper on every process. Checkpoints are written every ``checkpoint_every``
+steps and at the end of every epoch; ``fit(..., resume=True)`` continues from the newest one and
+ends with the same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+from kdistill.batching import (
+    epoch_global_batches,
+    process_micro_batches,
+    to_device,
+    unit_counts,
+)
+from kdistill.checkpoint import (
+    atomic_save_tensors,
+    latest_checkpoint,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
+from kdistill.data.base import IndexedDataset, collate, labeled_indices
+from kdistill.metrics_log import MetricsLog
+from kdistill.progress import TrainingProgress
+from kdistill.recipes.base import Recipe, build_recipe
+from kdistill.schedules import TrainState, lr_multiplier
+from kdistill.settings import OptimizerSettings, SchedulerSettings, TrainerSettings
+from kdistill.taps import TapReader, Taps
+from kdistill.teachers import TeacherSource, as_source
+
+Evaluator = Callable[[nn.Module, "TeacherSource | None"], dict[str, float]]
+
+
+@dataclass
+class Phase:
+    """One stage of training: a recipe for ``epochs`` epochs, optionally with its own optimizer
+    and LR schedule (the trainer's otherwise)."""
+
+    recipe: Recipe
+    epochs: int
+    name: str = ""
+    optimizer: OptimizerSettings | None = None
+    scheduler: SchedulerSettings | None = None
+
+
+@dataclass
+class FitResult:
+    """What :meth:`Distiller.fit` returns."""
+
+    student: nn.Module
+    history: list[dict[str, Any]]
+    run_dir: Path | None
+    phases: list[Phase] = field(default_factory=list)
+
+    def evaluations(self) -> list[dict[str, Any]]:
+        """The end-of-epoch evaluation records."""
+        return [r for r in self.history if r.get("kind") == "eval"]
+
+
+class TrainingModule(nn.Module):
+    """Student plus one phase's recipe: the unit wrapped for data parallelism."""
+
+    def __init__(self, student: nn.Module, recipe: Recipe, reader: TapReader):
+        super().__init__()
+        self.student = student
+        self.recipe = recipe
+        self.reader = reader
+
+    def forward(self, batch: Mapping[str, Any], teacher: Taps | None, state: TrainState,
+                scales: Mapping[str, float]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        terms = self.recipe.terms(self.reader(batch), teacher, batch, state)
+        total: torch.Tensor | None = None
+        reported: dict[str, torch.Tensor] = {}
+        for name, term in terms.items():
+            scale = scales[term.unit]
+            if scale == 0:
+                continue
+            contribution = term.value * (term.weight * scale)
+            total = contribution if total is None else total + contribution
+            reported[name] = term.value.detach() * scale
+        if total is None:  # nothing to learn from in this micro-batch: keep the graph valid
+            total = sum(p.sum() * 0 for p in self.parameters() if p.requires_grad)
+        return total, reported
+
+
+def _as_dataset(data: Dataset | DataLoader) -> tuple[Dataset, Callable, int | None]:
+    if isinstance(data, DataLoader):
+        collate_fn = data.collate_fn if data.collate_fn is not default_collate else collate
+        return IndexedDataset(data.dataset), collate_fn, data.batch_size
+    return IndexedDataset(data), collate, None
+
+
+def _build_optimizer(params: Iterable[nn.Parameter],
+                     settings: OptimizerSettings) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if settings.name == "sgd":
+        return torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum,
+                               weight_decay=settings.weight_decay, nesterov=settings.nesterov)
+    return torch.optim.AdamW(params, lr=settings.lr, betas=settings.betas,
+                             weight_decay=settings.weight_decay)
+
+
+def _build_scheduler(optimizer: torch.optim.Optimizer, settings: SchedulerSettings,
+                     total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    def factor(step: int) -> float:
+        return lr_multiplier(settings.name, step, total_steps, settings.warmup_steps,
+                             settings.min_ratio, settings.step_size, settings.gamma)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class Distiller:
+    """Distil ``teacher`` into ``student`` with a recipe (or a list of phases).
+
+    ``teacher`` is an ``nn.Module`` (used frozen) or any :class:`TeacherSource`; ``recipe`` a
+    :class:`Recipe` or a registered name. ``trainer`` holds the settings; keyword overrides
+    such as ``epochs=3`` or ``batch_size=32`` update it. ``evaluator(student, teacher)`` replaces
+    the default end-of-epoch classification metrics.
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | TeacherSource | None = None,
+                 recipe: Recipe | str | None = "hinton", *, phases: Sequence[Phase] | None = None,
+                 trainer: TrainerSettings | None = None, run_dir: str | Path | None = None,
+                 evaluator: Evaluator | None = None, **overrides: Any):
+        self.student = student
+        self.teacher = as_source(teacher)
+        base = trainer.model_dump() if trainer is not None else {}
+        self.settings = TrainerSettings(**{**base, **overrides})
+        self.phases = list(phases) if phases else self._phases_of(recipe)
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.evaluator = evaluator
+        for phase in self.phases:
+            if phase.recipe.uses_teacher and self.teacher is None:
+                raise ValueError(f"recipe '{phase.recipe.name}' needs a teacher, none was given")
+
+    def _phases_of(self, recipe: Recipe | str | None) -> list[Phase]:
+        if recipe is None:
+            raise ValueError("give a recipe or a list of phases")
+        recipe = build_recipe(recipe) if isinstance(recipe, str) else recipe
+        return [Phase(r, epochs, name=f"{i}-{r.name}")
+                for i, (r, epochs) in enumerate(recipe.phases(self.settings.epochs))]
+
+    def fit(self, train: Dataset | DataLoader, eval: Dataset | DataLoader | None = None, *,
+            resume: bool = False,
+            callbacks: Sequence[Callable[[dict[str, Any]], None]] = ()) -> FitResult:
+        """Train through every phase; returns the student and the metrics history.
+
+        ``callbacks`` receive every end-of-epoch record after its checkpoint is written.
+        """
+        run = _Run(self, train, eval, callbacks)
+        try:
+            return run.execute(resume)
+        finally:
+            run.close()
+
+
+class _Run:
+    """The state of one call to :meth:`Distiller.fit`."""
+
+    def __init__(self, distiller: Distiller, train: Dataset | DataLoader,
+                 eval_data: Dataset | DataLoader | None,
+                 callbacks: Sequence[Callable[[dict[str, Any]], None]]):
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs, set_seed
+
+        self.d = distiller
+        self.s = distiller.settings
+        self.dataset, self.collate_fn, loader_batch = _as_dataset(train)
+        self.micro_batch = loader_batch or self.s.batch_size
+        self.eval_data = eval_data
+        self.callbacks = callbacks
+        self.accelerator = Accelerator(
+            cpu=self.s.cpu or not torch.cuda.is_available(),
+            mixed_precision=self.s.mixed_precision,
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        )
+        set_seed(self.s.seed)
+        self.device = self.accelerator.device
+        self.main = self.accelerator.is_main_process
+        self.world = self.accelerator.num_processes
+        self.rank = self.accelerator.process_index
+        self.d.student.to(self.device)
+        self.history: list[dict[str, Any]] = []
+        self.global_step = 0
+        self.log = MetricsLog(distiller.run_dir / "metrics.jsonl" if distiller.run_dir and
+                              self.main else None)
+        self.progress = TrainingProgress(enabled=self.s.progress and self.main)
+        self.built: set[int] = set()
+
+    # -- phases -------------------------------------------------------------------------------
+    def teacher_tap_names(self, phase: Phase) -> list[str]:
+        names = list(phase.recipe.teacher_taps())
+        return names if "logits" in names else [*names, "logits"]
+
+    def bind_teacher(self, phase: Phase) -> None:
+        if self.d.teacher is not None:
+            self.d.teacher.bind(self.teacher_tap_names(phase), self.device)
+
+    def materialise(self, index: int, phase: Phase, reader: TapReader) -> None:
+        """Build the recipe's shape-dependent modules on the first batch of the phase."""
+        if index in self.built:
+            return
+        first = to_device(self.collate_fn([self.dataset[i] for i in
+                                           range(min(self.micro_batch, len(self.dataset)))]),
+                          self.device)
+        with torch.no_grad():
+            teacher = self.d.teacher(first) if phase.recipe.uses_teacher else None
+            phase.recipe.build(reader(first), teacher)
+        phase.recipe.to(self.device)
+        self.built.add(index)
+
+    def train_indices(self, phase: Phase) -> list[int]:
+        if phase.recipe.uses_unlabeled:
+            return list(range(len(self.dataset)))
+        indices = labeled_indices(self.dataset)
+        if not indices:
+            raise ValueError(f"recipe '{phase.recipe.name}' trains on labelled samples only and "
+                             "the training data has none")
+        return indices
+
+    def plan(self, phase_index: int, indices: list[int], epoch: int) -> list[list[int]]:
+        global_batch = self.micro_batch * self.s.accumulation * self.world
+        return epoch_global_batches(indices, global_batch, self.s.accumulation * self.world,
+                                    self.s.seed, phase_index, epoch)
+
+    # -- state --------------------------------------------------------------------------------
+    def weights(self) -> dict[str, torch.Tensor]:
+        tensors = {f"student.{k}": v for k, v in self.d.student.state_dict().items()}
+        for i, phase in enumerate(self.d.phases):
+            if i in self.built:
+                tensors.update({f"recipe.{i}.{k}": v for k, v in
+                                phase.recipe.state_dict().items()})
+        if self.d.teacher is not None:
+            tensors.update({f"teacher.{k}": v for k, v in self.d.teacher.state_dict().items()})
+        return tensors
+
+    def load_weights(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        def part(prefix: str) -> dict[str, torch.Tensor]:
+            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+        self.d.student.load_state_dict(part("student."))
+        for i in self.built:
+            self.d.phases[i].recipe.load_state_dict(part(f"recipe.{i}."))
+        if self.d.teacher is not None:
+            self.d.teacher.load_state_dict(part("teacher."))
+
+    def checkpoint(self, position: Mapping[str, int], optimizer: torch.optim.Optimizer,
+                   scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
+        if self.d.run_dir is not None and self.main:
+            save_checkpoint(self.d.run_dir, self.global_step, weights=self.weights(),
+                            optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                            trainer={**position, "global_step": self.global_step,
+                                     "history": self.history},
+                            keep=self.s.keep_checkpoints)
+        self.accelerator.wait_for_everyone()
+
+    # -- the loop -----------------------------------------------------------------------------
+    def execute(self, resume: bool) -> FitResult:
+        start = {"phase": 0, "epoch": 0, "batch": 0}
+        checkpoint = None
+        if resume:
+            if self.d.run_dir is None:
+                raise ValueError("resume needs a run directory")
+            path = latest_checkpoint(self.d.run_dir)
+            if path is None:
+                raise FileNotFoundError(f"nothing to resume: no checkpoint in "
+                                        f"{self.d.run_dir / 'checkpoints'}")
+            checkpoint = load_checkpoint(path)
+            start = {k: int(checkpoint.trainer[k]) for k in start}
+            self.global_step = int(checkpoint.trainer["global_step"])
+            self.history = list(checkpoint.trainer["history"])
+            self.log.truncate_after(self.global_step)
+        for index, phase in enumerate(self.d.phases):
+            if index < start["phase"]:
+                continue
+            resume_here = checkpoint if index == start["phase"] else None
+            self.run_phase(index, phase, resume_here,
+                           start if resume_here is not None else {"epoch": 0, "batch": 0})
+        if self.d.run_dir is not None and self.main:
+            atomic_save_tensors(self.d.student.state_dict(), self.d.run_dir /
+                                "student.safetensors")
+        return FitResult(self.d.student, self.history, self.d.run_dir, self.d.phases)
+
+    def run_phase(self, index: int, phase: Phase, checkpoint: Any,
+                  start: Mapping[str, int]) -> None:
+        self.bind_teacher(phase)
+        reader = TapReader(self.d.student, phase.recipe.student_taps())
+        try:
+            if checkpoint is not None:
+                for earlier in range(index):
+                    recipe = self.d.phases[earlier].recipe
+                    with TapReader(self.d.student, recipe.student_taps()) as earlier_reader:
+                        self.materialise(earlier, self.d.phases[earlier], earlier_reader)
+                self.materialise(index, phase, reader)
+                self.load_weights(checkpoint.weights)
+            self.materialise(index, phase, reader)
+            module = TrainingModule(self.d.student, phase.recipe, reader)
+            indices = self.train_indices(phase)
+            steps_per_epoch = len(self.plan(index, indices, 0))
+            if steps_per_epoch == 0:
+                raise ValueError(f"phase '{phase.name}': {len(indices)} training samples are too "
+                                 f"few for one global batch of this size")
+            total_steps = steps_per_epoch * phase.epochs
+            optimizer = _build_optimizer(module.parameters(),
+                                         phase.optimizer or self.s.optimizer)
+            scheduler = _build_scheduler(optimizer, phase.scheduler or self.s.scheduler,
+                                         total_steps)
+            if checkpoint is not None:
+                optimizer.load_state_dict(checkpoint.optimizer)
+                scheduler.load_state_dict(checkpoint.scheduler)
+                restore_rng(checkpoint.rng_tensors, checkpoint.rng_meta)
+            wrapped = self.accelerator.prepare_model(module)
+            self.progress.start_phase(phase.name or phase.recipe.name, total_steps,
+                                      start["epoch"] * steps_per_epoch + start["batch"])
+            for epoch in range(start["epoch"], phase.epochs):
+                batches = self.plan(index, indices, epoch)
+                first = start["batch"] if epoch == start["epoch"] else 0
+                for b in range(first, len(batches)):
+                    state = TrainState(index, epoch, epoch * steps_per_epoch + b,
+                                       epoch + (b + 1) / steps_per_epoch, steps_per_epoch,
+                                       total_steps)
+                    record = self.step(wrapped, module, batches[b], state, optimizer, scheduler)
+                    if self.s.checkpoint_every and self.global_step % self.s.checkpoint_every == 0:
+                        self.checkpoint({"phase": index, "epoch": epoch, "batch": b + 1},
+                                        optimizer, scheduler)
+                    self.progress.advance(record)
+                self.end_epoch(index, phase, epoch, optimizer, scheduler)
+        finally:
+            reader.close()
+            self.accelerator.free_memory()
+
+    def step(self, wrapped: nn.Module, module: TrainingModule, global_batch: list[int],
+             state: TrainState, optimizer: torch.optim.Optimizer,
+             scheduler: torch.optim.lr_scheduler.LambdaLR) -> dict[str, Any]:
+        chunks = process_micro_batches(global_batch, self.world, self.rank, self.s.accumulation)
+        micro = [self.collate_fn([self.dataset[i] for i in chunk]) for chunk in chunks]
+        local = [unit_counts(b) for b in micro]
+        units = sorted(local[0])
+        totals = torch.tensor([[sum(c[u] for c in local) for u in units]], dtype=torch.float64,
+                              device=self.device)
+        global_counts = dict(zip(units, self.accelerator.reduce(totals, "sum")[0].tolist(),
+                                 strict=True))
+        recipe = module.recipe
+        reported: dict[str, torch.Tensor] = {}
+        for j, batch in enumerate(micro):
+            batch = to_device(batch, self.device)
+            scales = {u: (local[j][u] / global_counts[u] * self.world) if global_counts[u] else 0.0
+                      for u in units}
+            teacher = self.d.teacher(batch) if recipe.uses_teacher else None
+            sync = contextlib.nullcontext() if j == len(micro) - 1 else \
+                self.accelerator.no_sync(wrapped)
+            with sync:
+                loss, terms = wrapped(batch, teacher, state, scales)
+                self.accelerator.backward(loss)
+            for name, value in terms.items():
+                reported[name] = reported.get(name, 0.0) + value / self.world
+        if self.s.clip_grad_norm:
+            torch.nn.utils.clip_grad_norm_(module.parameters(), self.s.clip_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if self.d.teacher is not None:
+            self.d.teacher.after_step(self.d.student, state)
+        self.global_step += 1
+        return self.record_step(state, reported, module, scheduler)
+
+    def record_step(self, state: TrainState, reported: Mapping[str, torch.Tensor],
+                    module: TrainingModule, scheduler: Any) -> dict[str, Any]:
+        names = sorted(reported)
+        values = torch.stack([torch.as_tensor(reported[n], dtype=torch.float64,
+                                              device=self.device) for n in names]) \
+            if names else torch.zeros(0, dtype=torch.float64, device=self.device)
+        values = self.accelerator.reduce(values, "sum").tolist() if names else []
+        record: dict[str, Any] = {
+            "kind": "train", "phase": state.phase, "epoch": state.epoch,
+            "step": self.global_step, "lr": scheduler.get_last_lr()[0],
+            **dict(zip(names, values, strict=True)),
+        }
+        if self.global_step % self.s.log_every == 0:
+            self.log.write(record)
+            self.history.append(record)
+        return record
+
+    def evaluate(self) -> dict[str, float]:
+        if self.d.evaluator is not None:
+            return self.d.evaluator(self.d.student, self.d.teacher)
+        from kdistill.evaluate import evaluate_classifier
+
+        return evaluate_classifier(self.d.student, self.d.teacher, self.eval_data,
+                                   self.collate_fn, self.s.batch_size, self.device)
+
+    def end_epoch(self, index: int, phase: Phase, epoch: int, optimizer: torch.optim.Optimizer,
+                  scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
+        record: dict[str, Any] = {"kind": "eval", "phase": index, "phase_name": phase.name,
+                                  "epoch": epoch + 1, "step": self.global_step}
+        if (self.eval_data is not None or self.d.evaluator is not None) and \
+                ((epoch + 1) % self.s.eval_every == 0 or epoch + 1 == phase.epochs):
+            record.update({f"eval_{k}": v for k, v in self.evaluate().items()})
+        self.history.append(record)
+        self.log.write(record)
+        self.progress.show_eval(record)
+        self.checkpoint({"phase": index, "epoch": epoch + 1, "batch": 0}, optimizer, scheduler)
+        for callback in self.callbacks:
+            callback(record)
+
+    def close(self) -> None:
+        self.progress.stop()
+        if self.d.teacher is not None:
+            self.d.teacher.close()
+
+
+def distill(student: nn.Module, teacher: nn.Module | TeacherSource | None,
+            train: Dataset | DataLoader, eval: Dataset | DataLoader | None = None,
+            recipe: Recipe | str = "hinton", **kwargs: Any) -> FitResult:
+    """One call: ``Distiller(student, teacher, recipe, **kwargs).fit(train, eval)``."""
+    return Distiller(student, teacher, recipe, **kwargs).fit(train, eval)

@@ -1,0 +1,435 @@
+"""Evaluation: what the student keeps of the teacher's quality, and what it saves.
+
+Quality is measured by accuracy, macro-F1, calibration (ECE) and top-1 agreement with the
+teacher; cost by parameter count, size on disk and CPU latency at a stated batch size and thread
+count. :func:`benchmark_models` gathers all of it into one row per model, timing the models in
+interleaved rounds so that they are compared under the same machine conditions.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypedDict
+
+import torch
+from safetensors.torch import save_model
+from torch import nn
+
+from kdistill.taps import output_logits, run_model
+
+IGNORE_INDEX = -100
+LATENCY_WARMUP = 3
+BYTES_PER_MB = 1_000_000
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """A model's logits over a data set and the matching labels (``-100`` = no label)."""
+
+    logits: torch.Tensor
+    labels: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Median wall-clock time of one forward pass over a batch."""
+
+    median_batch_ms: float
+    per_example_ms: float
+    batch_size: int
+    threads: int
+
+
+class BenchmarkRow(TypedDict):
+    """One model's line in a comparison, as returned by :func:`benchmark_models`.
+
+    ``agreement`` and ``accuracy_share`` are ``None`` when no teacher was named;
+    ``accuracy_share`` is this model's accuracy divided by the teacher's.
+    """
+
+    name: str
+    accuracy: float
+    macro_f1: float
+    ece: float
+    agreement: float | None
+    accuracy_share: float | None
+    params: int
+    size_mb: float
+    latency_ms: float
+    per_example_ms: float
+    throughput: float
+    speedup: float
+    batch_size: int
+    threads: int
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put every submodule in eval mode, then restore each one's own previous mode.
+
+    The root is restored through ``train()`` so that a model overriding it still sees the call;
+    the per-module pass then keeps mixed modes (e.g. a frozen norm layer left in eval mode).
+    """
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(modes[0][1])
+        for module, training in modes:
+            module.training = training
+
+
+@contextmanager
+def _num_threads(threads: int) -> Iterator[None]:
+    """Run with ``torch.set_num_threads(threads)``, restoring the previous value afterwards."""
+    if threads < 1:
+        raise ValueError(f"threads must be at least 1, got {threads}")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU for a model with neither)."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _batch_size(batch: Mapping[str, Any]) -> int:
+    key = "input_ids" if "input_ids" in batch else "input"
+    if key not in batch:
+        raise ValueError(f"batch has neither 'input' nor 'input_ids'; keys: {sorted(batch)}")
+    return int(batch[key].shape[0])
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for queued CUDA work so that a timing covers the whole forward pass."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --------------------------------------------------------------------------- predictions
+
+
+def _batch_predictions(model: nn.Module,
+                       batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits [B, C] and labels [B] of one batch, on the CPU."""
+    logits = output_logits(run_model(model, batch)).float().cpu()
+    if logits.dim() != 2:
+        raise ValueError(f"predict expects logits of shape [batch, classes], got "
+                         f"{tuple(logits.shape)}")
+    labels = batch.get("labels")
+    if labels is None:
+        labels = torch.full((logits.shape[0],), IGNORE_INDEX, dtype=torch.long)
+    labels = labels.cpu().long()
+    if labels.shape != logits.shape[:1]:
+        raise ValueError(f"labels of shape {tuple(labels.shape)} do not match logits of shape "
+                         f"{tuple(logits.shape)}")
+    return logits, labels
+
+
+def predict(model: nn.Module, batches: Iterable[Mapping[str, Any]],
+            device: torch.device | str | None = None) -> Predictions:
+    """Run ``model`` over ``batches`` and collect its logits and the labels.
+
+    The model runs in eval mode under ``torch.inference_mode``; each submodule's train/eval mode
+    is restored afterwards. Batch tensors are moved to ``device`` (default: the model's device);
+    the model itself is not moved. When every batch carries ``index``, the rows are returned
+    sorted by it (data-set order, whatever the loader's shuffling); otherwise in iteration order.
+    A batch without ``labels`` gets ``-100`` for each row.
+    """
+    device = torch.device(device) if device is not None else _model_device(model)
+    logits, labels, indices = [], [], []
+    with _eval_mode(model), torch.inference_mode():
+        for batch in batches:
+            batch_logits, batch_labels = _batch_predictions(model, _to_device(batch, device))
+            logits.append(batch_logits)
+            labels.append(batch_labels)
+            indices.append(batch.get("index"))
+    if not logits:
+        raise ValueError("predict received no batches")
+    # Concatenating outside inference mode gives ordinary tensors that autograd code may use.
+    all_logits, all_labels = torch.cat(logits), torch.cat(labels)
+    if all(index is not None for index in indices):
+        order = torch.argsort(torch.cat([index.cpu().reshape(-1) for index in indices]))
+        all_logits, all_labels = all_logits[order], all_labels[order]
+    return Predictions(logits=all_logits, labels=all_labels)
+
+
+# --------------------------------------------------------------------------- quality metrics
+
+
+def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor,
+                               n_bins: int = 15) -> float:
+    r"""Expected calibration error of class probabilities (Guo et al., 2017).
+
+    With confidence :math:`\hat p_i = \max_c p_{ic}`, prediction :math:`\hat y_i = \arg\max_c
+    p_{ic}` and :math:`M` equal-width bins :math:`B_m = \{i : \hat p_i \in ((m-1)/M, m/M]\}`,
+
+    .. math::
+
+        \mathrm{ECE} = \sum_{m=1}^{M} \frac{|B_m|}{N}
+                       \left| \mathrm{acc}(B_m) - \mathrm{conf}(B_m) \right|,
+
+    where :math:`\mathrm{acc}(B_m)` is the fraction of :math:`B_m` with :math:`\hat y_i = y_i` and
+    :math:`\mathrm{conf}(B_m)` the mean of :math:`\hat p_i` over :math:`B_m`. Empty bins add
+    nothing. Since :math:`|B_m| \cdot |\mathrm{acc} - \mathrm{conf}|` equals
+    :math:`|\sum_{B_m} (\mathbb 1[\hat y_i = y_i] - \hat p_i)|`, each bin needs only two sums.
+
+    Guo, Pleiss, Sun, Weinberger, "On Calibration of Modern Neural Networks", ICML 2017.
+
+    Args:
+        probs: [N, C] class probabilities (rows sum to one).
+        labels: [N] integer class labels (all valid; filter ``-100`` rows beforehand).
+        n_bins: number of bins M.
+    """
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be at least 1, got {n_bins}")
+    if probs.dim() != 2 or labels.shape != probs.shape[:1]:
+        raise ValueError(f"expected probs [N, C] and labels [N], got probs {tuple(probs.shape)} "
+                         f"and labels {tuple(labels.shape)}")
+    if probs.shape[0] == 0:
+        raise ValueError("expected_calibration_error needs at least one prediction")
+    confidence, predicted = probs.max(dim=1)
+    # Inner edges in the probabilities' own dtype, so a confidence equal to an edge, e.g. 0.2,
+    # falls into the bin that ends there: bucketize gives edges[i-1] < x <= edges[i].
+    edges = torch.linspace(0.0, 1.0, n_bins + 1, dtype=confidence.dtype,
+                           device=confidence.device)[1:-1]
+    bins = torch.bucketize(confidence, edges)
+    gap = (predicted == labels).double() - confidence.double()
+    per_bin = torch.zeros(n_bins, dtype=torch.float64, device=gap.device).index_add_(0, bins, gap)
+    return float(per_bin.abs().sum() / probs.shape[0])
+
+
+def _check_shapes(logits: torch.Tensor, labels: torch.Tensor,
+                  teacher_logits: torch.Tensor | None) -> None:
+    if logits.dim() != 2 or labels.dim() != 1 or labels.shape[0] != logits.shape[0]:
+        raise ValueError(f"expected logits [N, C] and labels [N], got logits "
+                         f"{tuple(logits.shape)} and labels {tuple(labels.shape)}")
+    if teacher_logits is not None and teacher_logits.shape != logits.shape:
+        raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} do not match student "
+                         f"logits {tuple(logits.shape)}")
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor,
+                           teacher_logits: torch.Tensor | None = None,
+                           n_bins: int = 15) -> dict[str, float]:
+    """Accuracy, macro-F1 and ECE against the labels, and agreement with a teacher.
+
+    * ``accuracy``: fraction of labelled rows whose argmax equals the label;
+    * ``macro_f1``: unweighted mean of per-class F1 (scikit-learn ``average="macro"``, over the
+      classes that occur in the labels or the predictions);
+    * ``ece``: :func:`expected_calibration_error` of the softmax probabilities;
+    * ``agreement`` (only with ``teacher_logits``): fraction of rows where the argmax equals the
+      teacher's argmax (Stanton et al., "Does Knowledge Distillation Really Work?", 2021).
+
+    Rows labelled ``-100`` are left out of accuracy, macro-F1 and ECE but count for agreement,
+    which needs no label. With no labelled row at all, the three label metrics are NaN.
+    """
+    _check_shapes(logits, labels, teacher_logits)
+    logits, labels = logits.detach().float().cpu(), labels.detach().cpu().long()
+    predicted = logits.argmax(dim=1)
+    metrics = _label_metrics(logits, predicted, labels, n_bins)
+    if teacher_logits is not None:
+        teacher_predicted = teacher_logits.detach().cpu().argmax(dim=1)
+        metrics["agreement"] = float((predicted == teacher_predicted).double().mean())
+    return metrics
+
+
+def _label_metrics(logits: torch.Tensor, predicted: torch.Tensor, labels: torch.Tensor,
+                   n_bins: int) -> dict[str, float]:
+    labelled = labels != IGNORE_INDEX
+    if not labelled.any():
+        return {"accuracy": float("nan"), "macro_f1": float("nan"), "ece": float("nan")}
+    # scikit-learn takes about a second to import; load it only when metrics are computed.
+    from sklearn.metrics import f1_score
+
+    logits, predicted, labels = logits[labelled], predicted[labelled], labels[labelled]
+    return {
+        "accuracy": float((predicted == labels).double().mean()),
+        "macro_f1": float(f1_score(labels.numpy(), predicted.numpy(), average="macro",
+                                   zero_division=0.0)),
+        "ece": expected_calibration_error(logits.softmax(dim=1), labels, n_bins),
+    }
+
+
+# --------------------------------------------------------------------------- cost
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters, trainable or not; a parameter shared by two modules counts once."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def size_on_disk(model: nn.Module) -> int:
+    """Bytes of the model's state dict (parameters and buffers) saved as safetensors.
+
+    Tied tensors are stored once (``safetensors.torch.save_model``), as they would be in a saved
+    checkpoint; the file is written to a temporary directory and removed.
+    """
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "model.safetensors"
+        save_model(model, str(path))
+        return path.stat().st_size
+
+
+# --------------------------------------------------------------------------- latency
+
+
+def _time_forward_ms(model: nn.Module, batch: Mapping[str, Any], device: torch.device) -> float:
+    start = time.perf_counter()
+    run_model(model, batch)
+    _synchronize(device)
+    return (time.perf_counter() - start) * 1000.0
+
+
+def _interleaved_latency(models: Mapping[str, nn.Module], batch: Mapping[str, Any], *,
+                         threads: int, repeats: int, warmup: int) -> dict[str, Latency]:
+    """Median forward time of each model, timed in interleaved rounds.
+
+    Every round times each model once, starting one model later than the previous round
+    (round r runs models r, r+1, ... cyclically), so slow drifts in machine load and any effect
+    of running right after a particular model fall on all models alike. Each model runs
+    ``warmup`` untimed rounds first. Batch tensors are moved to each model's device beforehand
+    so that copies are not timed.
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    names = list(models)
+    devices = {name: _model_device(models[name]) for name in names}
+    batches = {name: _to_device(batch, devices[name]) for name in names}
+    times: dict[str, list[float]] = {name: [] for name in names}
+    with ExitStack() as stack:
+        stack.enter_context(_num_threads(threads))
+        for model in models.values():
+            stack.enter_context(_eval_mode(model))
+        stack.enter_context(torch.inference_mode())
+        for round_index in range(warmup + repeats):
+            shift = round_index % len(names)
+            for name in names[shift:] + names[:shift]:
+                elapsed = _time_forward_ms(models[name], batches[name], devices[name])
+                if round_index >= warmup:
+                    times[name].append(elapsed)
+    size = _batch_size(batch)
+    return {name: _latency(times[name], size, threads) for name in names}
+
+
+def _latency(times_ms: Sequence[float], batch_size: int, threads: int) -> Latency:
+    median = statistics.median(times_ms)
+    return Latency(median_batch_ms=median, per_example_ms=median / batch_size,
+                   batch_size=batch_size, threads=threads)
+
+
+def measure_latency(model: nn.Module, batch: Mapping[str, Any], *, threads: int = 2,
+                    repeats: int = 20, warmup: int = LATENCY_WARMUP) -> Latency:
+    """Median wall-clock time (``time.perf_counter``) of one forward pass over ``batch``.
+
+    The model runs in eval mode under ``torch.inference_mode`` with ``torch.set_num_threads(
+    threads)``; the thread count and each submodule's mode are restored afterwards. ``warmup``
+    untimed passes come first; the median of ``repeats`` timed passes resists outliers.
+    """
+    return _interleaved_latency({"model": model}, batch, threads=threads, repeats=repeats,
+                                warmup=warmup)["model"]
+
+
+# --------------------------------------------------------------------------- comparison
+
+
+def benchmark_models(models: Mapping[str, nn.Module], eval_batches: list[dict[str, Any]], *,
+                     reference: str, teacher_logits_from: str | None = None,
+                     latency_batch: dict[str, Any], threads: int = 2,
+                     repeats: int = 20) -> list[BenchmarkRow]:
+    """Quality and cost of several models, one :class:`BenchmarkRow` per model, in input order.
+
+    Every model is evaluated on ``eval_batches`` (:func:`classification_metrics`); agreement is
+    measured against model ``teacher_logits_from`` (whose own agreement is therefore 1.0).
+    Latency is timed on ``latency_batch`` for all models in this one call, in interleaved rounds
+    (see :func:`_interleaved_latency`), and ``speedup`` is the ``reference`` model's median batch
+    latency divided by this model's (1.0 for the reference itself). ``throughput`` is examples
+    per second at the stated batch size and thread count; ``size_mb`` is in 10^6 bytes.
+    """
+    for role, name in (("reference", reference), ("teacher_logits_from", teacher_logits_from)):
+        if name is not None and name not in models:
+            raise ValueError(f"{role} '{name}' is not among the models: {sorted(models)}")
+    predictions = {name: predict(model, eval_batches) for name, model in models.items()}
+    teacher_logits = (predictions[teacher_logits_from].logits
+                      if teacher_logits_from is not None else None)
+    metrics = {name: classification_metrics(p.logits, p.labels, teacher_logits)
+               for name, p in predictions.items()}
+    latency = _interleaved_latency(models, latency_batch, threads=threads, repeats=repeats,
+                                   warmup=LATENCY_WARMUP)
+    teacher_accuracy = (metrics[teacher_logits_from]["accuracy"]
+                        if teacher_logits_from is not None else None)
+    return [
+        _row(name, model, metrics[name], latency[name], latency[reference], teacher_accuracy)
+        for name, model in models.items()
+    ]
+
+
+def _row(name: str, model: nn.Module, metrics: Mapping[str, float], latency: Latency,
+         reference: Latency, teacher_accuracy: float | None) -> BenchmarkRow:
+    return BenchmarkRow(
+        name=name,
+        accuracy=metrics["accuracy"],
+        macro_f1=metrics["macro_f1"],
+        ece=metrics["ece"],
+        agreement=metrics.get("agreement"),
+        accuracy_share=(metrics["accuracy"] / teacher_accuracy if teacher_accuracy else None),
+        params=count_parameters(model),
+        size_mb=size_on_disk(model) / BYTES_PER_MB,
+        latency_ms=latency.median_batch_ms,
+        per_example_ms=latency.per_example_ms,
+        throughput=1000.0 / latency.per_example_ms,
+        speedup=reference.median_batch_ms / latency.median_batch_ms,
+        batch_size=latency.batch_size,
+        threads=latency.threads,
+    )
+
+
+def eval_batches(data: Any, batch_size: int,
+                 collate_fn: Any = None) -> list[dict[str, Any]]:
+    """Batches of an evaluation set in order: a ``DataLoader`` is iterated as it is; a
+    ``Dataset`` is cut into consecutive batches of ``batch_size`` samples, each carrying its
+    ``index``."""
+    from torch.utils.data import DataLoader
+
+    from kdistill.data.base import IndexedDataset, collate
+
+    if isinstance(data, DataLoader):
+        return list(data)
+    dataset = IndexedDataset(data)
+    collate_fn = collate_fn or collate
+    return [collate_fn([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+            for start in range(0, len(dataset), batch_size)]
+
+
+def evaluate_classifier(student: nn.Module, teacher: Any, data: Any, collate_fn: Any,
+                        batch_size: int, device: torch.device) -> dict[str, float]:
+    """Accuracy, macro-F1, ECE and (with a teacher source) top-1 agreement of ``student`` on
+    ``data``; the end-of-epoch evaluation of the engine."""
+    batches = eval_batches(data, batch_size, collate_fn)
+    student_predictions = predict(student, batches, device)
+    teacher_logits = None
+    if teacher is not None:
+        teacher_logits = torch.cat([teacher(_to_device(b, device))["logits"].float().cpu()
+                                    for b in batches])
+    return classification_metrics(student_predictions.logits, student_predictions.labels,
+                                  teacher_logits)

@@ -1,0 +1,66 @@
+"""Distillation losses: pure functions of tensors, each returning a scalar tensor.
+
+Families:
+    logits.py     kd, soft_ce, dkd (+ dkd_parts), logit_mse, cross_entropy
+    features.py   hidden_mse, cosine, attention_mse, attention_transfer
+    relations.py  rkd_distance, rkd_angle, pkt
+    sequence.py   forward_kl, reverse_kl, generalized_jsd, tvd (token level, masked, with an
+                  optional global-batch ``normalizer``) and their unreduced ``per_token_*`` forms
+    registry.py   LOSSES, the registry that config-built recipes name losses from
+
+Each function's docstring gives its equation, the paper it comes from and its reduction.
+"""
+
+from .features import attention_mse, attention_transfer, cosine, hidden_mse
+from .logits import cross_entropy, dkd, dkd_parts, kd, logit_mse, soft_ce
+from .registry import (
+    ALIASES,
+    LOSSES,
+    LossSpec,
+    UnknownLossError,
+    check_params,
+    get_loss,
+    loss_params,
+)
+from .relations import pkt, rkd_angle, rkd_distance
+from .sequence import (
+    forward_kl,
+    generalized_jsd,
+    per_token_forward_kl,
+    per_token_generalized_jsd,
+    per_token_reverse_kl,
+    per_token_tvd,
+    reverse_kl,
+    tvd,
+)
+
+__all__ = [
+    "ALIASES",
+    "LOSSES",
+    "LossSpec",
+    "UnknownLossError",
+    "attention_mse",
+    "attention_transfer",
+    "check_params",
+    "cosine",
+    "cross_entropy",
+    "dkd",
+    "dkd_parts",
+    "forward_kl",
+    "generalized_jsd",
+    "get_loss",
+    "hidden_mse",
+    "kd",
+    "logit_mse",
+    "loss_params",
+    "per_token_forward_kl",
+    "per_token_generalized_jsd",
+    "per_token_reverse_kl",
+    "per_token_tvd",
+    "pkt",
+    "reverse_kl",
+    "rkd_angle",
+    "rkd_distance",
+    "soft_ce",
+    "tvd",
+]

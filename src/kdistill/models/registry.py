@@ -1,0 +1,56 @@
+"""Registered models: name -> builder, with named size presets.
+
+Every builder takes the data's ``input_shape`` and ``num_classes`` plus its own options;
+``size`` picks a preset and explicit options override it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from torch import nn
+
+from kdistill.models.cnn import CNN
+from kdistill.models.hf import load_hf_model
+from kdistill.models.mlp import MLP
+
+MODEL_SIZES: dict[str, dict[str, dict[str, Any]]] = {
+    "mlp": {"tiny": {"hidden": [16]}, "small": {"hidden": [64]}, "base": {"hidden": [256, 256]}},
+    "cnn": {"tiny": {"channels": [8, 16]}, "small": {"channels": [16, 32]},
+            "base": {"channels": [32, 64, 128]}},
+}
+
+
+def _mlp(input_shape: Sequence[int], num_classes: int, hidden: Sequence[int],
+         dropout: float = 0.0) -> nn.Module:
+    return MLP(input_shape, num_classes, hidden, dropout)
+
+
+def _cnn(input_shape: Sequence[int], num_classes: int, channels: Sequence[int],
+         dropout: float = 0.0) -> nn.Module:
+    return CNN(input_shape, num_classes, channels, dropout)
+
+
+def _hf(input_shape: Sequence[int], num_classes: int, path: str,
+        task: str = "classification") -> nn.Module:
+    return load_hf_model(path, task=task, num_labels=num_classes)  # type: ignore[arg-type]
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": _mlp, "cnn": _cnn, "hf": _hf}
+
+
+def model_options(name: str, size: str | None, options: dict[str, Any]) -> dict[str, Any]:
+    """A preset's options (if ``size`` is given) updated with explicit ``options``."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model '{name}'; available: {sorted(MODELS)}")
+    presets = MODEL_SIZES.get(name, {})
+    if size is not None and size not in presets:
+        raise ValueError(f"model '{name}' has no size '{size}'; sizes: {sorted(presets)}")
+    return {**(presets.get(size, {}) if size else {}), **options}
+
+
+def build_model(name: str, input_shape: Sequence[int], num_classes: int, size: str | None = None,
+                **options: Any) -> nn.Module:
+    """Build a registered model for data of ``input_shape`` with ``num_classes`` classes."""
+    return MODELS[name](input_shape, num_classes, **model_options(name, size, options))

@@ -1,0 +1,134 @@
+"""The recipe interface and the recipe registry.
+
+A recipe is one distillation method. It names the taps it reads from the student and the
+teacher, owns whatever trainable state the method adds (adapters, extra heads) as ``nn.Module``
+parameters - optimised and checkpointed with the student - and turns taps into named, weighted
+loss terms. The engine sums ``weight * value`` over terms, normalising each over the global batch
+by its ``unit``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from kdistill.schedules import TrainState
+from kdistill.taps import Taps
+
+Unit = Literal["examples", "labeled", "tokens"]
+
+
+@dataclass
+class Term:
+    """One loss term of a micro-batch.
+
+    ``value`` is the mean over the term's units in this micro-batch: ``examples`` (every
+    sample), ``labeled`` (samples with a known label) or ``tokens`` (valid tokens). The engine
+    rescales it by local count / global count so that gradient accumulation and several processes
+    give the gradient of the mean over the whole global batch.
+    """
+
+    value: torch.Tensor
+    weight: float = 1.0
+    unit: Unit = "examples"
+
+
+class RecipeParams(BaseModel):
+    """Hyper-parameters of a recipe; unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Recipe(nn.Module):
+    """Base class of every method. Subclasses set the class attributes and :meth:`terms`."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    paper: ClassVar[str]
+    Params: ClassVar[type[RecipeParams]] = RecipeParams
+    uses_teacher: ClassVar[bool] = True
+    uses_unlabeled: ClassVar[bool] = True
+
+    def __init__(self, params: RecipeParams | None = None, **overrides: Any):
+        super().__init__()
+        base = params.model_dump() if params is not None else {}
+        self.params = self.Params(**{**base, **overrides})
+
+    def student_taps(self) -> list[str]:
+        """Taps read from the student's forward."""
+        return ["logits"]
+
+    def teacher_taps(self) -> list[str]:
+        """Taps read from the teacher source."""
+        return ["logits"] if self.uses_teacher else []
+
+    def build(self, student: Taps, teacher: Taps | None) -> None:
+        """Create trainable state whose shapes depend on the taps (called on the first batch)."""
+
+    def terms(self, student: Taps, teacher: Taps | None, batch: Mapping[str, Any],
+              state: TrainState) -> dict[str, Term]:
+        raise NotImplementedError
+
+    def phases(self, epochs: int) -> list[tuple[Recipe, int]]:
+        """How this method splits a budget of ``epochs`` into (recipe, epochs) phases."""
+        return [(self, epochs)]
+
+
+@dataclass(frozen=True)
+class RecipeEntry:
+    name: str
+    cls: type[Recipe]
+
+    @property
+    def summary(self) -> str:
+        return self.cls.summary
+
+    @property
+    def paper(self) -> str:
+        return self.cls.paper
+
+
+RECIPES: dict[str, RecipeEntry] = {}
+
+
+def register(cls: type[Recipe]) -> type[Recipe]:
+    """Class decorator adding a recipe to :data:`RECIPES` under ``cls.name``."""
+    if cls.name in RECIPES:
+        raise ValueError(f"recipe '{cls.name}' is registered twice")
+    RECIPES[cls.name] = RecipeEntry(cls.name, cls)
+    return cls
+
+
+def unknown_name_message(kind: str, name: str, known: list[str]) -> str:
+    """``unknown <kind> 'x'; did you mean 'y'?`` with the closest registered names."""
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return f"unknown {kind} '{name}'; {hint or 'available: ' + ', '.join(sorted(known))}"
+
+
+def get_recipe(name: str) -> type[Recipe]:
+    """The recipe class registered as ``name``."""
+    if name not in RECIPES:
+        raise ValueError(unknown_name_message("recipe", name, list(RECIPES)))
+    return RECIPES[name].cls
+
+
+def build_recipe(name: str, **params: Any) -> Recipe:
+    """Instantiate a registered recipe with keyword hyper-parameters."""
+    return get_recipe(name)(**params)
+
+
+def labels_or_teacher_argmax(batch: Mapping[str, Any], teacher_logits: torch.Tensor) -> torch.Tensor:
+    """The batch's labels where known; the teacher's top-1 class where the label is hidden."""
+    labels = batch.get("labels")
+    guess = teacher_logits.argmax(dim=-1)
+    if labels is None:
+        return guess
+    labels = labels.to(guess.device)
+    return torch.where(labels >= 0, labels, guess)

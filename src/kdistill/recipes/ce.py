@@ -1,0 +1,27 @@
+"""``ce``: the student alone on labels, the baseline every report compares with."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from kdistill import losses
+from kdistill.recipes.base import Recipe, Term, register
+from kdistill.schedules import TrainState
+from kdistill.taps import Taps
+
+
+@register
+class CrossEntropy(Recipe):
+    """L = CE(y, z_s) on labelled samples only; no teacher. Unlabelled samples are skipped."""
+
+    name = "ce"
+    summary = "Student trained on labels alone (no teacher): the no-KD baseline"
+    paper = "-"
+    uses_teacher = False
+    uses_unlabeled = False
+
+    def terms(self, student: Taps, teacher: Taps | None, batch: Mapping[str, Any],
+              state: TrainState) -> dict[str, Term]:
+        return {"ce": Term(losses.cross_entropy(student["logits"], batch["labels"]),
+                           unit="labeled")}

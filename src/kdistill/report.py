@@ -1,0 +1,256 @@
+"""Reports: comparison tables for the terminal and markdown, a comparison plot, report.md.
+
+Rows are mappings such as :class:`kdistill.evaluate.BenchmarkRow`. Known keys are shown in a
+fixed order with their own format (percentages, thousands separators, three significant figures
+for times); any other keys follow in the row's order. Missing values print as ``–``.
+
+Files are written atomically: to a temporary name in the target directory, then ``os.replace``,
+so a crash never leaves a half-written report or plot.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator, PercentFormatter
+from rich.table import Table
+
+Row = Mapping[str, Any]
+MISSING = "–"
+PLOT_NAME = "comparison.png"
+REPORT_NAME = "report.md"
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def significant(value: float, digits: int = 3) -> str:
+    """``value`` rounded to ``digits`` significant figures, without scientific notation.
+
+    >>> significant(1234.5), significant(0.012345), significant(9.996)
+    ('1230', '0.0123', '10.0')
+    """
+    if not math.isfinite(value):
+        return str(value)
+    if value == 0:
+        return "0"
+    rounded = float(f"{value:.{digits}g}")
+    decimals = digits - 1 - math.floor(math.log10(abs(rounded)))
+    return f"{rounded:.{max(decimals, 0)}f}"
+
+
+def _percent(value: float) -> str:
+    return f"{100 * value:.2f}%"
+
+
+def _thousands(value: int) -> str:
+    return f"{value:,}"
+
+
+def _times(value: float) -> str:
+    return f"{significant(value)}×"
+
+
+def _plain(value: Any) -> str:
+    if isinstance(value, float):
+        return significant(value)
+    return str(value)
+
+
+@dataclass(frozen=True)
+class Column:
+    """How one row key is shown: header text, formatter, and whether it is right-aligned."""
+
+    key: str
+    header: str
+    format: Callable[[Any], str] = _plain
+    numeric: bool = True
+
+
+COLUMNS = (
+    Column("name", "Model", str, numeric=False),
+    Column("accuracy", "Acc", _percent),
+    Column("macro_f1", "Macro-F1", _percent),
+    Column("ece", "ECE", _percent),
+    Column("agreement", "Agree", _percent),
+    Column("accuracy_share", "Acc/teacher", _percent),
+    Column("params", "Params", _thousands),
+    Column("size_mb", "MB", significant),
+    Column("latency_ms", "ms/batch", significant),
+    Column("per_example_ms", "ms/ex", significant),
+    Column("throughput", "ex/s", significant),
+    Column("speedup", "Speed-up", _times),
+    Column("batch_size", "Batch"),
+    Column("threads", "Threads"),
+)
+
+
+def _columns(rows: Sequence[Row]) -> list[Column]:
+    """Known columns that some row has, in the fixed order, then unknown keys as they come."""
+    present = {key for row in rows for key in row}
+    known = [column for column in COLUMNS if column.key in present]
+    known_keys = {column.key for column in COLUMNS}
+    extra = dict.fromkeys(key for row in rows for key in row if key not in known_keys)
+    return known + [Column(key, key) for key in extra]
+
+
+def _cell(column: Column, row: Row) -> str:
+    value = row.get(column.key)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return MISSING
+    return column.format(value)
+
+
+def results_table(rows: Sequence[Row], title: str | None = None) -> Table:
+    """A :class:`rich.table.Table` of the rows, for printing in the terminal."""
+    columns = _columns(rows)
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column.header, justify="right" if column.numeric else "left")
+    for row in rows:
+        table.add_row(*(_cell(column, row) for column in columns))
+    return table
+
+
+def _markdown_cell(text: str) -> str:
+    return text.replace("|", r"\|").replace("\n", " ")
+
+
+def markdown_table(rows: Sequence[Row]) -> str:
+    """The rows as a GitHub-flavoured markdown table (numbers right-aligned)."""
+    columns = _columns(rows)
+    lines = [
+        "| " + " | ".join(_markdown_cell(column.header) for column in columns) + " |",
+        "|" + "|".join("---:" if column.numeric else ":---" for column in columns) + "|",
+    ]
+    lines += ["| " + " | ".join(_markdown_cell(_cell(column, row)) for column in columns) + " |"
+              for row in rows]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+def _write_atomically(path: Path, write: Callable[[IO[bytes]], object]) -> Path:
+    """Write ``path`` through a temporary file in the same directory, then ``os.replace``.
+
+    The temporary file is opened normally (``"xb"``), so the final file gets the usual
+    permissions; it is flushed to disk before the rename and removed if writing fails.
+    """
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(temporary, "xb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return path
+
+
+# --------------------------------------------------------------------------- plot
+
+
+def _learning_curve(history: Sequence[Mapping[str, Any]]) -> tuple[list[float], list[float]]:
+    """(epoch, eval_accuracy) of the entries that have ``eval_accuracy``.
+
+    An entry without ``epoch`` is placed at its position among the evaluations (1, 2, ...).
+    """
+    evaluations = [entry for entry in history if entry.get("eval_accuracy") is not None]
+    epochs = [float(entry.get("epoch", position))
+              for position, entry in enumerate(evaluations, start=1)]
+    return epochs, [float(entry["eval_accuracy"]) for entry in evaluations]
+
+
+def _plot_histories(axes: Axes, histories: Mapping[str, Sequence[Mapping[str, Any]]]) -> None:
+    curves = {name: _learning_curve(history) for name, history in histories.items()}
+    curves = {name: curve for name, curve in curves.items() if curve[0]}
+    for name, (epochs, accuracy) in curves.items():
+        axes.plot(epochs, accuracy, marker="o", label=name)
+    if curves:
+        axes.legend()
+    else:
+        axes.text(0.5, 0.5, "no evaluation history", ha="center", va="center",
+                  transform=axes.transAxes)
+    axes.set(title="Learning curves", xlabel="epoch", ylabel="eval accuracy")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
+
+
+def _plot_tradeoff(axes: Axes, rows: Sequence[Row]) -> None:
+    points = [row for row in rows
+              if row.get("speedup") is not None and row.get("accuracy") is not None]
+    for row in points:
+        axes.scatter(row["speedup"], row["accuracy"])
+        axes.annotate(str(row.get("name", "")), (row["speedup"], row["accuracy"]),
+                      textcoords="offset points", xytext=(5, 5))
+    axes.axvline(1.0, color="grey", linestyle=":", linewidth=1)
+    axes.margins(0.15)  # room for the labels of the outermost points
+    axes.set(title="Accuracy against speed-up", xlabel="speed-up over reference (×)",
+             ylabel="accuracy")
+    axes.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
+
+
+def plot_comparison(histories: Mapping[str, Sequence[Mapping[str, Any]]],
+                    rows: Sequence[Row], path: str | os.PathLike[str]) -> Path:
+    """Save a two-panel PNG: learning curves (left), accuracy against speed-up (right).
+
+    Left: ``eval_accuracy`` per ``epoch`` for each run in ``histories``. Right: one labelled
+    point per row at (``speedup``, ``accuracy``). The figure is drawn on matplotlib's Agg
+    canvas without pyplot, so no window opens and the global backend is untouched.
+    """
+    figure = Figure(figsize=(11, 4.5), layout="constrained")
+    FigureCanvasAgg(figure)
+    left, right = figure.subplots(1, 2)
+    _plot_histories(left, histories)
+    _plot_tradeoff(right, rows)
+    return _write_atomically(Path(path), lambda handle: figure.savefig(handle, format="png",
+                                                                       dpi=120))
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _settings_list(settings: Mapping[str, Any]) -> str:
+    return "\n".join(f"- **{key}**: {_markdown_cell(str(value))}"
+                     for key, value in settings.items())
+
+
+def _report_markdown(title: str, rows: Sequence[Row], notes: str,
+                     settings: Mapping[str, Any] | None) -> str:
+    sections = [f"# {title}"]
+    if settings:
+        sections.append("## Settings\n\n" + _settings_list(settings))
+    sections.append("## Results\n\n" + markdown_table(rows))
+    sections.append(f"![comparison]({PLOT_NAME})")
+    if notes.strip():
+        sections.append("## Notes\n\n" + notes.strip())
+    return "\n\n".join(sections) + "\n"
+
+
+def write_report(run_dir: str | os.PathLike[str], *, title: str, rows: Sequence[Row],
+                 histories: Mapping[str, Sequence[Mapping[str, Any]]], notes: str = "",
+                 settings: Mapping[str, Any] | None = None) -> Path:
+    """Write ``run_dir/report.md`` and ``run_dir/comparison.png``; return the report's path.
+
+    The report holds the title, the settings as a list, the results table, the embedded plot
+    and the notes. Both files are written atomically, the plot first, so a report never
+    refers to a missing or partial plot.
+    """
+    directory = Path(run_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    plot_comparison(histories, rows, directory / PLOT_NAME)
+    text = _report_markdown(title, rows, notes, settings)
+    return _write_atomically(directory / REPORT_NAME,
+                             lambda handle: handle.write(text.encode("utf-8")))

@@ -1,0 +1,57 @@
+"""Typed training settings shared by the engine (Python API) and the YAML configuration."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Strict(BaseModel):
+    """Base for settings: unknown keys are errors, values are checked on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class OptimizerSettings(Strict):
+    """``adamw`` (torch.optim.AdamW) or ``sgd`` (torch.optim.SGD with momentum)."""
+
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    betas: tuple[float, float] = (0.9, 0.999)
+    nesterov: bool = False
+
+
+class SchedulerSettings(Strict):
+    """Learning-rate schedule per optimizer step; see :func:`kdistill.schedules.lr_multiplier`."""
+
+    name: Literal["constant", "linear", "cosine", "step"] = "constant"
+    warmup_steps: int = Field(default=0, ge=0)
+    min_ratio: float = Field(default=0.0, ge=0, le=1)
+    step_size: int = Field(default=1, ge=1)
+    gamma: float = Field(default=0.1, gt=0)
+
+
+class TrainerSettings(Strict):
+    """How the engine trains: budget, batching, optimisation, checkpoints and logging.
+
+    ``batch_size`` is the micro-batch one process sees; the global batch of one optimizer step
+    is ``batch_size * accumulation * processes``.
+    """
+
+    epochs: int = Field(default=10, ge=1)
+    batch_size: int = Field(default=64, ge=1)
+    accumulation: int = Field(default=1, ge=1)
+    optimizer: OptimizerSettings = Field(default_factory=OptimizerSettings)
+    scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
+    clip_grad_norm: float | None = Field(default=None, gt=0)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    seed: int = 0
+    checkpoint_every: int | None = Field(default=None, ge=1)
+    keep_checkpoints: int = Field(default=2, ge=1)
+    eval_every: int = Field(default=1, ge=1)
+    log_every: int = Field(default=1, ge=1)
+    progress: bool = True
+    cpu: bool = False

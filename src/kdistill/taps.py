@@ -1,0 +1,257 @@
+"""Taps: the named pieces of knowledge a distillation method reads from one forward pass.
+
+A tap name is one of
+
+* ``logits`` - the model's prediction scores (a plain tensor output, the first element of a
+  tuple, ``output["logits"]`` or ``output.logits``);
+* ``hidden.<i>`` - the i-th hidden state of a Hugging Face model (``hidden_states[i]``, where 0 is
+  the embedding output; negative indices count from the end);
+* ``attention.<i>`` - the i-th layer's attention map (``attentions[i]``, shape [B, H, L, L]);
+* ``embeddings`` - ``hidden_states[0]``;
+* ``pooled`` - ``pooler_output`` when the model has one, otherwise the mean of the last hidden
+  state over valid tokens (``attention_mask``);
+* ``module:<path>`` / ``module:<path>:input`` - the output (or first positional input) of any
+  submodule, read through a forward hook, e.g. ``module:layer3`` or
+  ``module:encoder.layer.2.output``.
+
+Models are never rewritten: output taps are read from whatever the model returns and module taps
+through hooks that :class:`TapReader` registers once and removes in :meth:`TapReader.close`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+OUTPUT_TAP_PATTERN = re.compile(r"^(logits|embeddings|pooled|hidden\.-?\d+|attention\.-?\d+)$")
+MODULE_PREFIX = "module:"
+HF_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+
+
+class TapError(ValueError):
+    """A tap name that is malformed or that the model cannot provide."""
+
+
+class Taps(Mapping[str, torch.Tensor]):
+    """Read-only mapping from tap name to tensor for one forward pass.
+
+    ``Taps`` also carries the batch's ``attention_mask`` (when there is one) so that losses on
+    token features can mask padding without seeing the batch.
+    """
+
+    def __init__(self, values: Mapping[str, torch.Tensor], mask: torch.Tensor | None = None):
+        self._values = dict(values)
+        self.mask = mask
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        try:
+            return self._values[name]
+        except KeyError:
+            available = ", ".join(sorted(self._values)) or "none"
+            raise TapError(f"tap '{name}' was not recorded; recorded taps: {available}") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def detached(self) -> Taps:
+        """A copy whose tensors are ordinary (non-inference) tensors cut from any graph."""
+        return Taps({k: v.detach().clone() for k, v in self._values.items()}, self.mask)
+
+    def replace(self, **values: torch.Tensor) -> Taps:
+        """A copy with some taps replaced or added."""
+        return Taps({**self._values, **values}, self.mask)
+
+
+@dataclass(frozen=True)
+class ModuleTap:
+    """A parsed ``module:<path>[:input]`` tap."""
+
+    name: str
+    path: str
+    read_input: bool
+
+
+def parse_tap(name: str) -> str | ModuleTap:
+    """Check a tap name's form; return it (output taps) or a :class:`ModuleTap`."""
+    if name.startswith(MODULE_PREFIX):
+        rest = name[len(MODULE_PREFIX) :]
+        read_input = rest.endswith(":input")
+        path = rest[: -len(":input")] if read_input else rest
+        if not path or ":" in path:
+            raise TapError(f"malformed module tap '{name}': use 'module:<path>' or "
+                           "'module:<path>:input'")
+        return ModuleTap(name, path, read_input)
+    if not OUTPUT_TAP_PATTERN.match(name):
+        raise TapError(
+            f"unknown tap '{name}': expected logits, embeddings, pooled, hidden.<i>, "
+            "attention.<i> or module:<path>"
+        )
+    return name
+
+
+def closest_module_paths(model: nn.Module, path: str, n: int = 5) -> list[str]:
+    """The module paths of ``model`` whose names come closest to ``path``."""
+    paths = [p for p, _ in model.named_modules() if p]
+    close = difflib.get_close_matches(path, paths, n=n, cutoff=0.4)
+    return close or paths[:n]
+
+
+def run_model(model: nn.Module, batch: Mapping[str, Any], *, hidden: bool = False,
+              attentions: bool = False) -> Any:
+    """Call ``model`` with a batch dict.
+
+    Hugging Face style batches (with ``input_ids``) are passed as keyword arguments, asking for
+    hidden states and attentions only when a tap needs them; any other model receives
+    ``batch["input"]`` positionally.
+    """
+    if "input_ids" in batch:
+        kwargs = {k: batch[k] for k in HF_INPUT_KEYS if k in batch}
+        if hidden:
+            kwargs["output_hidden_states"] = True
+        if attentions:
+            kwargs["output_attentions"] = True
+        return model(**kwargs)
+    if "input" not in batch:
+        raise TapError(f"batch has neither 'input' nor 'input_ids'; keys: {sorted(batch)}")
+    return model(batch["input"])
+
+
+def _field(output: Any, key: str) -> Any:
+    if isinstance(output, Mapping):
+        return output.get(key)
+    return getattr(output, key, None)
+
+
+def output_logits(output: Any) -> torch.Tensor:
+    """The logits of a model output: a tensor, a tuple's first item, or its ``logits`` field."""
+    if isinstance(output, torch.Tensor):
+        return output
+    value = _field(output, "logits")
+    if value is None and isinstance(output, tuple | list) and output:
+        value = output[0]
+    if not isinstance(value, torch.Tensor):
+        raise TapError(f"cannot find logits in a model output of type {type(output).__name__}")
+    return value
+
+
+def _indexed(output: Any, field: str, index: int, tap: str) -> torch.Tensor:
+    values = _field(output, field)
+    if not values:
+        hint = (" (Hugging Face models need attn_implementation='eager' for attentions)"
+                if field == "attentions" else "")
+        raise TapError(f"tap '{tap}': the model output has no {field}{hint}")
+    if not -len(values) <= index < len(values):
+        raise TapError(f"tap '{tap}': index {index} out of range, the model has "
+                       f"{len(values)} {field}")
+    return values[index]
+
+
+def _pooled(output: Any, mask: torch.Tensor | None) -> torch.Tensor:
+    pooled = _field(output, "pooler_output")
+    if isinstance(pooled, torch.Tensor):
+        return pooled
+    last = _field(output, "last_hidden_state")
+    if last is None:
+        hidden_states = _field(output, "hidden_states")
+        last = hidden_states[-1] if hidden_states else None
+    if not isinstance(last, torch.Tensor):
+        raise TapError("tap 'pooled': the model output has no pooler_output or hidden states")
+    if mask is None:
+        return last.mean(dim=1)
+    weights = mask.to(last.dtype).unsqueeze(-1)
+    return (last * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+
+
+def output_tap(output: Any, name: str, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Read one output tap (anything but ``module:``) from a model output."""
+    if name == "logits":
+        return output_logits(output)
+    if name == "embeddings":
+        return _indexed(output, "hidden_states", 0, name)
+    if name == "pooled":
+        return _pooled(output, mask)
+    field, index = name.split(".")
+    return _indexed(output, "hidden_states" if field == "hidden" else "attentions",
+                    int(index), name)
+
+
+def _first_tensor(value: Any) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, tuple | list) and value and isinstance(value[0], torch.Tensor):
+        return value[0]
+    hidden = _field(value, "last_hidden_state")
+    if isinstance(hidden, torch.Tensor):
+        return hidden
+    raise TapError(f"module output of type {type(value).__name__} holds no tensor")
+
+
+class TapReader:
+    """Runs a model on batches and returns the requested :class:`Taps`.
+
+    Module taps are read by forward hooks registered once here; :meth:`close` (or leaving the
+    ``with`` block) removes them. A module path the model lacks raises :class:`TapError` listing
+    the closest paths the model has.
+    """
+
+    def __init__(self, model: nn.Module, names: Iterable[str]):
+        self.model = model
+        self.names = tuple(dict.fromkeys(names))
+        parsed = [parse_tap(n) for n in self.names]
+        self.output_names = [p for p in parsed if isinstance(p, str)]
+        self.module_taps = [p for p in parsed if isinstance(p, ModuleTap)]
+        self.wants_hidden = any(n.startswith("hidden.") or n in ("embeddings", "pooled")
+                                for n in self.output_names)
+        self.wants_attentions = any(n.startswith("attention.") for n in self.output_names)
+        if self.wants_attentions and hasattr(model, "set_attn_implementation"):
+            model.set_attn_implementation("eager")
+        self._recorded: dict[str, torch.Tensor] = {}
+        self._handles = [self._hook(tap) for tap in self.module_taps]
+
+    def _hook(self, tap: ModuleTap) -> torch.utils.hooks.RemovableHandle:
+        modules = dict(self.model.named_modules())
+        module = modules.get(tap.path)
+        if module is None:
+            close = ", ".join(closest_module_paths(self.model, tap.path))
+            raise TapError(f"tap '{tap.name}': {type(self.model).__name__} has no module "
+                           f"'{tap.path}'; closest module paths: {close}")
+
+        def record(_module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+            self._recorded[tap.name] = _first_tensor(inputs if tap.read_input else output)
+
+        return module.register_forward_hook(record)
+
+    def __call__(self, batch: Mapping[str, Any]) -> Taps:
+        self._recorded = {}
+        output = run_model(self.model, batch, hidden=self.wants_hidden,
+                           attentions=self.wants_attentions)
+        mask = batch.get("attention_mask")
+        values = {name: output_tap(output, name, mask) for name in self.output_names}
+        for tap in self.module_taps:
+            if tap.name not in self._recorded:
+                raise TapError(f"tap '{tap.name}': module '{tap.path}' did not run in the "
+                               "forward pass")
+            values[tap.name] = self._recorded[tap.name]
+        self._recorded = {}
+        return Taps(values, mask)
+
+    def close(self) -> None:
+        """Remove every hook this reader registered."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def __enter__(self) -> TapReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

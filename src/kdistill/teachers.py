@@ -1,0 +1,211 @@
+"""Teacher sources: where a recipe's teacher taps come from.
+
+Every source answers one call, ``taps = source(batch)``. Before training the engine calls
+``source.bind(tap_names, device)`` so the source knows what to read; after every optimizer step it
+calls ``source.after_step(student, state)`` (an EMA teacher updates itself there). A source's
+trainable or evolving state is saved with checkpoints through ``state_dict``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from kdistill.schedules import ScheduleConfig, TrainState, constant
+from kdistill.taps import TapReader, Taps
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class TeacherSource:
+    """Base class: a source of teacher taps. Subclasses implement :meth:`__call__`."""
+
+    def bind(self, tap_names: Iterable[str], device: torch.device) -> None:
+        """Prepare to produce ``tap_names`` on ``device``."""
+
+    def __call__(self, batch: Mapping[str, Any]) -> Taps:
+        raise NotImplementedError
+
+    def after_step(self, student: nn.Module, state: TrainState) -> None:
+        """Called after each optimizer step with the (unwrapped) student."""
+
+    def close(self) -> None:
+        """Release hooks and other resources held since :meth:`bind`."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+
+def _frozen(model: nn.Module) -> nn.Module:
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+class FrozenTeacher(TeacherSource):
+    """A trained model run in eval mode under ``torch.inference_mode``; never trained.
+
+    Its parameters have ``requires_grad=False`` and it is never wrapped for distributed
+    training: each process holds a full copy. ``precision`` ``bf16``/``fp16`` runs the forward
+    under autocast and returns float32 taps.
+    """
+
+    def __init__(self, model: nn.Module, precision: Literal["fp32", "bf16", "fp16"] = "fp32"):
+        if precision not in PRECISIONS:
+            raise ValueError(f"teacher precision must be one of {sorted(PRECISIONS)}, "
+                             f"got '{precision}'")
+        self.model = _frozen(model)
+        self.precision = precision
+        self.reader: TapReader | None = None
+        self.device = torch.device("cpu")
+
+    def bind(self, tap_names: Iterable[str], device: torch.device) -> None:
+        self.close()
+        self.device = device
+        self.model.to(device)
+        _frozen(self.model)
+        self.reader = TapReader(self.model, tap_names)
+
+    def __call__(self, batch: Mapping[str, Any]) -> Taps:
+        if self.reader is None:
+            raise RuntimeError("FrozenTeacher.bind must be called before the teacher is used")
+        dtype = PRECISIONS[self.precision]
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=dtype,
+                                                    enabled=dtype is not None):
+            taps = self.reader(batch)
+        # Inference tensors cannot be saved for backward: hand out ordinary float copies.
+        return Taps({k: v.float().clone() for k, v in taps.items()}, taps.mask)
+
+    def close(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None
+
+
+class EnsembleTeacher(TeacherSource):
+    """Weighted combination of several sources' logits.
+
+    ``mode="probs"``: p = sum_i w_i softmax(z_i), returned as logits log p (so a softmax of the
+    result gives the averaged probabilities). ``mode="logits"``: z = sum_i w_i z_i. Weights are
+    normalised to sum to 1. Only the ``logits`` tap is combined; other taps come from the first
+    source.
+    """
+
+    def __init__(self, sources: Sequence[TeacherSource], weights: Sequence[float] | None = None,
+                 mode: Literal["probs", "logits"] = "probs"):
+        if not sources:
+            raise ValueError("an ensemble needs at least one teacher source")
+        weights = list(weights) if weights is not None else [1.0] * len(sources)
+        if len(weights) != len(sources) or any(w < 0 for w in weights) or sum(weights) <= 0:
+            raise ValueError(f"ensemble weights must be {len(sources)} non-negative numbers "
+                             f"with a positive sum, got {weights}")
+        if mode not in ("probs", "logits"):
+            raise ValueError(f"ensemble mode must be 'probs' or 'logits', got '{mode}'")
+        self.sources = list(sources)
+        total = float(sum(weights))
+        self.weights = [w / total for w in weights]
+        self.mode = mode
+
+    def bind(self, tap_names: Iterable[str], device: torch.device) -> None:
+        names = list(tap_names)
+        for i, source in enumerate(self.sources):
+            source.bind(names if i == 0 else ["logits"], device)
+
+    def __call__(self, batch: Mapping[str, Any]) -> Taps:
+        outputs = [source(batch) for source in self.sources]
+        if "logits" not in outputs[0]:
+            return outputs[0]
+        logits = [o["logits"] for o in outputs]
+        if self.mode == "logits":
+            combined = sum(w * z for w, z in zip(self.weights, logits, strict=True))
+        else:
+            log_w = torch.log(torch.tensor(self.weights, device=logits[0].device))
+            stacked = torch.stack([z.log_softmax(-1) for z in logits])
+            combined = torch.logsumexp(stacked + log_w.view(-1, *[1] * logits[0].dim()), dim=0)
+        return outputs[0].replace(logits=combined)
+
+    def after_step(self, student: nn.Module, state: TrainState) -> None:
+        for source in self.sources:
+            source.after_step(student, state)
+
+    def close(self) -> None:
+        for source in self.sources:
+            source.close()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"{i}.{k}": v for i, s in enumerate(self.sources)
+                for k, v in s.state_dict().items()}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        for i, source in enumerate(self.sources):
+            prefix = f"{i}."
+            source.load_state_dict({k[len(prefix):]: v for k, v in state.items()
+                                    if k.startswith(prefix)})
+
+
+class EMATeacher(TeacherSource):
+    """Mean teacher (Tarvainen & Valpola, 2017): an exponential moving average of the student.
+
+    After each optimizer step, for every parameter: theta_t <- m theta_t + (1 - m) theta_s, with
+    momentum m = ``momentum.at(state)`` (a schedule, e.g. a cosine ramp from 0.99 to 0.999);
+    buffers (BatchNorm statistics) are copied. The copy is made from the student at ``bind``.
+    """
+
+    def __init__(self, student: nn.Module, momentum: float | ScheduleConfig = 0.999):
+        self.student = student
+        self.momentum = momentum if isinstance(momentum, ScheduleConfig) else constant(momentum)
+        self.model: nn.Module | None = None
+        self.frozen: FrozenTeacher | None = None
+
+    def bind(self, tap_names: Iterable[str], device: torch.device) -> None:
+        if self.model is None:
+            self.model = copy.deepcopy(self.student)
+        self.frozen = FrozenTeacher(self.model)
+        self.frozen.bind(tap_names, device)
+
+    def __call__(self, batch: Mapping[str, Any]) -> Taps:
+        if self.frozen is None:
+            raise RuntimeError("EMATeacher.bind must be called before the teacher is used")
+        return self.frozen(batch)
+
+    @torch.no_grad()
+    def after_step(self, student: nn.Module, state: TrainState) -> None:
+        if self.model is None:
+            raise RuntimeError("EMATeacher.after_step called before bind")
+        m = self.momentum.at(state)
+        ema = dict(self.model.named_parameters())
+        for name, param in student.named_parameters():
+            ema[name].mul_(m).add_(param.detach(), alpha=1 - m)
+        ema_buffers = dict(self.model.named_buffers())
+        for name, buffer in student.named_buffers():
+            ema_buffers[name].copy_(buffer)
+
+    def close(self) -> None:
+        if self.frozen is not None:
+            self.frozen.close()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.model.state_dict()) if self.model is not None else {}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        if state:
+            if self.model is None:
+                self.model = copy.deepcopy(self.student)
+            self.model.load_state_dict(dict(state))
+
+
+def as_source(teacher: nn.Module | TeacherSource | None) -> TeacherSource | None:
+    """Accept a plain model (made a :class:`FrozenTeacher`) or any source."""
+    if teacher is None or isinstance(teacher, TeacherSource):
+        return teacher
+    if isinstance(teacher, nn.Module):
+        return FrozenTeacher(teacher)
+    raise TypeError(f"a teacher must be an nn.Module or a TeacherSource, got "
+                   f"{type(teacher).__name__}")
