@@ -1,0 +1,104 @@
+"""The ``kdistill`` command. Imports stay lazy so ``--help`` and config errors answer fast."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kdistill", description="Distil a large teacher model into a small, fast student.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="run the embedded offline demo on digits")
+    demo.add_argument("--quick", action="store_true", help="a reduced run (for tests)")
+    demo.add_argument("--labeled", type=int, default=50, help="labels the student sees")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--output", default="runs", help="folder for run outputs")
+    demo.add_argument("--name", default="demo", help="run name (sub-folder of --output)")
+    demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    run = commands.add_parser("run", help="run a YAML config")
+    run.add_argument("config", help="path to the YAML file")
+    run.add_argument("--set", dest="overrides", action="append", default=[],
+                     metavar="KEY=VALUE", help="override a field, e.g. trainer.epochs=3")
+    run.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+
+    check = commands.add_parser("check", help="validate a YAML config without running it")
+    check.add_argument("config")
+    check.add_argument("--set", dest="overrides", action="append", default=[],
+                       metavar="KEY=VALUE")
+
+    commands.add_parser("recipes", help="list the registered recipes")
+    return parser
+
+
+def _recipes() -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from kdistill.recipes import RECIPES
+
+    table = Table(title="kdistill recipes")
+    for column in ("name", "summary", "paper"):
+        table.add_column(column)
+    for entry in sorted(RECIPES.values(), key=lambda e: e.name):
+        table.add_row(entry.name, entry.summary, entry.paper)
+    Console(width=160).print(table)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from kdistill.demo import DemoOptions, run_demo
+    from kdistill.report import results_table
+
+    outcome = run_demo(DemoOptions(labeled=args.labeled, seed=args.seed, quick=args.quick,
+                                   output=args.output, name=args.name,
+                                   progress=not args.no_progress))
+    console = Console(width=160)
+    console.print(results_table(outcome.rows, title="teacher and students on the digits test set"))
+    console.print(f"report: {outcome.report}")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from kdistill.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    if args.command == "check":
+        print(f"{args.config}: valid")
+        return 0
+    from rich.console import Console
+
+    from kdistill.report import results_table
+    from kdistill.run import run
+
+    outcome = run(config, resume=args.resume)
+    console = Console(width=160)
+    console.print(results_table(outcome.rows, title=config.name))
+    console.print(f"report: {outcome.report}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``kdistill`` console script."""
+    args = _parser().parse_args(argv)
+    from kdistill.config import ConfigError
+
+    try:
+        if args.command == "recipes":
+            return _recipes()
+        if args.command == "demo":
+            return _demo(args)
+        return _run(args)
+    except (ConfigError, FileNotFoundError) as error:
+        print(f"kdistill: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Run a validated :class:`RunConfig`: data, teacher (loaded or trained and cached), student,
+phases, training, the final teacher-vs-student comparison and the report."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdistill.checkpoint import atomic_save_tensors, atomic_write_text
+from kdistill.config import ConfigError, DataConfig, ModelConfig, RunConfig, TeacherConfig
+from kdistill.data import DataSplits, keep_labels, load_dataset
+from kdistill.engine import Distiller, FitResult, Phase
+from kdistill.models import build_model
+from kdistill.recipes import build_recipe
+
+CACHE_ENV = "KDISTILL_CACHE"
+
+
+def cache_dir() -> Path:
+    """Where trained teachers are kept: ``$KDISTILL_CACHE`` or ``./.kdistill-cache``."""
+    return Path(os.environ.get(CACHE_ENV, ".kdistill-cache"))
+
+
+def build_data(config: DataConfig) -> DataSplits:
+    """Load the data set; with ``labeled`` set, hide all but that many training labels."""
+    options: dict[str, Any] = {"test_fraction": config.test_fraction, "seed": config.seed}
+    if config.name in ("npz", "csv"):
+        options["path"] = config.path
+    if config.name == "csv":
+        options["label_column"] = config.label_column
+    data = load_dataset(config.name, **options)
+    if config.labeled is not None:
+        if config.labeled > len(data.train):
+            raise ConfigError(f"data.labeled: {config.labeled} labels asked, the training split "
+                              f"has {len(data.train)} samples")
+        data.train = data.train.with_labels(keep_labels(data.train.labels, config.labeled,
+                                                        config.seed))
+    return data
+
+
+def build_from(config: ModelConfig, data: DataSplits, seed: int) -> nn.Module:
+    """A registered model for ``data``, initialised from ``seed``."""
+    torch.manual_seed(seed)
+    return build_model(config.name, data.input_shape, data.num_classes, size=config.size,
+                       **config.options)
+
+
+def load_weights(model: nn.Module, path: Path, what: str) -> nn.Module:
+    """Load safetensors weights, with an error naming the file when they do not fit."""
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(path))
+    except Exception as error:  # safetensors raises several types for unreadable files
+        raise ConfigError(f"{what}: cannot read {path}: {error}") from None
+    missing, unexpected = (set(model.state_dict()) - set(state), set(state) -
+                           set(model.state_dict()))
+    if missing or unexpected:
+        raise ConfigError(f"{what}: {path} does not fit the model: missing "
+                          f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        raise ConfigError(f"{what}: {path} has tensors of other shapes: {error}") from None
+    return model
+
+
+def teacher_key(config: TeacherConfig, data: DataConfig) -> str:
+    """A hash of everything that determines a trained teacher."""
+    content = {"model": config.model.model_dump(), "train": config.train.model_dump(),
+               "data": data.model_dump(exclude={"labeled"}), "format": 1}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def obtain_teacher(config: TeacherConfig, data_config: DataConfig, data: DataSplits,
+                   *, progress: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+    """The teacher from its checkpoint, from the cache, or trained now (then cached).
+
+    A trained teacher sees every label of the training split (its own data set is loaded again
+    without ``labeled``): it stands for a model that already exists.
+    """
+    if config.checkpoint is not None:
+        model = build_from(config.model, data, 0)
+        return load_weights(model, Path(config.checkpoint), "teacher.checkpoint"), \
+            {"source": config.checkpoint}
+    assert config.train is not None
+    path = cache_dir() / "teachers" / f"{teacher_key(config, data_config)}.safetensors"
+    model = build_from(config.model, data, config.train.seed)
+    if path.is_file():
+        return load_weights(model, path, "teacher cache"), {"source": str(path), "cached": True}
+    full = build_data(data_config.model_copy(update={"labeled": None}))
+    settings = config.train.model_copy(update={"progress": progress})
+    Distiller(model, None, "ce", trainer=settings).fit(full.train)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save_tensors(model.state_dict(), path)
+    return model, {"source": str(path), "cached": False}
+
+
+def build_phases(config: RunConfig) -> list[Phase]:
+    """The run's phases: from ``phases``, or the recipe's own split of ``trainer.epochs``."""
+    if config.phases is None:
+        spec = dict(config.recipe or {})
+        recipe = build_recipe(spec.pop("name"), **spec)
+        return [Phase(r, epochs, name=f"{i}-{r.name}")
+                for i, (r, epochs) in enumerate(recipe.phases(config.trainer.epochs))]
+    phases = []
+    for i, phase in enumerate(config.phases):
+        spec = dict(phase.recipe)
+        recipe = build_recipe(spec.pop("name"), **spec)
+        phases.append(Phase(recipe, phase.epochs, name=phase.name or f"{i}-{recipe.name}",
+                            optimizer=phase.optimizer, scheduler=phase.scheduler))
+    return phases
+
+
+@dataclass
+class RunOutcome:
+    """A finished run: its training result and the comparison rows."""
+
+    fit: FitResult
+    rows: list[dict[str, Any]]
+    report: Path
+
+
+def run(config: RunConfig, *, resume: bool = False) -> RunOutcome:
+    """Train the configured student and compare it with its teacher (if any)."""
+    from kdistill.evaluate import benchmark_models, eval_batches
+    from kdistill.report import write_report
+
+    run_dir = Path(config.output_dir) / config.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.json", config.model_dump_json(indent=2))
+    data = build_data(config.data)
+    teacher = None
+    if config.teacher is not None:
+        teacher, _ = obtain_teacher(config.teacher, config.data, data,
+                                    progress=config.trainer.progress)
+    student = build_from(config.student, data, config.trainer.seed)
+    result = Distiller(student, teacher, phases=build_phases(config), trainer=config.trainer,
+                       run_dir=run_dir).fit(data.train, data.test, resume=resume)
+    batches = eval_batches(data.test, config.evaluation.batch_size)
+    models = {"teacher": teacher, "student": student} if teacher is not None else \
+        {"student": student}
+    rows = benchmark_models(models, batches, reference=next(iter(models)),
+                            teacher_logits_from="teacher" if teacher is not None else None,
+                            latency_batch=batches[0], threads=config.evaluation.threads,
+                            repeats=config.evaluation.repeats)
+    report = write_report(run_dir, title=f"kdistill run: {config.name}", rows=rows,
+                          histories={"student": result.history},
+                          settings={"recipe": config.recipe or "phases",
+                                    "data": config.data.model_dump()})
+    return RunOutcome(result, list(rows), report)
