@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 LATEST = "latest"
+PREFIX = "step-"
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -102,29 +103,58 @@ def save_checkpoint(run_dir: Path, step: int, *, weights: Mapping[str, torch.Ten
     """Write a checkpoint for ``step`` atomically and keep the newest ``keep`` of them."""
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:08d}"
-    tmp = root / f".step-{step:08d}.tmp-{os.getpid()}"
+    final = root / f"{PREFIX}{step:08d}"
+    tmp = root / f".{PREFIX}{step:08d}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    opt_tensors, opt_meta = split_optimizer_state(optimizer)
-    rng_tensors, rng_meta = capture_rng()
-    save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()},
-              str(tmp / "weights.safetensors"))
-    save_file({k: v.cpu().contiguous() for k, v in opt_tensors.items()},
-              str(tmp / "optimizer.safetensors"))
-    save_file(rng_tensors, str(tmp / "rng.safetensors"))
-    meta = {"optimizer": opt_meta, "scheduler": dict(scheduler), "trainer": dict(trainer),
-            "rng": rng_meta}
-    (tmp / "state.json").write_text(json.dumps(meta))
+    try:
+        opt_tensors, opt_meta = split_optimizer_state(optimizer)
+        rng_tensors, rng_meta = capture_rng()
+        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()},
+                  str(tmp / "weights.safetensors"))
+        save_file({k: v.cpu().contiguous() for k, v in opt_tensors.items()},
+                  str(tmp / "optimizer.safetensors"))
+        save_file(rng_tensors, str(tmp / "rng.safetensors"))
+        meta = {"optimizer": opt_meta, "scheduler": dict(scheduler), "trainer": dict(trainer),
+                "rng": rng_meta}
+        (tmp / "state.json").write_text(json.dumps(meta))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():
         stale = root / f".stale-{final.name}-{os.getpid()}"
         os.replace(final, stale)
         shutil.rmtree(stale)
     os.replace(tmp, final)
     atomic_write_text(root / LATEST, final.name)
-    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    _prune(root, step, keep)
     return final
+
+
+def _step_of(path: Path) -> int | None:
+    suffix = path.name[len(PREFIX):]
+    return int(suffix) if path.name.startswith(PREFIX) and suffix.isdigit() else None
+
+
+def _prune(root: Path, step: int, keep: int) -> None:
+    """Keep the newest ``keep`` checkpoints up to ``step``; later ones (left by an earlier,
+    longer run in the same folder) are stale and go too."""
+    steps = sorted((s, p) for p in root.glob(f"{PREFIX}*")
+                   if p.is_dir() and (s := _step_of(p)) is not None)
+    current = [p for s, p in steps if s <= step]
+    for old in current[:-keep] + [p for s, p in steps if s > step]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def clear_checkpoints(run_dir: Path) -> None:
+    """Remove every checkpoint of ``run_dir`` (the ``latest`` pointer first)."""
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return
+    (root / LATEST).unlink(missing_ok=True)
+    for path in root.glob(f"{PREFIX}*"):
+        if path.is_dir() and _step_of(path) is not None:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

@@ -41,12 +41,15 @@ def _recipes() -> int:
 
     from kdistill.recipes import RECIPES
 
+    rows = [(e.name, e.summary, e.paper) for e in sorted(RECIPES.values(), key=lambda e: e.name)]
     table = Table(title="kdistill recipes")
     for column in ("name", "summary", "paper"):
-        table.add_column(column)
-    for entry in sorted(RECIPES.values(), key=lambda e: e.name):
-        table.add_row(entry.name, entry.summary, entry.paper)
-    Console(width=160).print(table)
+        table.add_column(column, no_wrap=True)
+    for row in rows:
+        table.add_row(*row)
+    # Wide enough that no cell wraps (a paper's title stays on one line, also in a pipe).
+    widths = [max(len(r[i]) for r in [("name", "summary", "paper"), *rows]) for i in range(3)]
+    Console(width=max(80, sum(widths) + 10)).print(table)
     return 0
 
 

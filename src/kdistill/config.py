@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from kdistill.settings import OptimizerSettings, SchedulerSettings, Strict, TrainerSettings
 
@@ -54,8 +55,12 @@ class TeacherConfig(Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> TeacherConfig:
-        if (self.checkpoint is None) == (self.train is None):
-            raise ValueError("give exactly one of 'checkpoint' or 'train'")
+        if self.checkpoint is not None and self.train is not None:
+            raise ValueError("both 'checkpoint' and 'train' are given; give exactly one (load "
+                             "weights from 'checkpoint' or train the teacher with 'train')")
+        if self.checkpoint is None and self.train is None:
+            raise ValueError("neither 'checkpoint' nor 'train' is given; give exactly one (load "
+                             "weights from 'checkpoint' or train the teacher with 'train')")
         return self
 
 
@@ -78,10 +83,15 @@ class EvaluationConfig(Strict):
 
 
 class RunConfig(Strict):
-    """A whole run. Give ``recipe`` (one method, phases derived from it) or ``phases``."""
+    """A whole run. Give ``recipe`` (one method, phases derived from it) or ``phases``.
 
-    name: str = "run"
+    ``cpu_threads`` sets torch's CPU threads for the whole run (teacher training, distillation,
+    evaluation); unset keeps torch's default. Small models often train fastest on 1 thread.
+    """
+
+    name: str = Field(default="run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     output_dir: str = "runs"
+    cpu_threads: int | None = Field(default=None, ge=1)
     data: DataConfig = Field(default_factory=DataConfig)
     student: ModelConfig
     teacher: TeacherConfig | None = None
@@ -92,8 +102,12 @@ class RunConfig(Strict):
 
     @model_validator(mode="after")
     def _recipe_or_phases(self) -> RunConfig:
-        if (self.recipe is None) == (self.phases is None):
-            raise ValueError("give exactly one of 'recipe' or 'phases'")
+        if self.recipe is not None and self.phases is not None:
+            raise ValueError("both 'recipe' and 'phases' are given; give exactly one (one "
+                             "method with 'recipe', or a list of 'phases')")
+        if self.recipe is None and self.phases is None:
+            raise ValueError("neither 'recipe' nor 'phases' is given; give exactly one (one "
+                             "method with 'recipe', or a list of 'phases')")
         return self
 
 
@@ -102,19 +116,43 @@ def _dotted(loc: Sequence[Any]) -> str:
     return ".".join(str(p) for p in loc) or "(top level)"
 
 
-def _model_at(model: type[BaseModel], loc: Sequence[Any]) -> type[BaseModel] | None:
-    """The pydantic model class that holds the field at ``loc`` (to suggest valid keys)."""
+def _field_model(current: Any, part: Any) -> tuple[bool, Any]:
+    """Whether ``part`` names a field of the model class ``current``, and the model inside
+    that field's annotation (``None`` when the field holds no model)."""
+    if not (inspect.isclass(current) and issubclass(current, BaseModel)):
+        return False, None
+    info = current.model_fields.get(str(part))
+    if info is None:
+        return False, None
+    return True, _inner_model(info.annotation)
+
+
+def _clean_loc(model: type[BaseModel], loc: Sequence[Any],
+               key_error: bool) -> tuple[list[Any], type[BaseModel] | None, bool]:
+    """The location without pydantic's union-member tags (``function-after[...]``, ``float``),
+    the model class holding its last field, and whether a tag was removed at the very end
+    (an error of one scalar member of a union, e.g. ``weight: float | Schedule``)."""
+    cleaned: list[Any] = []
     current: Any = model
-    for part in loc[:-1]:
-        if isinstance(part, int):
+    holder: Any = model
+    trailing_tag = False
+    for i, part in enumerate(loc):
+        last = i == len(loc) - 1
+        trailing_tag = False
+        if isinstance(part, int) or current is None:
+            cleaned.append(part)
             continue
-        if not (inspect.isclass(current) and issubclass(current, BaseModel)):
-            return None
-        info = current.model_fields.get(str(part))
-        if info is None:
-            return None
-        current = _inner_model(info.annotation)
-    return current if inspect.isclass(current) and issubclass(current, BaseModel) else None
+        is_field, inner = _field_model(current, part)
+        if is_field or (last and key_error):
+            cleaned.append(part)
+            holder = current
+            current = inner
+        elif inspect.isclass(current) and issubclass(current, BaseModel):
+            trailing_tag = last  # a union member tag: skip it
+        else:
+            cleaned.append(part)
+    valid_holder = holder if inspect.isclass(holder) and issubclass(holder, BaseModel) else None
+    return cleaned, valid_holder, trailing_tag
 
 
 def _inner_model(annotation: Any) -> Any:
@@ -135,19 +173,47 @@ def close_names(name: str, known: Sequence[str]) -> str:
     return "; valid: " + ", ".join(sorted(known))
 
 
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def format_validation_error(error: ValidationError, model: type[BaseModel],
                             prefix: Sequence[Any] = ()) -> list[str]:
-    """One ``path: message`` line per pydantic error, with key suggestions."""
-    lines = []
+    """One ``path: message`` line per pydantic error, with key and value suggestions.
+
+    Union-member tags are removed from the paths, and when one member of a union (say the
+    ``float`` of ``float | Schedule``) fails only because the value is a mapping meant for
+    another member, that member's error is left out.
+    """
+    entries: list[tuple[list[Any], str, bool]] = []
     for item in error.errors():
-        loc = [*prefix, *item["loc"]]
+        key_error = item["type"] == "extra_forbidden"
+        loc, holder, union_scalar = _clean_loc(model, item["loc"], key_error)
         message = item["msg"].removeprefix("Value error, ")
-        if item["type"] == "extra_forbidden":
-            holder = _model_at(model, item["loc"])
+        value = item.get("input")
+        if key_error:
             known = list(holder.model_fields) if holder else []
-            message = f"unknown key '{item['loc'][-1]}'" + (
-                close_names(str(item["loc"][-1]), known) if known else "")
-        lines.append(f"{_dotted(loc)}: {message}")
+            message = f"unknown key '{loc[-1]}'" + (
+                close_names(str(loc[-1]), known) if known else "")
+        elif item["type"] == "literal_error" and isinstance(value, str):
+            expected = [e.strip().strip("'") for e in
+                        str(item.get("ctx", {}).get("expected", "")).replace(" or ", ", ")
+                        .split(",")]
+            close = difflib.get_close_matches(value, expected, n=1, cutoff=0.5)
+            message += f" (got {value!r}" + (f"; did you mean {close[0]!r}?)" if close else ")")
+        elif item["type"] != "missing" and not isinstance(value, Mapping | list):
+            message += f" (got {_shown(value)})"
+        skip = union_scalar and isinstance(value, Mapping)
+        entries.append(([*prefix, *loc], message, skip))
+    lines: list[str] = []
+    for loc, message, skip in entries:
+        others = [e for e in entries if not e[2] and e[0][:len(loc)] == loc]
+        if skip and others:
+            continue
+        line = f"{_dotted(loc)}: {message}"
+        if line not in lines:
+            lines.append(line)
     return lines
 
 
@@ -156,88 +222,193 @@ def _check_name(kind: str, name: str, known: Sequence[str], path: str) -> list[s
     return [] if name in known else [f"{path}: unknown {kind} '{name}'{close_names(name, known)}"]
 
 
+def _options_model(name: str, builder: Any, accepted: Sequence[str]) -> type[BaseModel]:
+    """A pydantic model of a model builder's options, typed from its signature."""
+    hints = typing.get_type_hints(builder, include_extras=True)
+    parameters = inspect.signature(builder).parameters
+    fields: dict[str, Any] = {}
+    for key in accepted:
+        default = parameters[key].default
+        fields[key] = (hints.get(key, Any), ... if default is inspect.Parameter.empty
+                       else default)
+    return create_model(f"{name}_options", __config__=ConfigDict(extra="forbid",
+                                                                 arbitrary_types_allowed=True),
+                        **fields)
+
+
 def _check_model(model: ModelConfig, path: str) -> list[str]:
     from kdistill.models.registry import MODEL_SIZES, MODELS
 
     problems = _check_name("model", model.name, list(MODELS), f"{path}.name")
     if problems:
         return problems
+    builder = MODELS[model.name]
     sizes = MODEL_SIZES.get(model.name, {})
     if model.size is not None and model.size not in sizes:
-        problems.append(f"{path}.size: model '{model.name}' has no size '{model.size}'"
-                        + close_names(model.size, list(sizes) or ["(none)"]))
-    accepted = [p for p in inspect.signature(MODELS[model.name]).parameters
+        return [f"{path}.size: model '{model.name}' has no size '{model.size}'"
+                + (close_names(model.size, list(sizes)) if sizes else
+                   "; it has no size presets, give its options instead")]
+    accepted = [p for p in inspect.signature(builder).parameters
                 if p not in ("input_shape", "num_classes")]
     for key in model.options:
         if key not in accepted:
             problems.append(f"{path}.options.{key}: model '{model.name}' has no option "
                             f"'{key}'{close_names(key, accepted)}")
-    required = [p for p, v in inspect.signature(MODELS[model.name]).parameters.items()
-                if v.default is inspect.Parameter.empty and p in accepted]
+    if problems:
+        return problems
     preset = sizes.get(model.size or "", {})
+    required = [p for p, v in inspect.signature(builder).parameters.items()
+                if v.default is inspect.Parameter.empty and p in accepted]
     for key in required:
         if key not in model.options and key not in preset:
             problems.append(f"{path}.options.{key}: model '{model.name}' needs '{key}' "
                             f"(or a size: {', '.join(sorted(sizes)) or 'none'})")
-    return problems
+    if problems:
+        return problems
+    options_model = _options_model(model.name, builder, accepted)
+    try:
+        options_model.model_validate({**preset, **model.options})
+    except ValidationError as error:
+        return format_validation_error(error, options_model, [*path.split("."), "options"])
+    return []
 
 
-def _check_recipe(recipe: Mapping[str, Any], path: str) -> list[str]:
-    from kdistill.recipes import RECIPES
+def _recipe_problems(recipe: Mapping[str, Any], path: str) -> tuple[list[str], Any]:
+    """Problems of one recipe section and, when there are none, the built recipe."""
+    from kdistill.recipes import RECIPES, build_recipe
+    from kdistill.taps import TapError, parse_tap
 
     name = recipe.get("name")
     if not isinstance(name, str):
-        return [f"{path}.name: a recipe needs a name; valid: {', '.join(sorted(RECIPES))}"]
+        return [f"{path}.name: a recipe needs a name; valid: {', '.join(sorted(RECIPES))}"], None
     problems = _check_name("recipe", name, list(RECIPES), f"{path}.name")
     if problems:
-        return problems
+        return problems, None
+    params = {k: v for k, v in recipe.items() if k != "name"}
     params_model = RECIPES[name].cls.Params
     try:
-        params_model(**{k: v for k, v in recipe.items() if k != "name"})
+        params_model(**params)
+        built = build_recipe(name, **params)
     except ValidationError as error:
-        return format_validation_error(error, params_model, path.split("."))
-    return []
+        return format_validation_error(error, params_model, path.split(".")), None
+    except (ValueError, TypeError) as error:
+        return [f"{path}: {error}"], None
+    for side, taps in (("student", built.student_taps()), ("teacher", built.teacher_taps())):
+        for tap in taps:
+            try:
+                parse_tap(tap)
+            except TapError as error:
+                problems.append(f"{path}: {side} {error}")
+    return problems, (None if problems else built)
+
+
+def _check_recipe(recipe: Mapping[str, Any], path: str) -> list[str]:
+    return _recipe_problems(recipe, path)[0]
 
 
 def _check_data(data: DataConfig) -> list[str]:
     from kdistill.data import DATASETS
 
     problems = _check_name("data set", data.name, list(DATASETS), "data.name")
-    if data.name in ("npz", "csv") and data.path is None:
-        problems.append(f"data.path: data set '{data.name}' needs a file path")
-    if data.path is not None and not Path(data.path).is_file():
-        problems.append(f"data.path: file not found: {data.path}")
+    if problems:
+        return problems
+    if data.name not in ("npz", "csv"):
+        if data.path is not None:
+            problems.append(f"data.path: data set '{data.name}' is built in and reads no file; "
+                            "use name 'csv' or 'npz' for your own data")
+        return problems
+    if data.path is None:
+        return [f"data.path: data set '{data.name}' needs a file path"]
+    path = Path(data.path)
+    if not path.is_file():
+        return [f"data.path: file not found: {data.path}"]
+    if data.name == "csv":
+        problems += _check_csv_header(path, data.label_column)
     return problems
 
 
+def _check_csv_header(path: Path, label_column: str) -> list[str]:
+    import csv
+
+    try:
+        with path.open(newline="") as handle:
+            header = next(csv.reader(handle), None)
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        return [f"data.path: cannot read {path} as CSV: {error}"]
+    if not header:
+        return [f"data.path: {path} is empty (a header row with column names is needed)"]
+    if label_column not in header:
+        return [f"data.label_column: {path} has no column '{label_column}'"
+                + close_names(label_column, header)]
+    return []
+
+
 def check_registered(config: RunConfig) -> list[str]:
-    """Problems with registered names and recipe parameters (empty when the config is fine)."""
+    """Problems with registered names, recipe parameters, tap names, files and the split of
+    the budget into phases (empty when the config is fine)."""
     problems = _check_data(config.data) + _check_model(config.student, "student")
     if config.teacher is not None:
         problems += _check_model(config.teacher.model, "teacher.model")
         if config.teacher.checkpoint and not Path(config.teacher.checkpoint).is_file():
             problems.append(f"teacher.checkpoint: file not found: {config.teacher.checkpoint}")
+    specs = ([("recipe", config.recipe)] if config.recipe is not None else
+             [(f"phases.{i}.recipe", p.recipe) for i, p in enumerate(config.phases or [])])
+    recipes = []
+    for path, spec in specs:
+        found, recipe = _recipe_problems(spec, path)
+        problems += found
+        recipes.append(recipe)
+    if problems:
+        return problems
     if config.recipe is not None:
-        problems += _check_recipe(config.recipe, "recipe")
-    for i, phase in enumerate(config.phases or []):
-        problems += _check_recipe(phase.recipe, f"phases.{i}.recipe")
-    if not problems and config.teacher is None and _needs_teacher(config):
+        try:
+            recipes = [r for r, _ in recipes[0].phases(config.trainer.epochs)]
+        except ValueError as error:
+            problems.append(f"trainer.epochs: {error}")
+    if config.teacher is None and any(r.uses_teacher for r in recipes):
         problems.append("teacher: the recipe needs a teacher; add a 'teacher' section")
     return problems
 
 
-def _needs_teacher(config: RunConfig) -> bool:
-    from kdistill.recipes import build_recipe
-
-    recipes = [config.recipe] if config.recipe is not None else [p.recipe for p in config.phases]
-    for spec in recipes:
-        recipe = build_recipe(spec["name"], **{k: v for k, v in spec.items() if k != "name"})
-        if recipe.uses_teacher:
-            return True
-    return False
-
-
 # -- loading ----------------------------------------------------------------------------------
+class _SafeUniqueLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (plain data only: no Python objects), refusing duplicate keys."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            if not isinstance(key, typing.Hashable):
+                continue  # the base class reports unhashable keys
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key '{key}'", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """A short description of a YAML error with its line and column."""
+    if isinstance(error, yaml.MarkedYAMLError):
+        problem = error.problem or "invalid YAML"
+        if "could not determine a constructor" in problem:
+            problem += (" (configs are plain data: tags that build Python objects are not "
+                        "allowed)")
+        mark = error.problem_mark or error.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        context = f" ({error.context})" if error.context else ""
+        return f"{problem}{context}{where}"
+    return str(error)
+
+
+def safe_load_yaml(text: str, source: str = "config") -> Any:
+    """Parse YAML text as plain data (safe loader, duplicate keys refused)."""
+    try:
+        return yaml.load(text, Loader=_SafeUniqueLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{source}: not valid YAML: {_yaml_problem(error)}") from None
+
+
 def apply_override(raw: dict[str, Any], assignment: str) -> None:
     """Apply ``a.b.c=value`` (value parsed as YAML) to a raw config dict in place."""
     if "=" not in assignment:
@@ -246,7 +417,7 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
     parts = key.strip().split(".")
     if not all(parts):
         raise ConfigError(f"--set {assignment}: empty field name in '{key}'")
-    value = yaml.safe_load(text)
+    value = safe_load_yaml(text, f"--set {assignment}")
     node: Any = raw
     for depth, part in enumerate(parts[:-1]):
         if isinstance(node, list):
@@ -255,10 +426,12 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
                                   f"index of a list of {len(node)}")
             node = node[int(part)]
         else:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict | list):
-                raise ConfigError(f"--set {key}: '{'.'.join(parts[:depth + 1])}' is a value, "
-                                  "not a section")
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+        if not isinstance(node, dict | list):
+            raise ConfigError(f"--set {key}: '{'.'.join(parts[:depth + 1])}' is a value, "
+                              "not a section")
     last = parts[-1]
     if isinstance(node, list):
         if not last.isdigit() or int(last) >= len(node):
@@ -291,11 +464,15 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML ({error})") from None
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: cannot read the file as UTF-8 text ({error})") from None
+    raw = safe_load_yaml(text, str(path))
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got "
+                          f"{type(raw).__name__}")
     for assignment in overrides:
-        if not isinstance(raw, dict):
-            break
         apply_override(raw, assignment)
     return parse_config(raw, str(path))

@@ -9,12 +9,16 @@ Per optimizer step it
 3. for every micro-batch: teacher taps, student taps, the recipe's terms, and
    ``sum_k w_k * value_k * local_count_k / global_count_k`` backpropagated (gradients are
    synchronised across processes on the last micro-batch only),
-4. clips, steps the optimizer and LR schedule, lets the teacher source update (EMA), logs.
+4. clips, steps the optimizer and LR schedule, lets the teacher source update (EMA), logs a
+   record with every term (its mean over the global batch), their weighted total ``loss`` and
+   the learning rate the step used (history and ``<run_dir>/metrics.jsonl``).
 
 Only the student and the recipe's own modules are wrapped for data parallelism; the teacher
 runs outside the wrapper on every process. Checkpoints are written every ``checkpoint_every``
-steps and at the end of every epoch; ``fit(..., resume=True)`` continues from the newest one and
-ends with the same weights as an uninterrupted run.
+steps and at the end of every ``eval_every``-th epoch and of each phase; ``fit(...,
+resume=True)`` continues from the newest one and ends with the same weights, history and metrics
+log as an uninterrupted run. A fit without ``resume`` starts its run directory afresh (earlier
+metrics and checkpoints are removed).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from kdistill.batching import (
 )
 from kdistill.checkpoint import (
     atomic_save_tensors,
+    clear_checkpoints,
     latest_checkpoint,
     load_checkpoint,
     restore_rng,
@@ -50,6 +55,8 @@ from kdistill.schedules import TrainState, lr_multiplier
 from kdistill.settings import OptimizerSettings, SchedulerSettings, TrainerSettings
 from kdistill.taps import TapReader, Taps
 from kdistill.teachers import TeacherSource, as_source
+
+TOTAL = "loss"  # the record key of the weighted total of a step's terms
 
 Evaluator = Callable[[nn.Module, "TeacherSource | None"], dict[str, float]]
 
@@ -94,9 +101,13 @@ class TrainingModule(nn.Module):
         terms = self.recipe.terms(self.reader(batch), teacher, batch, state)
         total: torch.Tensor | None = None
         reported: dict[str, torch.Tensor] = {}
+        if TOTAL in terms:
+            raise ValueError(f"recipe '{self.recipe.name}': a loss term cannot be named "
+                             f"'{TOTAL}', the engine logs the weighted total under that name")
         for name, term in terms.items():
             scale = scales[term.unit]
-            if scale == 0:
+            if scale == 0:  # no unit of this kind here (say no labelled sample): its share is 0
+                reported[name] = torch.zeros((), device=term.value.device)
                 continue
             contribution = term.value * (term.weight * scale)
             total = contribution if total is None else total + contribution
@@ -152,6 +163,10 @@ class Distiller:
         self.phases = list(phases) if phases else self._phases_of(recipe)
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.evaluator = evaluator
+        if self.settings.mixed_precision == "fp16" and (self.settings.cpu or
+                                                        not torch.cuda.is_available()):
+            raise ValueError("mixed_precision 'fp16' needs a GPU (on CPU Accelerate would "
+                             "silently train in fp32); use 'bf16' on CPU")
         for phase in self.phases:
             if phase.recipe.uses_teacher and self.teacher is None:
                 raise ValueError(f"recipe '{phase.recipe.name}' needs a teacher, none was given")
@@ -168,7 +183,10 @@ class Distiller:
             callbacks: Sequence[Callable[[dict[str, Any]], None]] = ()) -> FitResult:
         """Train through every phase; returns the student and the metrics history.
 
-        ``callbacks`` receive every end-of-epoch record after its checkpoint is written.
+        ``callbacks`` receive each end-of-epoch record (every ``eval_every`` epochs and at the
+        end of each phase) after its checkpoint is written. ``resume=True`` continues from the
+        newest checkpoint in ``run_dir``; without it an earlier run's metrics and checkpoints
+        there are removed.
         """
         run = _Run(self, train, eval, callbacks)
         try:
@@ -184,6 +202,7 @@ class _Run:
                  eval_data: Dataset | DataLoader | None,
                  callbacks: Sequence[Callable[[dict[str, Any]], None]]):
         from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
         from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
         self.d = distiller
@@ -192,6 +211,10 @@ class _Run:
         self.micro_batch = loader_batch or self.s.batch_size
         self.eval_data = eval_data
         self.callbacks = callbacks
+        # Accelerate keeps one process-wide AcceleratorState and refuses a second Accelerator
+        # with other settings (say bf16 after fp32). Each fit starts from fresh settings; the
+        # distributed set-up (PartialState) is kept.
+        AcceleratorState._reset_state(reset_partial_state=False)
         self.accelerator = Accelerator(
             cpu=self.s.cpu or not torch.cuda.is_available(),
             mixed_precision=self.s.mixed_precision,
@@ -220,15 +243,25 @@ class _Run:
             self.d.teacher.bind(self.teacher_tap_names(phase), self.device)
 
     def materialise(self, index: int, phase: Phase, reader: TapReader) -> None:
-        """Build the recipe's shape-dependent modules on the first batch of the phase."""
+        """Build the recipe's shape-dependent modules on the first batch of the phase.
+
+        The student runs this forward in eval mode (modes restored after), so BatchNorm
+        statistics do not absorb an extra batch and dropout draws no random numbers.
+        """
         if index in self.built:
             return
         first = to_device(self.collate_fn([self.dataset[i] for i in
                                            range(min(self.micro_batch, len(self.dataset)))]),
                           self.device)
-        with torch.no_grad():
-            teacher = self.d.teacher(first) if phase.recipe.uses_teacher else None
-            phase.recipe.build(reader(first), teacher)
+        modes = [(m, m.training) for m in self.d.student.modules()]
+        self.d.student.eval()
+        try:
+            with torch.no_grad():
+                teacher = self.d.teacher(first) if phase.recipe.uses_teacher else None
+                phase.recipe.build(reader(first), teacher)
+        finally:
+            for module, mode in modes:
+                module.training = mode
         phase.recipe.to(self.device)
         self.built.add(index)
 
@@ -267,13 +300,18 @@ class _Run:
         if self.d.teacher is not None:
             self.d.teacher.load_state_dict(part("teacher."))
 
+    def scaler_state(self) -> dict[str, Any] | None:
+        """The fp16 gradient scaler's state (JSON numbers), or None without one."""
+        scaler = self.accelerator.scaler
+        return dict(scaler.state_dict()) if scaler is not None else None
+
     def checkpoint(self, position: Mapping[str, int], optimizer: torch.optim.Optimizer,
                    scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
         if self.d.run_dir is not None and self.main:
             save_checkpoint(self.d.run_dir, self.global_step, weights=self.weights(),
                             optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                             trainer={**position, "global_step": self.global_step,
-                                     "history": self.history},
+                                     "history": self.history, "scaler": self.scaler_state()},
                             keep=self.s.keep_checkpoints)
         self.accelerator.wait_for_everyone()
 
@@ -292,7 +330,13 @@ class _Run:
             start = {k: int(checkpoint.trainer[k]) for k in start}
             self.global_step = int(checkpoint.trainer["global_step"])
             self.history = list(checkpoint.trainer["history"])
-            self.log.truncate_after(self.global_step)
+            self.log.replace(self.history)
+        elif self.d.run_dir is not None and self.main:
+            # A fresh run owns its folder: no metrics or checkpoints of an earlier run survive
+            # (a later resume would otherwise continue the earlier run).
+            self.log.replace([])
+            clear_checkpoints(self.d.run_dir)
+        self.accelerator.wait_for_everyone()
         for index, phase in enumerate(self.d.phases):
             if index < start["phase"]:
                 continue
@@ -310,14 +354,22 @@ class _Run:
         reader = TapReader(self.d.student, phase.recipe.student_taps())
         try:
             if checkpoint is not None:
+                # Earlier phases' modules (adapters) are part of the checkpoint: build each with
+                # the teacher taps of its own phase, then load every weight.
                 for earlier in range(index):
-                    recipe = self.d.phases[earlier].recipe
-                    with TapReader(self.d.student, recipe.student_taps()) as earlier_reader:
-                        self.materialise(earlier, self.d.phases[earlier], earlier_reader)
+                    earlier_phase = self.d.phases[earlier]
+                    if earlier in self.built:
+                        continue
+                    self.bind_teacher(earlier_phase)
+                    with TapReader(self.d.student,
+                                   earlier_phase.recipe.student_taps()) as earlier_reader:
+                        self.materialise(earlier, earlier_phase, earlier_reader)
+                self.bind_teacher(phase)
                 self.materialise(index, phase, reader)
                 self.load_weights(checkpoint.weights)
             self.materialise(index, phase, reader)
             module = TrainingModule(self.d.student, phase.recipe, reader)
+            module.train()
             indices = self.train_indices(phase)
             steps_per_epoch = len(self.plan(index, indices, 0))
             if steps_per_epoch == 0:
@@ -332,6 +384,9 @@ class _Run:
                 optimizer.load_state_dict(checkpoint.optimizer)
                 scheduler.load_state_dict(checkpoint.scheduler)
                 restore_rng(checkpoint.rng_tensors, checkpoint.rng_meta)
+                scaler_state = checkpoint.trainer.get("scaler")
+                if self.accelerator.scaler is not None and scaler_state:
+                    self.accelerator.scaler.load_state_dict(scaler_state)
             wrapped = self.accelerator.prepare_model(module)
             self.progress.start_phase(phase.name or phase.recipe.name, total_steps,
                                       start["epoch"] * steps_per_epoch + start["batch"])
@@ -377,18 +432,29 @@ class _Run:
                 self.accelerator.backward(loss)
             for name, value in terms.items():
                 reported[name] = reported.get(name, 0.0) + value / self.world
+            reported[TOTAL] = reported.get(TOTAL, 0.0) + loss.detach() / self.world
+        scaler = self.accelerator.scaler  # fp16 on a GPU: backward scaled the loss
+        if scaler is not None:
+            scaler.unscale_(optimizer)  # true gradients for clipping and the update
         if self.s.clip_grad_norm:
             torch.nn.utils.clip_grad_norm_(module.parameters(), self.s.clip_grad_norm)
-        optimizer.step()
+        lr = float(optimizer.param_groups[0]["lr"])  # the rate this step's update uses
+        if scaler is not None:
+            scaler.step(optimizer)  # skipped when a gradient overflowed
+            scaler.update()
+        else:
+            optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if self.d.teacher is not None:
             self.d.teacher.after_step(self.d.student, state)
         self.global_step += 1
-        return self.record_step(state, reported, module, scheduler)
+        return self.record_step(state, reported, lr)
 
     def record_step(self, state: TrainState, reported: Mapping[str, torch.Tensor],
-                    module: TrainingModule, scheduler: Any) -> dict[str, Any]:
+                    lr: float) -> dict[str, Any]:
+        """The step's record: every term (mean over the global batch), the weighted total
+        ``loss`` and the learning rate the step used; logged every ``log_every`` steps."""
         names = sorted(reported)
         values = torch.stack([torch.as_tensor(reported[n], dtype=torch.float64,
                                               device=self.device) for n in names]) \
@@ -396,7 +462,7 @@ class _Run:
         values = self.accelerator.reduce(values, "sum").tolist() if names else []
         record: dict[str, Any] = {
             "kind": "train", "phase": state.phase, "epoch": state.epoch,
-            "step": self.global_step, "lr": scheduler.get_last_lr()[0],
+            "step": self.global_step, "lr": lr,
             **dict(zip(names, values, strict=True)),
         }
         if self.global_step % self.s.log_every == 0:
@@ -414,10 +480,12 @@ class _Run:
 
     def end_epoch(self, index: int, phase: Phase, epoch: int, optimizer: torch.optim.Optimizer,
                   scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
+        """Every ``eval_every`` epochs and at the end of the phase: evaluate, log, checkpoint."""
+        if (epoch + 1) % self.s.eval_every and epoch + 1 != phase.epochs:
+            return
         record: dict[str, Any] = {"kind": "eval", "phase": index, "phase_name": phase.name,
                                   "epoch": epoch + 1, "step": self.global_step}
-        if (self.eval_data is not None or self.d.evaluator is not None) and \
-                ((epoch + 1) % self.s.eval_every == 0 or epoch + 1 == phase.epochs):
+        if self.eval_data is not None or self.d.evaluator is not None:
             record.update({f"eval_{k}": v for k, v in self.evaluate().items()})
         self.history.append(record)
         self.log.write(record)

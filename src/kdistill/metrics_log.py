@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,14 @@ class MetricsLog:
         with self.path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
             handle.flush()
+
+    def replace(self, records: Sequence[Mapping[str, Any]]) -> None:
+        """Rewrite the log atomically to hold exactly ``records`` (a fresh run passes none; a
+        resumed run passes the history saved in its checkpoint, which is what was logged up to
+        that checkpoint, so no step appears twice)."""
+        if self.path is None:
+            return
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in records))
 
     def truncate_after(self, step: int) -> None:
         """Drop records past ``step`` (written after the checkpoint a resumed run starts from);

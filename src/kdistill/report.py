@@ -163,12 +163,13 @@ def _write_atomically(path: Path, write: Callable[[IO[bytes]], object]) -> Path:
 
 
 def _learning_curve(history: Sequence[Mapping[str, Any]]) -> tuple[list[float], list[float]]:
-    """(epoch, eval_accuracy) of the entries that have ``eval_accuracy``.
+    """(optimizer step, eval_accuracy) of the entries that have ``eval_accuracy``.
 
-    An entry without ``epoch`` is placed at its position among the evaluations (1, 2, ...).
+    Steps, not epochs, so runs whose epochs differ in length (a labels-only baseline) line up.
+    An entry without ``step`` is placed at its position among the evaluations (1, 2, ...).
     """
     evaluations = [entry for entry in history if entry.get("eval_accuracy") is not None]
-    epochs = [float(entry.get("epoch", position))
+    epochs = [float(entry.get("step", position))
               for position, entry in enumerate(evaluations, start=1)]
     return epochs, [float(entry["eval_accuracy"]) for entry in evaluations]
 
@@ -183,7 +184,7 @@ def _plot_histories(axes: Axes, histories: Mapping[str, Sequence[Mapping[str, An
     else:
         axes.text(0.5, 0.5, "no evaluation history", ha="center", va="center",
                   transform=axes.transAxes)
-    axes.set(title="Learning curves", xlabel="epoch", ylabel="eval accuracy")
+    axes.set(title="Learning curves", xlabel="optimizer step", ylabel="eval accuracy")
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
 

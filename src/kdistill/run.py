@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +37,11 @@ def build_data(config: DataConfig) -> DataSplits:
         options["path"] = config.path
     if config.name == "csv":
         options["label_column"] = config.label_column
-    data = load_dataset(config.name, **options)
+    try:
+        data = load_dataset(config.name, **options)
+    except (ValueError, OSError) as error:  # the loaders name the file and what is wrong
+        field = "data.path" if config.path is not None else "data"
+        raise ConfigError(f"{field}: {error}") from None
     if config.labeled is not None:
         if config.labeled > len(data.train):
             raise ConfigError(f"data.labeled: {config.labeled} labels asked, the training split "
@@ -45,11 +51,33 @@ def build_data(config: DataConfig) -> DataSplits:
     return data
 
 
-def build_from(config: ModelConfig, data: DataSplits, seed: int) -> nn.Module:
-    """A registered model for ``data``, initialised from ``seed``."""
+def build_from(config: ModelConfig, data: DataSplits, seed: int,
+               where: str = "model") -> nn.Module:
+    """A registered model for ``data``, initialised from ``seed``; a model that cannot be built
+    for this data is a :class:`ConfigError` naming the config section ``where``."""
     torch.manual_seed(seed)
-    return build_model(config.name, data.input_shape, data.num_classes, size=config.size,
-                       **config.options)
+    try:
+        return build_model(config.name, data.input_shape, data.num_classes, size=config.size,
+                           **config.options)
+    except (ValueError, TypeError, OSError) as error:
+        raise ConfigError(f"{where}: cannot build model '{config.name}' for data of shape "
+                          f"{tuple(data.input_shape)} with {data.num_classes} classes: "
+                          f"{error}") from None
+
+
+def check_taps(model: nn.Module, taps: Iterable[str], where: str, phase: str) -> None:
+    """Raise a :class:`ConfigError` when a ``module:`` tap names a submodule ``model`` lacks
+    (checked before training, so a typo does not cost a teacher's training first)."""
+    from kdistill.taps import ModuleTap, closest_module_paths, parse_tap
+
+    modules = dict(model.named_modules())
+    for name in taps:
+        tap = parse_tap(name)
+        if isinstance(tap, ModuleTap) and tap.path not in modules:
+            close = ", ".join(closest_module_paths(model, tap.path))
+            raise ConfigError(f"{where}: phase '{phase}' reads tap '{name}' but the "
+                              f"{type(model).__name__} has no module '{tap.path}'; closest "
+                              f"module paths: {close}")
 
 
 def load_weights(model: nn.Module, path: Path, what: str) -> nn.Module:
@@ -72,10 +100,24 @@ def load_weights(model: nn.Module, path: Path, what: str) -> nn.Module:
     return model
 
 
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def teacher_key(config: TeacherConfig, data: DataConfig) -> str:
-    """A hash of everything that determines a trained teacher."""
-    content = {"model": config.model.model_dump(), "train": config.train.model_dump(),
-               "data": data.model_dump(exclude={"labeled"}), "format": 1}
+    """A hash of everything that determines a trained teacher: its model and training settings
+    (not the progress display), the data settings (not ``labeled``: the teacher sees every
+    label) and, for a user data file, the file's content (so an edited file trains anew)."""
+    assert config.train is not None
+    content = {"model": config.model.model_dump(),
+               "train": config.train.model_dump(exclude={"progress"}),
+               "data": data.model_dump(exclude={"labeled"}),
+               "data_file": file_digest(data.path) if data.path else None, "format": 2}
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -87,12 +129,12 @@ def obtain_teacher(config: TeacherConfig, data_config: DataConfig, data: DataSpl
     without ``labeled``): it stands for a model that already exists.
     """
     if config.checkpoint is not None:
-        model = build_from(config.model, data, 0)
+        model = build_from(config.model, data, 0, "teacher.model")
         return load_weights(model, Path(config.checkpoint), "teacher.checkpoint"), \
             {"source": config.checkpoint}
     assert config.train is not None
     path = cache_dir() / "teachers" / f"{teacher_key(config, data_config)}.safetensors"
-    model = build_from(config.model, data, config.train.seed)
+    model = build_from(config.model, data, config.train.seed, "teacher.model")
     if path.is_file():
         return load_weights(model, path, "teacher cache"), {"source": str(path), "cached": True}
     full = build_data(data_config.model_copy(update={"labeled": None}))
@@ -108,8 +150,11 @@ def build_phases(config: RunConfig) -> list[Phase]:
     if config.phases is None:
         spec = dict(config.recipe or {})
         recipe = build_recipe(spec.pop("name"), **spec)
-        return [Phase(r, epochs, name=f"{i}-{r.name}")
-                for i, (r, epochs) in enumerate(recipe.phases(config.trainer.epochs))]
+        try:
+            split = recipe.phases(config.trainer.epochs)
+        except ValueError as error:
+            raise ConfigError(f"trainer.epochs: {error}") from None
+        return [Phase(r, epochs, name=f"{i}-{r.name}") for i, (r, epochs) in enumerate(split)]
     phases = []
     for i, phase in enumerate(config.phases):
         spec = dict(phase.recipe)
@@ -128,21 +173,49 @@ class RunOutcome:
     report: Path
 
 
+@contextmanager
+def cpu_threads(count: int | None) -> Iterator[None]:
+    """Use ``count`` torch CPU threads inside the block (``None``: leave them as they are)."""
+    if count is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def run(config: RunConfig, *, resume: bool = False) -> RunOutcome:
     """Train the configured student and compare it with its teacher (if any)."""
+    with cpu_threads(config.cpu_threads):
+        return _run(config, resume)
+
+
+def _run(config: RunConfig, resume: bool) -> RunOutcome:
     from kdistill.evaluate import benchmark_models, eval_batches
     from kdistill.report import write_report
 
+    # Everything that can fail on the config alone fails here, before a teacher is trained.
+    data = build_data(config.data)
+    phases = build_phases(config)
+    student = build_from(config.student, data, config.trainer.seed, "student")
+    sections = (["recipe"] * len(phases) if config.phases is None else
+                [f"phases.{i}.recipe" for i in range(len(phases))])
+    for phase, where in zip(phases, sections, strict=True):
+        check_taps(student, phase.recipe.student_taps(), where, phase.name or "")
     run_dir = Path(config.output_dir) / config.name
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.json", config.model_dump_json(indent=2))
-    data = build_data(config.data)
     teacher = None
     if config.teacher is not None:
         teacher, _ = obtain_teacher(config.teacher, config.data, data,
                                     progress=config.trainer.progress)
-    student = build_from(config.student, data, config.trainer.seed)
-    result = Distiller(student, teacher, phases=build_phases(config), trainer=config.trainer,
+        for phase, where in zip(phases, sections, strict=True):
+            if phase.recipe.uses_teacher:
+                check_taps(teacher, phase.recipe.teacher_taps(), where, phase.name or "")
+    result = Distiller(student, teacher, phases=phases, trainer=config.trainer,
                        run_dir=run_dir).fit(data.train, data.test, resume=resume)
     batches = eval_batches(data.test, config.evaluation.batch_size)
     models = {"teacher": teacher, "student": student} if teacher is not None else \
@@ -153,6 +226,8 @@ def run(config: RunConfig, *, resume: bool = False) -> RunOutcome:
                             repeats=config.evaluation.repeats)
     report = write_report(run_dir, title=f"kdistill run: {config.name}", rows=rows,
                           histories={"student": result.history},
-                          settings={"recipe": config.recipe or "phases",
+                          settings={"recipe": config.recipe or [
+                                        {"phase": p.name, "epochs": p.epochs, **p.recipe}
+                                        for p in config.phases or []],
                                     "data": config.data.model_dump()})
     return RunOutcome(result, list(rows), report)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+Beta = Annotated[float, Field(ge=0, lt=1)]  # an AdamW moment decay
 
 
 class Strict(BaseModel):
@@ -20,7 +22,7 @@ class OptimizerSettings(Strict):
     lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
     momentum: float = Field(default=0.9, ge=0, lt=1)
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[Beta, Beta] = (0.9, 0.999)
     nesterov: bool = False
 
 
@@ -51,7 +53,7 @@ class TrainerSettings(Strict):
     seed: int = 0
     checkpoint_every: int | None = Field(default=None, ge=1)
     keep_checkpoints: int = Field(default=2, ge=1)
-    eval_every: int = Field(default=1, ge=1)
+    eval_every: int = Field(default=1, ge=1)  # epochs between evaluations and checkpoints
     log_every: int = Field(default=1, ge=1)
     progress: bool = True
     cpu: bool = False

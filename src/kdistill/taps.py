@@ -184,7 +184,7 @@ def output_tap(output: Any, name: str, mask: torch.Tensor | None = None) -> torc
                     int(index), name)
 
 
-def _first_tensor(value: Any) -> torch.Tensor:
+def _first_tensor(value: Any, what: str = "module output") -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value
     if isinstance(value, tuple | list) and value and isinstance(value[0], torch.Tensor):
@@ -192,7 +192,20 @@ def _first_tensor(value: Any) -> torch.Tensor:
     hidden = _field(value, "last_hidden_state")
     if isinstance(hidden, torch.Tensor):
         return hidden
-    raise TapError(f"module output of type {type(value).__name__} holds no tensor")
+    raise TapError(f"{what} of type {type(value).__name__} holds no tensor")
+
+
+def _first_input(args: tuple[Any, ...], kwargs: Mapping[str, Any], tap: str) -> torch.Tensor:
+    """The first positional tensor input, else ``hidden_states=`` or the first tensor keyword
+    (Hugging Face layers are often called with keyword arguments only)."""
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    if isinstance(kwargs.get("hidden_states"), torch.Tensor):
+        return kwargs["hidden_states"]
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            return value
+    raise TapError(f"tap '{tap}': the module was called without a tensor input")
 
 
 class TapReader:
@@ -212,23 +225,29 @@ class TapReader:
         self.wants_hidden = any(n.startswith("hidden.") or n in ("embeddings", "pooled")
                                 for n in self.output_names)
         self.wants_attentions = any(n.startswith("attention.") for n in self.output_names)
+        self._recorded: dict[str, torch.Tensor] = {}
+        # Resolve every path before touching the model, so a bad name leaves no hook behind.
+        modules = dict(model.named_modules())
+        targets = [(tap, self._module(modules, tap)) for tap in self.module_taps]
         if self.wants_attentions and hasattr(model, "set_attn_implementation"):
             model.set_attn_implementation("eager")
-        self._recorded: dict[str, torch.Tensor] = {}
-        self._handles = [self._hook(tap) for tap in self.module_taps]
+        self._handles = [self._hook(tap, module) for tap, module in targets]
 
-    def _hook(self, tap: ModuleTap) -> torch.utils.hooks.RemovableHandle:
-        modules = dict(self.model.named_modules())
+    def _module(self, modules: Mapping[str, nn.Module], tap: ModuleTap) -> nn.Module:
         module = modules.get(tap.path)
         if module is None:
             close = ", ".join(closest_module_paths(self.model, tap.path))
             raise TapError(f"tap '{tap.name}': {type(self.model).__name__} has no module "
                            f"'{tap.path}'; closest module paths: {close}")
+        return module
 
-        def record(_module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
-            self._recorded[tap.name] = _first_tensor(inputs if tap.read_input else output)
+    def _hook(self, tap: ModuleTap, module: nn.Module) -> torch.utils.hooks.RemovableHandle:
+        def record(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+                   output: Any) -> None:
+            self._recorded[tap.name] = (_first_input(args, kwargs, tap.name) if tap.read_input
+                                        else _first_tensor(output, f"tap '{tap.name}': output"))
 
-        return module.register_forward_hook(record)
+        return module.register_forward_hook(record, with_kwargs=True)
 
     def __call__(self, batch: Mapping[str, Any]) -> Taps:
         self._recorded = {}

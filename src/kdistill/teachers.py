@@ -9,6 +9,7 @@ trainable or evolving state is saved with checkpoints through ``state_dict``.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -103,9 +104,10 @@ class EnsembleTeacher(TeacherSource):
         if not sources:
             raise ValueError("an ensemble needs at least one teacher source")
         weights = list(weights) if weights is not None else [1.0] * len(sources)
-        if len(weights) != len(sources) or any(w < 0 for w in weights) or sum(weights) <= 0:
-            raise ValueError(f"ensemble weights must be {len(sources)} non-negative numbers "
-                             f"with a positive sum, got {weights}")
+        if (len(weights) != len(sources) or not all(math.isfinite(w) and w >= 0 for w in weights)
+                or sum(weights) <= 0):
+            raise ValueError(f"ensemble weights must be {len(sources)} finite non-negative "
+                             f"numbers with a positive sum, got {weights}")
         if mode not in ("probs", "logits"):
             raise ValueError(f"ensemble mode must be 'probs' or 'logits', got '{mode}'")
         self.sources = list(sources)
@@ -167,6 +169,7 @@ class EMATeacher(TeacherSource):
     def bind(self, tap_names: Iterable[str], device: torch.device) -> None:
         if self.model is None:
             self.model = copy.deepcopy(self.student)
+        self.close()  # a second bind (next phase) must not leave the old reader's hooks behind
         self.frozen = FrozenTeacher(self.model)
         self.frozen.bind(tap_names, device)
 
@@ -190,6 +193,7 @@ class EMATeacher(TeacherSource):
     def close(self) -> None:
         if self.frozen is not None:
             self.frozen.close()
+            self.frozen = None
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.model.state_dict()) if self.model is not None else {}

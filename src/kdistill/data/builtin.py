@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,28 +14,75 @@ from sklearn.model_selection import train_test_split
 from kdistill.data.base import ArrayDataset, DataSplits
 
 
+def integer_labels(name: str, y: np.ndarray, what: str = "labels") -> np.ndarray:
+    """``y`` as int64, refusing labels that are not whole numbers (1.5, NaN, text)."""
+    y = np.asarray(y)
+    if y.ndim != 1:
+        raise ValueError(f"data set '{name}': {what} must be one label per sample (1-D), got "
+                         f"shape {y.shape}")
+    if y.dtype.kind in "iu":
+        return y.astype(np.int64)
+    if y.dtype.kind in "fb":
+        y = y.astype(np.float64)
+        whole = np.isfinite(y) & (y == np.round(y))
+        if not whole.all():
+            bad = np.unique(y[~whole])[:5].tolist()
+            raise ValueError(f"data set '{name}': {what} must be integers 0..C-1, got {bad}")
+        return y.astype(np.int64)
+    raise ValueError(f"data set '{name}': {what} must be integers 0..C-1, got values of type "
+                     f"{y.dtype}")
+
+
 def split_arrays(name: str, x: np.ndarray, y: np.ndarray, test_fraction: float,
                  seed: int) -> DataSplits:
     """Stratified train/test split of float inputs and integer labels."""
-    x_train, x_test, y_train, y_test = train_test_split(
-        x, y, test_size=test_fraction, random_state=seed, stratify=y
-    )
+    y = integer_labels(name, y)
+    if len(x) != len(y):
+        raise ValueError(f"data set '{name}': {len(x)} inputs but {len(y)} labels")
+    try:
+        x_train, x_test, y_train, y_test = train_test_split(
+            x, y, test_size=test_fraction, random_state=seed, stratify=y
+        )
+    except ValueError as error:  # e.g. a class with one sample cannot be stratified
+        raise ValueError(f"data set '{name}': cannot split {len(y)} samples into train and "
+                         f"test ({error})") from None
     return from_arrays(name, x_train, y_train, x_test, y_test)
 
 
 def from_arrays(name: str, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
                 y_test: np.ndarray) -> DataSplits:
-    """Wrap numpy train/test arrays as :class:`DataSplits`."""
+    """Wrap numpy train/test arrays as :class:`DataSplits`.
+
+    Inputs need a sample dimension plus at least one feature dimension, labels must be the
+    integers 0..C-1 (every class present in train or test), and train and test inputs must
+    have the same shape per sample.
+    """
+    y_train = integer_labels(name, y_train, "training labels")
+    y_test = integer_labels(name, y_test, "test labels")
+    x_train, x_test = np.asarray(x_train), np.asarray(x_test)
+    for what, x, y in (("training", x_train, y_train), ("test", x_test, y_test)):
+        if x.ndim < 2:
+            raise ValueError(f"data set '{name}': {what} inputs need shape [samples, features"
+                             f", ...], got {x.shape}")
+        if len(x) != len(y):
+            raise ValueError(f"data set '{name}': {len(x)} {what} inputs but {len(y)} labels")
+        if x.dtype.kind not in "fiub":
+            raise ValueError(f"data set '{name}': {what} inputs must be numbers, got "
+                             f"{x.dtype}")
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise ValueError(f"data set '{name}': training inputs are shaped {x_train.shape[1:]} "
+                         f"but test inputs {x_test.shape[1:]}")
     classes = np.unique(np.concatenate([y_train, y_test]))
     if not np.array_equal(classes, np.arange(len(classes))):
-        raise ValueError(f"data set '{name}': labels must be 0..C-1 integers, got "
-                         f"{classes[:10].tolist()}")
+        raise ValueError(f"data set '{name}': labels must be the integers 0..C-1 with every "
+                         f"class present, got {classes[:10].tolist()}"
+                         + (" ..." if len(classes) > 10 else ""))
 
     def tensors(x: np.ndarray, y: np.ndarray) -> ArrayDataset:
         return ArrayDataset(torch.as_tensor(x, dtype=torch.float32),
                             torch.as_tensor(y, dtype=torch.long))
 
-    return DataSplits(name, tensors(x_train, y_train), tensors(x_test, y_test),
+    return DataSplits(Path(name).stem, tensors(x_train, y_train), tensors(x_test, y_test),
                       num_classes=len(classes), input_shape=tuple(x_train.shape[1:]))
 
 
@@ -54,19 +102,29 @@ def load_npz(path: str | Path, test_fraction: float = 0.25, seed: int = 0,
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"npz data file not found: {path}")
-    with np.load(path, allow_pickle=False) as arrays:
-        keys = set(arrays.files)
-        split_keys = {f"{input_key}_train", f"{label_key}_train", f"{input_key}_test",
-                      f"{label_key}_test"}
-        if split_keys <= keys:
-            return from_arrays(path.stem, *(arrays[k] for k in (
-                f"{input_key}_train", f"{label_key}_train", f"{input_key}_test",
-                f"{label_key}_test")))
-        missing = {input_key, label_key} - keys
-        if missing:
-            raise ValueError(f"{path}: missing array(s) {sorted(missing)}; found {sorted(keys)}")
-        return split_arrays(path.stem, arrays[input_key].astype(np.float32),
-                            arrays[label_key].astype(np.int64), test_fraction, seed)
+    split_names = (f"{input_key}_train", f"{label_key}_train", f"{input_key}_test",
+                   f"{label_key}_test")
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            keys = set(arrays.files)
+            if set(split_names) <= keys:
+                return from_arrays(str(path), *(arrays[k] for k in split_names))
+            missing = {input_key, label_key} - keys
+            if missing:
+                raise ValueError(f"{path}: missing array(s) {sorted(missing)}; found "
+                                 f"{sorted(keys)} (give '{input_key}' and '{label_key}', or "
+                                 f"{', '.join(repr(k) for k in split_names)})")
+            return split_arrays(str(path), arrays[input_key], arrays[label_key],
+                                test_fraction, seed)
+    except (OSError, EOFError, zipfile.BadZipFile) as error:
+        raise ValueError(f"{path}: not a readable .npz file ({error})") from None
+    except ValueError as error:
+        if "allow_pickle" in str(error):
+            raise ValueError(f"{path}: not an .npz archive of plain numeric arrays (numpy would "
+                             "have to unpickle it, which kdistill never does)") from None
+        if str(path) in str(error):
+            raise
+        raise ValueError(f"{path}: {error}") from None
 
 
 def load_csv(path: str | Path, label_column: str = "label", test_fraction: float = 0.25,
@@ -75,22 +133,45 @@ def load_csv(path: str | Path, label_column: str = "label", test_fraction: float
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"csv data file not found: {path}")
-    with path.open(newline="") as handle:
-        reader = csv.reader(handle)
-        header = next(reader, None)
-        if header is None:
-            raise ValueError(f"{path}: the file is empty")
-        if label_column not in header:
-            raise ValueError(f"{path}: no label column '{label_column}'; columns: {header}")
-        label_at = header.index(label_column)
-        rows = list(reader)
     try:
-        table = np.array([[float(v) for v in row] for row in rows], dtype=np.float64)
-    except ValueError as error:
-        raise ValueError(f"{path}: every column must be numeric ({error})") from None
-    labels = table[:, label_at].astype(np.int64)
+        with path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.reader(handle)
+            header = next(reader, None)
+            if header is None:
+                raise ValueError(f"{path}: the file is empty")
+            header = [name.strip() for name in header]
+            if label_column not in header:
+                raise ValueError(f"{path}: no label column '{label_column}'; columns: {header}")
+            if len(header) < 2:
+                raise ValueError(f"{path}: no feature columns besides '{label_column}'")
+            label_at = header.index(label_column)
+            values: list[list[float]] = []
+            for row in reader:
+                if not any(cell.strip() for cell in row):
+                    continue  # blank line
+                line = reader.line_num
+                if len(row) != len(header):
+                    raise ValueError(f"{path}, line {line}: {len(row)} values for "
+                                     f"{len(header)} columns")
+                values.append([_number(path, line, header[i], cell) for i, cell in
+                               enumerate(row)])
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise ValueError(f"{path}: not a readable CSV text file ({error})") from None
+    if not values:
+        raise ValueError(f"{path}: no data rows after the header")
+    table = np.array(values, dtype=np.float64)
+    labels = table[:, label_at]
     features = np.delete(table, label_at, axis=1).astype(np.float32)
-    return split_arrays(path.stem, features, labels, test_fraction, seed)
+    labels = integer_labels(str(path), labels, f"column '{label_column}'")
+    return split_arrays(str(path), features, labels, test_fraction, seed)
+
+
+def _number(path: Path, line: int, column: str, cell: str) -> float:
+    try:
+        return float(cell)
+    except ValueError:
+        raise ValueError(f"{path}, line {line}, column '{column}': {cell!r} is not a "
+                         "number (every column must be numeric)") from None
 
 
 DATASETS: dict[str, Callable[..., DataSplits]] = {

@@ -22,6 +22,9 @@ def load_hf_model(path: str | Path, task: Literal["classification", "encoder"] =
 
     if task == "encoder":
         return AutoModel.from_pretrained(folder, local_files_only=True)
-    extra = {"num_labels": num_labels} if num_labels is not None else {}
+    # A different label count needs a fresh classifier: without ignore_mismatched_sizes
+    # transformers refuses to load a checkpoint whose head has another shape.
+    extra = ({"num_labels": num_labels, "ignore_mismatched_sizes": True}
+             if num_labels is not None else {})
     return AutoModelForSequenceClassification.from_pretrained(folder, local_files_only=True,
                                                               **extra)

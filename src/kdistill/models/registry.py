@@ -7,8 +7,9 @@ Every builder takes the data's ``input_shape`` and ``num_classes`` plus its own 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Annotated, Any, Literal
 
+from pydantic import Field
 from torch import nn
 
 from kdistill.models.cnn import CNN
@@ -22,18 +23,25 @@ MODEL_SIZES: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-def _mlp(input_shape: Sequence[int], num_classes: int, hidden: Sequence[int],
-         dropout: float = 0.0) -> nn.Module:
+# Option types with their limits: a config's model options are validated against these
+# annotations (kdistill.config) before anything is built.
+Width = Annotated[int, Field(ge=1)]
+Dropout = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
+def _mlp(input_shape: Sequence[int], num_classes: int, hidden: Sequence[Width],
+         dropout: Dropout = 0.0) -> nn.Module:
     return MLP(input_shape, num_classes, hidden, dropout)
 
 
-def _cnn(input_shape: Sequence[int], num_classes: int, channels: Sequence[int],
-         dropout: float = 0.0) -> nn.Module:
+def _cnn(input_shape: Sequence[int], num_classes: int,
+         channels: Annotated[Sequence[Width], Field(min_length=1)],
+         dropout: Dropout = 0.0) -> nn.Module:
     return CNN(input_shape, num_classes, channels, dropout)
 
 
 def _hf(input_shape: Sequence[int], num_classes: int, path: str,
-        task: str = "classification") -> nn.Module:
+        task: Literal["classification", "encoder"] = "classification") -> nn.Module:
     return load_hf_model(path, task=task, num_labels=num_classes)  # type: ignore[arg-type]
 
 

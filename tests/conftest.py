@@ -1,0 +1,101 @@
+"""Shared fixtures: an isolated teacher cache, small data sets and seeded model factories."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from kdistill.data import keep_labels, load_dataset
+from kdistill.data.base import ArrayDataset, DataSplits
+from kdistill.models import build_model
+
+DIGITS_SHAPE = (1, 8, 8)
+NUM_CLASSES = 10
+
+
+@pytest.fixture(scope="session")
+def kdistill_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One teacher cache for the whole session, never the repository's ``.kdistill-cache``."""
+    return tmp_path_factory.mktemp("kdistill-cache")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_teacher_cache(monkeypatch: pytest.MonkeyPatch, kdistill_cache_dir: Path) -> None:
+    """Point ``KDISTILL_CACHE`` at the session's temporary cache in every test."""
+    monkeypatch.setenv("KDISTILL_CACHE", str(kdistill_cache_dir))
+
+
+@pytest.fixture(scope="session")
+def digits() -> DataSplits:
+    """scikit-learn's digits (shipped with the package, no download), split 75/25."""
+    return load_dataset("digits")
+
+
+def subset(data: ArrayDataset, count: int, labeled: int | None = None,
+           seed: int = 0) -> ArrayDataset:
+    """The first ``count`` samples of ``data``; with ``labeled``, all but that many labels
+    hidden (``-100``)."""
+    inputs, labels = data.inputs[:count].clone(), data.labels[:count].clone()
+    if labeled is not None:
+        labels = keep_labels(labels, labeled, seed)
+    return ArrayDataset(inputs, labels)
+
+
+@pytest.fixture
+def digits_subset(digits: DataSplits) -> Callable[..., ArrayDataset]:
+    """``digits_subset(count, labeled=None)``: the first ``count`` training digits."""
+
+    def make(count: int, labeled: int | None = None, seed: int = 0) -> ArrayDataset:
+        return subset(digits.train, count, labeled, seed)
+
+    return make
+
+
+@pytest.fixture
+def make_mlp() -> Callable[..., nn.Module]:
+    """``make_mlp(seed=0, hidden=(16,), dropout=0.0)``: a digits MLP initialised from ``seed``."""
+
+    def make(seed: int = 0, hidden: tuple[int, ...] = (16,), dropout: float = 0.0) -> nn.Module:
+        torch.manual_seed(seed)
+        return build_model("mlp", DIGITS_SHAPE, NUM_CLASSES, hidden=list(hidden),
+                           dropout=dropout)
+
+    return make
+
+
+@pytest.fixture
+def make_cnn() -> Callable[..., nn.Module]:
+    """``make_cnn(seed=0)``: a tiny digits CNN (with BatchNorm buffers) from ``seed``."""
+
+    def make(seed: int = 0) -> nn.Module:
+        torch.manual_seed(seed)
+        return build_model("cnn", DIGITS_SHAPE, NUM_CLASSES, size="tiny")
+
+    return make
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of every parameter and buffer of ``model``."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def max_difference(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
+    """The largest absolute difference between two state dicts with the same keys."""
+    assert set(a) == set(b), f"different tensors: {sorted(set(a) ^ set(b))}"
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+@pytest.fixture
+def weights_diff() -> Callable[[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]], float]:
+    """``weights_diff(state_a, state_b)``: the largest absolute difference of two state dicts."""
+    return max_difference
+
+
+@pytest.fixture
+def take_snapshot() -> Callable[[nn.Module], dict[str, torch.Tensor]]:
+    """``take_snapshot(model)``: a detached copy of its parameters and buffers."""
+    return snapshot

@@ -1,0 +1,307 @@
+"""Exact resume: a run stopped after a checkpoint and resumed on fresh objects ends with the
+same weights, history and metrics log as a run that never stopped."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from kdistill import Distiller
+from kdistill.checkpoint import latest_checkpoint, load_checkpoint
+from kdistill.metrics_log import read_metrics
+from kdistill.recipes import build_recipe
+
+
+class Killed(RuntimeError):
+    """Stands for the process dying."""
+
+
+def kill_after(phase: int, epoch: int) -> Callable[[dict[str, Any]], None]:
+    """A callback that dies after the end-of-epoch record of ``epoch`` (1-based) in ``phase``.
+
+    Callbacks run after the epoch's checkpoint is written, like a kill right after it."""
+
+    def callback(record: dict[str, Any]) -> None:
+        if record["phase"] == phase and record["epoch"] == epoch:
+            raise Killed(f"phase {phase} epoch {epoch}")
+
+    return callback
+
+
+def kill_on_forward(model: nn.Module, count: int) -> None:
+    """Make the ``count``-th training forward of ``model`` die (a kill in the middle of a step)."""
+    seen = [0]
+
+    def hook(_module: nn.Module, _inputs: object) -> None:
+        if torch.is_grad_enabled():
+            seen[0] += 1
+            if seen[0] == count:
+                raise Killed(f"forward {count}")
+
+    model.register_forward_pre_hook(hook)
+
+
+def assert_same_state(a: nn.Module, b: nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert set(sa) == set(sb)
+    different = [k for k in sa if not torch.equal(sa[k], sb[k])]
+    assert different == [], f"tensors differ after resume: {different}"
+
+
+def assert_log_matches(resumed: Path, uninterrupted: Path) -> None:
+    """The resumed run's metrics.jsonl has no duplicated step and equals the other run's."""
+    records = read_metrics(resumed / "metrics.jsonl")
+    steps = [r["step"] for r in records if r["kind"] == "train"]
+    assert steps == sorted(set(steps)) and steps == list(range(1, len(steps) + 1))
+    evals = [(r["phase"], r["epoch"]) for r in records if r["kind"] == "eval"]
+    assert len(evals) == len(set(evals))
+    assert records == read_metrics(uninterrupted / "metrics.jsonl")
+
+
+@pytest.fixture
+def data(digits_subset):
+    return digits_subset(96, labeled=30)
+
+
+@pytest.fixture
+def eval_data(digits):
+    from kdistill.data.base import ArrayDataset
+
+    return ArrayDataset(digits.test.inputs[:64], digits.test.labels[:64])
+
+
+def hinton_run(student: nn.Module, teacher: nn.Module, run_dir: Path,
+               **overrides: Any) -> Distiller:
+    settings = {"epochs": 3, "batch_size": 16, "scheduler": {"name": "cosine",
+                                                             "warmup_steps": 2},
+                "optimizer": {"name": "adamw", "lr": 0.01, "weight_decay": 0.01},
+                "progress": False, **overrides}
+    return Distiller(student, teacher, build_recipe("hinton"), run_dir=run_dir, **settings)
+
+
+def test_resume_after_an_epoch_is_exact(tmp_path, data, eval_data, make_mlp):
+    teacher = make_mlp(seed=1, hidden=(32,))
+    full = make_mlp(seed=0, hidden=(32,), dropout=0.3)  # dropout: the RNG state matters
+    expected = hinton_run(full, teacher, tmp_path / "full").fit(data, eval_data)
+
+    stopped = make_mlp(seed=0, hidden=(32,), dropout=0.3)
+    with pytest.raises(Killed):
+        hinton_run(stopped, teacher, tmp_path / "run").fit(data, eval_data,
+                                                          callbacks=[kill_after(0, 1)])
+    assert load_checkpoint(latest_checkpoint(tmp_path / "run")).trainer["epoch"] == 1
+    torch.manual_seed(12345)  # whatever the global RNG holds now must not matter
+
+    fresh = make_mlp(seed=7, hidden=(32,), dropout=0.3)  # other weights: all come from disk
+    resumed = hinton_run(fresh, teacher, tmp_path / "run").fit(data, eval_data, resume=True)
+    assert_same_state(fresh, full)
+    assert resumed.history == expected.history
+    assert [r["epoch"] for r in resumed.evaluations()] == [1, 2, 3]
+    assert_log_matches(tmp_path / "run", tmp_path / "full")
+    saved = load_file(str(tmp_path / "run" / "student.safetensors"))
+    assert all(torch.equal(saved[k], v) for k, v in full.state_dict().items())
+
+
+def test_resume_would_differ_without_the_saved_random_state(tmp_path, data, make_mlp,
+                                                            monkeypatch):
+    # The control for the test above: with RNG restoring disabled, dropout masks differ.
+    import kdistill.engine as engine
+
+    teacher = make_mlp(seed=1, hidden=(32,))
+    full = make_mlp(seed=0, hidden=(32,), dropout=0.3)
+    hinton_run(full, teacher, tmp_path / "full", epochs=2).fit(data)
+    with pytest.raises(Killed):
+        hinton_run(make_mlp(seed=0, hidden=(32,), dropout=0.3), teacher, tmp_path / "run",
+                   epochs=2).fit(data, callbacks=[kill_after(0, 1)])
+    monkeypatch.setattr(engine, "restore_rng", lambda *args: None)
+    fresh = make_mlp(seed=0, hidden=(32,), dropout=0.3)
+    hinton_run(fresh, teacher, tmp_path / "run", epochs=2).fit(data, resume=True)
+    assert any(not torch.equal(a, b) for a, b in
+               zip(fresh.state_dict().values(), full.state_dict().values(), strict=True))
+
+
+@pytest.mark.parametrize(("phase", "epoch"), [(0, 1), (0, 2), (1, 1)])
+def test_multi_phase_resume_is_exact(tmp_path, data, make_mlp, phase, epoch):
+    # fitnets with 4 epochs: 2 hint epochs (phase 0, with a linear adapter), then 2 KD epochs.
+    teacher = make_mlp(seed=1, hidden=(32,))
+
+    def run(student: nn.Module, run_dir: Path) -> Distiller:
+        recipe = build_recipe("fitnets", hint_epochs=2)
+        return Distiller(student, teacher, recipe, epochs=4, batch_size=32, run_dir=run_dir,
+                         progress=False, scheduler={"name": "linear"})
+
+    full = make_mlp(seed=0, hidden=(16,), dropout=0.2)
+    expected = run(full, tmp_path / "full").fit(data)
+    with pytest.raises(Killed):
+        run(make_mlp(seed=0, hidden=(16,), dropout=0.2), tmp_path / "run").fit(
+            data, callbacks=[kill_after(phase, epoch)])
+    fresh = make_mlp(seed=3, hidden=(16,), dropout=0.2)
+    resumed = run(fresh, tmp_path / "run").fit(data, resume=True)
+    assert_same_state(fresh, full)
+    assert_same_state(resumed.phases[0].recipe, expected.phases[0].recipe)  # the hint adapter
+    assert resumed.history == expected.history
+    assert [r["phase"] for r in resumed.history if r["kind"] == "train"] == [0] * 6 + [1] * 6
+    assert_log_matches(tmp_path / "run", tmp_path / "full")
+
+
+def test_resume_from_a_checkpoint_inside_an_epoch(tmp_path, data, make_mlp):
+    # 96 samples, micro-batches of 8, accumulation 2: 6 steps per epoch, 2 forwards per step.
+    # Checkpoints every 4 steps; the run dies in step 6's first forward, so the newest
+    # checkpoint is step 4, two thirds into the first epoch.
+    teacher = make_mlp(seed=1, hidden=(32,))
+    settings = {"epochs": 2, "batch_size": 8, "accumulation": 2, "checkpoint_every": 4}
+    full = make_mlp(seed=0, hidden=(32,), dropout=0.3)
+    expected = hinton_run(full, teacher, tmp_path / "full", **settings).fit(data)
+
+    stopped = make_mlp(seed=0, hidden=(32,), dropout=0.3)
+    kill_on_forward(stopped, 11)
+    with pytest.raises(Killed):
+        hinton_run(stopped, teacher, tmp_path / "run", **settings).fit(data)
+    position = load_checkpoint(latest_checkpoint(tmp_path / "run")).trainer
+    assert (position["global_step"], position["epoch"], position["batch"]) == (4, 0, 4)
+    logged = [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")]
+    assert logged == [1, 2, 3, 4, 5]  # step 5 was logged after the checkpoint
+
+    fresh = make_mlp(seed=5, hidden=(32,), dropout=0.3)
+    resumed = hinton_run(fresh, teacher, tmp_path / "run", **settings).fit(data, resume=True)
+    assert_same_state(fresh, full)
+    assert resumed.history == expected.history
+    assert_log_matches(tmp_path / "run", tmp_path / "full")
+
+
+def test_ema_teacher_state_is_resumed(tmp_path, data, make_mlp):
+    from kdistill.teachers import EMATeacher
+
+    def run(student: nn.Module, run_dir: Path) -> tuple[Distiller, EMATeacher]:
+        ema = EMATeacher(student, momentum=0.9)
+        return Distiller(student, ema, "hinton", epochs=2, batch_size=32, run_dir=run_dir,
+                         progress=False), ema
+
+    full = make_mlp(seed=0, dropout=0.2)
+    distiller, full_ema = run(full, tmp_path / "full")
+    distiller.fit(data)
+    stopped = make_mlp(seed=0, dropout=0.2)
+    distiller, _ = run(stopped, tmp_path / "run")
+    with pytest.raises(Killed):
+        distiller.fit(data, callbacks=[kill_after(0, 1)])
+    fresh = make_mlp(seed=9, dropout=0.2)  # the EMA copy must come from the checkpoint too
+    distiller, fresh_ema = run(fresh, tmp_path / "run")
+    distiller.fit(data, resume=True)
+    assert_same_state(fresh, full)
+    assert_same_state(fresh_ema.model, full_ema.model)
+
+
+def test_resume_errors(tmp_path, data, make_mlp):
+    with pytest.raises(ValueError, match="resume needs a run directory"):
+        Distiller(make_mlp(), make_mlp(seed=1), "hinton", epochs=1,
+                  progress=False).fit(data, resume=True)
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        Distiller(make_mlp(), make_mlp(seed=1), "hinton", epochs=1, run_dir=tmp_path,
+                  progress=False).fit(data, resume=True)
+
+
+def test_a_fresh_run_replaces_an_earlier_run_in_the_same_folder(tmp_path, data, make_mlp):
+    teacher = make_mlp(seed=1)
+    hinton_run(make_mlp(seed=0), teacher, tmp_path, epochs=3).fit(data)  # 18 steps
+    assert latest_checkpoint(tmp_path).name == "step-00000018"
+    with pytest.raises(Killed):
+        hinton_run(make_mlp(seed=0), teacher, tmp_path, epochs=2).fit(
+            data, callbacks=[kill_after(0, 1)])
+    # The second run's log and checkpoints only: resuming continues the second run.
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, 7))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*")) == \
+        ["step-00000006"]
+    resumed = hinton_run(make_mlp(seed=0), teacher, tmp_path, epochs=2).fit(data, resume=True)
+    assert [r["step"] for r in resumed.history if r["kind"] == "train"] == list(range(1, 13))
+
+
+# -- a real kill of the command-line program ----------------------------------------------------
+CONFIG = """\
+name: {name}
+output_dir: {output}
+data: {{name: digits, labeled: 200, seed: 0}}
+student: {{name: mlp, options: {{hidden: [32], dropout: 0.2}}}}
+teacher:
+  model: {{name: mlp, options: {{hidden: [64]}}}}
+  checkpoint: {teacher}
+recipe: {{name: hinton, temperature: 4.0, alpha: 0.9}}
+trainer:
+  epochs: 3
+  batch_size: 32
+  seed: 0
+  checkpoint_every: 4
+  progress: false
+  optimizer: {{name: adamw, lr: 0.01}}
+  scheduler: {{name: cosine, warmup_steps: 5}}
+evaluation: {{batch_size: 64, repeats: 1, threads: 1}}
+"""
+
+
+def kdistill_command(*args: str) -> list[str]:
+    return [sys.executable, "-c", "import sys; from kdistill.cli import main; sys.exit(main())",
+            *args]
+
+
+@pytest.mark.slow
+def test_resume_after_a_real_sigkill(tmp_path, digits):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "KDISTILL_CACHE": str(tmp_path / "cache")}
+    torch.manual_seed(0)
+    from kdistill.models import build_model
+
+    teacher = build_model("mlp", digits.input_shape, digits.num_classes, hidden=[64])
+    save_file(teacher.state_dict(), str(tmp_path / "teacher.safetensors"))
+    configs = {}
+    for name in ("full", "killed"):
+        configs[name] = tmp_path / f"{name}.yaml"
+        configs[name].write_text(CONFIG.format(name=name, output=tmp_path / "runs",
+                                               teacher=tmp_path / "teacher.safetensors"))
+
+    # The uninterrupted run goes alongside the one to be killed and then resumed.
+    logs = {name: (tmp_path / f"{name}.err").open("w") for name in ("full", "killed")}
+    full = subprocess.Popen(kdistill_command("run", str(configs["full"])), env=env,
+                            stdout=subprocess.DEVNULL, stderr=logs["full"])
+    process = subprocess.Popen(kdistill_command("run", str(configs["killed"])), env=env,
+                               stdout=subprocess.DEVNULL, stderr=logs["killed"])
+    run_dir = tmp_path / "runs" / "killed"
+    try:
+        deadline = time.monotonic() + 120
+        while latest_checkpoint(run_dir) is None and process.poll() is None:
+            assert time.monotonic() < deadline, "no checkpoint appeared within 120 s"
+            time.sleep(0.005)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+        if process.returncode != -signal.SIGKILL:
+            pytest.skip(f"the run ended before the kill (exit {process.returncode}): "
+                        f"{(tmp_path / 'killed.err').read_text()[-500:]}")
+        assert not (run_dir / "student.safetensors").exists()
+        killed_at = json.loads((latest_checkpoint(run_dir) / "state.json").read_text())
+        assert 4 <= killed_at["trainer"]["global_step"] < 3 * 43  # 43 steps per epoch
+
+        resumed = subprocess.run(kdistill_command("run", str(configs["killed"]), "--resume"),
+                                 env=env, capture_output=True, text=True, timeout=300)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        full.wait(timeout=300)
+        assert full.returncode == 0, (tmp_path / "full.err").read_text()[-3000:]
+    finally:
+        for child in (process, full):
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+        for handle in logs.values():
+            handle.close()
+    a = load_file(str(tmp_path / "runs" / "full" / "student.safetensors"))
+    b = load_file(str(run_dir / "student.safetensors"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert_log_matches(run_dir, tmp_path / "runs" / "full")
