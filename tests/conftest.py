@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -17,16 +17,23 @@ DIGITS_SHAPE = (1, 8, 8)
 NUM_CLASSES = 10
 
 
-@pytest.fixture(scope="session")
-def kdistill_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One teacher cache for the whole session, never the repository's ``.kdistill-cache``."""
-    return tmp_path_factory.mktemp("kdistill-cache")
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    """The test models are tiny: one thread is fastest and keeps a shared machine usable."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
-@pytest.fixture(autouse=True)
-def _isolated_teacher_cache(monkeypatch: pytest.MonkeyPatch, kdistill_cache_dir: Path) -> None:
-    """Point ``KDISTILL_CACHE`` at the session's temporary cache in every test."""
-    monkeypatch.setenv("KDISTILL_CACHE", str(kdistill_cache_dir))
+@pytest.fixture(scope="session", autouse=True)
+def kdistill_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One teacher cache for the whole session (``KDISTILL_CACHE``), set before any fixture of
+    any scope runs, never the repository's ``.kdistill-cache``."""
+    path = tmp_path_factory.mktemp("kdistill-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("KDISTILL_CACHE", str(path))
+        yield path
 
 
 @pytest.fixture(scope="session")

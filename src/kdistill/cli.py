@@ -18,6 +18,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--output", default="runs", help="folder for run outputs")
     demo.add_argument("--name", default="demo", help="run name (sub-folder of --output)")
+    demo.add_argument("--threads", type=int, default=1,
+                      help="torch CPU threads for training and latency (default 1)")
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     run = commands.add_parser("run", help="run a YAML config")
@@ -36,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _recipes() -> int:
+    from rich.cells import cell_len
     from rich.console import Console
     from rich.table import Table
 
@@ -48,8 +51,9 @@ def _recipes() -> int:
     for row in rows:
         table.add_row(*row)
     # Wide enough that no cell wraps (a paper's title stays on one line, also in a pipe).
-    widths = [max(len(r[i]) for r in [("name", "summary", "paper"), *rows]) for i in range(3)]
-    Console(width=max(80, sum(widths) + 10)).print(table)
+    widths = [max(cell_len(r[i]) for r in [("name", "summary", "paper"), *rows])
+              for i in range(3)]
+    Console(width=max(80, sum(widths) + 16)).print(table)
     return 0
 
 
@@ -60,7 +64,7 @@ def _demo(args: argparse.Namespace) -> int:
     from kdistill.report import results_table
 
     outcome = run_demo(DemoOptions(labeled=args.labeled, seed=args.seed, quick=args.quick,
-                                   output=args.output, name=args.name,
+                                   output=args.output, name=args.name, threads=args.threads,
                                    progress=not args.no_progress))
     console = Console(width=160)
     console.print(results_table(outcome.rows, title="teacher and students on the digits test set"))

@@ -25,13 +25,12 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 # Per example: extra overrides and the loss terms logged in each phase.
 CASES: dict[str, tuple[list[str], list[set[str]]]] = {
-    "ce": (["trainer.epochs=5"], [{"ce"}]),
+    "ce": (["trainer.epochs=10", "trainer.eval_every=1"], [{"ce"}]),
     "hinton": (["trainer.epochs=2"], [{"ce", "kd"}]),
     "dkd": (["trainer.epochs=2"], [{"ce", "tckd", "nckd"}]),
     "fitnets": (["trainer.epochs=2", "recipe.hint_epochs=1"], [{"hint"}, {"ce", "kd"}]),
     "composite": (["trainer.epochs=2"], [{"ce", "kd", "hint"}]),
-    "phases": (["phases.0.epochs=1", "phases.1.epochs=1"],
-               [{"hidden_mse"}, {"ce", "tckd", "nckd"}]),
+    "phases": (["phases.0.epochs=1", "phases.1.epochs=1"], [{"kd"}, {"ce", "kd"}]),
 }
 RECORD_KEYS = {"kind", "phase", "epoch", "step", "lr", "loss"}
 

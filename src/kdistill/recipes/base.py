@@ -124,7 +124,8 @@ def build_recipe(name: str, **params: Any) -> Recipe:
     return get_recipe(name)(**params)
 
 
-def labels_or_teacher_argmax(batch: Mapping[str, Any], teacher_logits: torch.Tensor) -> torch.Tensor:
+def labels_or_teacher_argmax(batch: Mapping[str, Any],
+                             teacher_logits: torch.Tensor) -> torch.Tensor:
     """The batch's labels where known; the teacher's top-1 class where the label is hidden."""
     labels = batch.get("labels")
     guess = teacher_logits.argmax(dim=-1)
