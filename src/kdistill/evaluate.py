@@ -8,6 +8,7 @@ interleaved rounds so that they are compared under the same machine conditions.
 
 from __future__ import annotations
 
+import math
 import statistics
 import tempfile
 import time
@@ -294,11 +295,24 @@ def size_on_disk(model: nn.Module) -> int:
 # --------------------------------------------------------------------------- latency
 
 
-def _time_forward_ms(model: nn.Module, batch: Mapping[str, Any], device: torch.device) -> float:
+MIN_SAMPLE_MS = 5.0
+
+
+def _time_forward_ms(model: nn.Module, batch: Mapping[str, Any], device: torch.device,
+                     loops: int = 1) -> float:
+    """Mean time of one forward pass over ``loops`` back-to-back passes."""
     start = time.perf_counter()
-    run_model(model, batch)
+    for _ in range(loops):
+        run_model(model, batch)
     _synchronize(device)
-    return (time.perf_counter() - start) * 1000.0
+    return (time.perf_counter() - start) * 1000.0 / loops
+
+
+def _loops_for(model: nn.Module, batch: Mapping[str, Any], device: torch.device) -> int:
+    """Passes per timing sample so that one sample lasts at least ``MIN_SAMPLE_MS``: a forward
+    of a few microseconds is otherwise below the timer's and the scheduler's noise."""
+    once = max(_time_forward_ms(model, batch, device), 1e-3)
+    return max(1, math.ceil(MIN_SAMPLE_MS / once))
 
 
 def _interleaved_latency(models: Mapping[str, nn.Module], batch: Mapping[str, Any], *,
@@ -308,8 +322,9 @@ def _interleaved_latency(models: Mapping[str, nn.Module], batch: Mapping[str, An
     Every round times each model once, starting one model later than the previous round
     (round r runs models r, r+1, ... cyclically), so slow drifts in machine load and any effect
     of running right after a particular model fall on all models alike. Each model runs
-    ``warmup`` untimed rounds first. Batch tensors are moved to each model's device beforehand
-    so that copies are not timed.
+    ``warmup`` untimed rounds first, then is calibrated: one timing sample is the mean of as many
+    back-to-back passes as fill ``MIN_SAMPLE_MS`` (like ``timeit``'s autorange). Batch tensors
+    are moved to each model's device beforehand so that copies are not timed.
     """
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
@@ -322,12 +337,15 @@ def _interleaved_latency(models: Mapping[str, nn.Module], batch: Mapping[str, An
         for model in models.values():
             stack.enter_context(_eval_mode(model))
         stack.enter_context(torch.inference_mode())
-        for round_index in range(warmup + repeats):
+        for _ in range(warmup):
+            for name in names:
+                _time_forward_ms(models[name], batches[name], devices[name])
+        loops = {name: _loops_for(models[name], batches[name], devices[name]) for name in names}
+        for round_index in range(repeats):
             shift = round_index % len(names)
             for name in names[shift:] + names[:shift]:
-                elapsed = _time_forward_ms(models[name], batches[name], devices[name])
-                if round_index >= warmup:
-                    times[name].append(elapsed)
+                times[name].append(_time_forward_ms(models[name], batches[name],
+                                                    devices[name], loops[name]))
     size = _batch_size(batch)
     return {name: _latency(times[name], size, threads) for name in names}
 

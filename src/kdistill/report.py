@@ -174,11 +174,18 @@ def _learning_curve(history: Sequence[Mapping[str, Any]]) -> tuple[list[float], 
     return epochs, [float(entry["eval_accuracy"]) for entry in evaluations]
 
 
-def _plot_histories(axes: Axes, histories: Mapping[str, Sequence[Mapping[str, Any]]]) -> None:
+def _colours(names: Sequence[str]) -> dict[str, str]:
+    """One colour per run name, the same in both panels."""
+    cycle = ["C0", "C1", "C2", "C3", "C4", "C5", "C6", "C7", "C8", "C9"]
+    return {name: cycle[i % len(cycle)] for i, name in enumerate(dict.fromkeys(names))}
+
+
+def _plot_histories(axes: Axes, histories: Mapping[str, Sequence[Mapping[str, Any]]],
+                    colours: Mapping[str, str]) -> None:
     curves = {name: _learning_curve(history) for name, history in histories.items()}
     curves = {name: curve for name, curve in curves.items() if curve[0]}
     for name, (epochs, accuracy) in curves.items():
-        axes.plot(epochs, accuracy, marker="o", label=name)
+        axes.plot(epochs, accuracy, marker="o", markersize=3, label=name, color=colours[name])
     if curves:
         axes.legend()
     else:
@@ -189,13 +196,15 @@ def _plot_histories(axes: Axes, histories: Mapping[str, Sequence[Mapping[str, An
     axes.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
 
 
-def _plot_tradeoff(axes: Axes, rows: Sequence[Row]) -> None:
+def _plot_tradeoff(axes: Axes, rows: Sequence[Row], colours: Mapping[str, str]) -> None:
     points = [row for row in rows
               if row.get("speedup") is not None and row.get("accuracy") is not None]
-    for row in points:
-        axes.scatter(row["speedup"], row["accuracy"])
-        axes.annotate(str(row.get("name", "")), (row["speedup"], row["accuracy"]),
-                      textcoords="offset points", xytext=(5, 5))
+    for i, row in enumerate(points):
+        name = str(row.get("name", ""))
+        axes.scatter(row["speedup"], row["accuracy"], color=colours[name])
+        # Alternate label offsets so that points close together keep readable labels.
+        axes.annotate(name, (row["speedup"], row["accuracy"]), textcoords="offset points",
+                      xytext=(6, 6 if i % 2 == 0 else -12), color=colours[name])
     axes.axvline(1.0, color="grey", linestyle=":", linewidth=1)
     axes.margins(0.15)  # room for the labels of the outermost points
     axes.set(title="Accuracy against speed-up", xlabel="speed-up over reference (×)",
@@ -207,15 +216,16 @@ def plot_comparison(histories: Mapping[str, Sequence[Mapping[str, Any]]],
                     rows: Sequence[Row], path: str | os.PathLike[str]) -> Path:
     """Save a two-panel PNG: learning curves (left), accuracy against speed-up (right).
 
-    Left: ``eval_accuracy`` per ``epoch`` for each run in ``histories``. Right: one labelled
-    point per row at (``speedup``, ``accuracy``). The figure is drawn on matplotlib's Agg
+    Left: ``eval_accuracy`` per optimizer ``step`` for each run in ``histories``. Right: one
+    labelled point per row at (``speedup``, ``accuracy``). The figure is drawn on matplotlib's Agg
     canvas without pyplot, so no window opens and the global backend is untouched.
     """
     figure = Figure(figsize=(11, 4.5), layout="constrained")
     FigureCanvasAgg(figure)
     left, right = figure.subplots(1, 2)
-    _plot_histories(left, histories)
-    _plot_tradeoff(right, rows)
+    colours = _colours([str(row.get("name", "")) for row in rows] + list(histories))
+    _plot_histories(left, histories, colours)
+    _plot_tradeoff(right, rows, colours)
     return _write_atomically(Path(path), lambda handle: figure.savefig(handle, format="png",
                                                                        dpi=120))
 
