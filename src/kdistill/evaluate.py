@@ -91,7 +91,7 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
 
 
 @contextmanager
-def _num_threads(threads: int) -> Iterator[None]:
+def num_threads(threads: int) -> Iterator[None]:
     """Run with ``torch.set_num_threads(threads)``, restoring the previous value afterwards."""
     if threads < 1:
         raise ValueError(f"threads must be at least 1, got {threads}")
@@ -333,7 +333,7 @@ def _interleaved_latency(models: Mapping[str, nn.Module], batch: Mapping[str, An
     batches = {name: _to_device(batch, devices[name]) for name in names}
     times: dict[str, list[float]] = {name: [] for name in names}
     with ExitStack() as stack:
-        stack.enter_context(_num_threads(threads))
+        stack.enter_context(num_threads(threads))
         for model in models.values():
             stack.enter_context(_eval_mode(model))
         stack.enter_context(torch.inference_mode())

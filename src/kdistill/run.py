@@ -3,11 +3,11 @@ phases, training, the final teacher-vs-student comparison and the report."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -173,18 +173,11 @@ class RunOutcome:
     report: Path
 
 
-@contextmanager
-def cpu_threads(count: int | None) -> Iterator[None]:
+def cpu_threads(count: int | None) -> contextlib.AbstractContextManager[None]:
     """Use ``count`` torch CPU threads inside the block (``None``: leave them as they are)."""
-    if count is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    from kdistill.evaluate import num_threads
+
+    return contextlib.nullcontext() if count is None else num_threads(count)
 
 
 def run(config: RunConfig, *, resume: bool = False) -> RunOutcome:
