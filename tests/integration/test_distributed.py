@@ -37,15 +37,28 @@ def train_records(path: Path) -> tuple[int, list[dict]]:
     return content["world"], [r for r in content["history"] if r["kind"] == "train"]
 
 
+def launcher(name: str) -> list[str] | None:
+    """The command that starts two CPU processes: ``torchrun`` or ``accelerate launch`` (which
+    needs ``--multi_gpu`` to start several processes on a machine without a GPU)."""
+    if name == "torchrun":
+        path = torchrun_path()
+        return [path, "--standalone", "--nproc_per_node=2"] if path else None
+    beside = Path(sys.executable).with_name("accelerate")
+    path = str(beside) if beside.is_file() else shutil.which("accelerate")
+    return [path, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no"] if path else None
+
+
 @pytest.mark.slow
-def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
-    torchrun = torchrun_path()
-    if torchrun is None:
-        pytest.skip("torchrun is not installed")
+@pytest.mark.parametrize("launch", ["torchrun", "accelerate"])
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, launch):
+    command = launcher(launch)
+    if command is None:
+        pytest.skip(f"{launch} is not installed")
     single = subprocess.Popen([sys.executable, str(WORKER), "--out", str(tmp_path / "one"),
                                "--batch-size", "64"], env=worker_env(),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    pair = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", str(WORKER),
+    pair = subprocess.run([*command, str(WORKER),
                            "--out", str(tmp_path / "two"), "--batch-size", "32"],
                           env=worker_env(), capture_output=True, text=True, timeout=300)
     single_output, _ = single.communicate(timeout=300)
@@ -53,8 +66,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     if pair.returncode != 0:
         output = pair.stdout + pair.stderr
         if any(text in output for text in LAUNCH_FAILURES):
-            pytest.skip(f"torchrun could not start two processes: {output[-1000:]}")
-        pytest.fail(f"torchrun failed ({pair.returncode}):\n{output[-4000:]}")
+            pytest.skip(f"{launch} could not start two processes: {output[-1000:]}")
+        pytest.fail(f"{launch} failed ({pair.returncode}):\n{output[-4000:]}")
 
     # (a) Both processes hold the same parameters (DDP all-reduces identical gradients).
     rank0 = load_file(str(tmp_path / "two" / "weights-0.safetensors"))
