@@ -85,6 +85,8 @@ def _run(args: argparse.Namespace) -> int:
     from kdistill.run import run
 
     outcome = run(config, resume=args.resume)
+    if outcome.report is None:  # another process of a multi-process run reports
+        return 0
     console = Console(width=160)
     console.print(results_table(outcome.rows, title=config.name))
     console.print(f"report: {outcome.report}")

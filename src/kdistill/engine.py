@@ -483,6 +483,7 @@ class _Run:
         """Every ``eval_every`` epochs and at the end of the phase: evaluate, log, checkpoint."""
         if (epoch + 1) % self.s.eval_every and epoch + 1 != phase.epochs:
             return
+        self.sync_buffers()
         record: dict[str, Any] = {"kind": "eval", "phase": index, "phase_name": phase.name,
                                   "epoch": epoch + 1, "step": self.global_step}
         if self.eval_data is not None or self.d.evaluator is not None:
@@ -493,6 +494,17 @@ class _Run:
         self.checkpoint({"phase": index, "epoch": epoch + 1, "batch": 0}, optimizer, scheduler)
         for callback in self.callbacks:
             callback(record)
+
+    def sync_buffers(self) -> None:
+        """Copy the main process's student buffers to every process.
+
+        DDP broadcasts buffers at the start of each forward, so after the last step each
+        process's BatchNorm statistics hold its own micro-batch: without this, replicas would
+        evaluate, checkpoint and end differently.
+        """
+        if self.world > 1:
+            for buffer in self.d.student.buffers():
+                torch.distributed.broadcast(buffer.data, src=0)
 
     def close(self) -> None:
         self.progress.stop()

@@ -170,7 +170,7 @@ class RunOutcome:
 
     fit: FitResult
     rows: list[dict[str, Any]]
-    report: Path
+    report: Path | None  # None on the other processes of a multi-process run
 
 
 def cpu_threads(count: int | None) -> contextlib.AbstractContextManager[None]:
@@ -178,6 +178,13 @@ def cpu_threads(count: int | None) -> contextlib.AbstractContextManager[None]:
     from kdistill.evaluate import num_threads
 
     return contextlib.nullcontext() if count is None else num_threads(count)
+
+
+def is_main_process() -> bool:
+    """True unless this is a non-zero rank of a multi-process (torchrun/accelerate) run."""
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
 
 
 def run(config: RunConfig, *, resume: bool = False) -> RunOutcome:
@@ -210,6 +217,8 @@ def _run(config: RunConfig, resume: bool) -> RunOutcome:
                 check_taps(teacher, phase.recipe.teacher_taps(), where, phase.name or "")
     result = Distiller(student, teacher, phases=phases, trainer=config.trainer,
                        run_dir=run_dir).fit(data.train, data.test, resume=resume)
+    if not is_main_process():
+        return RunOutcome(result, [], None)
     batches = eval_batches(data.test, config.evaluation.batch_size)
     models = {"teacher": teacher, "student": student} if teacher is not None else \
         {"student": student}

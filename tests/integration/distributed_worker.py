@@ -48,9 +48,18 @@ def main() -> None:
                        cpu=True, progress=False, seed=0,
                        optimizer={"name": "sgd", "lr": 0.2, "momentum": 0.9}).fit(train)
 
+    # A model with BatchNorm: each process's running statistics see only its own micro-batches,
+    # so the engine must hand the main process's buffers to every replica.
+    torch.manual_seed(2)
+    with_batch_norm = build_model("cnn", digits.input_shape, digits.num_classes, size="tiny")
+    Distiller(with_batch_norm, None, "ce", epochs=1, batch_size=args.batch_size, cpu=True,
+              progress=False, seed=0).fit(train)
+
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     args.out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in with_batch_norm.state_dict().items()},
+              str(args.out / f"batchnorm-{rank}.safetensors"))
     save_file({k: v.contiguous() for k, v in student.state_dict().items()},
               str(args.out / f"weights-{rank}.safetensors"))
     (args.out / f"history-{rank}.json").write_text(json.dumps(

@@ -75,6 +75,12 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, la
     assert set(rank0) == set(rank1)
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
 
+    # BatchNorm statistics (buffers) are identical too, not only the parameters.
+    bn0 = load_file(str(tmp_path / "two" / "batchnorm-0.safetensors"))
+    bn1 = load_file(str(tmp_path / "two" / "batchnorm-1.safetensors"))
+    assert any("running_mean" in k for k in bn0)
+    assert all(torch.equal(bn0[k], bn1[k]) for k in bn0)
+
     # (b) The per-step losses: 2 x 32 per process reproduces 1 x 64, term by term.
     world_two, two = train_records(tmp_path / "two" / "history-0.json")
     world_one, one = train_records(tmp_path / "one" / "history-0.json")
