@@ -21,6 +21,7 @@ from kdistill.data import DataSplits, keep_labels, load_dataset
 from kdistill.engine import Distiller, FitResult, Phase
 from kdistill.models import build_model
 from kdistill.recipes import build_recipe
+from kdistill.teachers import FrozenTeacher
 
 CACHE_ENV = "KDISTILL_CACHE"
 
@@ -215,7 +216,8 @@ def _run(config: RunConfig, resume: bool) -> RunOutcome:
         for phase, where in zip(phases, sections, strict=True):
             if phase.recipe.uses_teacher:
                 check_taps(teacher, phase.recipe.teacher_taps(), where, phase.name or "")
-    result = Distiller(student, teacher, phases=phases, trainer=config.trainer,
+    source = FrozenTeacher(teacher, config.teacher.precision) if teacher is not None else None
+    result = Distiller(student, source, phases=phases, trainer=config.trainer,
                        run_dir=run_dir).fit(data.train, data.test, resume=resume)
     if not is_main_process():
         return RunOutcome(result, [], None)

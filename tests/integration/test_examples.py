@@ -182,3 +182,22 @@ def test_run_on_an_npz_file(tmp_path: Path) -> None:
     assert len(outcome.fit.history) > 2
     saved = yaml.safe_load((Path(config.output_dir) / "npz-run" / "config.json").read_text())
     assert saved["data"]["path"] == str(path)
+
+
+def test_teacher_precision_reaches_the_teacher_source(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import kdistill.run
+
+    used: list[str] = []
+
+    class RecordingTeacher(kdistill.run.FrozenTeacher):
+        def __init__(self, model: Any, precision: Any = "fp32") -> None:
+            used.append(precision)
+            super().__init__(model, precision)
+
+    monkeypatch.setattr(kdistill.run, "FrozenTeacher", RecordingTeacher)
+    config = reduced("hinton", tmp_path)
+    config.teacher.precision = "bf16"
+    outcome = run(config)
+    assert used == ["bf16"]
+    assert all(np.isfinite(r["kd"]) for r in outcome.fit.history if r["kind"] == "train")
