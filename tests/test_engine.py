@@ -312,3 +312,29 @@ def test_a_gradient_scaler_is_unscaled_before_clipping_and_the_update(
     assert weights_diff(take_snapshot(plain), take_snapshot(scaled)) < 1e-6
     saved = load_checkpoint(latest_checkpoint(tmp_path)).trainer["scaler"]
     assert saved["scale"] == 2.0 ** 10
+
+
+def test_a_batch_the_student_cannot_take_is_a_clear_error() -> None:
+    from kdistill.data.base import ArrayDataset
+    from kdistill.errors import ModelCallError
+    from kdistill.models import build_model
+
+    data = ArrayDataset(torch.randn(16, 32), torch.arange(16) % 4)
+    student = build_model("mlp", (64,), 4, size="tiny")  # expects 64 features, gets 32
+    with pytest.raises(ModelCallError) as caught:
+        Distiller(student, None, "ce", epochs=1, batch_size=8, progress=False).fit(data)
+    message = str(caught.value)
+    assert "the student cannot run on a training batch" in message
+    assert "input [8, 32] float32" in message
+
+
+def test_a_teacher_that_cannot_take_the_batch_is_named() -> None:
+    from kdistill.data.base import ArrayDataset
+    from kdistill.errors import ModelCallError
+    from kdistill.models import build_model
+
+    data = ArrayDataset(torch.randn(16, 64), torch.arange(16) % 4)
+    student = build_model("mlp", (64,), 4, size="tiny")
+    teacher = build_model("mlp", (10,), 4, size="tiny")
+    with pytest.raises(ModelCallError, match="the teacher cannot run"):
+        Distiller(student, teacher, "hinton", epochs=1, batch_size=8, progress=False).fit(data)

@@ -96,7 +96,7 @@ def _run(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``kdistill`` console script."""
     args = _parser().parse_args(argv)
-    from kdistill.config import ConfigError
+    from kdistill.errors import KdistillError
 
     try:
         if args.command == "recipes":
@@ -104,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             return _demo(args)
         return _run(args)
-    except (ConfigError, FileNotFoundError) as error:
+    except (KdistillError, FileNotFoundError) as error:
         print(f"kdistill: error: {error}", file=sys.stderr)
         return 2
 

@@ -18,10 +18,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
+from kdistill.errors import KdistillError
 from kdistill.settings import OptimizerSettings, SchedulerSettings, Strict, TrainerSettings
 
 
-class ConfigError(ValueError):
+class ConfigError(KdistillError):
     """A configuration that cannot run; the message names each bad field."""
 
 

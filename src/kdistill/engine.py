@@ -48,6 +48,7 @@ from kdistill.checkpoint import (
     save_checkpoint,
 )
 from kdistill.data.base import IndexedDataset, collate, labeled_indices
+from kdistill.errors import KdistillError, ModelCallError, describe_batch
 from kdistill.metrics_log import MetricsLog
 from kdistill.progress import TrainingProgress
 from kdistill.recipes.base import Recipe, build_recipe
@@ -115,6 +116,19 @@ class TrainingModule(nn.Module):
         if total is None:  # nothing to learn from in this micro-batch: keep the graph valid
             total = sum(p.sum() * 0 for p in self.parameters() if p.requires_grad)
         return total, reported
+
+
+def call_model(role: str, forward: Callable[[Mapping[str, Any]], Taps],
+               batch: Mapping[str, Any]) -> Taps:
+    """Run the first forward of a phase; a failure inside the model (a shape or dtype that does
+    not fit) becomes a :class:`ModelCallError` naming the model and the batch's shapes."""
+    try:
+        return forward(batch)
+    except KdistillError:
+        raise
+    except (RuntimeError, TypeError, KeyError, IndexError, ValueError) as error:
+        raise ModelCallError(f"the {role} cannot run on a training batch ({describe_batch(batch)})"
+                             f": {type(error).__name__}: {error}") from error
 
 
 def _as_dataset(data: Dataset | DataLoader) -> tuple[Dataset, Callable, int | None]:
@@ -257,8 +271,9 @@ class _Run:
         self.d.student.eval()
         try:
             with torch.no_grad():
-                teacher = self.d.teacher(first) if phase.recipe.uses_teacher else None
-                phase.recipe.build(reader(first), teacher)
+                teacher = call_model("teacher", self.d.teacher, first) \
+                    if phase.recipe.uses_teacher else None
+                phase.recipe.build(call_model("student", reader, first), teacher)
         finally:
             for module, mode in modes:
                 module.training = mode

@@ -29,12 +29,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from kdistill.errors import KdistillError
+
 OUTPUT_TAP_PATTERN = re.compile(r"^(logits|embeddings|pooled|hidden\.-?\d+|attention\.-?\d+)$")
 MODULE_PREFIX = "module:"
 HF_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
 
-class TapError(ValueError):
+class TapError(KdistillError):
     """A tap name that is malformed or that the model cannot provide."""
 
 
