@@ -45,7 +45,7 @@ def test_registry_holds_every_loss_under_its_function_name() -> None:
         assert key == spec.name or ALIASES[key] == spec.name
         assert getattr(L, spec.name) is spec.fn
         assert spec.inputs in ("none", "labels", "mask")
-        assert spec.unit in ("examples", "tokens", "labeled")
+        assert spec.unit in ("examples", "tokens", "token_pairs", "labeled")
         assert spec.summary
     assert LOSSES["ce"] is LOSSES["cross_entropy"]
     assert not LOSSES["ce"].uses_teacher and LOSSES["ce"].unit == "labeled"

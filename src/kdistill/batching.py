@@ -36,14 +36,19 @@ def process_micro_batches(global_batch: Sequence[int], processes: int, rank: int
 
 
 def unit_counts(batch: Mapping[str, Any]) -> dict[str, float]:
-    """How many examples, labelled examples and valid tokens a batch holds."""
+    """How many examples, labelled examples, valid tokens and valid (query, key) token pairs
+    a batch holds (without a mask every sample counts as one token)."""
     first = next(v for v in batch.values() if isinstance(v, torch.Tensor))
     examples = float(len(batch["index"]) if "index" in batch else len(first))
     labels = batch.get("labels")
     labeled = float((labels != UNLABELED).sum()) if isinstance(labels, torch.Tensor) else 0.0
     mask = batch.get("token_mask", batch.get("attention_mask"))
-    tokens = float(mask.sum()) if isinstance(mask, torch.Tensor) else examples
-    return {"examples": examples, "labeled": labeled, "tokens": tokens}
+    if isinstance(mask, torch.Tensor):
+        valid = mask.reshape(mask.shape[0], -1).sum(dim=1).double()
+        tokens, pairs = float(valid.sum()), float((valid**2).sum())
+    else:
+        tokens = pairs = examples
+    return {"examples": examples, "labeled": labeled, "tokens": tokens, "token_pairs": pairs}
 
 
 def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:

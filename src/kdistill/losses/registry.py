@@ -37,7 +37,7 @@ __all__ = [
 ]
 
 Inputs = Literal["none", "labels", "mask"]
-Unit = Literal["examples", "tokens", "labeled"]
+Unit = Literal["examples", "tokens", "token_pairs", "labeled"]
 
 # Arguments supplied at run time by the recipe/engine, never from a config.
 _RUNTIME_ARGS = frozenset({"mask", "normalizer"})
@@ -144,7 +144,7 @@ _SPECS = [
     ),
     _spec(hidden_mse, "mask", "tokens", "MSE between (projected) features"),
     _spec(cosine, "mask", "tokens", "1 - cosine similarity of feature vectors"),
-    _spec(attention_mse, "mask", "tokens", "MSE between attention maps (TinyBERT)"),
+    _spec(attention_mse, "mask", "token_pairs", "MSE between attention maps (TinyBERT)"),
     _spec(attention_transfer, "none", "examples", "attention transfer on conv feature maps"),
     _spec(rkd_distance, "none", "examples", "RKD: Huber on normalised pairwise distances"),
     _spec(rkd_angle, "none", "examples", "RKD: Huber on triplet angles"),

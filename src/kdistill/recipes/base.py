@@ -12,16 +12,15 @@ from __future__ import annotations
 import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from kdistill.losses.registry import Unit
 from kdistill.schedules import TrainState
 from kdistill.taps import Taps
-
-Unit = Literal["examples", "labeled", "tokens"]
 
 
 @dataclass
@@ -29,9 +28,11 @@ class Term:
     """One loss term of a micro-batch.
 
     ``value`` is the mean over the term's units in this micro-batch: ``examples`` (every
-    sample), ``labeled`` (samples with a known label) or ``tokens`` (valid tokens). The engine
-    rescales it by local count / global count so that gradient accumulation and several processes
-    give the gradient of the mean over the whole global batch.
+    sample), ``labeled`` (samples with a known label), ``tokens`` (valid tokens) or
+    ``token_pairs`` (valid (query, key) pairs of attention maps: the sum over samples of
+    n_valid^2). The engine rescales it by local count / global count so that gradient
+    accumulation and several processes give the gradient of the mean over the whole global
+    batch.
     """
 
     value: torch.Tensor
