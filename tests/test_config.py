@@ -295,26 +295,27 @@ def composite(*terms: dict[str, Any]) -> dict[str, Any]:
 def test_composite_with_unknown_loss() -> None:
     raw = composite({"loss": "ce"}, {"loss": "kdd"})
     (line,) = problem_lines(error_of(raw))
-    assert line.startswith("recipe.terms.1: unknown loss 'kdd'; did you mean 'kd'")
+    assert line.startswith("recipe.terms.1.loss: unknown loss 'kdd'; did you mean 'kd'")
 
 
 def test_composite_with_bad_loss_parameter() -> None:
     raw = composite({"loss": "kd", "params": {"temprature": 2.0}})
     (line,) = problem_lines(error_of(raw))
-    assert line.startswith("recipe.terms.0: loss 'kd' has no parameter(s) ['temprature']")
+    assert line.startswith("recipe.terms.0.params: loss 'kd' has no parameter(s) "
+                           "['temprature']")
     assert "'temperature'" in line  # the valid parameters are listed
 
 
 def test_composite_with_bad_tap_name() -> None:
     raw = composite({"loss": "kd", "student": "logitz"})
     (line,) = problem_lines(error_of(raw))
-    assert line.startswith("recipe.terms.0: unknown tap 'logitz'")
+    assert line.startswith("recipe.terms.0.student: unknown tap 'logitz'")
 
 
 def test_recipe_parameter_that_is_not_a_tap() -> None:
     raw = base_config(recipe={"name": "fitnets", "student_tap": "features"})
     (line,) = problem_lines(error_of(raw))
-    assert line.startswith("recipe: student unknown tap 'features'")
+    assert line.startswith("recipe.student_tap: unknown tap 'features'")
     assert "module:<path>" in line
 
 

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator
 from torch import nn
 
 from kdistill.losses.registry import LOSSES, get_loss, loss_params
@@ -27,17 +27,29 @@ class TermConfig(RecipeParams):
     params: dict[str, float | int | bool | str] = Field(default_factory=dict)
     name: str | None = None
 
-    @model_validator(mode="after")
-    def _known(self) -> TermConfig:
-        get_loss(self.loss)
-        parse_tap(self.student)
-        parse_tap(self.teacher)
-        allowed = loss_params(self.loss)
-        unknown = sorted(set(self.params) - set(allowed))
-        if unknown:
-            raise ValueError(f"loss '{self.loss}' has no parameter(s) {unknown}; it accepts "
-                             f"{sorted(allowed) or 'none'}")
-        return self
+    @field_validator("loss")
+    @classmethod
+    def _registered_loss(cls, name: str) -> str:
+        get_loss(name)
+        return name
+
+    @field_validator("student", "teacher")
+    @classmethod
+    def _tap_name(cls, name: str) -> str:
+        parse_tap(name)
+        return name
+
+    @field_validator("params")
+    @classmethod
+    def _loss_parameters(cls, params: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        loss = info.data.get("loss")  # absent when the loss name itself was invalid
+        if loss is not None:
+            allowed = loss_params(loss)
+            unknown = sorted(set(params) - set(allowed))
+            if unknown:
+                raise ValueError(f"loss '{loss}' has no parameter(s) {unknown}; it accepts "
+                                 f"{sorted(allowed) or 'none'}")
+        return params
 
 
 class CompositeParams(RecipeParams):

@@ -5,14 +5,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from kdistill import losses
 from kdistill.recipes.adapters import AdapterKind, make_adapter
 from kdistill.recipes.base import Recipe, RecipeParams, Term, register
 from kdistill.recipes.hinton import Hinton
 from kdistill.schedules import TrainState
-from kdistill.taps import Taps
+from kdistill.taps import Taps, parse_tap
 
 
 class FitNetsParams(RecipeParams):
@@ -22,6 +22,12 @@ class FitNetsParams(RecipeParams):
     hint_epochs: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=4.0, gt=0)
     alpha: float = Field(default=0.9, ge=0, le=1)
+
+    @field_validator("student_tap", "teacher_tap")
+    @classmethod
+    def _tap_name(cls, name: str) -> str:
+        parse_tap(name)
+        return name
 
 
 @register
