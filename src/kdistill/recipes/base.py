@@ -12,15 +12,15 @@ from __future__ import annotations
 import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict
 from torch import nn
 
 from kdistill.losses.registry import Unit
 from kdistill.schedules import TrainState
-from kdistill.taps import Taps
+from kdistill.taps import Taps, parse_tap
 
 
 @dataclass
@@ -38,6 +38,15 @@ class Term:
     value: torch.Tensor
     weight: float = 1.0
     unit: Unit = "examples"
+
+
+def _checked_tap(name: str) -> str:
+    parse_tap(name)
+    return name
+
+
+TapName = Annotated[str, AfterValidator(_checked_tap)]
+"""A tap name in recipe parameters, checked for form when the parameters are validated."""
 
 
 class RecipeParams(BaseModel):

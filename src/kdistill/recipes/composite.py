@@ -11,17 +11,24 @@ from torch import nn
 
 from kdistill.losses.registry import LOSSES, get_loss, loss_params
 from kdistill.recipes.adapters import AdapterKind, make_adapter
-from kdistill.recipes.base import Recipe, RecipeParams, Term, labels_or_teacher_argmax, register
+from kdistill.recipes.base import (
+    Recipe,
+    RecipeParams,
+    TapName,
+    Term,
+    labels_or_teacher_argmax,
+    register,
+)
 from kdistill.schedules import ScheduleConfig, TrainState
-from kdistill.taps import Taps, parse_tap
+from kdistill.taps import Taps
 
 
 class TermConfig(RecipeParams):
     """One term: ``weight(step) * loss(adapter(student[student_tap]), teacher[teacher_tap])``."""
 
     loss: str
-    student: str = "logits"
-    teacher: str = "logits"
+    student: TapName = "logits"
+    teacher: TapName = "logits"
     adapter: AdapterKind = "none"
     weight: float | ScheduleConfig = 1.0
     params: dict[str, float | int | bool | str] = Field(default_factory=dict)
@@ -31,12 +38,6 @@ class TermConfig(RecipeParams):
     @classmethod
     def _registered_loss(cls, name: str) -> str:
         get_loss(name)
-        return name
-
-    @field_validator("student", "teacher")
-    @classmethod
-    def _tap_name(cls, name: str) -> str:
-        parse_tap(name)
         return name
 
     @field_validator("params")

@@ -5,29 +5,23 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from kdistill import losses
 from kdistill.recipes.adapters import AdapterKind, make_adapter
-from kdistill.recipes.base import Recipe, RecipeParams, Term, register
+from kdistill.recipes.base import Recipe, RecipeParams, TapName, Term, register
 from kdistill.recipes.hinton import Hinton
 from kdistill.schedules import TrainState
-from kdistill.taps import Taps, parse_tap
+from kdistill.taps import Taps
 
 
 class FitNetsParams(RecipeParams):
-    student_tap: str = "module:features"
-    teacher_tap: str = "module:features"
+    student_tap: TapName = "module:features"
+    teacher_tap: TapName = "module:features"
     adapter: AdapterKind = "linear"
     hint_epochs: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=4.0, gt=0)
     alpha: float = Field(default=0.9, ge=0, le=1)
-
-    @field_validator("student_tap", "teacher_tap")
-    @classmethod
-    def _tap_name(cls, name: str) -> str:
-        parse_tap(name)
-        return name
 
 
 @register
