@@ -192,14 +192,15 @@ def test_the_engine_checkpoints_every_n_steps_and_keeps_the_newest(tmp_path, dig
     assert latest_checkpoint(tmp_path) == root / "step-00000006"
 
 
-def test_metrics_log_truncates_torn_lines_and_replaces(tmp_path):
+def test_metrics_log_replace_drops_torn_lines_and_later_steps(tmp_path):
     path = tmp_path / "run" / "metrics.jsonl"
     log = MetricsLog(path)
-    for step in (1, 2, 3):
-        log.write({"kind": "train", "step": step, "kd": step / 10})
+    records = [{"kind": "train", "step": step, "kd": step / 10} for step in (1, 2, 3)]
+    for record in records:
+        log.write(record)
     with path.open("a") as handle:
         handle.write('{"kind": "train", "st')  # a kill in the middle of a line
-    log.truncate_after(2)
+    log.replace(records[:2])  # what a resume does with the checkpoint's history
     assert read_metrics(path) == [{"kind": "train", "step": 1, "kd": 0.1},
                                   {"kind": "train", "step": 2, "kd": 0.2}]
     log.replace([{"kind": "eval", "step": 7}])

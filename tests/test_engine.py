@@ -338,3 +338,44 @@ def test_a_teacher_that_cannot_take_the_batch_is_named() -> None:
     teacher = build_model("mlp", (10,), 4, size="tiny")
     with pytest.raises(ModelCallError, match="the teacher cannot run"):
         Distiller(student, teacher, "hinton", epochs=1, batch_size=8, progress=False).fit(data)
+
+
+class CountingModel(nn.Module):
+    """Wraps a model and counts its forward passes."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.model(x)
+
+
+def test_a_frozen_teacher_runs_over_the_eval_set_once_per_fit(digits_subset, make_mlp):
+    train, evaluation = digits_subset(64, labeled=64), digits_subset(40, labeled=40)
+    teacher = CountingModel(make_mlp(seed=1, hidden=(32,)))
+    Distiller(make_mlp(), teacher, "hinton", epochs=3, batch_size=32,
+              progress=False).fit(train, evaluation)
+    # 2 steps x 3 epochs of training, 1 first-batch build, 3 evaluations of 2 batches of 32:
+    # the evaluation set is seen by the teacher once, not once per epoch.
+    assert teacher.calls == 2 * 3 + 1 + 2
+
+
+def test_agreement_follows_data_order_when_the_eval_loader_shuffles(digits_subset, make_mlp):
+    from torch.utils.data import DataLoader
+
+    from kdistill.data.base import IndexedDataset, collate
+
+    train, evaluation = digits_subset(64, labeled=64), digits_subset(64, labeled=64)
+    teacher = make_mlp(seed=1, hidden=(32,))
+    Distiller(teacher, None, "ce", epochs=20, batch_size=32, progress=False,
+              optimizer={"lr": 1e-2}).fit(train)
+    student = copy.deepcopy(teacher)  # identical predictions: agreement must be exactly 1
+    loader = DataLoader(IndexedDataset(evaluation), batch_size=16, shuffle=True,
+                        collate_fn=collate, generator=torch.Generator().manual_seed(0))
+    record = Distiller(student, teacher, "hinton", epochs=1, batch_size=32, progress=False,
+                       optimizer={"lr": 1e-12}).fit(train, loader).evaluations()[-1]
+    assert record["eval_accuracy"] > 0.5  # varied predictions: a wrong order would disagree
+    assert record["eval_agreement"] == 1.0

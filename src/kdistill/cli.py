@@ -58,18 +58,13 @@ def _recipes() -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
     from kdistill.demo import DemoOptions, run_demo
-    from kdistill.report import results_table
 
     outcome = run_demo(DemoOptions(labeled=args.labeled, seed=args.seed, quick=args.quick,
                                    output=args.output, name=args.name, threads=args.threads,
                                    progress=not args.no_progress))
-    console = Console(width=160)
-    console.print(results_table(outcome.rows, title="teacher and students on the digits test set"))
-    console.print(f"report: {outcome.report}")
-    return 0
+    return _print_outcome(outcome.rows, "teacher and students on the digits test set",
+                          outcome.report)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -79,17 +74,23 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "check":
         print(f"{args.config}: valid")
         return 0
-    from rich.console import Console
-
-    from kdistill.report import results_table
     from kdistill.run import run
 
     outcome = run(config, resume=args.resume)
     if outcome.report is None:  # another process of a multi-process run reports
         return 0
+    return _print_outcome(outcome.rows, config.name, outcome.report)
+
+
+def _print_outcome(rows: Sequence[dict], title: str, report: object) -> int:
+    """Print the comparison table and where the report was written."""
+    from rich.console import Console
+
+    from kdistill.report import results_table
+
     console = Console(width=160)
-    console.print(results_table(outcome.rows, title=config.name))
-    console.print(f"report: {outcome.report}")
+    console.print(results_table(rows, title=title))
+    console.print(f"report: {report}")
     return 0
 
 

@@ -26,6 +26,15 @@ class ConfigError(KdistillError):
     """A configuration that cannot run; the message names each bad field."""
 
 
+def _exactly_one(first: str, first_value: Any, second: str, second_value: Any,
+                 hint: str) -> None:
+    """Raise when both or neither of two alternative sections are given."""
+    if first_value is not None and second_value is not None:
+        raise ValueError(f"both '{first}' and '{second}' are given; give exactly one ({hint})")
+    if first_value is None and second_value is None:
+        raise ValueError(f"neither '{first}' nor '{second}' is given; give exactly one ({hint})")
+
+
 class DataConfig(Strict):
     """Which data: a built-in set (``digits``) or a user file (``npz``, ``csv`` + ``path``)."""
 
@@ -56,12 +65,8 @@ class TeacherConfig(Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> TeacherConfig:
-        if self.checkpoint is not None and self.train is not None:
-            raise ValueError("both 'checkpoint' and 'train' are given; give exactly one (load "
-                             "weights from 'checkpoint' or train the teacher with 'train')")
-        if self.checkpoint is None and self.train is None:
-            raise ValueError("neither 'checkpoint' nor 'train' is given; give exactly one (load "
-                             "weights from 'checkpoint' or train the teacher with 'train')")
+        _exactly_one("checkpoint", self.checkpoint, "train", self.train,
+                     "load weights from 'checkpoint' or train the teacher with 'train'")
         return self
 
 
@@ -103,12 +108,8 @@ class RunConfig(Strict):
 
     @model_validator(mode="after")
     def _recipe_or_phases(self) -> RunConfig:
-        if self.recipe is not None and self.phases is not None:
-            raise ValueError("both 'recipe' and 'phases' are given; give exactly one (one "
-                             "method with 'recipe', or a list of 'phases')")
-        if self.recipe is None and self.phases is None:
-            raise ValueError("neither 'recipe' nor 'phases' is given; give exactly one (one "
-                             "method with 'recipe', or a list of 'phases')")
+        _exactly_one("recipe", self.recipe, "phases", self.phases,
+                     "one method with 'recipe', or a list of 'phases'")
         return self
 
 
@@ -277,7 +278,6 @@ def _check_model(model: ModelConfig, path: str) -> list[str]:
 def _recipe_problems(recipe: Mapping[str, Any], path: str) -> tuple[list[str], Any]:
     """Problems of one recipe section and, when there are none, the built recipe."""
     from kdistill.recipes import RECIPES, build_recipe
-    from kdistill.taps import TapError, parse_tap
 
     name = recipe.get("name")
     if not isinstance(name, str):
@@ -286,21 +286,12 @@ def _recipe_problems(recipe: Mapping[str, Any], path: str) -> tuple[list[str], A
     if problems:
         return problems, None
     params = {k: v for k, v in recipe.items() if k != "name"}
-    params_model = RECIPES[name].cls.Params
     try:
-        params_model(**params)
-        built = build_recipe(name, **params)
+        return [], build_recipe(name, **params)  # parameters (tap names too) are validated here
     except ValidationError as error:
-        return format_validation_error(error, params_model, path.split(".")), None
+        return format_validation_error(error, RECIPES[name].cls.Params, path.split(".")), None
     except (ValueError, TypeError) as error:
         return [f"{path}: {error}"], None
-    for side, taps in (("student", built.student_taps()), ("teacher", built.teacher_taps())):
-        for tap in taps:
-            try:
-                parse_tap(tap)
-            except TapError as error:
-                problems.append(f"{path}: {side} {error}")
-    return problems, (None if problems else built)
 
 
 def _check_recipe(recipe: Mapping[str, Any], path: str) -> list[str]:

@@ -13,7 +13,6 @@ and saved with a plot in ``<output>/<name>/report.md``.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,10 +94,9 @@ def run_demo(options: DemoOptions) -> DemoOutcome:
 
 def _run_demo(options: DemoOptions) -> DemoOutcome:
     from kdistill.engine import Distiller
-    from kdistill.evaluate import benchmark_models, eval_batches
     from kdistill.recipes import build_recipe
     from kdistill.report import write_report
-    from kdistill.run import build_data, build_from, obtain_teacher
+    from kdistill.run import build_data, build_from, compare, obtain_teacher
 
     data_config = DataConfig(name="digits", labeled=options.labeled, seed=options.seed)
     data = build_data(data_config)
@@ -118,25 +116,18 @@ def _run_demo(options: DemoOptions) -> DemoOutcome:
         result = Distiller(student, teacher, build_recipe(recipe, **params), trainer=trainer,
                            run_dir=run_dir / name).fit(data.train, data.test)
         students[name], histories[name] = student, result.history
-    batches = eval_batches(data.test, 64)
-    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
-    rows = benchmark_models({"teacher": teacher, **students}, batches, reference="teacher",
-                            teacher_logits_from="teacher", latency_batch=batches[0],
-                            threads=options.threads,
-                            repeats=10 if options.quick else 30)
+    rows, timing = compare({"teacher": teacher, **students}, data.test, batch_size=64,
+                           threads=options.threads, repeats=10 if options.quick else 30)
     notes = (f"Digits (scikit-learn), {len(data.train)} training and {len(data.test)} test "
              f"images. The students see {options.labeled} labels; `hinton` and `dkd` also learn "
              "the teacher's soft labels on the unlabelled rest (DKD's target class there is the "
              "teacher's argmax). Two labels-only baselines: `ce` trains for as many epochs as the "
              "others, i.e. one optimizer step per epoch over the labelled samples; `ce-steps` "
              f"for as many optimizer steps as the others ({ce_epochs} short epochs), the fairer "
-             "and stronger baseline. Latency: median forward time of one batch of 64 on "
-             f"{options.threads} thread(s), models timed in alternating rounds; speed-up is "
-             "relative to the teacher. Load average of the machine while timing (1, 5, 15 min): "
-             f"{load}.")
+             f"and stronger baseline. Speed-up is relative to the teacher. {timing}")
     report = write_report(run_dir, title="kdistill demo: few labels, digits", rows=rows,
                           histories=histories, notes=notes,
                           settings={"labeled": options.labeled, "seed": options.seed,
                                     "student epochs": settings.epochs, "quick": options.quick,
                                     "threads": options.threads})
-    return DemoOutcome(list(rows), report, histories)
+    return DemoOutcome(rows, report, histories)

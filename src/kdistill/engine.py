@@ -118,6 +118,11 @@ class TrainingModule(nn.Module):
         return total, reported
 
 
+def recipe_phases(recipe: Recipe, epochs: int) -> list[Phase]:
+    """The phases a recipe splits a budget of ``epochs`` into, named ``<index>-<recipe>``."""
+    return [Phase(r, n, name=f"{i}-{r.name}") for i, (r, n) in enumerate(recipe.phases(epochs))]
+
+
 def call_model(role: str, forward: Callable[[Mapping[str, Any]], Taps],
                batch: Mapping[str, Any]) -> Taps:
     """Run the first forward of a phase; a failure inside the model (a shape or dtype that does
@@ -189,8 +194,7 @@ class Distiller:
         if recipe is None:
             raise ValueError("give a recipe or a list of phases")
         recipe = build_recipe(recipe) if isinstance(recipe, str) else recipe
-        return [Phase(r, epochs, name=f"{i}-{r.name}")
-                for i, (r, epochs) in enumerate(recipe.phases(self.settings.epochs))]
+        return recipe_phases(recipe, self.settings.epochs)
 
     def fit(self, train: Dataset | DataLoader, eval: Dataset | DataLoader | None = None, *,
             resume: bool = False,
@@ -246,6 +250,8 @@ class _Run:
                               self.main else None)
         self.progress = TrainingProgress(enabled=self.s.progress and self.main)
         self.built: set[int] = set()
+        self.eval_batches: list[dict[str, Any]] | None = None
+        self.teacher_eval_logits: torch.Tensor | None = None
 
     # -- phases -------------------------------------------------------------------------------
     def teacher_tap_names(self, phase: Phase) -> list[str]:
@@ -363,26 +369,26 @@ class _Run:
                                 "student.safetensors")
         return FitResult(self.d.student, self.history, self.d.run_dir, self.d.phases)
 
+    def materialise_earlier(self, index: int) -> None:
+        """Build the modules (adapters) of the phases before ``index``, each with its own
+        phase's taps, so that a checkpoint taken later can be loaded into them."""
+        for earlier in range(index):
+            phase = self.d.phases[earlier]
+            if earlier not in self.built:
+                self.bind_teacher(phase)
+                with TapReader(self.d.student, phase.recipe.student_taps()) as reader:
+                    self.materialise(earlier, phase, reader)
+
     def run_phase(self, index: int, phase: Phase, checkpoint: Any,
                   start: Mapping[str, int]) -> None:
+        if checkpoint is not None:
+            self.materialise_earlier(index)
         self.bind_teacher(phase)
         reader = TapReader(self.d.student, phase.recipe.student_taps())
         try:
-            if checkpoint is not None:
-                # Earlier phases' modules (adapters) are part of the checkpoint: build each with
-                # the teacher taps of its own phase, then load every weight.
-                for earlier in range(index):
-                    earlier_phase = self.d.phases[earlier]
-                    if earlier in self.built:
-                        continue
-                    self.bind_teacher(earlier_phase)
-                    with TapReader(self.d.student,
-                                   earlier_phase.recipe.student_taps()) as earlier_reader:
-                        self.materialise(earlier, earlier_phase, earlier_reader)
-                self.bind_teacher(phase)
-                self.materialise(index, phase, reader)
-                self.load_weights(checkpoint.weights)
             self.materialise(index, phase, reader)
+            if checkpoint is not None:
+                self.load_weights(checkpoint.weights)
             module = TrainingModule(self.d.student, phase.recipe, reader)
             module.train()
             indices = self.train_indices(phase)
@@ -488,10 +494,18 @@ class _Run:
     def evaluate(self) -> dict[str, float]:
         if self.d.evaluator is not None:
             return self.d.evaluator(self.d.student, self.d.teacher)
-        from kdistill.evaluate import evaluate_classifier
+        from kdistill.evaluate import eval_batches, evaluate_classifier, predict_source
 
-        return evaluate_classifier(self.d.student, self.d.teacher, self.eval_data,
-                                   self.collate_fn, self.s.batch_size, self.device)
+        if self.eval_batches is None:
+            self.eval_batches = eval_batches(self.eval_data, self.s.batch_size, self.collate_fn)
+        teacher_logits = self.teacher_eval_logits
+        if teacher_logits is None and self.d.teacher is not None:
+            teacher_logits = predict_source(self.d.teacher, self.eval_batches,
+                                            self.device).logits
+            if self.d.teacher.static:  # a frozen teacher's answers are computed once per fit
+                self.teacher_eval_logits = teacher_logits
+        return evaluate_classifier(self.d.student, self.eval_batches, self.device,
+                                   teacher_logits)
 
     def end_epoch(self, index: int, phase: Phase, epoch: int, optimizer: torch.optim.Optimizer,
                   scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:

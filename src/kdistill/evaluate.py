@@ -130,10 +130,12 @@ def _synchronize(device: torch.device) -> None:
 # --------------------------------------------------------------------------- predictions
 
 
-def _batch_predictions(model: nn.Module,
-                       batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits [B, C] and labels [B] of one batch, on the CPU."""
-    logits = output_logits(run_model(model, batch)).float().cpu()
+Rows = tuple[torch.Tensor, torch.Tensor, Any]
+
+
+def _batch_rows(logits: torch.Tensor, batch: Mapping[str, Any]) -> Rows:
+    """Logits [B, C] and labels [B] of one batch on the CPU, and the batch's ``index``."""
+    logits = logits.float().cpu()
     if logits.dim() != 2:
         raise ValueError(f"predict expects logits of shape [batch, classes], got "
                          f"{tuple(logits.shape)}")
@@ -144,7 +146,20 @@ def _batch_predictions(model: nn.Module,
     if labels.shape != logits.shape[:1]:
         raise ValueError(f"labels of shape {tuple(labels.shape)} do not match logits of shape "
                          f"{tuple(logits.shape)}")
-    return logits, labels
+    return logits, labels, batch.get("index")
+
+
+def _in_data_order(rows: Sequence[Rows]) -> Predictions:
+    """Concatenate per-batch rows; sorted by ``index`` when every batch carries one."""
+    if not rows:
+        raise ValueError("predict received no batches")
+    # Concatenating outside inference mode gives ordinary tensors that autograd code may use.
+    logits = torch.cat([r[0] for r in rows])
+    labels = torch.cat([r[1] for r in rows])
+    if all(r[2] is not None for r in rows):
+        order = torch.argsort(torch.cat([r[2].cpu().reshape(-1) for r in rows]))
+        logits, labels = logits[order], labels[order]
+    return Predictions(logits=logits, labels=labels)
 
 
 def predict(model: nn.Module, batches: Iterable[Mapping[str, Any]],
@@ -158,21 +173,18 @@ def predict(model: nn.Module, batches: Iterable[Mapping[str, Any]],
     A batch without ``labels`` gets ``-100`` for each row.
     """
     device = torch.device(device) if device is not None else _model_device(model)
-    logits, labels, indices = [], [], []
     with _eval_mode(model), torch.inference_mode():
-        for batch in batches:
-            batch_logits, batch_labels = _batch_predictions(model, _to_device(batch, device))
-            logits.append(batch_logits)
-            labels.append(batch_labels)
-            indices.append(batch.get("index"))
-    if not logits:
-        raise ValueError("predict received no batches")
-    # Concatenating outside inference mode gives ordinary tensors that autograd code may use.
-    all_logits, all_labels = torch.cat(logits), torch.cat(labels)
-    if all(index is not None for index in indices):
-        order = torch.argsort(torch.cat([index.cpu().reshape(-1) for index in indices]))
-        all_logits, all_labels = all_logits[order], all_labels[order]
-    return Predictions(logits=all_logits, labels=all_labels)
+        rows = [_batch_rows(output_logits(run_model(model, moved)), moved)
+                for moved in (_to_device(batch, device) for batch in batches)]
+    return _in_data_order(rows)
+
+
+def predict_source(source: Any, batches: Iterable[Mapping[str, Any]],
+                   device: torch.device) -> Predictions:
+    """Like :func:`predict` for a teacher source (``source(batch)["logits"]``), which runs its
+    own model frozen; same row order as :func:`predict`."""
+    return _in_data_order([_batch_rows(source(moved)["logits"], moved)
+                           for moved in (_to_device(batch, device) for batch in batches)])
 
 
 # --------------------------------------------------------------------------- quality metrics
@@ -439,15 +451,11 @@ def eval_batches(data: Any, batch_size: int,
             for start in range(0, len(dataset), batch_size)]
 
 
-def evaluate_classifier(student: nn.Module, teacher: Any, data: Any, collate_fn: Any,
-                        batch_size: int, device: torch.device) -> dict[str, float]:
-    """Accuracy, macro-F1, ECE and (with a teacher source) top-1 agreement of ``student`` on
-    ``data``; the end-of-epoch evaluation of the engine."""
-    batches = eval_batches(data, batch_size, collate_fn)
-    student_predictions = predict(student, batches, device)
-    teacher_logits = None
-    if teacher is not None:
-        teacher_logits = torch.cat([teacher(_to_device(b, device))["logits"].float().cpu()
-                                    for b in batches])
-    return classification_metrics(student_predictions.logits, student_predictions.labels,
-                                  teacher_logits)
+def evaluate_classifier(student: nn.Module, batches: Sequence[Mapping[str, Any]],
+                        device: torch.device,
+                        teacher_logits: torch.Tensor | None = None) -> dict[str, float]:
+    """Accuracy, macro-F1, ECE and (given the teacher's logits in data order, see
+    :func:`predict_source`) top-1 agreement of ``student`` on ``batches``; the engine's
+    end-of-epoch evaluation."""
+    predictions = predict(student, batches, device)
+    return classification_metrics(predictions.logits, predictions.labels, teacher_logits)

@@ -33,21 +33,6 @@ class MetricsLog:
             return
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in records))
 
-    def truncate_after(self, step: int) -> None:
-        """Drop records past ``step`` (written after the checkpoint a resumed run starts from);
-        a torn last line left by a kill is dropped too."""
-        if self.path is None or not self.path.is_file():
-            return
-        kept = []
-        for line in self.path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if record.get("step", 0) <= step:
-                kept.append(line)
-        atomic_write_text(self.path, "".join(f"{line}\n" for line in kept))
-
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """All records of a JSONL metrics log."""

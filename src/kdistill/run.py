@@ -18,7 +18,7 @@ from torch import nn
 from kdistill.checkpoint import atomic_save_tensors, atomic_write_text
 from kdistill.config import ConfigError, DataConfig, ModelConfig, RunConfig, TeacherConfig
 from kdistill.data import DataSplits, keep_labels, load_dataset
-from kdistill.engine import Distiller, FitResult, Phase
+from kdistill.engine import Distiller, FitResult, Phase, recipe_phases
 from kdistill.models import build_model
 from kdistill.recipes import build_recipe
 from kdistill.teachers import FrozenTeacher
@@ -69,16 +69,12 @@ def build_from(config: ModelConfig, data: DataSplits, seed: int,
 def check_taps(model: nn.Module, taps: Iterable[str], where: str, phase: str) -> None:
     """Raise a :class:`ConfigError` when a ``module:`` tap names a submodule ``model`` lacks
     (checked before training, so a typo does not cost a teacher's training first)."""
-    from kdistill.taps import ModuleTap, closest_module_paths, parse_tap
+    from kdistill.taps import TapError, resolve_module_taps
 
-    modules = dict(model.named_modules())
-    for name in taps:
-        tap = parse_tap(name)
-        if isinstance(tap, ModuleTap) and tap.path not in modules:
-            close = ", ".join(closest_module_paths(model, tap.path))
-            raise ConfigError(f"{where}: phase '{phase}' reads tap '{name}' but the "
-                              f"{type(model).__name__} has no module '{tap.path}'; closest "
-                              f"module paths: {close}")
+    try:
+        resolve_module_taps(model, taps)
+    except TapError as error:
+        raise ConfigError(f"{where}: phase '{phase}': {error}") from None
 
 
 def load_weights(model: nn.Module, path: Path, what: str) -> nn.Module:
@@ -152,10 +148,9 @@ def build_phases(config: RunConfig) -> list[Phase]:
         spec = dict(config.recipe or {})
         recipe = build_recipe(spec.pop("name"), **spec)
         try:
-            split = recipe.phases(config.trainer.epochs)
+            return recipe_phases(recipe, config.trainer.epochs)
         except ValueError as error:
             raise ConfigError(f"trainer.epochs: {error}") from None
-        return [Phase(r, epochs, name=f"{i}-{r.name}") for i, (r, epochs) in enumerate(split)]
     phases = []
     for i, phase in enumerate(config.phases):
         spec = dict(phase.recipe)
@@ -188,6 +183,23 @@ def is_main_process() -> bool:
     return PartialState().is_main_process
 
 
+def compare(models: dict[str, nn.Module], test: Any, *, batch_size: int, threads: int,
+            repeats: int) -> tuple[list[dict[str, Any]], str]:
+    """Quality and cost of ``models`` on ``test``, side by side in one call; the first model is
+    the speed-up reference and a model named ``teacher`` the reference for agreement. Also
+    returns a sentence with the machine's load average while timing."""
+    from kdistill.evaluate import benchmark_models, eval_batches
+
+    batches = eval_batches(test, batch_size)
+    rows = benchmark_models(models, batches, reference=next(iter(models)),
+                            teacher_logits_from="teacher" if "teacher" in models else None,
+                            latency_batch=batches[0], threads=threads, repeats=repeats)
+    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    return list(rows), (f"Latency: median forward time of one batch of {batch_size} on "
+                        f"{threads} thread(s), models timed in alternating rounds. Load average "
+                        f"of the machine while timing (1, 5, 15 min): {load}.")
+
+
 def run(config: RunConfig, *, resume: bool = False) -> RunOutcome:
     """Train the configured student and compare it with its teacher (if any)."""
     with cpu_threads(config.cpu_threads):
@@ -195,7 +207,6 @@ def run(config: RunConfig, *, resume: bool = False) -> RunOutcome:
 
 
 def _run(config: RunConfig, resume: bool) -> RunOutcome:
-    from kdistill.evaluate import benchmark_models, eval_batches
     from kdistill.report import write_report
 
     # Everything that can fail on the config alone fails here, before a teacher is trained.
@@ -221,17 +232,14 @@ def _run(config: RunConfig, resume: bool) -> RunOutcome:
                        run_dir=run_dir).fit(data.train, data.test, resume=resume)
     if not is_main_process():
         return RunOutcome(result, [], None)
-    batches = eval_batches(data.test, config.evaluation.batch_size)
     models = {"teacher": teacher, "student": student} if teacher is not None else \
         {"student": student}
-    rows = benchmark_models(models, batches, reference=next(iter(models)),
-                            teacher_logits_from="teacher" if teacher is not None else None,
-                            latency_batch=batches[0], threads=config.evaluation.threads,
-                            repeats=config.evaluation.repeats)
+    rows, load = compare(models, data.test, batch_size=config.evaluation.batch_size,
+                         threads=config.evaluation.threads, repeats=config.evaluation.repeats)
     report = write_report(run_dir, title=f"kdistill run: {config.name}", rows=rows,
-                          histories={"student": result.history},
+                          histories={"student": result.history}, notes=load,
                           settings={"recipe": config.recipe or [
                                         {"phase": p.name, "epochs": p.epochs, **p.recipe}
                                         for p in config.phases or []],
                                     "data": config.data.model_dump()})
-    return RunOutcome(result, list(rows), report)
+    return RunOutcome(result, rows, report)

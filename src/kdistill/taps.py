@@ -210,6 +210,24 @@ def _first_input(args: tuple[Any, ...], kwargs: Mapping[str, Any], tap: str) -> 
     raise TapError(f"tap '{tap}': the module was called without a tensor input")
 
 
+def resolve_module_taps(model: nn.Module,
+                        names: Iterable[str]) -> list[tuple[ModuleTap, nn.Module]]:
+    """The submodule behind each ``module:`` tap among ``names``; a path the model lacks raises
+    :class:`TapError` listing the closest paths it has."""
+    modules = dict(model.named_modules())
+    targets = []
+    for name in names:
+        tap = parse_tap(name)
+        if not isinstance(tap, ModuleTap):
+            continue
+        if tap.path not in modules:
+            close = ", ".join(closest_module_paths(model, tap.path))
+            raise TapError(f"tap '{tap.name}': {type(model).__name__} has no module "
+                           f"'{tap.path}'; closest module paths: {close}")
+        targets.append((tap, modules[tap.path]))
+    return targets
+
+
 class TapReader:
     """Runs a model on batches and returns the requested :class:`Taps`.
 
@@ -229,19 +247,10 @@ class TapReader:
         self.wants_attentions = any(n.startswith("attention.") for n in self.output_names)
         self._recorded: dict[str, torch.Tensor] = {}
         # Resolve every path before touching the model, so a bad name leaves no hook behind.
-        modules = dict(model.named_modules())
-        targets = [(tap, self._module(modules, tap)) for tap in self.module_taps]
+        targets = resolve_module_taps(model, self.names)
         if self.wants_attentions and hasattr(model, "set_attn_implementation"):
             model.set_attn_implementation("eager")
         self._handles = [self._hook(tap, module) for tap, module in targets]
-
-    def _module(self, modules: Mapping[str, nn.Module], tap: ModuleTap) -> nn.Module:
-        module = modules.get(tap.path)
-        if module is None:
-            close = ", ".join(closest_module_paths(self.model, tap.path))
-            raise TapError(f"tap '{tap.name}': {type(self.model).__name__} has no module "
-                           f"'{tap.path}'; closest module paths: {close}")
-        return module
 
     def _hook(self, tap: ModuleTap, module: nn.Module) -> torch.utils.hooks.RemovableHandle:
         def record(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],

@@ -23,7 +23,15 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class TeacherSource:
-    """Base class: a source of teacher taps. Subclasses implement :meth:`__call__`."""
+    """Base class: a source of teacher taps. Subclasses implement :meth:`__call__`.
+
+    ``static`` says that the source answers the same batch the same way all run long (a frozen
+    model), so what it produced once, such as its logits on the evaluation set, can be reused.
+    """
+
+    @property
+    def static(self) -> bool:
+        return False
 
     def bind(self, tap_names: Iterable[str], device: torch.device) -> None:
         """Prepare to produce ``tap_names`` on ``device``."""
@@ -57,6 +65,10 @@ class FrozenTeacher(TeacherSource):
     training: each process holds a full copy. ``precision`` ``bf16``/``fp16`` runs the forward
     under autocast and returns float32 taps.
     """
+
+    @property
+    def static(self) -> bool:
+        return True
 
     def __init__(self, model: nn.Module, precision: Literal["fp32", "bf16", "fp16"] = "fp32"):
         if precision not in PRECISIONS:
@@ -114,6 +126,10 @@ class EnsembleTeacher(TeacherSource):
         total = float(sum(weights))
         self.weights = [w / total for w in weights]
         self.mode = mode
+
+    @property
+    def static(self) -> bool:
+        return all(source.static for source in self.sources)
 
     def bind(self, tap_names: Iterable[str], device: torch.device) -> None:
         names = list(tap_names)
