@@ -24,6 +24,13 @@ def test_unit_counts_by_hand() -> None:
                       "token_pairs": 36.0 + 4.0 + 9.0 + 1.0}
 
 
+def test_labeled_count_uses_the_label_mask_for_regression_and_token_labels() -> None:
+    targets = torch.tensor([0.5, float("nan"), -100.0, float("nan")])  # NaN = hidden target
+    assert unit_counts({"labels": targets})["labeled"] == 2.0
+    tokens = torch.tensor([[1, -100, 2], [-100, -100, 0]])  # counted per token
+    assert unit_counts({"labels": tokens, "index": torch.arange(2)})["labeled"] == 3.0
+
+
 def rescaled(loss, batch_parts, unit: str) -> torch.Tensor:
     counts = [unit_counts(part["batch"])[unit] for part in batch_parts]
     total = sum(counts)

@@ -215,7 +215,7 @@ def test_distilling_recipe_without_teacher() -> None:
     raw = base_config()
     del raw["teacher"]
     assert problem_lines(error_of(raw)) == [
-        "teacher: the recipe needs a teacher; add a 'teacher' section"]
+        "teacher: recipe 'hinton' needs a teacher; add a 'teacher' section"]
     raw["recipe"] = {"name": "ce"}  # the baseline needs no teacher
     assert parse_config(raw).teacher is None
 
@@ -225,7 +225,7 @@ def test_phase_needing_a_teacher_without_one() -> None:
                               {"recipe": {"name": "dkd"}, "epochs": 1}])
     del raw["recipe"], raw["teacher"]
     assert problem_lines(error_of(raw)) == [
-        "teacher: the recipe needs a teacher; add a 'teacher' section"]
+        "teacher: recipe 'dkd' needs a teacher; add a 'teacher' section"]
 
 
 def test_teacher_with_both_checkpoint_and_train(tmp_path: Path) -> None:
@@ -234,14 +234,25 @@ def test_teacher_with_both_checkpoint_and_train(tmp_path: Path) -> None:
     raw = base_config()
     raw["teacher"]["checkpoint"] = str(weights)
     (line,) = problem_lines(error_of(raw))
-    assert line.startswith("teacher: both 'checkpoint' and 'train' are given; give exactly one")
+    assert line.startswith("teacher: both 'checkpoint' and 'train' are given; give one")
 
 
 def test_teacher_with_neither_checkpoint_nor_train() -> None:
     raw = base_config()
     del raw["teacher"]["train"]
+    assert problem_lines(error_of(raw)) == [
+        "teacher: recipe 'hinton' distils a trained teacher; give teacher.checkpoint or "
+        "teacher.train"]
+
+
+def test_teacher_recipe_needs_train_and_a_known_recipe() -> None:
+    raw = base_config()
+    raw["teacher"]["recipe"] = {"name": "hinten"}
     (line,) = problem_lines(error_of(raw))
-    assert line.startswith("teacher: neither 'checkpoint' nor 'train' is given; give exactly one")
+    assert line.startswith("teacher.recipe.name: unknown recipe 'hinten'")
+    del raw["teacher"]["train"]
+    (line,) = problem_lines(error_of(raw))
+    assert line.startswith("teacher: 'recipe' says how to train the teacher and needs 'train'")
 
 
 def test_teacher_checkpoint_that_does_not_exist(tmp_path: Path) -> None:

@@ -261,7 +261,8 @@ def test_ema_state_dict_round_trip() -> None:
     _perturb(student, seed=2)
     ema.after_step(student, TrainState(step=2))
     state = {k: v.clone() for k, v in ema.state_dict().items()}
-    assert "0.weight" in state and "1.running_mean" in state
+    assert "model.0.weight" in state and "model.1.running_mean" in state
+    assert "generator" in state
 
     other_student = _mlp(7)  # different weights: the state, not the student, must win
     restored = EMATeacher(other_student, momentum=_cosine_momentum())
@@ -273,7 +274,7 @@ def test_ema_state_dict_round_trip() -> None:
     batch = _batch()
     assert torch.equal(restored(batch)["logits"], ema(batch)["logits"])
     restored.load_state_dict({})  # an empty state (no teacher in the checkpoint) changes nothing
-    assert torch.equal(restored.state_dict()["0.weight"], state["0.weight"])
+    assert torch.equal(restored.state_dict()["model.0.weight"], state["model.0.weight"])
 
 
 def test_ema_rebinding_does_not_leak_hooks() -> None:
@@ -306,7 +307,7 @@ def test_ensemble_forwards_after_step_and_state_to_members() -> None:
     copy_ensemble.load_state_dict(state)
     assert twin.model is not None
     for k, v in ema.state_dict().items():
-        assert torch.equal(twin.model.state_dict()[k], v), k
+        assert torch.equal(twin.state_dict()[k], v), k
     ensemble.close()
     assert frozen.reader is None
 

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdistill.data.base import UNLABELED
+from kdistill.data.base import label_mask
 
 
 def epoch_global_batches(indices: Sequence[int], global_batch: int, min_size: int, seed: int,
@@ -36,12 +36,13 @@ def process_micro_batches(global_batch: Sequence[int], processes: int, rank: int
 
 
 def unit_counts(batch: Mapping[str, Any]) -> dict[str, float]:
-    """How many examples, labelled examples, valid tokens and valid (query, key) token pairs
-    a batch holds (without a mask every sample counts as one token)."""
+    """How many examples, known labels (:func:`~kdistill.data.base.label_mask`; per token for
+    token labels), valid tokens and valid (query, key) token pairs a batch holds (without a mask
+    every sample counts as one token)."""
     first = next(v for v in batch.values() if isinstance(v, torch.Tensor))
     examples = float(len(batch["index"]) if "index" in batch else len(first))
     labels = batch.get("labels")
-    labeled = float((labels != UNLABELED).sum()) if isinstance(labels, torch.Tensor) else 0.0
+    labeled = float(label_mask(labels).sum()) if isinstance(labels, torch.Tensor) else 0.0
     mask = batch.get("token_mask", batch.get("attention_mask"))
     if isinstance(mask, torch.Tensor):
         valid = mask.reshape(mask.shape[0], -1).sum(dim=1).double()

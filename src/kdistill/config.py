@@ -36,7 +36,9 @@ def _exactly_one(first: str, first_value: Any, second: str, second_value: Any,
 
 
 class DataConfig(Strict):
-    """Which data: a built-in set (``digits``) or a user file (``npz``, ``csv`` + ``path``)."""
+    """Which data: a built-in set (``digits``, ``mnist5k``, ``fashion-mnist``, ``diabetes``...)
+    or a user file (``npz``, ``csv`` + ``path``); ``options`` are passed to the loader (e.g.
+    ``train_size`` for ``fashion-mnist``)."""
 
     name: str = "digits"
     path: str | None = None
@@ -44,6 +46,7 @@ class DataConfig(Strict):
     test_fraction: float = Field(default=0.25, gt=0, lt=1)
     labeled: int | None = Field(default=None, ge=1)
     seed: int = 0
+    options: dict[str, Any] = Field(default_factory=dict)
 
 
 class ModelConfig(Strict):
@@ -56,17 +59,23 @@ class ModelConfig(Strict):
 
 class TeacherConfig(Strict):
     """The teacher: a model loaded from ``checkpoint`` (safetensors) or trained with ``train``
-    (plain cross-entropy on every training label, cached on disk)."""
+    on every training label (cached on disk) by ``recipe`` (default: the distillation recipe's
+    ``teacher_recipe``, plain cross-entropy for most). A recipe whose peers train online
+    (``teacher_model: fresh``) takes the model freshly initialised: give neither."""
 
     model: ModelConfig
     checkpoint: str | None = None
     train: TrainerSettings | None = None
+    recipe: dict[str, Any] | None = None
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
 
     @model_validator(mode="after")
     def _one_source(self) -> TeacherConfig:
-        _exactly_one("checkpoint", self.checkpoint, "train", self.train,
-                     "load weights from 'checkpoint' or train the teacher with 'train'")
+        if self.checkpoint is not None and self.train is not None:
+            raise ValueError("both 'checkpoint' and 'train' are given; give one (load weights "
+                             "from 'checkpoint' or train the teacher with 'train')")
+        if self.recipe is not None and self.train is None:
+            raise ValueError("'recipe' says how to train the teacher and needs 'train'")
         return self
 
 
@@ -357,9 +366,31 @@ def check_registered(config: RunConfig) -> list[str]:
             recipes = [r for r, _ in recipes[0].phases(config.trainer.epochs)]
         except ValueError as error:
             problems.append(f"trainer.epochs: {error}")
-    if config.teacher is None and any(r.uses_teacher for r in recipes):
-        problems.append("teacher: the recipe needs a teacher; add a 'teacher' section")
+    users = [r for r in recipes if r.uses_teacher]
+    if users:
+        problems += _check_teacher_role(config.teacher, users[0])
+    if config.teacher is not None and config.teacher.recipe is not None:
+        problems += _check_recipe(config.teacher.recipe, "teacher.recipe")
     return problems
+
+
+def _check_teacher_role(teacher: TeacherConfig | None, recipe: Any) -> list[str]:
+    """Whether the teacher section gives what the recipe's ``teacher_model`` asks for."""
+    kind = recipe.teacher_model
+    if kind == "none":
+        return [] if teacher is None else [
+            f"teacher: recipe '{recipe.name}' makes its teacher from the student; remove the "
+            "'teacher' section"]
+    if teacher is None:
+        return [f"teacher: recipe '{recipe.name}' needs a teacher; add a 'teacher' section"]
+    if kind == "fresh" and teacher.train is not None:
+        return [f"teacher.train: recipe '{recipe.name}' trains its teacher online with the "
+                "student from a fresh model; remove teacher.train (or give a checkpoint to "
+                "start from)"]
+    if kind == "trained" and teacher.train is None and teacher.checkpoint is None:
+        return [f"teacher: recipe '{recipe.name}' distils a trained teacher; give "
+                "teacher.checkpoint or teacher.train"]
+    return []
 
 
 # -- loading ----------------------------------------------------------------------------------

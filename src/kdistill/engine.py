@@ -62,16 +62,35 @@ TOTAL = "loss"  # the record key of the weighted total of a step's terms
 Evaluator = Callable[[nn.Module, "TeacherSource | None"], dict[str, float]]
 
 
+MINIMISED_METRICS = frozenset({"ece", "loss", "mse", "mse_teacher"})
+
+
 @dataclass
 class Phase:
     """One stage of training: a recipe for ``epochs`` epochs, optionally with its own optimizer
-    and LR schedule (the trainer's otherwise)."""
+    and LR schedule (the trainer's otherwise).
+
+    ``keep_best`` (default: the recipe's) names an evaluation metric: the phase then ends with
+    the student weights of its best end-of-epoch evaluation (``ece``, ``loss`` and ``mse`` are
+    minimised, any other metric maximised) instead of its last ones.
+    """
 
     recipe: Recipe
     epochs: int
     name: str = ""
     optimizer: OptimizerSettings | None = None
     scheduler: SchedulerSettings | None = None
+    keep_best: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.keep_best is None:
+            self.keep_best = self.recipe.keep_best
+
+    def improves(self, score: float, best: float | None) -> bool:
+        """Whether ``score`` of the ``keep_best`` metric beats ``best`` (None: nothing yet)."""
+        if best is None:
+            return True
+        return score < best if self.keep_best in MINIMISED_METRICS else score > best
 
 
 @dataclass
@@ -89,16 +108,26 @@ class FitResult:
 
 
 class TrainingModule(nn.Module):
-    """Student plus one phase's recipe: the unit wrapped for data parallelism."""
+    """Student plus one phase's recipe (plus the peers of a trainable teacher source): the unit
+    wrapped for data parallelism and optimised.
 
-    def __init__(self, student: nn.Module, recipe: Recipe, reader: TapReader):
+    A trainable source (``peers`` given) is called inside :meth:`forward`, with gradients;
+    otherwise the teacher's taps come in as an argument.
+    """
+
+    def __init__(self, student: nn.Module, recipe: Recipe, reader: TapReader,
+                 source: TeacherSource | None = None):
         super().__init__()
         self.student = student
         self.recipe = recipe
         self.reader = reader
+        self.source = source if source is not None and recipe.uses_teacher else None
+        self.peers = self.source.trainable_module() if self.source is not None else None
 
     def forward(self, batch: Mapping[str, Any], teacher: Taps | None, state: TrainState,
                 scales: Mapping[str, float]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if self.source is not None:
+            teacher = self.source(batch)
         terms = self.recipe.terms(self.reader(batch), teacher, batch, state)
         total: torch.Tensor | None = None
         reported: dict[str, torch.Tensor] = {}
@@ -116,6 +145,13 @@ class TrainingModule(nn.Module):
         if total is None:  # nothing to learn from in this micro-batch: keep the graph valid
             total = sum(p.sum() * 0 for p in self.parameters() if p.requires_grad)
         return total, reported
+
+
+def wrap_student(student: nn.Module, phases: Sequence[Phase]) -> nn.Module:
+    """The model to train: ``student`` as each phase's recipe wraps it (extra heads...)."""
+    for phase in phases:
+        student = phase.recipe.wrap_student(student)
+    return student
 
 
 def recipe_phases(recipe: Recipe, epochs: int) -> list[Phase]:
@@ -165,21 +201,25 @@ def _build_scheduler(optimizer: torch.optim.Optimizer, settings: SchedulerSettin
 class Distiller:
     """Distil ``teacher`` into ``student`` with a recipe (or a list of phases).
 
-    ``teacher`` is an ``nn.Module`` (used frozen) or any :class:`TeacherSource`; ``recipe`` a
-    :class:`Recipe` or a registered name. ``trainer`` holds the settings; keyword overrides
-    such as ``epochs=3`` or ``batch_size=32`` update it. ``evaluator(student, teacher)`` replaces
-    the default end-of-epoch classification metrics.
+    ``teacher`` is any :class:`TeacherSource`, or a plain ``nn.Module`` (or ``None``) that the
+    first teacher-using recipe turns into its source (:meth:`Recipe.teacher_source`: frozen by
+    default; peers or an EMA of the student for online methods). ``recipe`` is a
+    :class:`Recipe` or a registered name. The student is first wrapped by each phase's recipe
+    (:meth:`Recipe.wrap_student`, e.g. an extra head); ``self.student`` and the fit's result
+    hold the wrapped model. ``trainer`` holds the settings; keyword overrides such as
+    ``epochs=3`` or ``batch_size=32`` update it. ``evaluator(student, teacher)`` replaces the
+    default end-of-epoch metrics.
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module | TeacherSource | None = None,
                  recipe: Recipe | str | None = "hinton", *, phases: Sequence[Phase] | None = None,
                  trainer: TrainerSettings | None = None, run_dir: str | Path | None = None,
                  evaluator: Evaluator | None = None, **overrides: Any):
-        self.student = student
-        self.teacher = as_source(teacher)
         base = trainer.model_dump() if trainer is not None else {}
         self.settings = TrainerSettings(**{**base, **overrides})
         self.phases = list(phases) if phases else self._phases_of(recipe)
+        self.student = wrap_student(student, self.phases)
+        self.teacher = self._source_of(teacher)
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.evaluator = evaluator
         if self.settings.mixed_precision == "fp16" and (self.settings.cpu or
@@ -189,6 +229,16 @@ class Distiller:
         for phase in self.phases:
             if phase.recipe.uses_teacher and self.teacher is None:
                 raise ValueError(f"recipe '{phase.recipe.name}' needs a teacher, none was given")
+
+    def _source_of(self, teacher: nn.Module | TeacherSource | None) -> TeacherSource | None:
+        if isinstance(teacher, TeacherSource):
+            return teacher
+        users = [phase.recipe for phase in self.phases if phase.recipe.uses_teacher]
+        if not users:
+            return as_source(teacher)
+        if teacher is not None and not isinstance(teacher, nn.Module):
+            return as_source(teacher)  # raises the type error
+        return users[0].teacher_source(self.student, teacher)
 
     def _phases_of(self, recipe: Recipe | str | None) -> list[Phase]:
         if recipe is None:
@@ -252,6 +302,19 @@ class _Run:
         self.built: set[int] = set()
         self.eval_batches: list[dict[str, Any]] | None = None
         self.teacher_eval_logits: torch.Tensor | None = None
+        # The best evaluation of the current phase, for phases that keep their best weights.
+        self.best: dict[str, Any] | None = None
+        self.best_weights: dict[str, torch.Tensor] | None = None
+        for phase in distiller.phases:
+            if phase.keep_best and eval_data is None and distiller.evaluator is None:
+                raise ValueError(f"phase '{phase.name or phase.recipe.name}' keeps its best "
+                                 f"weights by '{phase.keep_best}' and needs evaluation data: "
+                                 "pass eval to fit")
+
+    # -- trainable teacher sources ----------------------------------------------------------
+    def peers(self) -> nn.Module | None:
+        """The teacher source's trainable module (online peers), if any."""
+        return self.d.teacher.trainable_module() if self.d.teacher is not None else None
 
     # -- phases -------------------------------------------------------------------------------
     def teacher_tap_names(self, phase: Phase) -> list[str]:
@@ -273,8 +336,10 @@ class _Run:
         first = to_device(self.collate_fn([self.dataset[i] for i in
                                            range(min(self.micro_batch, len(self.dataset)))]),
                           self.device)
-        modes = [(m, m.training) for m in self.d.student.modules()]
-        self.d.student.eval()
+        models = [self.d.student, *filter(None, [self.peers()])]
+        modes = [(m, m.training) for model in models for m in model.modules()]
+        for model in models:
+            model.eval()
         try:
             with torch.no_grad():
                 teacher = call_model("teacher", self.d.teacher, first) \
@@ -303,6 +368,8 @@ class _Run:
     # -- state --------------------------------------------------------------------------------
     def weights(self) -> dict[str, torch.Tensor]:
         tensors = {f"student.{k}": v for k, v in self.d.student.state_dict().items()}
+        if self.best_weights is not None:
+            tensors.update({f"best.{k}": v for k, v in self.best_weights.items()})
         for i, phase in enumerate(self.d.phases):
             if i in self.built:
                 tensors.update({f"recipe.{i}.{k}": v for k, v in
@@ -316,6 +383,8 @@ class _Run:
             return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
         self.d.student.load_state_dict(part("student."))
+        best = part("best.")
+        self.best_weights = best or None
         for i in self.built:
             self.d.phases[i].recipe.load_state_dict(part(f"recipe.{i}."))
         if self.d.teacher is not None:
@@ -332,7 +401,8 @@ class _Run:
             save_checkpoint(self.d.run_dir, self.global_step, weights=self.weights(),
                             optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                             trainer={**position, "global_step": self.global_step,
-                                     "history": self.history, "scaler": self.scaler_state()},
+                                     "history": self.history, "scaler": self.scaler_state(),
+                                     "best": self.best},
                             keep=self.s.keep_checkpoints)
         self.accelerator.wait_for_everyone()
 
@@ -350,6 +420,7 @@ class _Run:
             checkpoint = load_checkpoint(path)
             start = {k: int(checkpoint.trainer[k]) for k in start}
             self.global_step = int(checkpoint.trainer["global_step"])
+            self.best = checkpoint.trainer.get("best")
             self.history = list(checkpoint.trainer["history"])
             self.log.replace(self.history)
         elif self.d.run_dir is not None and self.main:
@@ -389,7 +460,10 @@ class _Run:
             self.materialise(index, phase, reader)
             if checkpoint is not None:
                 self.load_weights(checkpoint.weights)
-            module = TrainingModule(self.d.student, phase.recipe, reader)
+            if checkpoint is None:
+                self.best, self.best_weights = None, None
+            trainable = self.d.teacher if self.peers() is not None else None
+            module = TrainingModule(self.d.student, phase.recipe, reader, trainable)
             module.train()
             indices = self.train_indices(phase)
             steps_per_epoch = len(self.plan(index, indices, 0))
@@ -424,6 +498,7 @@ class _Run:
                                         optimizer, scheduler)
                     self.progress.advance(record)
                 self.end_epoch(index, phase, epoch, optimizer, scheduler)
+            self.restore_best(index, phase)
         finally:
             reader.close()
             self.accelerator.free_memory()
@@ -442,10 +517,11 @@ class _Run:
         recipe = module.recipe
         reported: dict[str, torch.Tensor] = {}
         for j, batch in enumerate(micro):
-            batch = to_device(batch, self.device)
+            batch = recipe.prepare(to_device(batch, self.device), module.reader, state)
             scales = {u: (local[j][u] / global_counts[u] * self.world) if global_counts[u] else 0.0
                       for u in units}
-            teacher = self.d.teacher(batch) if recipe.uses_teacher else None
+            teacher = self.d.teacher(batch) if recipe.uses_teacher and module.source is None \
+                else None
             sync = contextlib.nullcontext() if j == len(micro) - 1 else \
                 self.accelerator.no_sync(wrapped)
             with sync:
@@ -494,7 +570,7 @@ class _Run:
     def evaluate(self) -> dict[str, float]:
         if self.d.evaluator is not None:
             return self.d.evaluator(self.d.student, self.d.teacher)
-        from kdistill.evaluate import eval_batches, evaluate_classifier, predict_source
+        from kdistill.evaluate import eval_batches, evaluate_model, predict_source
 
         if self.eval_batches is None:
             self.eval_batches = eval_batches(self.eval_data, self.s.batch_size, self.collate_fn)
@@ -504,8 +580,7 @@ class _Run:
                                             self.device).logits
             if self.d.teacher.static:  # a frozen teacher's answers are computed once per fit
                 self.teacher_eval_logits = teacher_logits
-        return evaluate_classifier(self.d.student, self.eval_batches, self.device,
-                                   teacher_logits)
+        return evaluate_model(self.d.student, self.eval_batches, self.device, teacher_logits)
 
     def end_epoch(self, index: int, phase: Phase, epoch: int, optimizer: torch.optim.Optimizer,
                   scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
@@ -520,9 +595,35 @@ class _Run:
         self.history.append(record)
         self.log.write(record)
         self.progress.show_eval(record)
+        if phase.keep_best:
+            self.track_best(index, phase, record)
         self.checkpoint({"phase": index, "epoch": epoch + 1, "batch": 0}, optimizer, scheduler)
         for callback in self.callbacks:
             callback(record)
+
+    def track_best(self, index: int, phase: Phase, record: Mapping[str, Any]) -> None:
+        """Remember the student's weights when this evaluation is the phase's best so far."""
+        key = f"eval_{phase.keep_best}"
+        if key not in record:
+            metrics = sorted(k[len("eval_"):] for k in record if k.startswith("eval_"))
+            raise ValueError(f"phase '{phase.name}': keep_best '{phase.keep_best}' is not an "
+                             f"evaluation metric; the evaluation gives {metrics}")
+        score = float(record[key])
+        if phase.improves(score, self.best["score"] if self.best else None):
+            self.best = {"phase": index, "epoch": record["epoch"], "score": score}
+            self.best_weights = {k: v.detach().clone()
+                                 for k, v in self.d.student.state_dict().items()}
+
+    def restore_best(self, index: int, phase: Phase) -> None:
+        """End a ``keep_best`` phase with the weights of its best evaluation, and log it."""
+        if not phase.keep_best or self.best is None or self.best_weights is None:
+            return
+        self.d.student.load_state_dict(self.best_weights)
+        record = {"kind": "restore_best", "phase": index, "phase_name": phase.name,
+                  "metric": phase.keep_best, **self.best, "step": self.global_step}
+        self.history.append(record)
+        self.log.write(record)
+        self.best, self.best_weights = None, None
 
     def sync_buffers(self) -> None:
         """Copy the main process's student buffers to every process.
@@ -532,8 +633,9 @@ class _Run:
         evaluate, checkpoint and end differently.
         """
         if self.world > 1:
-            for buffer in self.d.student.buffers():
-                torch.distributed.broadcast(buffer.data, src=0)
+            for model in [self.d.student, *filter(None, [self.peers()])]:
+                for buffer in model.buffers():
+                    torch.distributed.broadcast(buffer.data, src=0)
 
     def close(self) -> None:
         self.progress.stop()

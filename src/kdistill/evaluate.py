@@ -1,9 +1,16 @@
 """Evaluation: what the student keeps of the teacher's quality, and what it saves.
 
-Quality is measured by accuracy, macro-F1, calibration (ECE) and top-1 agreement with the
-teacher; cost by parameter count, size on disk and CPU latency at a stated batch size and thread
-count. :func:`benchmark_models` gathers all of it into one row per model, timing the models in
-interleaved rounds so that they are compared under the same machine conditions.
+Three tasks are told apart by the shape of a model's output (:func:`task_of`):
+
+* classification, logits [B, C]: accuracy, macro-F1, calibration (ECE) and top-1 agreement with
+  the teacher;
+* token classification, logits [B, L, C] with labels [B, L]: the same four metrics over tokens;
+* regression, scores [B] or [B, 1]: MSE, Pearson and Spearman correlation with the gold scores,
+  and the same three against the teacher's scores.
+
+Cost is measured by parameter count, size on disk and CPU latency at a stated batch size and
+thread count. :func:`benchmark_models` gathers all of it into one row per model, timing the
+models in interleaved rounds so that they are compared under the same machine conditions.
 """
 
 from __future__ import annotations
@@ -12,13 +19,15 @@ import math
 import statistics
 import tempfile
 import time
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any, Literal, NamedTuple, NotRequired, TypedDict
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_model
 from torch import nn
 
@@ -28,13 +37,45 @@ IGNORE_INDEX = -100
 LATENCY_WARMUP = 3
 BYTES_PER_MB = 1_000_000
 
+Task = Literal["classification", "token_classification", "regression"]
+REGRESSION_KEYS = ("mse", "pearson", "spearman")
+REGRESSION_TEACHER_KEYS = ("mse_teacher", "pearson_teacher", "spearman_teacher")
+
+
+def task_of(outputs: torch.Tensor) -> Task:
+    """The task a model's output belongs to, from its shape.
+
+    [B] or [B, 1]: ``regression`` (one score per sample; a single-class classifier would be
+    meaningless); [B, C] with C >= 2: ``classification``; [B, L, C]: ``token_classification``.
+    """
+    if outputs.dim() == 1 or (outputs.dim() == 2 and outputs.shape[1] == 1):
+        return "regression"
+    if outputs.dim() == 2:
+        return "classification"
+    if outputs.dim() == 3:
+        return "token_classification"
+    raise ValueError(f"model outputs of shape {tuple(outputs.shape)} fit no task: expected "
+                     "[batch] or [batch, 1] scores, [batch, classes] or [batch, tokens, classes] "
+                     "logits")
+
 
 @dataclass(frozen=True)
 class Predictions:
-    """A model's logits over a data set and the matching labels (``-100`` = no label)."""
+    """A model's outputs over a data set and the matching labels.
+
+    ``logits`` are the model's outputs: logits [N, C] or [N, L, C], or regression scores [N] or
+    [N, 1] as the model returns them. ``labels`` are integer ([N] or [N, L], ``-100`` = no label)
+    or, for regression, float [N] (NaN = no label). ``mask`` is the ``attention_mask`` [N, L]
+    (bool) of token outputs when every batch carried one, otherwise ``None``.
+    """
 
     logits: torch.Tensor
     labels: torch.Tensor
+    mask: torch.Tensor | None = None
+
+    @property
+    def task(self) -> Task:
+        return task_of(self.logits)
 
 
 @dataclass(frozen=True)
@@ -50,16 +91,31 @@ class Latency:
 class BenchmarkRow(TypedDict):
     """One model's line in a comparison, as returned by :func:`benchmark_models`.
 
-    ``agreement`` and ``accuracy_share`` are ``None`` when no teacher was named;
-    ``accuracy_share`` is this model's accuracy divided by the teacher's.
+    Quality keys depend on the model's task (:func:`task_of`):
+
+    * classification and token classification (per token): ``accuracy``, ``macro_f1``, ``ece``,
+      ``agreement`` and ``accuracy_share``; ``agreement`` and ``accuracy_share`` are ``None``
+      when no teacher was named; ``accuracy_share`` is this model's accuracy divided by the
+      teacher's;
+    * regression: ``mse``, ``pearson``, ``spearman`` against the gold scores and
+      ``mse_teacher``, ``pearson_teacher``, ``spearman_teacher`` against the teacher's scores
+      (``None`` when no teacher was named).
+
+    The cost keys from ``params`` on are in every row.
     """
 
     name: str
-    accuracy: float
-    macro_f1: float
-    ece: float
-    agreement: float | None
-    accuracy_share: float | None
+    accuracy: NotRequired[float]
+    macro_f1: NotRequired[float]
+    ece: NotRequired[float]
+    agreement: NotRequired[float | None]
+    accuracy_share: NotRequired[float | None]
+    mse: NotRequired[float]
+    pearson: NotRequired[float]
+    spearman: NotRequired[float]
+    mse_teacher: NotRequired[float | None]
+    pearson_teacher: NotRequired[float | None]
+    spearman_teacher: NotRequired[float | None]
     params: int
     size_mb: float
     latency_ms: float
@@ -130,47 +186,97 @@ def _synchronize(device: torch.device) -> None:
 # --------------------------------------------------------------------------- predictions
 
 
-Rows = tuple[torch.Tensor, torch.Tensor, Any]
+class _Rows(NamedTuple):
+    """One batch's outputs, labels and token mask on the CPU, and its ``index``."""
+
+    outputs: torch.Tensor
+    labels: torch.Tensor
+    mask: torch.Tensor | None
+    index: torch.Tensor | None
 
 
-def _batch_rows(logits: torch.Tensor, batch: Mapping[str, Any]) -> Rows:
-    """Logits [B, C] and labels [B] of one batch on the CPU, and the batch's ``index``."""
-    logits = logits.float().cpu()
-    if logits.dim() != 2:
-        raise ValueError(f"predict expects logits of shape [batch, classes], got "
-                         f"{tuple(logits.shape)}")
+def _batch_rows(outputs: torch.Tensor, batch: Mapping[str, Any]) -> _Rows:
+    """Check one batch's outputs against its ``labels`` (and ``attention_mask`` for token
+    outputs) and move them to the CPU; a batch without labels gets ``-100`` (NaN for
+    regression) for each label."""
+    outputs = outputs.float().cpu()
+    task = task_of(outputs)
+    rows = outputs.shape[0]
+    label_shape = (rows,) if task == "regression" else tuple(outputs.shape[:-1])
     labels = batch.get("labels")
     if labels is None:
-        labels = torch.full((logits.shape[0],), IGNORE_INDEX, dtype=torch.long)
-    labels = labels.cpu().long()
-    if labels.shape != logits.shape[:1]:
-        raise ValueError(f"labels of shape {tuple(labels.shape)} do not match logits of shape "
-                         f"{tuple(logits.shape)}")
-    return logits, labels, batch.get("index")
+        fill = math.nan if task == "regression" else IGNORE_INDEX
+        labels = torch.full(label_shape, fill,
+                            dtype=torch.float32 if task == "regression" else torch.long)
+    labels = labels.cpu()
+    if task == "regression" and labels.dim() == 2 and labels.shape[1] == 1:
+        labels = labels.reshape(-1)
+    if tuple(labels.shape) != label_shape:
+        raise ValueError(f"labels of shape {tuple(labels.shape)} do not match outputs of shape "
+                         f"{tuple(outputs.shape)}: expected labels {label_shape}")
+    if task == "regression":
+        # Imported here: the data package loads scikit-learn, which this module defers.
+        from kdistill.data.base import label_mask
+
+        labels = labels.float().masked_fill(~label_mask(labels), math.nan)
+    else:
+        labels = labels.long()
+    mask = batch.get("attention_mask") if task == "token_classification" else None
+    if mask is not None:
+        mask = mask.cpu().bool()
+        if mask.shape != labels.shape:
+            raise ValueError(f"attention_mask of shape {tuple(mask.shape)} does not match token "
+                             f"logits of shape {tuple(outputs.shape)}")
+    return _Rows(outputs, labels, mask, batch.get("index"))
 
 
-def _in_data_order(rows: Sequence[Rows]) -> Predictions:
-    """Concatenate per-batch rows; sorted by ``index`` when every batch carries one."""
+def _pad_tokens(tensor: torch.Tensor, length: int, value: float | bool) -> torch.Tensor:
+    """Pad dim 1 (tokens) of ``tensor`` to ``length`` with ``value``."""
+    pad = [0, 0] * (tensor.dim() - 2) + [0, length - tensor.shape[1]]
+    return F.pad(tensor, pad, value=value)
+
+
+def _in_data_order(rows: Sequence[_Rows]) -> Predictions:
+    """Concatenate per-batch rows; sorted by ``index`` when every batch carries one.
+
+    Token outputs of batches padded to different lengths are padded to the longest: logits with
+    0, labels with ``-100`` and the mask with ``False``, so the added positions count nowhere.
+    """
     if not rows:
         raise ValueError("predict received no batches")
+    # Per-sample shapes must agree, except for the token count of token outputs.
+    shapes = {(r.outputs.dim(), r.outputs.shape[-1] if r.outputs.dim() > 1 else 0)
+              for r in rows}
+    if len(shapes) != 1:
+        raise ValueError(f"batches gave outputs of different shapes: "
+                         f"{[tuple(r.outputs.shape) for r in rows]}")
     # Concatenating outside inference mode gives ordinary tensors that autograd code may use.
-    logits = torch.cat([r[0] for r in rows])
-    labels = torch.cat([r[1] for r in rows])
-    if all(r[2] is not None for r in rows):
-        order = torch.argsort(torch.cat([r[2].cpu().reshape(-1) for r in rows]))
-        logits, labels = logits[order], labels[order]
-    return Predictions(logits=logits, labels=labels)
+    outputs, labels = [r.outputs for r in rows], [r.labels for r in rows]
+    masks = [r.mask for r in rows]
+    if rows[0].outputs.dim() == 3:
+        length = max(r.outputs.shape[1] for r in rows)
+        outputs = [_pad_tokens(o, length, 0.0) for o in outputs]
+        labels = [_pad_tokens(y, length, IGNORE_INDEX) for y in labels]
+        masks = [None if m is None else _pad_tokens(m, length, False) for m in masks]
+    logits, target = torch.cat(outputs), torch.cat(labels)
+    mask = torch.cat(masks) if all(m is not None for m in masks) else None
+    if all(r.index is not None for r in rows):
+        order = torch.argsort(torch.cat([r.index.cpu().reshape(-1) for r in rows]))
+        logits, target = logits[order], target[order]
+        mask = mask[order] if mask is not None else None
+    return Predictions(logits=logits, labels=target, mask=mask)
 
 
 def predict(model: nn.Module, batches: Iterable[Mapping[str, Any]],
             device: torch.device | str | None = None) -> Predictions:
-    """Run ``model`` over ``batches`` and collect its logits and the labels.
+    """Run ``model`` over ``batches`` and collect its outputs and the labels.
 
     The model runs in eval mode under ``torch.inference_mode``; each submodule's train/eval mode
     is restored afterwards. Batch tensors are moved to ``device`` (default: the model's device);
-    the model itself is not moved. When every batch carries ``index``, the rows are returned
-    sorted by it (data-set order, whatever the loader's shuffling); otherwise in iteration order.
-    A batch without ``labels`` gets ``-100`` for each row.
+    the model itself is not moved. When every batch carries ``index``, the rows (samples) are
+    returned sorted by it (data-set order, whatever the loader's shuffling); otherwise in
+    iteration order. Outputs keep their per-sample dims ([C], [L, C] or a score). A batch
+    without ``labels`` gets ``-100`` (NaN for regression) for each label.
     """
     device = torch.device(device) if device is not None else _model_device(model)
     with _eval_mode(model), torch.inference_mode():
@@ -181,10 +287,20 @@ def predict(model: nn.Module, batches: Iterable[Mapping[str, Any]],
 
 def predict_source(source: Any, batches: Iterable[Mapping[str, Any]],
                    device: torch.device) -> Predictions:
-    """Like :func:`predict` for a teacher source (``source(batch)["logits"]``), which runs its
-    own model frozen; same row order as :func:`predict`."""
-    return _in_data_order([_batch_rows(source(moved)["logits"], moved)
-                           for moved in (_to_device(batch, device) for batch in batches)])
+    """Like :func:`predict` for a teacher source (``source(batch)["logits"]``); same row order.
+
+    Runs under ``torch.inference_mode``. A trainable source (``source.trainable_module()`` not
+    ``None``, e.g. online peers) has that module put in eval mode for the prediction and each of
+    its submodules' modes restored afterwards; a frozen source runs its model as it always does.
+    """
+    module = getattr(source, "trainable_module", lambda: None)()
+    with ExitStack() as stack:
+        if module is not None:
+            stack.enter_context(_eval_mode(module))
+        stack.enter_context(torch.inference_mode())
+        rows = [_batch_rows(source(moved)["logits"], moved)
+                for moved in (_to_device(batch, device) for batch in batches)]
+    return _in_data_order(rows)
 
 
 # --------------------------------------------------------------------------- quality metrics
@@ -233,18 +349,22 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor,
 
 
 def _check_shapes(logits: torch.Tensor, labels: torch.Tensor,
-                  teacher_logits: torch.Tensor | None) -> None:
-    if logits.dim() != 2 or labels.dim() != 1 or labels.shape[0] != logits.shape[0]:
-        raise ValueError(f"expected logits [N, C] and labels [N], got logits "
-                         f"{tuple(logits.shape)} and labels {tuple(labels.shape)}")
+                  teacher_logits: torch.Tensor | None, mask: torch.Tensor | None) -> None:
+    if logits.dim() not in (2, 3) or labels.shape != logits.shape[:-1]:
+        raise ValueError(f"expected logits [N, C] and labels [N], or token logits [N, L, C] and "
+                         f"labels [N, L], got logits {tuple(logits.shape)} and labels "
+                         f"{tuple(labels.shape)}")
     if teacher_logits is not None and teacher_logits.shape != logits.shape:
         raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} do not match student "
                          f"logits {tuple(logits.shape)}")
+    if mask is not None and (logits.dim() != 3 or mask.shape != labels.shape):
+        raise ValueError(f"mask of shape {tuple(mask.shape)} needs token logits [N, L, C] with "
+                         f"labels [N, L], got logits {tuple(logits.shape)}")
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor,
                            teacher_logits: torch.Tensor | None = None,
-                           n_bins: int = 15) -> dict[str, float]:
+                           n_bins: int = 15, mask: torch.Tensor | None = None) -> dict[str, float]:
     """Accuracy, macro-F1 and ECE against the labels, and agreement with a teacher.
 
     * ``accuracy``: fraction of labelled rows whose argmax equals the label;
@@ -256,14 +376,25 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor,
 
     Rows labelled ``-100`` are left out of accuracy, macro-F1 and ECE but count for agreement,
     which needs no label. With no labelled row at all, the three label metrics are NaN.
+
+    Token classification (``logits`` [N, L, C], ``labels`` [N, L]): every metric is computed
+    over tokens, all sentences pooled. The tokens that count are those where ``mask`` (the
+    ``attention_mask``) is true, or, without a mask, those whose label is not ``-100``; all
+    other positions (padding) are ignored whatever their logits and labels. Within the mask,
+    tokens labelled ``-100`` (special tokens, continued sub-words) count for agreement only.
     """
-    _check_shapes(logits, labels, teacher_logits)
+    _check_shapes(logits, labels, teacher_logits, mask)
     logits, labels = logits.detach().float().cpu(), labels.detach().cpu().long()
+    if teacher_logits is not None:
+        teacher_logits = teacher_logits.detach().cpu()
+    if logits.dim() == 3:
+        tokens = mask.detach().cpu().bool() if mask is not None else labels != IGNORE_INDEX
+        logits, labels = logits[tokens], labels[tokens]
+        teacher_logits = teacher_logits[tokens] if teacher_logits is not None else None
     predicted = logits.argmax(dim=1)
     metrics = _label_metrics(logits, predicted, labels, n_bins)
     if teacher_logits is not None:
-        teacher_predicted = teacher_logits.detach().cpu().argmax(dim=1)
-        metrics["agreement"] = float((predicted == teacher_predicted).double().mean())
+        metrics["agreement"] = float((predicted == teacher_logits.argmax(dim=1)).double().mean())
     return metrics
 
 
@@ -282,6 +413,79 @@ def _label_metrics(logits: torch.Tensor, predicted: torch.Tensor, labels: torch.
                                    zero_division=0.0)),
         "ece": expected_calibration_error(logits.softmax(dim=1), labels, n_bins),
     }
+
+
+def _scores(values: torch.Tensor, what: str, rows: int | None = None) -> torch.Tensor:
+    """``values`` of shape [N] or [N, 1] (N = ``rows`` when given) as a float64 CPU vector."""
+    if (values.dim() not in (1, 2) or values.numel() != values.shape[0]
+            or (rows is not None and values.shape[0] != rows)):
+        expected = "N" if rows is None else rows
+        raise ValueError(f"{what} of shape {tuple(values.shape)}: expected [{expected}] or "
+                         f"[{expected}, 1]")
+    return values.detach().cpu().double().reshape(-1)
+
+
+def _agreement_of_scores(predicted: torch.Tensor, target: torch.Tensor) -> tuple[float, ...]:
+    """(MSE, Pearson r, Spearman rho) of two score vectors; NaN correlations for fewer than two
+    pairs or a constant vector (where correlation is undefined)."""
+    if predicted.numel() == 0:
+        return math.nan, math.nan, math.nan
+    mse = float(((predicted - target) ** 2).mean())
+    if predicted.numel() < 2:
+        return mse, math.nan, math.nan
+    # SciPy comes with scikit-learn; imported here like scikit-learn, only when needed.
+    from scipy import stats
+
+    x, y = predicted.numpy(), target.numpy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", stats.ConstantInputWarning)
+        return mse, float(stats.pearsonr(x, y).statistic), float(stats.spearmanr(x, y).statistic)
+
+
+def regression_metrics(outputs: torch.Tensor, labels: torch.Tensor,
+                       teacher_outputs: torch.Tensor | None = None) -> dict[str, float]:
+    r"""MSE, Pearson and Spearman correlation of predicted scores with the gold scores and,
+    given ``teacher_outputs``, with the teacher's scores.
+
+    With student scores :math:`s`, gold scores :math:`y` and teacher scores :math:`t`:
+
+    * ``mse`` = :math:`\frac1N \sum_i (s_i - y_i)^2`, ``pearson`` = Pearson's r of (s, y),
+      ``spearman`` = Spearman's rho (Pearson's r of the ranks, ties averaged) of (s, y), over the
+      samples whose label is known (NaN labels are skipped);
+    * ``mse_teacher``, ``pearson_teacher``, ``spearman_teacher``: the same for (s, t) over all
+      samples, labelled or not (the teacher's scores need no label), as in quality-estimation
+      distillation where the student is judged by how closely it follows the teacher.
+
+    Correlations come from ``scipy.stats.pearsonr``/``spearmanr``; they are NaN when fewer than
+    two pairs count or one side is constant; all three are NaN with no pair at all.
+
+    Args:
+        outputs: [N] or [N, 1] predicted scores.
+        labels: [N] or [N, 1] float gold scores, NaN where unknown.
+        teacher_outputs: [N] or [N, 1] teacher scores in the same order.
+    """
+    predicted = _scores(outputs, "outputs")
+    gold = _scores(labels, "labels", len(predicted))
+    known = ~torch.isnan(gold)
+    metrics = dict(zip(REGRESSION_KEYS, _agreement_of_scores(predicted[known], gold[known]),
+                       strict=True))
+    if teacher_outputs is not None:
+        teacher = _scores(teacher_outputs, "teacher outputs", len(predicted))
+        metrics.update(zip(REGRESSION_TEACHER_KEYS, _agreement_of_scores(predicted, teacher),
+                           strict=True))
+    return metrics
+
+
+def task_metrics(predictions: Predictions, teacher_outputs: torch.Tensor | None = None,
+                 n_bins: int = 15) -> dict[str, float]:
+    """The metrics of ``predictions``' task: :func:`regression_metrics` for scores,
+    :func:`classification_metrics` (per token, with ``predictions.mask``) for logits.
+    ``teacher_outputs`` are the teacher's outputs on the same rows (``Predictions.logits`` of
+    :func:`predict_source`)."""
+    if predictions.task == "regression":
+        return regression_metrics(predictions.logits, predictions.labels, teacher_outputs)
+    return classification_metrics(predictions.logits, predictions.labels, teacher_outputs,
+                                  n_bins, mask=predictions.mask)
 
 
 # --------------------------------------------------------------------------- cost
@@ -389,7 +593,8 @@ def benchmark_models(models: Mapping[str, nn.Module], eval_batches: list[dict[st
                      repeats: int = 20) -> list[BenchmarkRow]:
     """Quality and cost of several models, one :class:`BenchmarkRow` per model, in input order.
 
-    Every model is evaluated on ``eval_batches`` (:func:`classification_metrics`); agreement is
+    Every model is evaluated on ``eval_batches`` with the metrics of its task
+    (:func:`task_metrics`); the teacher metrics (agreement, or ``*_teacher`` for regression) are
     measured against model ``teacher_logits_from`` (whose own agreement is therefore 1.0).
     Latency is timed on ``latency_batch`` for all models in this one call, in interleaved rounds
     (see :func:`_interleaved_latency`), and ``speedup`` is the ``reference`` model's median batch
@@ -400,29 +605,40 @@ def benchmark_models(models: Mapping[str, nn.Module], eval_batches: list[dict[st
         if name is not None and name not in models:
             raise ValueError(f"{role} '{name}' is not among the models: {sorted(models)}")
     predictions = {name: predict(model, eval_batches) for name, model in models.items()}
-    teacher_logits = (predictions[teacher_logits_from].logits
-                      if teacher_logits_from is not None else None)
-    metrics = {name: classification_metrics(p.logits, p.labels, teacher_logits)
-               for name, p in predictions.items()}
+    teacher_outputs = (predictions[teacher_logits_from].logits
+                       if teacher_logits_from is not None else None)
+    metrics = {name: task_metrics(p, teacher_outputs) for name, p in predictions.items()}
     latency = _interleaved_latency(models, latency_batch, threads=threads, repeats=repeats,
                                    warmup=LATENCY_WARMUP)
-    teacher_accuracy = (metrics[teacher_logits_from]["accuracy"]
-                        if teacher_logits_from is not None else None)
+    teacher_metrics = metrics[teacher_logits_from] if teacher_logits_from is not None else None
     return [
-        _row(name, model, metrics[name], latency[name], latency[reference], teacher_accuracy)
+        _row(name, model, _quality(predictions[name].task, metrics[name], teacher_metrics),
+             latency[name], latency[reference])
         for name, model in models.items()
     ]
 
 
-def _row(name: str, model: nn.Module, metrics: Mapping[str, float], latency: Latency,
-         reference: Latency, teacher_accuracy: float | None) -> BenchmarkRow:
+def _quality(task: Task, metrics: Mapping[str, float],
+             teacher_metrics: Mapping[str, float] | None) -> dict[str, float | None]:
+    """A row's quality entries: the task's metrics, ``None`` for the teacher ones without a
+    teacher."""
+    if task == "regression":
+        return {key: metrics.get(key) for key in REGRESSION_KEYS + REGRESSION_TEACHER_KEYS}
+    teacher_accuracy = teacher_metrics["accuracy"] if teacher_metrics is not None else None
+    return {
+        "accuracy": metrics["accuracy"],
+        "macro_f1": metrics["macro_f1"],
+        "ece": metrics["ece"],
+        "agreement": metrics.get("agreement"),
+        "accuracy_share": (metrics["accuracy"] / teacher_accuracy if teacher_accuracy else None),
+    }
+
+
+def _row(name: str, model: nn.Module, quality: Mapping[str, float | None], latency: Latency,
+         reference: Latency) -> BenchmarkRow:
     return BenchmarkRow(
         name=name,
-        accuracy=metrics["accuracy"],
-        macro_f1=metrics["macro_f1"],
-        ece=metrics["ece"],
-        agreement=metrics.get("agreement"),
-        accuracy_share=(metrics["accuracy"] / teacher_accuracy if teacher_accuracy else None),
+        **quality,  # type: ignore[typeddict-item]
         params=count_parameters(model),
         size_mb=size_on_disk(model) / BYTES_PER_MB,
         latency_ms=latency.median_batch_ms,
@@ -451,11 +667,15 @@ def eval_batches(data: Any, batch_size: int,
             for start in range(0, len(dataset), batch_size)]
 
 
-def evaluate_classifier(student: nn.Module, batches: Sequence[Mapping[str, Any]],
-                        device: torch.device,
-                        teacher_logits: torch.Tensor | None = None) -> dict[str, float]:
-    """Accuracy, macro-F1, ECE and (given the teacher's logits in data order, see
-    :func:`predict_source`) top-1 agreement of ``student`` on ``batches``; the engine's
-    end-of-epoch evaluation."""
-    predictions = predict(student, batches, device)
-    return classification_metrics(predictions.logits, predictions.labels, teacher_logits)
+def evaluate_model(student: nn.Module, batches: Sequence[Mapping[str, Any]],
+                   device: torch.device | str | None,
+                   teacher_outputs: torch.Tensor | None = None) -> dict[str, float]:
+    """The engine's end-of-epoch evaluation: :func:`task_metrics` of ``student`` on ``batches``.
+
+    Classification and token classification give ``accuracy``, ``macro_f1``, ``ece`` and, with
+    ``teacher_outputs``, ``agreement``; regression gives ``mse``, ``pearson``, ``spearman`` and,
+    with ``teacher_outputs``, ``mse_teacher``, ``pearson_teacher``, ``spearman_teacher``.
+    ``teacher_outputs`` are the teacher's outputs in data order (:func:`predict_source`).
+    """
+    return task_metrics(predict(student, batches, device), teacher_outputs)
+

@@ -18,10 +18,10 @@ from torch import nn
 from kdistill.checkpoint import atomic_save_tensors, atomic_write_text
 from kdistill.config import ConfigError, DataConfig, ModelConfig, RunConfig, TeacherConfig
 from kdistill.data import DataSplits, keep_labels, load_dataset
-from kdistill.engine import Distiller, FitResult, Phase, recipe_phases
-from kdistill.models import build_model
-from kdistill.recipes import build_recipe
-from kdistill.teachers import FrozenTeacher
+from kdistill.engine import Distiller, FitResult, Phase, recipe_phases, wrap_student
+from kdistill.models import build_model, deployable
+from kdistill.recipes import Recipe, build_recipe
+from kdistill.teachers import FrozenTeacher, TeacherSource
 
 CACHE_ENV = "KDISTILL_CACHE"
 
@@ -33,7 +33,9 @@ def cache_dir() -> Path:
 
 def build_data(config: DataConfig) -> DataSplits:
     """Load the data set; with ``labeled`` set, hide all but that many training labels."""
-    options: dict[str, Any] = {"test_fraction": config.test_fraction, "seed": config.seed}
+    options: dict[str, Any] = {"seed": config.seed, **config.options}
+    if "test_fraction" in loader_parameters(config.name):
+        options["test_fraction"] = config.test_fraction
     if config.name in ("npz", "csv"):
         options["path"] = config.path
     if config.name == "csv":
@@ -50,6 +52,15 @@ def build_data(config: DataConfig) -> DataSplits:
         data.train = data.train.with_labels(keep_labels(data.train.labels, config.labeled,
                                                         config.seed))
     return data
+
+
+def loader_parameters(name: str) -> set[str]:
+    """The keyword options the built-in data set ``name`` takes."""
+    import inspect
+
+    from kdistill.data.builtin import DATASETS
+
+    return set(inspect.signature(DATASETS[name]).parameters) if name in DATASETS else set()
 
 
 def build_from(config: ModelConfig, data: DataSplits, seed: int,
@@ -106,21 +117,36 @@ def file_digest(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def teacher_key(config: TeacherConfig, data: DataConfig) -> str:
-    """A hash of everything that determines a trained teacher: its model and training settings
-    (not the progress display), the data settings (not ``labeled``: the teacher sees every
-    label) and, for a user data file, the file's content (so an edited file trains anew)."""
+def teacher_training(config: TeacherConfig, distilling: Recipe | None) -> dict[str, Any]:
+    """The recipe (name and parameters) that trains the teacher: ``teacher.recipe`` if given,
+    else the distilling recipe's ``teacher_recipe`` (plain cross-entropy for most)."""
+    if config.recipe is not None:
+        return dict(config.recipe)
+    name, params = distilling.teacher_recipe if distilling is not None else ("ce", {})
+    return {"name": name, **params}
+
+
+def teacher_key(config: TeacherConfig, data: DataConfig,
+                recipe: dict[str, Any] | None = None) -> str:
+    """A hash of everything that determines a trained teacher: its model, training recipe and
+    settings (not the progress display), the data settings (not ``labeled``: the teacher sees
+    every label) and, for a user data file, the file's content (so an edited file trains
+    anew)."""
     assert config.train is not None
+    recipe = recipe or {"name": "ce"}
     content = {"model": config.model.model_dump(),
                "train": config.train.model_dump(exclude={"progress"}),
+               **({"recipe": recipe} if recipe != {"name": "ce"} else {}),
                "data": data.model_dump(exclude={"labeled"}),
                "data_file": file_digest(data.path) if data.path else None, "format": 2}
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def obtain_teacher(config: TeacherConfig, data_config: DataConfig, data: DataSplits,
-                   *, progress: bool = True) -> tuple[nn.Module, dict[str, Any]]:
-    """The teacher from its checkpoint, from the cache, or trained now (then cached).
+                   *, progress: bool = True,
+                   recipe: dict[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """The teacher from its checkpoint, from the cache, or trained now (then cached) with
+    ``recipe`` (see :func:`teacher_training`; default cross-entropy).
 
     A trained teacher sees every label of the training split (its own data set is loaded again
     without ``labeled``): it stands for a model that already exists.
@@ -130,13 +156,19 @@ def obtain_teacher(config: TeacherConfig, data_config: DataConfig, data: DataSpl
         return load_weights(model, Path(config.checkpoint), "teacher.checkpoint"), \
             {"source": config.checkpoint}
     assert config.train is not None
-    path = cache_dir() / "teachers" / f"{teacher_key(config, data_config)}.safetensors"
+    recipe = recipe or {"name": "ce"}
+    path = cache_dir() / "teachers" / f"{teacher_key(config, data_config, recipe)}.safetensors"
     model = build_from(config.model, data, config.train.seed, "teacher.model")
     if path.is_file():
         return load_weights(model, path, "teacher cache"), {"source": str(path), "cached": True}
     full = build_data(data_config.model_copy(update={"labeled": None}))
     settings = config.train.model_copy(update={"progress": progress})
-    Distiller(model, None, "ce", trainer=settings).fit(full.train)
+    spec = dict(recipe)
+    trainer_recipe = build_recipe(spec.pop("name"), **spec)
+    if trainer_recipe.uses_teacher:
+        raise ConfigError(f"teacher.recipe: '{trainer_recipe.name}' distils from a teacher and "
+                          "cannot train the teacher itself")
+    Distiller(model, None, trainer_recipe, trainer=settings).fit(full.train)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_save_tensors(model.state_dict(), path)
     return model, {"source": str(path), "cached": False}
@@ -158,6 +190,33 @@ def build_phases(config: RunConfig) -> list[Phase]:
         phases.append(Phase(recipe, phase.epochs, name=phase.name or f"{i}-{recipe.name}",
                             optimizer=phase.optimizer, scheduler=phase.scheduler))
     return phases
+
+
+def build_teacher(config: RunConfig, data: DataSplits, phases: list[Phase],
+                  sections: list[str]) -> tuple[nn.Module | None, nn.Module | TeacherSource | None]:
+    """The teacher model and what to hand the :class:`Distiller` as teacher, as the first
+    teacher-using recipe asks (``Recipe.teacher_model``): a trained teacher, frozen; a fresh
+    model, which the recipe turns into online peers; or nothing (the recipe makes its teacher
+    from the student)."""
+    users = [(p, where) for p, where in zip(phases, sections, strict=True)
+             if p.recipe.uses_teacher]
+    if config.teacher is None or not users:
+        return None, None
+    recipe = users[0][0].recipe
+    if recipe.teacher_model == "fresh":
+        teacher = build_from(config.teacher.model, data, config.trainer.seed + 1,
+                             "teacher.model")
+        if config.teacher.checkpoint is not None:
+            load_weights(teacher, Path(config.teacher.checkpoint), "teacher.checkpoint")
+        handed: nn.Module | TeacherSource = teacher
+    else:
+        teacher, _ = obtain_teacher(config.teacher, config.data, data,
+                                    progress=config.trainer.progress,
+                                    recipe=teacher_training(config.teacher, recipe))
+        handed = FrozenTeacher(teacher, config.teacher.precision)
+    for phase, where in users:
+        check_taps(teacher, phase.recipe.teacher_taps(), where, phase.name or "")
+    return teacher, handed
 
 
 @dataclass
@@ -212,7 +271,8 @@ def _run(config: RunConfig, resume: bool) -> RunOutcome:
     # Everything that can fail on the config alone fails here, before a teacher is trained.
     data = build_data(config.data)
     phases = build_phases(config)
-    student = build_from(config.student, data, config.trainer.seed, "student")
+    student = wrap_student(build_from(config.student, data, config.trainer.seed, "student"),
+                           phases)
     sections = (["recipe"] * len(phases) if config.phases is None else
                 [f"phases.{i}.recipe" for i in range(len(phases))])
     for phase, where in zip(phases, sections, strict=True):
@@ -220,20 +280,13 @@ def _run(config: RunConfig, resume: bool) -> RunOutcome:
     run_dir = Path(config.output_dir) / config.name
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.json", config.model_dump_json(indent=2))
-    teacher = None
-    if config.teacher is not None:
-        teacher, _ = obtain_teacher(config.teacher, config.data, data,
-                                    progress=config.trainer.progress)
-        for phase, where in zip(phases, sections, strict=True):
-            if phase.recipe.uses_teacher:
-                check_taps(teacher, phase.recipe.teacher_taps(), where, phase.name or "")
-    source = FrozenTeacher(teacher, config.teacher.precision) if teacher is not None else None
+    teacher, source = build_teacher(config, data, phases, sections)
     result = Distiller(student, source, phases=phases, trainer=config.trainer,
                        run_dir=run_dir).fit(data.train, data.test, resume=resume)
     if not is_main_process():
         return RunOutcome(result, [], None)
-    models = {"teacher": teacher, "student": student} if teacher is not None else \
-        {"student": student}
+    models = {"teacher": teacher} if teacher is not None else {}
+    models["student"] = deployable(student)
     rows, load = compare(models, data.test, batch_size=config.evaluation.batch_size,
                          threads=config.evaluation.threads, repeats=config.evaluation.repeats)
     report = write_report(run_dir, title=f"kdistill run: {config.name}", rows=rows,

@@ -10,6 +10,8 @@ A tap name is one of
 * ``embeddings`` - ``hidden_states[0]``;
 * ``pooled`` - ``pooler_output`` when the model has one, otherwise the mean of the last hidden
   state over valid tokens (``attention_mask``);
+* ``heads`` - ``output["heads"]`` of a model with several prediction heads (a tensor
+  [k, B, ...] of the stacked heads; its ``logits`` is the inference prediction);
 * ``module:<path>`` / ``module:<path>:input`` - the output (or first positional input) of any
   submodule, read through a forward hook, e.g. ``module:layer3`` or
   ``module:encoder.layer.2.output``.
@@ -31,7 +33,8 @@ from torch import nn
 
 from kdistill.errors import KdistillError
 
-OUTPUT_TAP_PATTERN = re.compile(r"^(logits|embeddings|pooled|hidden\.-?\d+|attention\.-?\d+)$")
+OUTPUT_TAP_PATTERN = re.compile(
+    r"^(logits|heads|embeddings|pooled|hidden\.-?\d+|attention\.-?\d+)$")
 MODULE_PREFIX = "module:"
 HF_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
@@ -44,12 +47,15 @@ class Taps(Mapping[str, torch.Tensor]):
     """Read-only mapping from tap name to tensor for one forward pass.
 
     ``Taps`` also carries the batch's ``attention_mask`` (when there is one) so that losses on
-    token features can mask padding without seeing the batch.
+    token features can mask padding without seeing the batch. A source made of several models
+    (peers, an ensemble, a group) also gives each model's own taps as ``members``.
     """
 
-    def __init__(self, values: Mapping[str, torch.Tensor], mask: torch.Tensor | None = None):
+    def __init__(self, values: Mapping[str, torch.Tensor], mask: torch.Tensor | None = None,
+                 members: tuple[Taps, ...] = ()):
         self._values = dict(values)
         self.mask = mask
+        self.members = tuple(members)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         try:
@@ -66,11 +72,16 @@ class Taps(Mapping[str, torch.Tensor]):
 
     def detached(self) -> Taps:
         """A copy whose tensors are ordinary (non-inference) tensors cut from any graph."""
-        return Taps({k: v.detach().clone() for k, v in self._values.items()}, self.mask)
+        return Taps({k: v.detach().clone() for k, v in self._values.items()}, self.mask,
+                    tuple(m.detached() for m in self.members))
 
     def replace(self, **values: torch.Tensor) -> Taps:
         """A copy with some taps replaced or added."""
-        return Taps({**self._values, **values}, self.mask)
+        return Taps({**self._values, **values}, self.mask, self.members)
+
+    def with_members(self, members: Iterable[Taps]) -> Taps:
+        """A copy whose ``members`` are ``members``."""
+        return Taps(self._values, self.mask, tuple(members))
 
 
 @dataclass(frozen=True)
@@ -95,7 +106,7 @@ def parse_tap(name: str) -> str | ModuleTap:
     if not OUTPUT_TAP_PATTERN.match(name):
         raise TapError(
             f"unknown tap '{name}': expected logits, embeddings, pooled, hidden.<i>, "
-            "attention.<i> or module:<path>"
+            "attention.<i>, heads or module:<path>"
         )
     return name
 
@@ -113,18 +124,31 @@ def run_model(model: nn.Module, batch: Mapping[str, Any], *, hidden: bool = Fals
 
     Hugging Face style batches (with ``input_ids``) are passed as keyword arguments, asking for
     hidden states and attentions only when a tap needs them; any other model receives
-    ``batch["input"]`` positionally.
+    ``batch["input"]`` positionally. A model that declares ``batch_inputs`` (a tuple of batch
+    keys, e.g. ``("labels",)`` for a teacher given privileged information) also receives each of
+    those keys as a keyword argument; no other model ever sees them.
     """
+    extra = batch_inputs(model, batch)
     if "input_ids" in batch:
         kwargs = {k: batch[k] for k in HF_INPUT_KEYS if k in batch}
         if hidden:
             kwargs["output_hidden_states"] = True
         if attentions:
             kwargs["output_attentions"] = True
-        return model(**kwargs)
+        return model(**kwargs, **extra)
     if "input" not in batch:
         raise TapError(f"batch has neither 'input' nor 'input_ids'; keys: {sorted(batch)}")
-    return model(batch["input"])
+    return model(batch["input"], **extra)
+
+
+def batch_inputs(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, Any]:
+    """The extra batch entries ``model`` declares in its ``batch_inputs`` attribute."""
+    keys = tuple(getattr(model, "batch_inputs", ()))
+    missing = [k for k in keys if k not in batch]
+    if missing:
+        raise TapError(f"{type(model).__name__} takes batch_inputs {list(keys)} but the batch "
+                       f"lacks {missing}; keys: {sorted(batch)}")
+    return {k: batch[k] for k in keys}
 
 
 def _field(output: Any, key: str) -> Any:
@@ -181,6 +205,12 @@ def output_tap(output: Any, name: str, mask: torch.Tensor | None = None) -> torc
         return _indexed(output, "hidden_states", 0, name)
     if name == "pooled":
         return _pooled(output, mask)
+    if name == "heads":
+        heads = _field(output, "heads")
+        if not isinstance(heads, torch.Tensor):
+            raise TapError("tap 'heads': the model output has no 'heads' tensor (a multi-head "
+                           "model returns {'logits': ..., 'heads': [k, B, ...]})")
+        return heads
     field, index = name.split(".")
     return _indexed(output, "hidden_states" if field == "hidden" else "attentions",
                     int(index), name)

