@@ -1,6 +1,10 @@
-"""For every registered recipe, a short run leaves the teacher untouched and trains the student."""
+"""For every registered classification recipe, a short run leaves a frozen teacher untouched
+and trains the student; recipes whose teacher trains online (peers) or is made from the student
+(EMA) train the student and their teacher."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -22,7 +26,13 @@ def make_recipe(name: str) -> Recipe:
     return build_recipe(name, **RECIPE_PARAMS.get(name, {}))
 
 
-@pytest.mark.parametrize("name", sorted(RECIPES))
+def recipes_with(teacher_model: set[str]) -> list[str]:
+    return sorted(name for name, entry in RECIPES.items()
+                  if entry.cls.task == "classification"
+                  and entry.cls.teacher_model in teacher_model)
+
+
+@pytest.mark.parametrize("name", recipes_with({"trained"}))
 def test_the_teacher_never_changes_and_the_student_does(name, digits_subset, make_mlp,
                                                         make_cnn, take_snapshot):
     data = digits_subset(64, labeled=24)
@@ -35,8 +45,10 @@ def test_the_teacher_never_changes_and_the_student_does(name, digits_subset, mak
 
     recipe = make_recipe(name)
     # Two epochs: enough for multi-phase recipes (fitnets: a hint epoch, then KD).
+    # (An evaluation set for recipes that keep their best phase weights.)
     result = Distiller(student, teacher, recipe, epochs=2, batch_size=16, progress=False,
-                       optimizer={"name": "sgd", "lr": 0.1, "momentum": 0.9}).fit(data)
+                       optimizer={"name": "sgd", "lr": 0.1, "momentum": 0.9}).fit(
+                           data, digits_subset(32))
 
     after = take_snapshot(teacher)
     assert set(after) == set(teacher_before)
@@ -55,6 +67,33 @@ def test_the_teacher_never_changes_and_the_student_does(name, digits_subset, mak
     for phase in result.phases:
         for param in phase.recipe.parameters():
             assert param.requires_grad
+
+
+@pytest.mark.parametrize("name", recipes_with({"fresh", "none"}))
+def test_online_teachers_train_along_with_the_student(name, digits_subset, make_mlp,
+                                                      take_snapshot, weights_diff):
+    data = digits_subset(64, labeled=24)
+    recipe = make_recipe(name)
+    peer = make_mlp(seed=1, hidden=(12,)) if recipe.teacher_model == "fresh" else None
+    peer_before = take_snapshot(peer) if peer is not None else None
+    student = make_mlp(seed=0, hidden=(16,))
+    student_before = take_snapshot(student)
+    distiller = Distiller(student, peer, recipe, epochs=2, batch_size=16, progress=False,
+                          optimizer={"name": "sgd", "lr": 0.1, "momentum": 0.9})
+    source = distiller.teacher
+    assert source is not None and not source.static
+    # The same source made from untrained copies: what the teacher would be without training.
+    untrained = make_recipe(name).teacher_source(copy.deepcopy(distiller.student),
+                                                 copy.deepcopy(peer))
+    untrained.bind(recipe.teacher_taps() or ["logits"], torch.device("cpu"))
+    distiller.fit(data, digits_subset(32))
+    assert weights_diff(take_snapshot(student), student_before) > 0
+    if peer is not None:  # the fresh peer is trained, in place
+        assert weights_diff(take_snapshot(peer), peer_before) > 0
+    trained, initial = source.state_dict(), untrained.state_dict()
+    assert trained.keys() == initial.keys()
+    assert any(not torch.equal(trained[k], initial[k]) for k in trained
+               if trained[k].is_floating_point()), f"{name}: the teacher did not change"
 
 
 def test_every_registered_recipe_is_covered():

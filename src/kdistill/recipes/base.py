@@ -74,7 +74,8 @@ class Recipe(nn.Module):
       with the student weights of its best end-of-epoch evaluation (``ece``, ``loss`` and
       ``mse`` are minimised, other metrics maximised);
     * ``teacher_recipe``: ``(recipe name, parameters)`` with which a config run trains the
-      teacher when the config asks it to train one (default plain cross-entropy).
+      teacher when the config asks it to train one (default plain cross-entropy);
+    * ``task``: ``classification`` (also per token) or ``regression``.
     """
 
     name: ClassVar[str]
@@ -86,6 +87,7 @@ class Recipe(nn.Module):
     teacher_model: ClassVar[TeacherModel] = "trained"
     keep_best: ClassVar[str | None] = None
     teacher_recipe: ClassVar[tuple[str, dict[str, Any]]] = ("ce", {})
+    task: ClassVar[Literal["classification", "regression"]] = "classification"
 
     def __init__(self, params: RecipeParams | None = None, **overrides: Any):
         super().__init__()
