@@ -229,6 +229,50 @@ def test_missing_module_tap_fails_before_the_teacher_is_trained(tmp_path: Path) 
     assert (sorted(cache.rglob("*")) if cache.exists() else []) == before
 
 
+@pytest.mark.parametrize(("data", "recipe", "message"), [
+    ("diabetes", "hinton", "recipe: 'hinton' is a classification recipe but data set 'diabetes' "
+                           "is a regression task; recipes for it: ['mse', 'regression_kd']"),
+    ("digits", "mse", "recipe: 'mse' is a regression recipe but data set 'digits' is a "
+                      "classification task; recipes for it: ['adversarial', "),
+])
+def test_recipe_of_another_task_fails_before_training(tmp_path: Path, data: str, recipe: str,
+                                                      message: str) -> None:
+    from kdistill.run import run
+
+    raw = tiny_config(tmp_path / "out", recipe={"name": recipe}, data={"name": data})
+    raw["teacher"] = {"model": {"name": "mlp", "size": "tiny"}, "train": {"epochs": 1}}
+    with pytest.raises(ConfigError) as caught:
+        run(parse_config(raw))
+    assert str(caught.value).startswith(message)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("data", "student", "message"), [
+    ("diabetes", "mlp", "evaluation.shifts: shifts apply to image classification data, not to "
+                        "'diabetes' (regression)"),
+    ("csv", "mlp", "evaluation.shifts: data set 'digits-rows': shift 'blur' needs inputs shaped "
+                   "[N, C, H, W], got (2, 3)"),
+])
+def test_shifts_the_test_data_cannot_take_fail_before_training(tmp_path: Path, data: str,
+                                                               student: str,
+                                                               message: str) -> None:
+    from kdistill.run import run
+
+    data_config: dict[str, Any] = {"name": data}
+    if data == "csv":
+        rows = tmp_path / "digits-rows.csv"
+        rows.write_text("a,b,c,label\n" + "".join(f"{i},{i % 5},{i % 7},{i % 2}\n"
+                                                    for i in range(40)))
+        data_config["path"] = str(rows)
+    raw = tiny_config(tmp_path / "out", recipe={"name": "mse" if data == "diabetes" else "ce"},
+                      data=data_config, student={"name": student, "size": "tiny"})
+    raw["evaluation"]["shifts"] = ["noise", "blur"]
+    with pytest.raises(ConfigError) as caught:
+        run(parse_config(raw))
+    assert str(caught.value).startswith(message)
+    assert not (tmp_path / "out").exists()
+
+
 def test_bad_data_file_is_a_clean_cli_error(tmp_path: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     data = tmp_path / "rows.csv"

@@ -88,6 +88,18 @@ def test_schedule_config_step():
     assert [by_step.at(at_step(s)) for s in range(5)] == [0.0, 0.0, 0.0, 1.0, 1.0]
 
 
+def test_schedule_over_the_share_of_the_phase_done():
+    ramp = ScheduleConfig(name="cosine", start=0.8, end=1.0, unit="phase")
+    # 1.5 epochs of 4 steps done out of 12 steps: half the phase
+    half = TrainState(epoch=1, step=5, epoch_progress=1.5, steps_per_epoch=4, total_steps=12)
+    assert half.phase_progress == 0.5
+    assert ramp.at(half) == pytest.approx(0.9)
+    done = TrainState(epoch=2, step=11, epoch_progress=3.0, steps_per_epoch=4, total_steps=12)
+    assert ramp.at(done) == pytest.approx(1.0)
+    start = TrainState(epoch_progress=0.0, steps_per_epoch=4, total_steps=12)
+    assert ramp.at(start) == pytest.approx(0.8)
+
+
 def test_schedule_config_rejects_bad_values():
     with pytest.raises(ValidationError, match=r"len\(values\) == len\(boundaries\) \+ 1"):
         ScheduleConfig(name="step", boundaries=[1, 2], values=[1.0, 0.5])

@@ -19,7 +19,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from kdistill.errors import KdistillError
-from kdistill.settings import OptimizerSettings, SchedulerSettings, Strict, TrainerSettings
+from kdistill.settings import (
+    MAX_SEVERITY,
+    OptimizerSettings,
+    SchedulerSettings,
+    Shift,
+    Strict,
+    TrainerSettings,
+)
 
 
 class ConfigError(KdistillError):
@@ -90,11 +97,14 @@ class PhaseConfig(Strict):
 
 
 class EvaluationConfig(Strict):
-    """How the final comparison measures latency."""
+    """How the final comparison measures latency, and which distribution shifts of the test
+    images it also scores accuracy under (:mod:`kdistill.data.shifts`; none by default)."""
 
     batch_size: int = Field(default=64, ge=1)
     threads: int = Field(default=2, ge=1)
     repeats: int = Field(default=20, ge=1)
+    shifts: list[Shift] = Field(default_factory=list)
+    shift_severity: float = Field(default=3.0, ge=0.0, le=MAX_SEVERITY)
 
 
 class RunConfig(Strict):

@@ -130,7 +130,7 @@ class BenchmarkRow(TypedDict):
 
 
 @contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
+def eval_mode(model: nn.Module) -> Iterator[None]:
     """Put every submodule in eval mode, then restore each one's own previous mode.
 
     The root is restored through ``train()`` so that a model overriding it still sees the call;
@@ -279,7 +279,7 @@ def predict(model: nn.Module, batches: Iterable[Mapping[str, Any]],
     without ``labels`` gets ``-100`` (NaN for regression) for each label.
     """
     device = torch.device(device) if device is not None else _model_device(model)
-    with _eval_mode(model), torch.inference_mode():
+    with eval_mode(model), torch.inference_mode():
         rows = [_batch_rows(output_logits(run_model(model, moved)), moved)
                 for moved in (_to_device(batch, device) for batch in batches)]
     return _in_data_order(rows)
@@ -296,7 +296,7 @@ def predict_source(source: Any, batches: Iterable[Mapping[str, Any]],
     module = getattr(source, "trainable_module", lambda: None)()
     with ExitStack() as stack:
         if module is not None:
-            stack.enter_context(_eval_mode(module))
+            stack.enter_context(eval_mode(module))
         stack.enter_context(torch.inference_mode())
         rows = [_batch_rows(source(moved)["logits"], moved)
                 for moved in (_to_device(batch, device) for batch in batches)]
@@ -551,7 +551,7 @@ def _interleaved_latency(models: Mapping[str, nn.Module], batch: Mapping[str, An
     with ExitStack() as stack:
         stack.enter_context(num_threads(threads))
         for model in models.values():
-            stack.enter_context(_eval_mode(model))
+            stack.enter_context(eval_mode(model))
         stack.enter_context(torch.inference_mode())
         for _ in range(warmup):
             for name in names:

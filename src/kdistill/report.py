@@ -24,6 +24,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 from rich.table import Table
 
+from kdistill.settings import SHIFTS
+
 Row = Mapping[str, Any]
 MISSING = "–"
 PLOT_NAME = "comparison.png"
@@ -79,6 +81,8 @@ class Column:
 COLUMNS = (
     Column("name", "Model", str, numeric=False),
     Column("accuracy", "Acc", _percent),
+    *(Column(f"accuracy_{shift}", f"Acc {shift}", _percent) for shift in SHIFTS),
+    Column("accuracy_shifted", "Acc shifted", _percent),
     Column("macro_f1", "Macro-F1", _percent),
     Column("ece", "ECE", _percent),
     Column("agreement", "Agree", _percent),

@@ -20,7 +20,7 @@ from kdistill.config import ConfigError, DataConfig, ModelConfig, RunConfig, Tea
 from kdistill.data import DataSplits, keep_labels, load_dataset
 from kdistill.engine import Distiller, FitResult, Phase, recipe_phases, wrap_student
 from kdistill.models import build_model, deployable
-from kdistill.recipes import Recipe, build_recipe
+from kdistill.recipes import RECIPES, Recipe, build_recipe
 from kdistill.teachers import FrozenTeacher, TeacherSource
 
 CACHE_ENV = "KDISTILL_CACHE"
@@ -86,6 +86,17 @@ def check_taps(model: nn.Module, taps: Iterable[str], where: str, phase: str) ->
         resolve_module_taps(model, taps)
     except TapError as error:
         raise ConfigError(f"{where}: phase '{phase}': {error}") from None
+
+
+def check_task(recipe: Recipe, data: DataSplits, where: str) -> None:
+    """Raise a :class:`ConfigError` when ``recipe`` cannot learn ``data``'s task (a regression
+    recipe on class labels or a classification recipe on float scores)."""
+
+    wanted = "regression" if data.task == "regression" else "classification"
+    if recipe.task != wanted:
+        fitting = sorted(name for name, entry in RECIPES.items() if entry.cls.task == wanted)
+        raise ConfigError(f"{where}: '{recipe.name}' is a {recipe.task} recipe but data set "
+                          f"'{data.name}' is a {data.task} task; recipes for it: {fitting}")
 
 
 def load_weights(model: nn.Module, path: Path, what: str) -> nn.Module:
@@ -168,6 +179,7 @@ def obtain_teacher(config: TeacherConfig, data_config: DataConfig, data: DataSpl
     if trainer_recipe.uses_teacher:
         raise ConfigError(f"teacher.recipe: '{trainer_recipe.name}' distils from a teacher and "
                           "cannot train the teacher itself")
+    check_task(trainer_recipe, data, "teacher.recipe")
     Distiller(model, None, trainer_recipe, trainer=settings).fit(full.train)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_save_tensors(model.state_dict(), path)
@@ -259,6 +271,41 @@ def compare(models: dict[str, nn.Module], test: Any, *, batch_size: int, threads
                         f"of the machine while timing (1, 5, 15 min): {load}.")
 
 
+def check_shift_request(config: RunConfig, data: DataSplits) -> None:
+    """Raise a :class:`ConfigError` before training when ``evaluation.shifts`` cannot be
+    applied to the test data (not image classification, or inputs of the wrong shape)."""
+    from kdistill.data.shifts import check_shifts
+
+    shifts = config.evaluation.shifts
+    if not shifts:
+        return
+    inputs = getattr(data.test, "inputs", None)
+    if data.task != "classification" or not isinstance(inputs, torch.Tensor):
+        raise ConfigError(f"evaluation.shifts: shifts apply to image classification data, not "
+                          f"to '{data.name}' ({data.task})")
+    try:
+        check_shifts(inputs, shifts, config.evaluation.shift_severity)
+    except ValueError as error:
+        raise ConfigError(f"evaluation.shifts: data set '{data.name}': {error}") from None
+
+
+def add_shift_accuracies(rows: list[dict[str, Any]], models: dict[str, nn.Module], test: Any,
+                         config: RunConfig) -> None:
+    """Add each model's accuracy under every ``evaluation.shifts`` shift to its row, as
+    ``accuracy_<shift>``, and their mean as ``accuracy_shifted``."""
+    from kdistill.data.shifts import shifted_evaluation
+
+    shifts = config.evaluation.shifts
+    if not shifts:
+        return
+    results = shifted_evaluation(models, test, shifts, config.evaluation.shift_severity,
+                                 config.evaluation.batch_size, "cpu")
+    for row in rows:
+        accuracies = results[row["name"]]
+        row.update({f"accuracy_{shift}": accuracies[shift] for shift in shifts})
+        row["accuracy_shifted"] = sum(accuracies[shift] for shift in shifts) / len(shifts)
+
+
 def run(config: RunConfig, *, resume: bool = False) -> RunOutcome:
     """Train the configured student and compare it with its teacher (if any)."""
     with cpu_threads(config.cpu_threads):
@@ -276,7 +323,9 @@ def _run(config: RunConfig, resume: bool) -> RunOutcome:
     sections = (["recipe"] * len(phases) if config.phases is None else
                 [f"phases.{i}.recipe" for i in range(len(phases))])
     for phase, where in zip(phases, sections, strict=True):
+        check_task(phase.recipe, data, where)
         check_taps(student, phase.recipe.student_taps(), where, phase.name or "")
+    check_shift_request(config, data)
     run_dir = Path(config.output_dir) / config.name
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.json", config.model_dump_json(indent=2))
@@ -289,6 +338,7 @@ def _run(config: RunConfig, resume: bool) -> RunOutcome:
     models["student"] = deployable(student)
     rows, load = compare(models, data.test, batch_size=config.evaluation.batch_size,
                          threads=config.evaluation.threads, repeats=config.evaluation.repeats)
+    add_shift_accuracies(rows, models, data.test, config)
     report = write_report(run_dir, title=f"kdistill run: {config.name}", rows=rows,
                           histories={"student": result.history}, notes=load,
                           settings={"recipe": config.recipe or [

@@ -24,6 +24,11 @@ class TrainState:
     steps_per_epoch: int = 1
     total_steps: int = 1
 
+    @property
+    def phase_progress(self) -> float:
+        """The share of the phase's optimizer steps done, in [0, 1]."""
+        return min(self.epoch_progress * self.steps_per_epoch / max(self.total_steps, 1), 1.0)
+
 
 class ScheduleConfig(BaseModel):
     """A value over training.
@@ -31,7 +36,9 @@ class ScheduleConfig(BaseModel):
     ``constant``: ``start``. ``linear``: start + (end - start) * min(t / length, 1).
     ``cosine``: end - (end - start) * (1 + cos(pi * min(t / length, 1))) / 2, i.e. a half-cosine
     ramp from ``start`` to ``end``. ``step``: ``values[k]`` where k is the number of
-    ``boundaries`` already passed. ``t`` is counted in ``unit`` (epochs or steps).
+    ``boundaries`` already passed. ``t`` is counted in ``unit``: ``epochs`` (fractional),
+    optimizer ``steps``, or ``phase``, the share of the phase's optimizer steps done, in
+    [0, 1] (with ``length`` 1, a ramp spanning the whole phase whatever its budget).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -40,7 +47,7 @@ class ScheduleConfig(BaseModel):
     start: float = 1.0
     end: float = 1.0
     length: float = Field(default=1.0, gt=0)
-    unit: Literal["epochs", "steps"] = "epochs"
+    unit: Literal["epochs", "steps", "phase"] = "epochs"
     boundaries: list[float] = Field(default_factory=list)
     values: list[float] = Field(default_factory=list)
 
@@ -52,7 +59,8 @@ class ScheduleConfig(BaseModel):
 
     def at(self, state: TrainState) -> float:
         """The scheduled value at ``state``."""
-        t = state.epoch_progress if self.unit == "epochs" else float(state.step)
+        t = {"epochs": state.epoch_progress, "steps": float(state.step),
+             "phase": state.phase_progress}[self.unit]
         if self.name == "constant":
             return self.start
         if self.name == "step":

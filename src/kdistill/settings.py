@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
 Beta = Annotated[float, Field(ge=0, lt=1)]  # an AdamW moment decay
+
+# Distribution shifts of test images (kdistill.data.shifts) and their severity scale.
+Shift = Literal["noise", "blur", "contrast", "rotation"]
+SHIFTS: tuple[Shift, ...] = get_args(Shift)
+MAX_SEVERITY = 5.0
 
 
 class Strict(BaseModel):

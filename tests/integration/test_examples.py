@@ -19,7 +19,8 @@ import torch
 import yaml
 
 from kdistill.config import RunConfig, load_config, parse_config
-from kdistill.run import RunOutcome, cache_dir, run, teacher_key
+from kdistill.recipes import build_recipe
+from kdistill.run import RunOutcome, cache_dir, run, teacher_key, teacher_training
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -31,6 +32,27 @@ CASES: dict[str, tuple[list[str], list[set[str]]]] = {
     "fitnets": (["trainer.epochs=2", "recipe.hint_epochs=1"], [{"hint"}, {"ce", "kd"}]),
     "composite": (["trainer.epochs=2"], [{"ce", "kd", "hint"}]),
     "phases": (["phases.0.epochs=1", "phases.1.epochs=1"], [{"kd"}, {"ce", "kd"}]),
+    "annealing": (["trainer.epochs=2", "recipe.phase1_epochs=1", "recipe.t_max=1"],
+                  [{"mse"}, {"ce"}]),
+    "continuation": (["trainer.epochs=2", "recipe.anneal_epochs=1", "recipe.t_max=1"],
+                     [{"ce", "hinge"}]),
+    "deit": (["trainer.epochs=2"], [{"ce", "distill"}]),
+    "okdhp": (["trainer.epochs=10", "trainer.eval_every=1"], [{"ce", "ce_ensemble", "kl"}]),
+    "dml": (["trainer.epochs=10", "trainer.eval_every=1"],
+            [{"ce", "kl", "peer1_ce", "peer1_kl"}]),
+    "bdkd": (["trainer.epochs=10", "trainer.eval_every=1"],
+             [{"ce", "forward_kl", "reverse_kl", "teacher_ce", "teacher_kl"}]),
+    "mean_teacher": (["trainer.epochs=2", "trainer.eval_every=1", "data.labeled=300"],
+                     [{"ce", "consistency"}]),
+    "atsen": (["trainer.epochs=2", "trainer.eval_every=1", "data.labeled=300",
+               "recipe.warmup_epochs=1"],
+              [{"ce", "pseudo", "kd", "peer_ce", "peer_pseudo", "peer_kd"}]),
+    "oracle": (["trainer.epochs=2"], [{"ce", "kd"}]),
+    "mse": (["trainer.epochs=2"], [{"mse"}]),
+    "regression_kd": (["trainer.epochs=2"], [{"kd", "kd_augmented", "gold"}]),
+    "denoise": (["trainer.epochs=2"], [{"ce", "soft", "consistency"}]),
+    "daft": (["trainer.epochs=2"], [{"ce", "kd"}]),
+    "adversarial": (["trainer.epochs=2"], [{"adversarial_ce"}]),
 }
 RECORD_KEYS = {"kind", "phase", "epoch", "step", "lr", "loss"}
 
@@ -48,7 +70,8 @@ def reduced(name: str, output: Path) -> RunConfig:
     """The example ``name`` with a 2-epoch teacher, a short budget and quick timing."""
     overrides = [f"output_dir={output}", "trainer.progress=false", "trainer.batch_size=32",
                  "evaluation.repeats=2", *CASES[name][0]]
-    if name != "ce":
+    raw = yaml.safe_load((EXAMPLES / f"{name}.yaml").read_text())
+    if "train" in (raw.get("teacher") or {}):
         overrides.append("teacher.train.epochs=2")
     return load_config(EXAMPLES / f"{name}.yaml", overrides)
 
@@ -63,10 +86,15 @@ def check_outcome(outcome: RunOutcome, config: RunConfig) -> list[dict[str, Any]
     evals = [r for r in history if r["kind"] == "eval"]
     logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r for r in logged if r["kind"] == "eval"] == evals
-    final = evals[-1]["eval_accuracy"]
     rows = {row["name"]: row for row in outcome.rows}
-    assert rows["student"]["accuracy"] == pytest.approx(final)
-    assert final > 0.2, f"{config.name}: student accuracy {final} is no better than chance"
+    if "eval_pearson" in evals[-1]:
+        final = evals[-1]["eval_pearson"]
+        assert rows["student"]["pearson"] == pytest.approx(final)
+        assert final > 0.2, f"{config.name}: student scores do not follow the gold ({final})"
+    else:
+        final = evals[-1]["eval_accuracy"]
+        assert rows["student"]["accuracy"] == pytest.approx(final)
+        assert final > 0.2, f"{config.name}: student accuracy {final} is no better than chance"
     return evals
 
 
@@ -93,18 +121,23 @@ def test_example_runs(name: str, tmp_path: Path) -> None:
         assert records, f"phase {index} logged no steps"
         assert {frozenset(set(r) - RECORD_KEYS) for r in records} == {frozenset(terms)}
         assert all(math.isfinite(r["loss"]) for r in records)
-    if config.teacher is None:
+    for row in outcome.rows:  # accuracy under the shifts the config asks for, and their mean
+        shifted = [row[f"accuracy_{shift}"] for shift in config.evaluation.shifts]
+        assert all(0.0 <= a <= 1.0 for a in shifted)
+        if shifted:
+            assert row["accuracy_shifted"] == pytest.approx(sum(shifted) / len(shifted))
+    recipe = build_recipe(**config.recipe) if config.recipe else None
+    if config.teacher is None or (recipe is not None and recipe.teacher_model == "none"):
         assert [row["name"] for row in outcome.rows] == ["student"]
     else:
         assert [row["name"] for row in outcome.rows] == ["teacher", "student"]
+    if config.teacher is not None and (recipe is None or recipe.teacher_model == "trained"):
         assert config.teacher.train is not None
-        key = teacher_key(config.teacher, config.data)
+        key = teacher_key(config.teacher, config.data, teacher_training(config.teacher, recipe))
         assert (cache_dir() / "teachers" / f"{key}.safetensors").is_file()
 
 
 def _recipe_split(config: RunConfig) -> list[tuple[Any, int]]:
-    from kdistill.recipes import build_recipe
-
     spec = dict(config.recipe or {})
     return build_recipe(spec.pop("name"), **spec).phases(config.trainer.epochs)
 

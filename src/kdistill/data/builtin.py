@@ -19,6 +19,7 @@ from sklearn.model_selection import train_test_split
 from kdistill.data.base import ArrayDataset, DataSplits
 from kdistill.data.images import FASHION_MNIST_DIR, read_fashion_mnist, read_mnist5k
 from kdistill.data.regression import load_diabetes
+from kdistill.data.tagging import load_tagging
 
 
 def integer_labels(name: str, y: np.ndarray, what: str = "labels") -> np.ndarray:
@@ -221,6 +222,7 @@ DATASETS: dict[str, Callable[..., DataSplits]] = {
     "mnist5k": load_mnist5k,
     "fashion-mnist": load_fashion_mnist,
     "diabetes": load_diabetes,
+    "tagging": load_tagging,
     "npz": load_npz,
     "csv": load_csv,
 }

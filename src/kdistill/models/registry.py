@@ -15,11 +15,15 @@ from torch import nn
 from kdistill.models.cnn import CNN
 from kdistill.models.hf import load_hf_model
 from kdistill.models.mlp import MLP
+from kdistill.models.oracle import build_oracle
+from kdistill.models.tagger import Tagger
 
 MODEL_SIZES: dict[str, dict[str, dict[str, Any]]] = {
     "mlp": {"tiny": {"hidden": [16]}, "small": {"hidden": [64]}, "base": {"hidden": [256, 256]}},
     "cnn": {"tiny": {"channels": [8, 16]}, "small": {"channels": [16, 32]},
             "base": {"channels": [32, 64, 128]}},
+    "tagger": {"tiny": {"embed_dim": 16, "hidden": 16}, "small": {"embed_dim": 32, "hidden": 32},
+               "base": {"embed_dim": 64, "hidden": 64, "layers": 2}},
 }
 
 
@@ -45,7 +49,16 @@ def _hf(input_shape: Sequence[int], num_classes: int, path: str,
     return load_hf_model(path, task=task, num_labels=num_classes)  # type: ignore[arg-type]
 
 
-MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": _mlp, "cnn": _cnn, "hf": _hf}
+def _tagger(input_shape: Sequence[int], num_classes: int, vocab_size: Width = 100,
+            embed_dim: Width = 32, hidden: Width = 32,
+            encoder: Literal["lstm", "conv"] = "lstm", layers: Width = 1,
+            kernel_size: Width = 3, dropout: Dropout = 0.0) -> nn.Module:
+    return Tagger(input_shape, num_classes, vocab_size, embed_dim, hidden, encoder, layers,
+                  kernel_size, dropout)
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": _mlp, "cnn": _cnn, "hf": _hf,
+                                               "tagger": _tagger, "oracle": build_oracle}
 
 
 def model_options(name: str, size: str | None, options: dict[str, Any]) -> dict[str, Any]:

@@ -1,6 +1,25 @@
 """Recipes: one distillation method each, registered by name."""
 
-from kdistill.recipes import ce, composite, dkd, fitnets, hinton  # noqa: F401  (registration)
+from kdistill.recipes import (  # noqa: F401  (registration)
+    adversarial_training,
+    annealing,
+    atsen,
+    bdkd,
+    ce,
+    composite,
+    continuation,
+    daft,
+    deit,
+    denoise,
+    dkd,
+    fitnets,
+    hinton,
+    mean_teacher,
+    mutual,
+    okdhp,
+    oracle,
+    regression,
+)
 from kdistill.recipes.base import (
     RECIPES,
     Recipe,

@@ -118,7 +118,8 @@ class Recipe(nn.Module):
     def prepare(self, batch: dict[str, Any], student: Callable[[Mapping[str, Any]], Taps],
                 state: TrainState) -> dict[str, Any]:
         """The training micro-batch as both models should see it (augmented copies,
-        adversarial inputs...); ``student(batch)`` runs the unwrapped student. A batch that
+        adversarial inputs...); ``student(batch)`` runs the unwrapped student, which is
+        ``student.model`` (a :class:`kdistill.taps.TapReader`). A batch that
         grows must grow every sample by the same factor (terms are normalised by the counts of
         the original batch)."""
         return batch

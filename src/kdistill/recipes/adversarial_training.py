@@ -1,0 +1,119 @@
+"""``adversarial``: adversarial training of a model on PGD perturbations of its own inputs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from pydantic import Field, model_validator
+from torch import Tensor, nn
+
+from kdistill import losses
+from kdistill.adversarial import pgd_perturb
+from kdistill.augment import concat_rows
+from kdistill.evaluate import eval_mode
+from kdistill.recipes.base import Recipe, RecipeParams, Term, register
+from kdistill.schedules import TrainState
+from kdistill.taps import Taps
+
+ADVERSARIAL = "adversarial"  # batch key: bool [N], True on the perturbed rows
+
+
+class AdversarialParams(RecipeParams):
+    epsilon: float = Field(default=0.1, gt=0)
+    step_size: float | None = Field(default=None, gt=0)
+    steps: int = Field(default=5, ge=1)
+    random_start: bool = True
+    clean_weight: float = Field(default=0.0, ge=0, le=1)
+    value_range: tuple[float, float] | None = (0.0, 1.0)
+
+    @model_validator(mode="after")
+    def _range(self) -> AdversarialParams:
+        if self.value_range is not None and not self.value_range[0] < self.value_range[1]:
+            raise ValueError(f"value_range must be (low, high) with low < high, got "
+                             f"{self.value_range}")
+        return self
+
+    @property
+    def alpha(self) -> float:
+        """The PGD step: ``step_size``, by default 2.5 epsilon / steps (Madry et al.)."""
+        return self.step_size if self.step_size is not None else 2.5 * self.epsilon / self.steps
+
+
+@register
+class Adversarial(Recipe):
+    """L = (1 - w) CE(y, f(x_adv)) + w CE(y, f(x)), x_adv = PGD(f, x, y) in an L-inf ball.
+
+    Madry, Makelov, Schmidt, Tsipras & Vladu (2018), "Towards Deep Learning Models Resistant to
+    Adversarial Attacks". No teacher: this trains a model (for instance the teacher of ``daft``)
+    to be robust. :meth:`prepare` attacks the model being trained with ``steps`` steps of PGD
+    (:func:`kdistill.adversarial.pgd_perturb`, cross-entropy against the labels, random start)
+    inside ``||x_adv - x||_inf <= epsilon`` and the valid ``value_range``; the default step is
+    2.5 epsilon / steps. ``clean_weight`` w = 0 (default) is Madry's objective, on the
+    perturbed inputs alone; w > 0 also keeps CE on the clean inputs (the batch then holds the
+    clean rows and their perturbed copies, marked by ``batch["adversarial"]``), as in Goodfellow,
+    Shlens & Szegedy (2015) with w = 0.5.
+
+    Choices: the objective is CE on the labels (not TRADES' KL to the clean prediction) because
+    the teacher is trained on every label; only labelled samples are trained on. The attack runs
+    the model in eval mode (each module's mode restored afterwards): BatchNorm would otherwise
+    fold each of the ``steps`` attack forwards into its running statistics and normalise a
+    sample with its batch's statistics (so one sample's perturbation would depend on the
+    others), and dropout would change the network from one step to the next, so the ascent
+    would chase a moving target; the attack is thus on the model as it is evaluated. Gradients
+    are taken with respect to the inputs only, so the attack leaves no parameter gradient. The
+    inputs must be float (``batch["input"]``, images or features); token ids cannot be
+    perturbed.
+    """
+
+    name = "adversarial"
+    summary = "Adversarial training: CE on PGD (L-inf) perturbations made with the model itself"
+    paper = ("Madry, Makelov, Schmidt, Tsipras, Vladu 2018, Towards Deep Learning Models "
+             "Resistant to Adversarial Attacks")
+    Params = AdversarialParams
+    uses_teacher = False
+    uses_unlabeled = False
+
+    def prepare(self, batch: dict[str, Any], student: Callable[[Mapping[str, Any]], Taps],
+                state: TrainState) -> dict[str, Any]:
+        """The batch with PGD-perturbed inputs (after the clean rows when ``clean_weight``)."""
+        p = self.params
+        inputs = batch.get("input")
+        if not isinstance(inputs, Tensor) or not inputs.is_floating_point():
+            raise ValueError(f"adversarial: needs float inputs in batch['input'] to perturb; "
+                             f"batch keys: {sorted(batch)}")
+        model = getattr(student, "model", None)
+        if not isinstance(model, nn.Module):
+            raise TypeError("adversarial: prepare() needs the student's tap reader (with its "
+                            f"model as .model), got {type(student).__name__}")
+
+        def forward(x: Tensor) -> Tensor:
+            return student({**batch, "input": x})["logits"]
+
+        with eval_mode(model):
+            perturbed = pgd_perturb(forward, inputs, batch["labels"], p.epsilon, p.alpha,
+                                    p.steps, random_start=p.random_start,
+                                    value_range=p.value_range)
+        rows = len(inputs)
+        attacked = {**batch, "input": perturbed}
+        if p.clean_weight == 0:
+            attacked[ADVERSARIAL] = torch.ones(rows, dtype=torch.bool, device=inputs.device)
+            return attacked
+        prepared = concat_rows([batch, attacked], rows)
+        prepared[ADVERSARIAL] = torch.arange(2 * rows, device=inputs.device) >= rows
+        return prepared
+
+    def terms(self, student: Taps, teacher: Taps | None, batch: Mapping[str, Any],
+              state: TrainState) -> dict[str, Term]:
+        p = self.params
+        if ADVERSARIAL not in batch:
+            raise ValueError(f"adversarial: the batch has no '{ADVERSARIAL}' key marking the "
+                             "perturbed rows; it must come from Adversarial.prepare")
+        logits, labels, attacked = student["logits"], batch["labels"], batch[ADVERSARIAL]
+        terms = {"adversarial_ce": Term(losses.cross_entropy(logits[attacked], labels[attacked]),
+                                        weight=1 - p.clean_weight, unit="labeled")}
+        if p.clean_weight > 0:
+            terms["clean_ce"] = Term(losses.cross_entropy(logits[~attacked], labels[~attacked]),
+                                     weight=p.clean_weight, unit="labeled")
+        return terms

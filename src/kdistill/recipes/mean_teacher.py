@@ -1,0 +1,142 @@
+"""``mean_teacher``: the teacher is an exponential moving average of the student."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Annotated, Any, Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+
+from kdistill import losses
+from kdistill.losses.registry import Unit
+from kdistill.recipes.base import Recipe, RecipeParams, Term, register
+from kdistill.schedules import ScheduleConfig, TrainState, constant
+from kdistill.taps import Taps
+from kdistill.teachers import EMATeacher, TeacherSource
+
+VIEW = "view"  # batch key added by MeanTeacher.prepare: 0 = the student's copy, 1 = the teacher's
+
+
+def valid_rows(logits: Tensor, batch: Mapping[str, Any]) -> tuple[Tensor, Unit]:
+    """Which rows (distributions) of ``logits`` count, and the engine unit they are counted in.
+
+    Logits [B, C]: every sample, unit ``examples``. Token logits [B, L, C]: the tokens where the
+    batch's ``attention_mask`` is set (every token without a mask), unit ``tokens``.
+    """
+    if logits.dim() == 2:
+        return torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device), "examples"
+    if logits.dim() != 3:
+        raise ValueError(f"expected logits [B, C] or token logits [B, L, C], got "
+                         f"{tuple(logits.shape)}")
+    mask = batch.get("attention_mask")
+    if mask is None:
+        return torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device), "tokens"
+    if mask.shape != logits.shape[:2]:
+        raise ValueError(f"attention_mask {tuple(mask.shape)} does not match token logits "
+                         f"{tuple(logits.shape)}")
+    return mask.to(logits.device).bool(), "tokens"
+
+
+def schedule(value: float | ScheduleConfig) -> ScheduleConfig:
+    """A weight or momentum given as a number or a schedule, as a schedule."""
+    return value if isinstance(value, ScheduleConfig) else constant(value)
+
+
+def consistency_loss(student_logits: Tensor, teacher_logits: Tensor, valid: Tensor,
+                     kind: Literal["mse", "kl"]) -> Tensor:
+    """Mean over the valid rows of the distance between student and teacher predictions.
+
+    ``mse``: mean over rows and classes of (softmax z_s - softmax z_t)^2 (the paper's choice,
+    its code's ``softmax_mse_loss``); ``kl``: KL(p_t || p_s) summed over classes, mean over rows.
+    """
+    s, t = student_logits[valid], teacher_logits[valid]
+    if kind == "mse":
+        return losses.logit_mse(s.float().softmax(-1), t.float().softmax(-1))
+    return losses.kd(s, t, temperature=1.0)
+
+
+Momentum = Annotated[float, Field(ge=0.0, le=1.0)]
+Weight = Annotated[float, Field(ge=0.0)]
+
+
+class MeanTeacherParams(RecipeParams):
+    momentum: Momentum | ScheduleConfig = Field(
+        default=0.99, description="EMA momentum m (a number in [0, 1] or a schedule)")
+    consistency: Literal["mse", "kl"] = "mse"
+    consistency_weight: Weight | ScheduleConfig = Field(
+        default_factory=lambda: ScheduleConfig(name="cosine", start=0.0, end=10.0, length=5.0),
+        description="weight of the consistency term; default a cosine ramp 0 -> 10 over 5 epochs")
+    ce_weight: float = Field(default=1.0, ge=0)
+    noise: float = Field(default=0.0, ge=0,
+                         description="std of Gaussian input noise, drawn independently for the "
+                                     "student's and the teacher's copy; 0 = no noise")
+
+
+@register
+class MeanTeacher(Recipe):
+    """Mean teacher: CE on the labelled samples plus consistency with an EMA of the student.
+
+    Tarvainen & Valpola (2017), "Mean teachers are better role models". The teacher's weights
+    follow the student's, theta_t <- m theta_t + (1 - m) theta_s after every optimizer step
+    (:class:`~kdistill.teachers.EMATeacher`), and
+
+        L = w_ce CE(y, z_s) + w(t) C(z_s, z_t)
+
+    with CE averaged over labelled samples (or labelled tokens) and the consistency C over every
+    sample (every valid token of token logits [B, L, C]), labelled or not: ``mse`` between the
+    softmax outputs (mean over rows and classes, the paper's choice) or ``kl`` = KL(p_t || p_s).
+    w(t) ramps up; the paper uses exp(-5 (1 - t)^2) over its first 80 epochs, the default here is
+    a cosine ramp 0 -> 10 over 5 epochs (``consistency_weight`` takes any schedule), sized for
+    short runs. The default momentum 0.99 is the paper's ramp-up value (it moves to 0.999 later;
+    give a schedule for that).
+
+    Choices: the EMA teacher runs in eval mode (no dropout), so the student's and the teacher's
+    predictions differ by the student's dropout and by ``noise``: with ``noise`` > 0, every
+    sample of float ``input`` gets two independent Gaussian draws, the student's copy and the
+    teacher's copy (both models run on both copies, the terms read the student on the first
+    and the teacher on the second; twice the compute).
+    """
+
+    name = "mean_teacher"
+    summary = "Mean teacher: CE + ramped consistency with an EMA of the student"
+    paper = ("Tarvainen, Valpola 2017, Mean teachers are better role models: weight-averaged "
+             "consistency targets improve semi-supervised deep learning results")
+    Params = MeanTeacherParams
+    teacher_model = "none"
+
+    def teacher_source(self, student: nn.Module, teacher: nn.Module | None) -> TeacherSource:
+        return EMATeacher(student, self.params.momentum)
+
+    def prepare(self, batch: dict[str, Any], student: Callable[[Mapping[str, Any]], Taps],
+                state: TrainState) -> dict[str, Any]:
+        if not self.params.noise:
+            return batch
+        x = batch["input"]
+        if not x.is_floating_point():
+            raise ValueError(f"mean_teacher: noise needs float inputs, got 'input' of type "
+                             f"{x.dtype}; set noise to 0 for token ids")
+        rows = x.shape[0]
+        doubled = {k: torch.cat([v, v]) if isinstance(v, Tensor) and v.dim() and
+                   v.shape[0] == rows else v for k, v in batch.items()}
+        doubled["input"] = doubled["input"] + self.params.noise * torch.randn_like(
+            doubled["input"])
+        doubled[VIEW] = torch.arange(2, device=x.device).repeat_interleave(rows)
+        return doubled
+
+    def terms(self, student: Taps, teacher: Taps | None, batch: Mapping[str, Any],
+              state: TrainState) -> dict[str, Term]:
+        p = self.params
+        z_s, z_t, labels = student["logits"], teacher["logits"], batch["labels"]
+        if VIEW in batch:  # the student reads its own noisy copy, the teacher the other one
+            first = batch[VIEW] == 0
+            z_s, z_t, labels = z_s[first], z_t[~first], labels[first]
+            batch = {k: v[first] if isinstance(v, Tensor) and v.shape[:1] == first.shape
+                     else v for k, v in batch.items()}
+        valid, unit = valid_rows(z_s, batch)
+        return {
+            "ce": Term(losses.cross_entropy(z_s, labels), weight=p.ce_weight, unit="labeled"),
+            "consistency": Term(consistency_loss(z_s, z_t, valid, p.consistency),
+                                weight=schedule(p.consistency_weight).at(state), unit=unit),
+        }

@@ -1,0 +1,133 @@
+"""``dml``: deep mutual learning, k peers (the student among them) that teach each other."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from kdistill import losses
+from kdistill.recipes.base import Recipe, RecipeParams, Term, register
+from kdistill.schedules import TrainState
+from kdistill.taps import Taps
+from kdistill.teachers import PeerTeacher, TeacherSource
+
+
+class MutualParams(RecipeParams):
+    peers: int = Field(default=2, ge=2, description="k: the student plus k - 1 peer models")
+    temperature: float = Field(default=1.0, gt=0)
+
+
+def reinitialise_(model: nn.Module) -> nn.Module:
+    """Draw fresh weights for ``model`` in place and return it: every submodule that has
+    ``reset_parameters`` (linear, convolution, normalisation, embedding layers) draws new ones
+    from torch's global RNG; BatchNorm statistics are reset too. Parameters held by a module
+    without ``reset_parameters`` keep their values."""
+    for module in model.modules():
+        reset = getattr(module, "reset_parameters", None)
+        if callable(reset):
+            reset()
+    return model
+
+
+def reinitialised(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with fresh weights (see :func:`reinitialise_`)."""
+    return reinitialise_(copy.deepcopy(model))
+
+
+def distinct_from(student: nn.Module, model: nn.Module) -> nn.Module:
+    """``model``, its weights re-drawn in place (:func:`reinitialise_`) when it holds exactly
+    the student's (same architecture built from the same seed). Two identical peers receive
+    identical gradients (every divergence between them is at its minimum) and would stay
+    identical for the whole run, teaching each other nothing."""
+    mine, theirs = student.state_dict(), model.state_dict()
+    same = mine.keys() == theirs.keys() and all(
+        mine[k].shape == theirs[k].shape and torch.equal(mine[k], theirs[k]) for k in mine)
+    return reinitialise_(model) if same else model
+
+
+def peer_name(index: int, term: str) -> str:
+    """Log name of a peer's term: the student (index 0) keeps the plain name (``ce``, ``kl``),
+    peer i >= 1 gets ``peer<i>_<term>``."""
+    return term if index == 0 else f"peer{index}_{term}"
+
+
+def mutual_terms(logits: Sequence[torch.Tensor], labels: torch.Tensor,
+                 temperature: float = 1.0) -> dict[str, Term]:
+    """The DML terms of k >= 2 peers' logits ``[B, C]`` (index 0 the student).
+
+    For peer i: ``ce`` = CE(y, z_i) over labelled samples, and
+    ``kl`` = 1/(k-1) sum_{j != i} T^2 KL(p_j^T || p_i^T) over all samples, with p_j detached,
+    so each KL term only trains peer i. Summing every term (all weights 1) gives
+    L = sum_i (CE_i + KL_i), whose single backward trains every peer on its own loss.
+    """
+    if len(logits) < 2:
+        raise ValueError(f"mutual learning needs at least 2 peers' logits, got {len(logits)}")
+    for i, z in enumerate(logits):
+        if z.dim() != 2:
+            raise ValueError(f"dml: peer {i}'s logits have shape {tuple(z.shape)}; expected "
+                             "[batch, classes] (per-token logits are not supported)")
+    k = len(logits)
+    detached = [z.detach() for z in logits]
+    terms: dict[str, Term] = {}
+    for i, z in enumerate(logits):
+        kl = sum(losses.kd(z, detached[j], temperature) for j in range(k) if j != i)
+        terms[peer_name(i, "ce")] = Term(losses.cross_entropy(z, labels), unit="labeled")
+        terms[peer_name(i, "kl")] = Term(kl / (k - 1))
+    return terms
+
+
+@register
+class DeepMutualLearning(Recipe):
+    """Deep mutual learning: k peers train together, each on CE plus KL to the others.
+
+    Zhang, Xiang, Hospedales & Lu (2018), "Deep Mutual Learning". With peers z_0 (the student),
+    z_1 .. z_{k-1}::
+
+        L_i = CE(y, z_i) + 1/(k-1) sum_{j != i} T^2 KL(p_j^T || p_i^T)      (p_j detached)
+        L   = sum_i L_i
+
+    Like the paper (supervised throughout), the recipe trains on labelled samples only
+    (``uses_unlabeled = False``): no peer is trained beforehand, so on an unlabelled sample the
+    peers can only agree with each other, and on digits with 50 labels adding the KL on the
+    unlabelled rest measured worse (accuracy 0.80 and ECE 0.32 after 315 steps, against 0.86
+    and 0.04 labelled only). The paper updates the peers one after the other within a step;
+    here all k losses are summed and trained by one backward and one optimizer step (each
+    peer's gradient comes only from its own L_i, as the targets are detached). Defaults k = 2,
+    T = 1 (the paper's plain softmax; T^2 = 1 then).
+
+    Peers (``teacher_model = "fresh"``): peer 1 is the untrained teacher model a config run
+    builds from ``teacher.model`` (its weights re-drawn in place if it is an exact copy of the
+    student, see :func:`distinct_from`); for k > 2, peers 2 .. k-1 are copies of it
+    re-initialised with :func:`reinitialised`. Without a teacher model (Python API,
+    ``teacher=None``) every peer is a re-initialised copy of the student. Terms are logged per
+    peer: ``ce``, ``kl`` (the student), ``peer<i>_ce``, ``peer<i>_kl``.
+    """
+
+    name = "dml"
+    summary = "Deep mutual learning: k peers, each CE + mean KL to the other peers"
+    paper = "Zhang, Xiang, Hospedales, Lu 2018, Deep Mutual Learning"
+    Params = MutualParams
+    teacher_model = "fresh"
+    uses_unlabeled = False
+
+    def teacher_source(self, student: nn.Module,
+                       teacher: nn.Module | None) -> TeacherSource | None:
+        count = self.params.peers - 1
+        first = distinct_from(student, teacher) if teacher is not None \
+            else reinitialised(student)
+        return PeerTeacher([first, *(reinitialised(first) for _ in range(count - 1))])
+
+    def terms(self, student: Taps, teacher: Taps | None, batch: Mapping[str, Any],
+              state: TrainState) -> dict[str, Term]:
+        members = teacher.members if teacher is not None else ()
+        if len(members) != self.params.peers - 1:
+            raise ValueError(f"dml: peers={self.params.peers} needs {self.params.peers - 1} "
+                             f"trainable peer model(s) from the teacher source, got "
+                             f"{len(members)} (use a PeerTeacher, see teacher_source)")
+        logits = [student["logits"], *(m["logits"] for m in members)]
+        return mutual_terms(logits, batch["labels"], self.params.temperature)

@@ -1,0 +1,157 @@
+"""``regression_kd``: a student regresses a teacher's scores on original and noise-augmented
+inputs (knowledge distillation for quality estimation)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from kdistill import losses
+from kdistill.augment import gaussian_noise
+from kdistill.data.base import hidden_like, label_mask
+from kdistill.recipes.base import Recipe, RecipeParams, Term, register
+from kdistill.schedules import TrainState
+from kdistill.taps import Taps
+
+AUGMENTED = "augmented"  # batch key: bool [N], True on the rows made by prepare
+
+
+class RegressionKDParams(RecipeParams):
+    copies: int = Field(default=1, ge=0, le=64)
+    noise_std: float = Field(default=0.1, ge=0)
+    augmented_weight: float = Field(default=1.0, ge=0)
+    gold_weight: float = Field(default=0.0, ge=0)
+
+
+def gaussian_copies(inputs: Tensor, copies: int, std: float) -> Tensor:
+    """``copies`` noisy copies of ``inputs`` stacked along the first dimension: copy k of row i
+    is ``x_i + std * eps`` with ``eps ~ N(0, I)`` drawn from torch's global generator (which
+    checkpoints keep, so a resumed run draws the same noise); rows are ordered copy by copy,
+    ``[x + e_1; x + e_2; ...]``."""
+    if not inputs.is_floating_point():
+        raise ValueError(f"regression_kd: noise augmentation needs float inputs, batch['input'] "
+                         f"has dtype {inputs.dtype} (set copies: 0 for token inputs)")
+    return gaussian_noise(inputs.repeat(copies, *[1] * (inputs.dim() - 1)), std)
+
+
+def scores(logits: Tensor, role: str) -> Tensor:
+    """One score per sample, ``[N]``, from model outputs shaped ``[N]`` or ``[N, 1]``."""
+    if logits.dim() == 2 and logits.shape[1] == 1:
+        return logits[:, 0]
+    if logits.dim() == 1:
+        return logits
+    raise ValueError(f"the {role}'s logits must hold one score per sample "
+                     f"([N] or [N, 1]), got shape {tuple(logits.shape)}"
+                     + (f": a classifier with {logits.shape[-1]} classes cannot be regressed on"
+                        if logits.dim() == 2 else ""))
+
+
+def gold_mse(s: Tensor, labels: Tensor, rows: Tensor) -> Tensor:
+    """Mean of (s - y)^2 over the ``rows`` with a known gold score (0, still in the graph, when
+    there is none)."""
+    if not labels.is_floating_point():
+        raise ValueError(f"labels must be float scores (NaN = unknown) for a regression recipe, "
+                         f"got dtype {labels.dtype}; is this a classification data set?")
+    if labels.numel() != s.numel():
+        raise ValueError(f"labels of shape {tuple(labels.shape)} do not match the model's "
+                         f"{tuple(s.shape)} scores")
+    labels = labels.reshape(s.shape)
+    known = label_mask(labels) & rows
+    if not known.any():
+        return s.sum() * 0.0
+    return losses.logit_mse(s[known], labels[known].to(s.dtype))
+
+
+@register
+class GoldMSE(Recipe):
+    """L = (1 / |K|) sum_{i in K} (s(x_i) - y_i)^2 over the samples K with a known gold score.
+
+    The regression counterpart of ``ce``: the model on gold scores alone, no teacher. It is the
+    no-KD baseline of regression runs and the recipe that trains a regression teacher.
+    """
+
+    name = "mse"
+    summary = "Model trained on gold scores alone by MSE (no teacher): the regression baseline"
+    paper = "-"
+    uses_teacher = False
+    uses_unlabeled = False
+    task = "regression"
+
+    def terms(self, student: Taps, teacher: Taps | None, batch: Mapping[str, Any],
+              state: TrainState) -> dict[str, Term]:
+        s = scores(student["logits"], "model")
+        known = torch.ones_like(s, dtype=torch.bool)
+        return {"mse": Term(gold_mse(s, batch["labels"], known), unit="labeled")}
+
+
+@register
+class RegressionKD(Recipe):
+    """L = MSE(s(x), t(x)) + w_aug MSE(s(x~), t(x~)) + w_gold MSE(s(x), y) over known y.
+
+    Gajbhiye, Fomicheva, Alva-Manchego, Blain, Obamuyide, Aletras & Specia (2021), "Knowledge
+    Distillation for Quality Estimation": a shallow student of another architecture regresses a
+    large teacher's quality scores on the original data plus augmented inputs that only the
+    teacher labels. ``s``/``t`` are the student's and the teacher's scores (outputs ``[N]`` or
+    ``[N, 1]``); ``x~`` are ``copies`` noisy copies of each input, ``x + noise_std * N(0, I)``,
+    made in :meth:`prepare` so the teacher labels them in the same forward as the originals.
+
+    The paper augments text by translating more source sentences and labelling them with the
+    teacher; Gaussian noise on float inputs is our stand-in for data without a generator. The
+    paper trains on the teacher's scores alone, hence ``gold_weight`` 0 by default; with a weight
+    the student also regresses the gold scores where known (float labels, NaN = unknown, on the
+    original rows only: a copy's gold score is not known). Each term is a mean: ``kd`` over the
+    original samples, ``kd_augmented`` over the copies (unit ``examples``, every sample has the
+    same number of copies), ``gold`` over the known labels (unit ``labeled``).
+    """
+
+    name = "regression_kd"
+    summary = "Student regresses the teacher's scores (MSE) on original + noise-augmented inputs"
+    paper = ("Gajbhiye, Fomicheva, Alva-Manchego, Blain, Obamuyide, Aletras, Specia 2021, "
+             "Knowledge Distillation for Quality Estimation")
+    Params = RegressionKDParams
+    task = "regression"
+    teacher_recipe = ("mse", {})
+
+    def prepare(self, batch: dict[str, Any], student: Callable[[Mapping[str, Any]], Taps],
+                state: TrainState) -> dict[str, Any]:
+        """The batch followed by ``copies`` noisy copies of it; every other per-sample tensor is
+        repeated, the copies' labels hidden and ``batch["augmented"]`` marks the copies."""
+        copies = self.params.copies
+        inputs = batch.get("input")
+        if not isinstance(inputs, Tensor):
+            raise ValueError(f"regression_kd: needs batch['input'] tensors to augment; batch "
+                             f"keys: {sorted(batch)}")
+        rows = len(inputs)
+        prepared: dict[str, Any] = {}
+        for key, value in batch.items():
+            if key == "input":
+                value = torch.cat([value, gaussian_copies(value, copies, self.params.noise_std)])
+            elif key == "labels" and isinstance(value, Tensor):
+                hidden = hidden_like(value)
+                value = torch.cat([value, hidden.repeat(copies, *[1] * (value.dim() - 1))])
+            elif isinstance(value, Tensor) and value.dim() > 0 and len(value) == rows:
+                value = value.repeat(1 + copies, *[1] * (value.dim() - 1))
+            prepared[key] = value
+        prepared[AUGMENTED] = torch.arange(rows * (1 + copies), device=inputs.device) >= rows
+        return prepared
+
+    def terms(self, student: Taps, teacher: Taps | None, batch: Mapping[str, Any],
+              state: TrainState) -> dict[str, Term]:
+        p = self.params
+        s = scores(student["logits"], "student")
+        t = scores(teacher["logits"], "teacher")
+        augmented = batch.get(AUGMENTED)
+        if augmented is None:
+            augmented = torch.zeros_like(s, dtype=torch.bool)
+        original = ~augmented
+        terms = {"kd": Term(losses.logit_mse(s[original], t[original]))}
+        if p.copies:
+            terms["kd_augmented"] = Term(losses.logit_mse(s[augmented], t[augmented]),
+                                         weight=p.augmented_weight)
+        terms["gold"] = Term(gold_mse(s, batch["labels"], original), weight=p.gold_weight,
+                             unit="labeled")
+        return terms
