@@ -11,7 +11,7 @@ from pydantic import Field
 from torch import Tensor
 
 from kdistill import losses
-from kdistill.augment import gaussian_noise
+from kdistill.augment import concat_rows, gaussian_noise
 from kdistill.data.base import hidden_like, label_mask
 from kdistill.recipes.base import Recipe, RecipeParams, Term, register
 from kdistill.schedules import TrainState
@@ -25,17 +25,6 @@ class RegressionKDParams(RecipeParams):
     noise_std: float = Field(default=0.1, ge=0)
     augmented_weight: float = Field(default=1.0, ge=0)
     gold_weight: float = Field(default=0.0, ge=0)
-
-
-def gaussian_copies(inputs: Tensor, copies: int, std: float) -> Tensor:
-    """``copies`` noisy copies of ``inputs`` stacked along the first dimension: copy k of row i
-    is ``x_i + std * eps`` with ``eps ~ N(0, I)`` drawn from torch's global generator (which
-    checkpoints keep, so a resumed run draws the same noise); rows are ordered copy by copy,
-    ``[x + e_1; x + e_2; ...]``."""
-    if not inputs.is_floating_point():
-        raise ValueError(f"regression_kd: noise augmentation needs float inputs, batch['input'] "
-                         f"has dtype {inputs.dtype} (set copies: 0 for token inputs)")
-    return gaussian_noise(inputs.repeat(copies, *[1] * (inputs.dim() - 1)), std)
 
 
 def scores(logits: Tensor, role: str) -> Tensor:
@@ -120,23 +109,21 @@ class RegressionKD(Recipe):
                 state: TrainState) -> dict[str, Any]:
         """The batch followed by ``copies`` noisy copies of it; every other per-sample tensor is
         repeated, the copies' labels hidden and ``batch["augmented"]`` marks the copies."""
-        copies = self.params.copies
+        p = self.params
         inputs = batch.get("input")
         if not isinstance(inputs, Tensor):
             raise ValueError(f"regression_kd: needs batch['input'] tensors to augment; batch "
                              f"keys: {sorted(batch)}")
+        if p.copies and not inputs.is_floating_point():
+            raise ValueError(f"regression_kd: noise augmentation needs float inputs, "
+                             f"batch['input'] has dtype {inputs.dtype} (set copies: 0 for token "
+                             "inputs)")
         rows = len(inputs)
-        prepared: dict[str, Any] = {}
-        for key, value in batch.items():
-            if key == "input":
-                value = torch.cat([value, gaussian_copies(value, copies, self.params.noise_std)])
-            elif key == "labels" and isinstance(value, Tensor):
-                hidden = hidden_like(value)
-                value = torch.cat([value, hidden.repeat(copies, *[1] * (value.dim() - 1))])
-            elif isinstance(value, Tensor) and value.dim() > 0 and len(value) == rows:
-                value = value.repeat(1 + copies, *[1] * (value.dim() - 1))
-            prepared[key] = value
-        prepared[AUGMENTED] = torch.arange(rows * (1 + copies), device=inputs.device) >= rows
+        noisy = [{**batch, "input": gaussian_noise(inputs, p.noise_std),
+                  **({"labels": hidden_like(batch["labels"])} if "labels" in batch else {})}
+                 for _ in range(p.copies)]
+        prepared = concat_rows([batch, *noisy], rows)
+        prepared[AUGMENTED] = torch.arange(rows * (1 + p.copies), device=inputs.device) >= rows
         return prepared
 
     def terms(self, student: Taps, teacher: Taps | None, batch: Mapping[str, Any],
