@@ -145,7 +145,7 @@ def test_the_source_group_pairs_each_student_with_its_fine_grained_ema(make_mlp,
 def test_momentum_ramps_from_0_8_to_1_on_a_cosine_over_the_phase() -> None:
     """m = 1 - 0.2 (1 + cos(pi t)) / 2 with t the share of the phase's steps done (here 10
     steps per epoch, 40 in all), whatever the budget; the EMA teachers use this schedule."""
-    ramp = ATSEN().momentum()
+    ramp = ATSEN().params.momentum
     for steps_done, expected in ((0, 0.8), (10, 1 - 0.2 * (1 + math.cos(math.pi / 4)) / 2),
                                  (20, 0.9), (30, 1 - 0.2 * (1 + math.cos(3 * math.pi / 4)) / 2),
                                  (40, 1.0)):
@@ -181,7 +181,7 @@ def test_a_seeded_step_updates_exactly_the_drawn_tensors(make_cnn, take_snapshot
                 b.add_(1)
         before = take_snapshot(ema.model)
         state = TrainState(epoch_progress=progress, steps_per_epoch=1, total_steps=4)
-        m = recipe.momentum().at(state)
+        m = recipe.params.momentum.at(state)
         assert 0.8 < m < 0.95
         ema.after_step(peer, state)
         draws = torch.rand(len(names), generator=generator)

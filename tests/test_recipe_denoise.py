@@ -11,6 +11,7 @@ from torch import nn
 
 from kdistill.data.base import collate
 from kdistill.engine import Distiller
+from kdistill.recipes.adversarial_training import ADVERSARIAL, Adversarial
 from kdistill.recipes.denoise import VIEW, Denoise
 from kdistill.schedules import TrainState
 from kdistill.taps import TapReader, Taps
@@ -180,3 +181,11 @@ def test_bad_parameters_name_the_field() -> None:
         Denoise(value_range=(1.0, 0.0))
     with pytest.raises(ValueError, match="augmentation"):
         Denoise(augmentation="mixup")
+
+
+@pytest.mark.parametrize(("recipe", "key"), [(Denoise(), VIEW), (Adversarial(), ADVERSARIAL)])
+def test_terms_of_a_batch_that_skipped_prepare_name_the_missing_marks(recipe, key) -> None:
+    logits = torch.zeros(4, 3)
+    batch = {"input": torch.zeros(4, 2), "labels": torch.tensor([0, 1, 2, 0])}
+    with pytest.raises(ValueError, match=rf"^{recipe.name}: the batch has no '{key}' key"):
+        recipe.terms(Taps({"logits": logits}), Taps({"logits": logits}), batch, TrainState())

@@ -11,12 +11,8 @@ import torch
 from pydantic import ValidationError
 
 from kdistill import Distiller
-from kdistill.recipes.mutual import (
-    DeepMutualLearning,
-    distinct_from,
-    mutual_terms,
-    reinitialised,
-)
+from kdistill.models.fresh import reinitialised
+from kdistill.recipes.mutual import DeepMutualLearning, distinct_from, mutual_terms
 from kdistill.taps import Taps
 from kdistill.teachers import FrozenTeacher, PeerTeacher
 

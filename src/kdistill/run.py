@@ -91,7 +91,6 @@ def check_taps(model: nn.Module, taps: Iterable[str], where: str, phase: str) ->
 def check_task(recipe: Recipe, data: DataSplits, where: str) -> None:
     """Raise a :class:`ConfigError` when ``recipe`` cannot learn ``data``'s task (a regression
     recipe on class labels or a classification recipe on float scores)."""
-
     wanted = "regression" if data.task == "regression" else "classification"
     if recipe.task != wanted:
         fitting = sorted(name for name, entry in RECIPES.items() if entry.cls.task == wanted)
@@ -299,7 +298,7 @@ def add_shift_accuracies(rows: list[dict[str, Any]], models: dict[str, nn.Module
     if not shifts:
         return
     results = shifted_evaluation(models, test, shifts, config.evaluation.shift_severity,
-                                 config.evaluation.batch_size, "cpu")
+                                 config.evaluation.batch_size)
     for row in rows:
         accuracies = results[row["name"]]
         row.update({f"accuracy_{shift}": accuracies[shift] for shift in shifts})

@@ -25,6 +25,11 @@ class TrainState:
     total_steps: int = 1
 
     @property
+    def phase_epochs(self) -> int:
+        """The number of epochs of the phase this state belongs to."""
+        return max(1, self.total_steps // max(self.steps_per_epoch, 1))
+
+    @property
     def phase_progress(self) -> float:
         """The share of the phase's optimizer steps done, in [0, 1]."""
         return min(self.epoch_progress * self.steps_per_epoch / max(self.total_steps, 1), 1.0)

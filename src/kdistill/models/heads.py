@@ -19,7 +19,6 @@ which the tap names ``logits`` and ``heads`` read.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -27,10 +26,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from kdistill.models.fresh import reinitialised
 from kdistill.taps import closest_module_paths, output_logits
 
 __all__ = ["AveragedHeads", "ExtraHeads", "MultiBranchStudent", "TwoHeadStudent",
-           "average_probabilities", "head_size", "mlp_branch", "reinitialised"]
+           "average_probabilities", "head_size", "mlp_branch"]
 
 
 def head_size(student: nn.Module, head: str = "head", in_features: int | None = None,
@@ -54,17 +54,6 @@ def head_size(student: nn.Module, head: str = "head", in_features: int | None = 
         raise ValueError(f"the student's head '{head}' {what}: give in_features and "
                          "num_classes for the new heads")
     return in_features, num_classes
-
-
-def reinitialised(module: nn.Module) -> nn.Module:
-    """A deep copy of ``module`` with every submodule's parameters drawn afresh
-    (``reset_parameters``, from torch's global RNG)."""
-    fresh = copy.deepcopy(module)
-    for sub in fresh.modules():
-        reset = getattr(sub, "reset_parameters", None)
-        if callable(reset):
-            reset()
-    return fresh
 
 
 def mlp_branch(in_features: int, width: int, num_classes: int) -> nn.Module:

@@ -6,14 +6,14 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import Tensor, nn
 
 from kdistill import losses
 from kdistill.adversarial import pgd_perturb
 from kdistill.augment import concat_rows
 from kdistill.evaluate import eval_mode
-from kdistill.recipes.base import Recipe, RecipeParams, Term, register
+from kdistill.recipes.base import Recipe, RecipeParams, Term, ValueRange, prepared_rows, register
 from kdistill.schedules import TrainState
 from kdistill.taps import Taps
 
@@ -26,14 +26,7 @@ class AdversarialParams(RecipeParams):
     steps: int = Field(default=5, ge=1)
     random_start: bool = True
     clean_weight: float = Field(default=0.0, ge=0, le=1)
-    value_range: tuple[float, float] | None = (0.0, 1.0)
-
-    @model_validator(mode="after")
-    def _range(self) -> AdversarialParams:
-        if self.value_range is not None and not self.value_range[0] < self.value_range[1]:
-            raise ValueError(f"value_range must be (low, high) with low < high, got "
-                             f"{self.value_range}")
-        return self
+    value_range: ValueRange | None = (0.0, 1.0)
 
     @property
     def alpha(self) -> float:
@@ -107,10 +100,8 @@ class Adversarial(Recipe):
     def terms(self, student: Taps, teacher: Taps | None, batch: Mapping[str, Any],
               state: TrainState) -> dict[str, Term]:
         p = self.params
-        if ADVERSARIAL not in batch:
-            raise ValueError(f"adversarial: the batch has no '{ADVERSARIAL}' key marking the "
-                             "perturbed rows; it must come from Adversarial.prepare")
-        logits, labels, attacked = student["logits"], batch["labels"], batch[ADVERSARIAL]
+        attacked = prepared_rows(batch, ADVERSARIAL, self.name)
+        logits, labels = student["logits"], batch["labels"]
         terms = {"adversarial_ce": Term(losses.cross_entropy(logits[attacked], labels[attacked]),
                                         weight=1 - p.clean_weight, unit="labeled")}
         if p.clean_weight > 0:

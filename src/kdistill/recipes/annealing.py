@@ -42,11 +42,6 @@ def default_anneal_epochs(epochs: int) -> int:
     return max(1, (2 * epochs + 1) // 3)
 
 
-def phase_epochs(state: TrainState) -> int:
-    """The number of epochs of the phase ``state`` belongs to."""
-    return max(1, state.total_steps // max(state.steps_per_epoch, 1))
-
-
 class AnnealingParams(RecipeParams):
     t_max: int = Field(default=10, ge=1)
     phase1_epochs: int | None = Field(default=None, ge=1)
@@ -84,7 +79,7 @@ class Annealing(Recipe):
 
     def terms(self, student: Taps, teacher: Taps | None, batch: Mapping[str, Any],
               state: TrainState) -> dict[str, Term]:
-        phi = anneal_factor(state.epoch, phase_epochs(state), self.params.t_max)
+        phi = anneal_factor(state.epoch, state.phase_epochs, self.params.t_max)
         return {"mse": Term(losses.logit_mse(student["logits"], phi * teacher["logits"]))}
 
     def phases(self, epochs: int) -> list[tuple[Recipe, int]]:

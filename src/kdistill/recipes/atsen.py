@@ -120,9 +120,10 @@ class ATSENParams(RecipeParams):
                                  description="epochs trained on the known labels only")
     skip_prob: float = Field(default=0.8, ge=0, lt=1,
                              description="probability that a teacher tensor skips an EMA step")
-    momentum: ScheduleConfig | None = Field(
-        default=None, description="EMA momentum; default a cosine ramp 0.8 -> 1 over the "
-                                  "phase's optimizer steps")
+    momentum: ScheduleConfig = Field(
+        default_factory=lambda: ScheduleConfig(name="cosine", start=0.8, end=1.0, unit="phase"),
+        description="EMA momentum; default the paper's cosine ramp 0.8 -> 1 over the phase's "
+                    "optimizer steps")
     seed: int = Field(default=0, description="seed of the EMA skip draws (teacher B: seed + 1)")
 
 
@@ -179,22 +180,14 @@ class ATSEN(Recipe):
     Params = ATSENParams
     teacher_model = "fresh"
 
-    def momentum(self) -> ScheduleConfig:
-        """The EMA momentum schedule: the configured one, or the paper's cosine ramp from 0.8
-        to 1 over the phase's optimizer steps."""
-        if self.params.momentum is not None:
-            return self.params.momentum
-        return ScheduleConfig(name="cosine", start=0.8, end=1.0, unit="phase")
-
     def teacher_source(self, student: nn.Module, teacher: nn.Module | None) -> TeacherSource:
         if teacher is None:
             raise ValueError("atsen needs a peer model (the config's teacher.model, of another "
                              "architecture than the student) to train as its second student")
         p = self.params
-        momentum = self.momentum()
-        return SourceGroup([EMATeacher(student, momentum, p.skip_prob, p.seed),
+        return SourceGroup([EMATeacher(student, p.momentum, p.skip_prob, p.seed),
                             PeerTeacher(teacher),
-                            EMATeacher(teacher, momentum, p.skip_prob, p.seed + 1)])
+                            EMATeacher(teacher, p.momentum, p.skip_prob, p.seed + 1)])
 
     def terms(self, student: Taps, teacher: Taps | None, batch: Mapping[str, Any],
               state: TrainState) -> dict[str, Term]:

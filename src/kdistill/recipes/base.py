@@ -54,6 +54,16 @@ TapName = Annotated[str, AfterValidator(_checked_tap)]
 """A tap name in recipe parameters, checked for form when the parameters are validated."""
 
 
+def _ordered_range(value: tuple[float, float]) -> tuple[float, float]:
+    if not value[0] < value[1]:
+        raise ValueError(f"value_range must be (low, high) with low < high, got {value}")
+    return value
+
+
+ValueRange = Annotated[tuple[float, float], AfterValidator(_ordered_range)]
+"""The valid range (low, high) of float inputs, e.g. (0, 1) for images."""
+
+
 class RecipeParams(BaseModel):
     """Hyper-parameters of a recipe; unknown keys are errors."""
 
@@ -189,3 +199,13 @@ def labels_or_teacher_argmax(batch: Mapping[str, Any],
         return guess
     labels = labels.to(guess.device)
     return torch.where(labels >= 0, labels, guess)
+
+
+def prepared_rows(batch: Mapping[str, Any], key: str, recipe: str) -> torch.Tensor:
+    """The per-row marks ``batch[key]`` that ``recipe``'s :meth:`Recipe.prepare` added (which
+    rows are clean, augmented, perturbed...), with a clear error when the batch did not go
+    through it."""
+    if key not in batch:
+        raise ValueError(f"{recipe}: the batch has no '{key}' key marking its rows; it must "
+                         f"come from the recipe's prepare()")
+    return batch[key]

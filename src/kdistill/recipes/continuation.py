@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 
 from kdistill import losses
-from kdistill.recipes.annealing import anneal_factor, default_anneal_epochs, phase_epochs
+from kdistill.recipes.annealing import anneal_factor, default_anneal_epochs
 from kdistill.recipes.base import Recipe, RecipeParams, Term, register
 from kdistill.schedules import ScheduleConfig, TrainState
 from kdistill.taps import Taps
@@ -38,17 +38,16 @@ class ContinuationParams(RecipeParams):
     t_max: int = Field(default=10, ge=1)
     anneal_epochs: int | None = Field(default=None, ge=1)
     margin: float = Field(default=0.25, ge=0)
-    psi: ScheduleConfig | None = None
+    psi: ScheduleConfig = Field(default_factory=lambda: ScheduleConfig(
+        name="linear", start=0.0, end=1.0, unit="phase"))
 
     @field_validator("psi")
     @classmethod
-    def _psi_is_a_share(cls, psi: ScheduleConfig | None) -> ScheduleConfig | None:
-        if psi is not None:
-            reached = {"constant": [psi.start], "step": psi.values}.get(psi.name,
-                                                                        [psi.start, psi.end])
-            if not all(0 <= v <= 1 for v in reached):
-                raise ValueError(f"psi weighs CE against the hinge and must stay within [0, 1]; "
-                                 f"this {psi.name} schedule reaches {reached}")
+    def _psi_is_a_share(cls, psi: ScheduleConfig) -> ScheduleConfig:
+        reached = {"constant": [psi.start], "step": psi.values}.get(psi.name, [psi.start, psi.end])
+        if not all(0 <= v <= 1 for v in reached):
+            raise ValueError(f"psi weighs CE against the hinge and must stay within [0, 1]; "
+                             f"this {psi.name} schedule reaches {reached}")
         return psi
 
 
@@ -93,11 +92,8 @@ class Continuation(Recipe):
     def schedules(self, state: TrainState) -> tuple[float, float]:
         """(psi, phi) at ``state``."""
         p = self.params
-        span = p.anneal_epochs or default_anneal_epochs(phase_epochs(state))
-        phi = anneal_factor(state.epoch, span, p.t_max)
-        psi = p.psi or ScheduleConfig(name="linear", start=0.0, end=1.0,
-                                      length=phase_epochs(state))
-        return psi.at(state), phi
+        span = p.anneal_epochs or default_anneal_epochs(state.phase_epochs)
+        return p.psi.at(state), anneal_factor(state.epoch, span, p.t_max)
 
     def terms(self, student: Taps, teacher: Taps | None, batch: Mapping[str, Any],
               state: TrainState) -> dict[str, Term]:

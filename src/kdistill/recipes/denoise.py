@@ -12,7 +12,7 @@ from torch import Tensor
 
 from kdistill import augment, losses
 from kdistill.data.base import hidden_like
-from kdistill.recipes.base import Recipe, RecipeParams, Term, register
+from kdistill.recipes.base import Recipe, RecipeParams, Term, ValueRange, prepared_rows, register
 from kdistill.schedules import TrainState
 from kdistill.taps import Taps
 
@@ -27,7 +27,7 @@ class DenoiseParams(RecipeParams):
     noise_std: float = Field(default=0.1, ge=0)
     erase_probability: float = Field(default=0.5, ge=0, le=1)
     erase_area: tuple[float, float] = (0.02, 0.25)
-    value_range: tuple[float, float] | None = (0.0, 1.0)
+    value_range: ValueRange | None = (0.0, 1.0)
     replace_probability: float = Field(default=0.1, ge=0, le=1)
     swap_probability: float = Field(default=0.1, ge=0, le=1)
     delete_probability: float = Field(default=0.1, ge=0, le=1)
@@ -42,9 +42,6 @@ class DenoiseParams(RecipeParams):
         low, high = self.erase_area
         if not 0 < low <= high <= 1:
             raise ValueError(f"erase_area must satisfy 0 < low <= high <= 1, got {self.erase_area}")
-        if self.value_range is not None and not self.value_range[0] < self.value_range[1]:
-            raise ValueError(f"value_range must be (low, high) with low < high, got "
-                             f"{self.value_range}")
         return self
 
 
@@ -57,14 +54,6 @@ def augmentation_kind(batch: Mapping[str, Any], asked: Augmentation) -> Augmenta
         return "tokens"
     inputs = batch.get("input")
     return "image" if isinstance(inputs, Tensor) and inputs.dim() == 4 else "noise"
-
-
-def rows_mean(values: Tensor, mask: Tensor | None) -> Tensor:
-    """Mean of per-row values ``[N]``, or of per-token values ``[N, L]`` over valid tokens."""
-    if values.dim() == 1 or mask is None:
-        return values.mean()
-    valid = mask.bool()
-    return torch.where(valid, values, torch.zeros_like(values)).sum() / valid.sum().clamp_min(1)
 
 
 @register
@@ -140,10 +129,7 @@ class Denoise(Recipe):
     def terms(self, student: Taps, teacher: Taps | None, batch: Mapping[str, Any],
               state: TrainState) -> dict[str, Term]:
         p = self.params
-        if VIEW not in batch:
-            raise ValueError(f"denoise: the batch has no '{VIEW}' key marking clean and "
-                             "augmented rows; it must come from Denoise.prepare")
-        view = batch[VIEW]
+        view = prepared_rows(batch, VIEW, self.name)
         logits, target = student["logits"], teacher["logits"]
         per_token = logits.dim() == 3
         mask = batch.get("attention_mask") if per_token else None
@@ -152,17 +138,17 @@ class Denoise(Recipe):
         def part(rows: Tensor) -> Tensor | None:
             return mask[rows] if mask is not None else None
 
-        soft = losses.per_token_forward_kl(logits[augmented], target[augmented], p.temperature)
-        one, two = logits[first], logits[second]
-        symmetric = (losses.per_token_forward_kl(one, two)
-                     + losses.per_token_forward_kl(two, one)) / 2
+        # forward_kl: mean over rows, or over the valid tokens of the mask for token logits
+        soft = losses.forward_kl(logits[augmented], target[augmented], part(augmented),
+                                 p.temperature)
+        one, two, pair_mask = logits[first], logits[second], part(first)
+        symmetric = (losses.forward_kl(one, two, pair_mask)
+                     + losses.forward_kl(two, one, pair_mask)) / 2
         unit = "tokens" if per_token else "examples"
         clean = view == CLEAN
         return {
             "ce": Term(losses.cross_entropy(logits[clean], batch["labels"][clean]),
                        weight=p.ce_weight, unit="labeled"),
-            "soft": Term(p.temperature**2 * rows_mean(soft, part(augmented)),
-                         weight=p.soft_weight, unit=unit),
-            "consistency": Term(rows_mean(symmetric, part(first)),
-                                weight=p.consistency_weight, unit=unit),
+            "soft": Term(p.temperature**2 * soft, weight=p.soft_weight, unit=unit),
+            "consistency": Term(symmetric, weight=p.consistency_weight, unit=unit),
         }

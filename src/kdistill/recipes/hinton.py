@@ -25,6 +25,10 @@ class Hinton(Recipe):
     Hinton, Vinyals & Dean (2015), "Distilling the Knowledge in a Neural Network". CE is averaged
     over labelled samples, KD over all samples (labelled or not), so unlabelled data is learnt
     from the teacher alone. Defaults T=4, alpha=0.9 (the CIFAR setting of RepDistiller).
+
+    Logits ``[B, C]``: KL summed over classes, averaged over samples (unit ``examples``). Token
+    logits ``[B, L, C]``: KL per token, averaged over the valid tokens of the batch's
+    ``attention_mask`` (unit ``tokens``), CE over the labelled tokens.
     """
 
     name = "hinton"
@@ -35,9 +39,12 @@ class Hinton(Recipe):
     def terms(self, student: Taps, teacher: Taps | None, batch: Mapping[str, Any],
               state: TrainState) -> dict[str, Term]:
         p = self.params
+        z_s, z_t = student["logits"], teacher["logits"]
+        per_token = z_s.dim() == 3
+        mask = batch.get("attention_mask") if per_token else None
+        kd = p.temperature**2 * losses.forward_kl(z_s, z_t, mask=mask, temperature=p.temperature)
         return {
-            "ce": Term(losses.cross_entropy(student["logits"], batch["labels"]),
-                       weight=1 - p.alpha, unit="labeled"),
-            "kd": Term(losses.kd(student["logits"], teacher["logits"], p.temperature),
-                       weight=p.alpha),
+            "ce": Term(losses.cross_entropy(z_s, batch["labels"]), weight=1 - p.alpha,
+                       unit="labeled"),
+            "kd": Term(kd, weight=p.alpha, unit="tokens" if per_token else "examples"),
         }

@@ -10,6 +10,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from kdistill import losses
+from kdistill.augment import concat_rows, gaussian_noise
 from kdistill.losses.registry import Unit
 from kdistill.recipes.base import Recipe, RecipeParams, Term, register
 from kdistill.schedules import ScheduleConfig, TrainState, constant
@@ -118,10 +119,8 @@ class MeanTeacher(Recipe):
             raise ValueError(f"mean_teacher: noise needs float inputs, got 'input' of type "
                              f"{x.dtype}; set noise to 0 for token ids")
         rows = x.shape[0]
-        doubled = {k: torch.cat([v, v]) if isinstance(v, Tensor) and v.dim() and
-                   v.shape[0] == rows else v for k, v in batch.items()}
-        doubled["input"] = doubled["input"] + self.params.noise * torch.randn_like(
-            doubled["input"])
+        doubled = concat_rows([batch, batch], rows)
+        doubled["input"] = gaussian_noise(doubled["input"], self.params.noise)
         doubled[VIEW] = torch.arange(2, device=x.device).repeat_interleave(rows)
         return doubled
 

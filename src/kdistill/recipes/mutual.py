@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -11,6 +10,7 @@ from pydantic import Field
 from torch import nn
 
 from kdistill import losses
+from kdistill.models.fresh import reinitialise_, reinitialised
 from kdistill.recipes.base import Recipe, RecipeParams, Term, register
 from kdistill.schedules import TrainState
 from kdistill.taps import Taps
@@ -20,23 +20,6 @@ from kdistill.teachers import PeerTeacher, TeacherSource
 class MutualParams(RecipeParams):
     peers: int = Field(default=2, ge=2, description="k: the student plus k - 1 peer models")
     temperature: float = Field(default=1.0, gt=0)
-
-
-def reinitialise_(model: nn.Module) -> nn.Module:
-    """Draw fresh weights for ``model`` in place and return it: every submodule that has
-    ``reset_parameters`` (linear, convolution, normalisation, embedding layers) draws new ones
-    from torch's global RNG; BatchNorm statistics are reset too. Parameters held by a module
-    without ``reset_parameters`` keep their values."""
-    for module in model.modules():
-        reset = getattr(module, "reset_parameters", None)
-        if callable(reset):
-            reset()
-    return model
-
-
-def reinitialised(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with fresh weights (see :func:`reinitialise_`)."""
-    return reinitialise_(copy.deepcopy(model))
 
 
 def distinct_from(student: nn.Module, model: nn.Module) -> nn.Module:

@@ -3,24 +3,12 @@ sees only the input."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
-from pydantic import Field
-
-from kdistill import losses
-from kdistill.recipes.base import Recipe, RecipeParams, Term, register
-from kdistill.schedules import TrainState
-from kdistill.taps import Taps
-
-
-class OracleParams(RecipeParams):
-    temperature: float = Field(default=4.0, gt=0)
-    alpha: float = Field(default=0.9, ge=0, le=1)
+from kdistill.recipes.base import register
+from kdistill.recipes.hinton import Hinton
 
 
 @register
-class Oracle(Recipe):
+class Oracle(Hinton):
     """L = (1 - alpha) CE(y, z_s) + alpha T^2 KL(p_t^T || p_s^T), the teacher given the labels.
 
     Yoon, Kim, Lee, Ahn & Kim (2023), "Oracle Teacher: Leveraging Target Information for Better
@@ -30,29 +18,13 @@ class Oracle(Recipe):
     student declares nothing and sees the input alone. On an unlabelled sample (label -100) the
     oracle falls back on its "unknown label" embedding, so it still teaches from the input.
 
-    Logits ``[B, C]``: KL summed over classes, averaged over samples (unit ``examples``).
-    Logits ``[B, L, C]`` (token classification, the paper's sequence setting): KL per token,
-    averaged over the valid tokens of ``attention_mask`` (unit ``tokens``), CE over the labelled
-    tokens. The paper distils CTC frame distributions; here the per-token (or per-sample) KL of
-    Hinton KD stands for it. Defaults T=4, alpha=0.9 as for ``hinton``.
+    The terms, parameters and defaults (T=4, alpha=0.9) are Hinton KD's
+    (:class:`~kdistill.recipes.hinton.Hinton`): per sample for logits ``[B, C]``, per valid
+    token for token logits ``[B, L, C]``, the paper's sequence setting. The paper distils CTC
+    frame distributions; the per-token KL of Hinton KD stands for it here.
     """
 
     name = "oracle"
     summary = "KD from a teacher that also sees the labels: (1-a) CE + a T^2 KL(p_t || p_s)"
     paper = ("Yoon, Kim, Lee, Ahn, Kim 2023, Oracle Teacher: Leveraging Target Information for "
              "Better Knowledge Distillation of CTC Models")
-    Params = OracleParams
-
-    def terms(self, student: Taps, teacher: Taps | None, batch: Mapping[str, Any],
-              state: TrainState) -> dict[str, Term]:
-        p = self.params
-        z_s, z_t = student["logits"], teacher["logits"]
-        per_token = z_s.dim() == 3
-        mask = batch.get("attention_mask") if per_token else None
-        kd = p.temperature ** 2 * losses.forward_kl(z_s, z_t, mask=mask,
-                                                     temperature=p.temperature)
-        return {
-            "ce": Term(losses.cross_entropy(z_s, batch["labels"]), weight=1 - p.alpha,
-                       unit="labeled"),
-            "kd": Term(kd, weight=p.alpha, unit="tokens" if per_token else "examples"),
-        }
