@@ -60,9 +60,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from kdistill.batch import hidden_like
 from kdistill.checkpoint import atomic_write_text
 from kdistill.config import DataConfig, ModelConfig, RunConfig, TeacherConfig, check_registered
-from kdistill.data import ArrayDataset, DataSplits, hidden_like, keep_labels
+from kdistill.contexts import num_threads
+from kdistill.data import ArrayDataset, DataSplits, keep_labels
 from kdistill.demo import step_matched_epochs
 from kdistill.engine import Distiller, wrap_student
 from kdistill.evaluate import classification_metrics, count_parameters, eval_batches, predict
@@ -73,7 +75,6 @@ from kdistill.run import (
     build_from,
     build_phases,
     build_teacher,
-    cpu_threads,
     obtain_teacher,
     teacher_key,
     teacher_training,
@@ -336,7 +337,7 @@ def execute_teacher(job: TeacherJob) -> dict[str, Any]:
     """Obtain the teacher; its test logits (labels hidden from its input) and cost."""
     start = time.perf_counter()
     try:
-        with cpu_threads(1):
+        with num_threads(1):
             splits, _ = leaderboard_data(job.data)
             model, info = obtain_teacher(job.teacher, job.data, splits, progress=False,
                                          recipe=job.recipe)
@@ -351,7 +352,7 @@ def execute_run(job: RunJob) -> dict[str, Any]:
     """Train one student; its test logits, last validation accuracy, steps and wall time."""
     start = time.perf_counter()
     try:
-        with cpu_threads(1):
+        with num_threads(1):
             config = job.config
             splits, validation = leaderboard_data(config.data)
             phases = build_phases(config)

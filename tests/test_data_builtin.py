@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from kdistill.data import UNLABELED, ArrayDataset, keep_labels, label_mask, labeled_indices
+from kdistill.batch import UNLABELED, label_mask
+from kdistill.data import ArrayDataset, keep_labels, labeled_indices
 from kdistill.data import images as image_files
 from kdistill.data.builtin import load_dataset, load_fashion_mnist, load_mnist5k
 

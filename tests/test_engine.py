@@ -14,8 +14,9 @@ from pydantic import ValidationError
 from torch import nn
 
 from kdistill import Distiller
+from kdistill.batch import UNLABELED
 from kdistill.batching import epoch_global_batches, process_micro_batches
-from kdistill.data.base import UNLABELED, ArrayDataset
+from kdistill.data.base import ArrayDataset
 from kdistill.metrics_log import read_metrics
 from kdistill.recipes import build_recipe
 from kdistill.teachers import EMATeacher, FrozenTeacher
@@ -293,6 +294,7 @@ def test_a_gradient_scaler_is_unscaled_before_clipping_and_the_update(
     # engine must unscale before clipping and stepping. Simulated on CPU with a real scaler.
     import accelerate
 
+    import kdistill.engine.loop
     from kdistill.checkpoint import latest_checkpoint, load_checkpoint
 
     class ScalingAccelerator(accelerate.Accelerator):
@@ -306,7 +308,7 @@ def test_a_gradient_scaler_is_unscaled_before_clipping_and_the_update(
                 "optimizer": {"name": "sgd", "lr": 0.5, "momentum": 0.0}}
     plain = make_mlp(seed=0)
     Distiller(plain, teacher, "hinton", **settings).fit(data)
-    monkeypatch.setattr(accelerate, "Accelerator", ScalingAccelerator)
+    monkeypatch.setattr(kdistill.engine.loop, "Accelerator", ScalingAccelerator)
     scaled = make_mlp(seed=0)
     Distiller(scaled, teacher, "hinton", run_dir=tmp_path, **settings).fit(data)
     assert weights_diff(take_snapshot(plain), take_snapshot(scaled)) < 1e-6
@@ -366,7 +368,8 @@ def test_a_frozen_teacher_runs_over_the_eval_set_once_per_fit(digits_subset, mak
 def test_agreement_follows_data_order_when_the_eval_loader_shuffles(digits_subset, make_mlp):
     from torch.utils.data import DataLoader
 
-    from kdistill.data.base import IndexedDataset, collate
+    from kdistill.batch import collate
+    from kdistill.data.base import IndexedDataset
 
     train, evaluation = digits_subset(64, labeled=64), digits_subset(64, labeled=64)
     teacher = make_mlp(seed=1, hidden=(32,))

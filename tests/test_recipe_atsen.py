@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from kdistill import Distiller
-from kdistill.data import collate
+from kdistill.batch import collate
 from kdistill.data.tagging import ENTITY_WORDS, VOCAB_SIZE, load_tagging, make_tagging
 from kdistill.models.tagger import Tagger
 from kdistill.recipes.atsen import (

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdistill.adversarial import pgd_perturb
-from kdistill.data.base import collate
+from kdistill.batch import collate
 from kdistill.engine import Distiller
 from kdistill.recipes.adversarial_training import ADVERSARIAL, Adversarial
 from kdistill.recipes.base import build_recipe, get_recipe

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdistill.data.base import collate
+from kdistill.batch import collate
 from kdistill.engine import Distiller
 from kdistill.recipes.adversarial_training import ADVERSARIAL, Adversarial
 from kdistill.recipes.denoise import VIEW, Denoise

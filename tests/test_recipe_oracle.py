@@ -13,7 +13,8 @@ from torch import nn
 from kdistill import Distiller
 from kdistill.data.base import ArrayDataset
 from kdistill.models import build_model
-from kdistill.models.oracle import LabelConditioned, build_oracle
+from kdistill.models.oracle import LabelConditioned
+from kdistill.models.registry import build_oracle
 from kdistill.recipes.oracle import Oracle
 from kdistill.schedules import TrainState
 from kdistill.taps import Taps

@@ -14,8 +14,8 @@ from kdistill.data.shifts import (
     rotate,
     shift_images,
     shifted_dataset,
-    shifted_evaluation,
 )
+from kdistill.evaluate import shifted_evaluation
 
 
 def images(count: int = 6, side: int = 12) -> torch.Tensor:

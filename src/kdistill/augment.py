@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdistill.data.base import hidden_like
+from kdistill.batch import hidden_like
 
 PaddingSide = Literal["right", "left"]
 TOKEN_KEYS = ("input_ids", "attention_mask")

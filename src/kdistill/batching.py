@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdistill.data.base import label_mask
+from kdistill.batch import label_mask
 
 
 def epoch_global_batches(indices: Sequence[int], global_batch: int, min_size: int, seed: int,
@@ -50,8 +50,3 @@ def unit_counts(batch: Mapping[str, Any]) -> dict[str, float]:
     else:
         tokens = pairs = examples
     return {"examples": examples, "labeled": labeled, "tokens": tokens, "token_pairs": pairs}
-
-
-def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
-    """Move every tensor of a batch to ``device``."""
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

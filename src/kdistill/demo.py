@@ -18,6 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from kdistill.config import DataConfig, ModelConfig, TeacherConfig
+from kdistill.contexts import num_threads
+from kdistill.engine import Distiller
+from kdistill.recipes import build_recipe
+from kdistill.report import write_report
+from kdistill.run import build_data, build_from, compare, obtain_teacher
 from kdistill.settings import OptimizerSettings, SchedulerSettings, TrainerSettings
 
 # (run name, recipe, parameters). DKD's paper default beta=8 (CIFAR-100) measured 91.6% here
@@ -86,18 +91,11 @@ def run_demo(options: DemoOptions) -> DemoOutcome:
     that more threads only add overhead, and a shared machine's other processes make extra
     threads wait); latency is measured on the same count.
     """
-    from kdistill.run import cpu_threads
-
-    with cpu_threads(options.threads):
+    with num_threads(options.threads):
         return _run_demo(options)
 
 
 def _run_demo(options: DemoOptions) -> DemoOutcome:
-    from kdistill.engine import Distiller
-    from kdistill.recipes import build_recipe
-    from kdistill.report import write_report
-    from kdistill.run import build_data, build_from, compare, obtain_teacher
-
     data_config = DataConfig(name="digits", labeled=options.labeled, seed=options.seed)
     data = build_data(data_config)
     teacher, _ = obtain_teacher(teacher_config(options), data_config, data,

@@ -20,24 +20,28 @@ import statistics
 import tempfile
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Iterable, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, NotRequired, TypedDict
+from typing import Any, NamedTuple, NotRequired, TypedDict
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_model
 from torch import nn
+from torch.utils.data import DataLoader
 
+from kdistill.batch import UNLABELED, Task, collate, label_mask, to_device
+from kdistill.contexts import eval_mode, num_threads
+from kdistill.data.base import ArrayDataset, IndexedDataset
+from kdistill.data.shifts import shifted_dataset, value_range_of
+from kdistill.settings import Shift
 from kdistill.taps import output_logits, run_model
 
-IGNORE_INDEX = -100
 LATENCY_WARMUP = 3
 BYTES_PER_MB = 1_000_000
 
-Task = Literal["classification", "token_classification", "regression"]
 REGRESSION_KEYS = ("mse", "pearson", "spearman")
 REGRESSION_TEACHER_KEYS = ("mse_teacher", "pearson_teacher", "spearman_teacher")
 
@@ -129,45 +133,11 @@ class BenchmarkRow(TypedDict):
 # --------------------------------------------------------------------------- helpers
 
 
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put every submodule in eval mode, then restore each one's own previous mode.
-
-    The root is restored through ``train()`` so that a model overriding it still sees the call;
-    the per-module pass then keeps mixed modes (e.g. a frozen norm layer left in eval mode).
-    """
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(modes[0][1])
-        for module, training in modes:
-            module.training = training
-
-
-@contextmanager
-def num_threads(threads: int) -> Iterator[None]:
-    """Run with ``torch.set_num_threads(threads)``, restoring the previous value afterwards."""
-    if threads < 1:
-        raise ValueError(f"threads must be at least 1, got {threads}")
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def _model_device(model: nn.Module) -> torch.device:
     """The device of the model's first parameter or buffer (CPU for a model with neither)."""
     for tensor in (*model.parameters(), *model.buffers()):
         return tensor.device
     return torch.device("cpu")
-
-
-def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def _batch_size(batch: Mapping[str, Any]) -> int:
@@ -205,7 +175,7 @@ def _batch_rows(outputs: torch.Tensor, batch: Mapping[str, Any]) -> _Rows:
     label_shape = (rows,) if task == "regression" else tuple(outputs.shape[:-1])
     labels = batch.get("labels")
     if labels is None:
-        fill = math.nan if task == "regression" else IGNORE_INDEX
+        fill = math.nan if task == "regression" else UNLABELED
         labels = torch.full(label_shape, fill,
                             dtype=torch.float32 if task == "regression" else torch.long)
     labels = labels.cpu()
@@ -215,9 +185,6 @@ def _batch_rows(outputs: torch.Tensor, batch: Mapping[str, Any]) -> _Rows:
         raise ValueError(f"labels of shape {tuple(labels.shape)} do not match outputs of shape "
                          f"{tuple(outputs.shape)}: expected labels {label_shape}")
     if task == "regression":
-        # Imported here: the data package loads scikit-learn, which this module defers.
-        from kdistill.data.base import label_mask
-
         labels = labels.float().masked_fill(~label_mask(labels), math.nan)
     else:
         labels = labels.long()
@@ -256,7 +223,7 @@ def _in_data_order(rows: Sequence[_Rows]) -> Predictions:
     if rows[0].outputs.dim() == 3:
         length = max(r.outputs.shape[1] for r in rows)
         outputs = [_pad_tokens(o, length, 0.0) for o in outputs]
-        labels = [_pad_tokens(y, length, IGNORE_INDEX) for y in labels]
+        labels = [_pad_tokens(y, length, UNLABELED) for y in labels]
         masks = [None if m is None else _pad_tokens(m, length, False) for m in masks]
     logits, target = torch.cat(outputs), torch.cat(labels)
     mask = torch.cat(masks) if all(m is not None for m in masks) else None
@@ -281,7 +248,7 @@ def predict(model: nn.Module, batches: Iterable[Mapping[str, Any]],
     device = torch.device(device) if device is not None else _model_device(model)
     with eval_mode(model), torch.inference_mode():
         rows = [_batch_rows(output_logits(run_model(model, moved)), moved)
-                for moved in (_to_device(batch, device) for batch in batches)]
+                for moved in (to_device(batch, device) for batch in batches)]
     return _in_data_order(rows)
 
 
@@ -299,7 +266,7 @@ def predict_source(source: Any, batches: Iterable[Mapping[str, Any]],
             stack.enter_context(eval_mode(module))
         stack.enter_context(torch.inference_mode())
         rows = [_batch_rows(source(moved)["logits"], moved)
-                for moved in (_to_device(batch, device) for batch in batches)]
+                for moved in (to_device(batch, device) for batch in batches)]
     return _in_data_order(rows)
 
 
@@ -388,7 +355,7 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor,
     if teacher_logits is not None:
         teacher_logits = teacher_logits.detach().cpu()
     if logits.dim() == 3:
-        tokens = mask.detach().cpu().bool() if mask is not None else labels != IGNORE_INDEX
+        tokens = mask.detach().cpu().bool() if mask is not None else labels != UNLABELED
         logits, labels = logits[tokens], labels[tokens]
         teacher_logits = teacher_logits[tokens] if teacher_logits is not None else None
     predicted = logits.argmax(dim=1)
@@ -400,7 +367,7 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor,
 
 def _label_metrics(logits: torch.Tensor, predicted: torch.Tensor, labels: torch.Tensor,
                    n_bins: int) -> dict[str, float]:
-    labelled = labels != IGNORE_INDEX
+    labelled = labels != UNLABELED
     if not labelled.any():
         return {"accuracy": float("nan"), "macro_f1": float("nan"), "ece": float("nan")}
     # scikit-learn takes about a second to import; load it only when metrics are computed.
@@ -546,7 +513,7 @@ def _interleaved_latency(models: Mapping[str, nn.Module], batch: Mapping[str, An
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
     names = list(models)
     devices = {name: _model_device(models[name]) for name in names}
-    batches = {name: _to_device(batch, devices[name]) for name in names}
+    batches = {name: to_device(batch, devices[name]) for name in names}
     times: dict[str, list[float]] = {name: [] for name in names}
     with ExitStack() as stack:
         stack.enter_context(num_threads(threads))
@@ -655,10 +622,6 @@ def eval_batches(data: Any, batch_size: int,
     """Batches of an evaluation set in order: a ``DataLoader`` is iterated as it is; a
     ``Dataset`` is cut into consecutive batches of ``batch_size`` samples, each carrying its
     ``index``."""
-    from torch.utils.data import DataLoader
-
-    from kdistill.data.base import IndexedDataset, collate
-
     if isinstance(data, DataLoader):
         return list(data)
     dataset = IndexedDataset(data)
@@ -679,3 +642,25 @@ def evaluate_model(student: nn.Module, batches: Sequence[Mapping[str, Any]],
     """
     return task_metrics(predict(student, batches, device), teacher_outputs)
 
+
+def shifted_evaluation(models: Mapping[str, nn.Module], test: ArrayDataset,
+                       shifts: Sequence[Shift], severity: float, batch_size: int,
+                       device: torch.device | str | None = None, seed: int = 0,
+                       value_range: tuple[float, float] | None = None
+                       ) -> dict[str, dict[str, float]]:
+    """Accuracy of each of ``models`` under each shift of the test set.
+
+    Returns ``{name: {"<shift>": a, ...}}``; every model sees the very same shifted images, on
+    ``device`` (default: each model's own). ``value_range`` defaults to the clean test inputs'
+    own range. Clean accuracy is not repeated here: the run's comparison already has it.
+    """
+    value_range = value_range or value_range_of(test.inputs)
+    results: dict[str, dict[str, float]] = {name: {} for name in models}
+    for shift in shifts:
+        data = shifted_dataset(test, shift, severity, seed, value_range)
+        batches = eval_batches(data, batch_size)
+        for name, net in models.items():
+            predictions = predict(net, batches, device)
+            results[name][shift] = classification_metrics(predictions.logits,
+                                                          predictions.labels)["accuracy"]
+    return results

@@ -3,8 +3,8 @@ phases, training, the final teacher-vs-student comparison and the report."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
+import inspect
 import json
 import os
 from collections.abc import Iterable
@@ -13,14 +13,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
+from safetensors.torch import load_file
 from torch import nn
 
 from kdistill.checkpoint import atomic_save_tensors, atomic_write_text
 from kdistill.config import ConfigError, DataConfig, ModelConfig, RunConfig, TeacherConfig
-from kdistill.data import DataSplits, keep_labels, load_dataset
+from kdistill.contexts import num_threads
+from kdistill.data import DATASETS, DataSplits, keep_labels, load_dataset
+from kdistill.data.shifts import check_shifts
 from kdistill.engine import Distiller, FitResult, Phase, recipe_phases, wrap_student
+from kdistill.evaluate import benchmark_models, eval_batches, shifted_evaluation
 from kdistill.models import build_model, deployable
 from kdistill.recipes import RECIPES, Recipe, build_recipe
+from kdistill.report import write_report
+from kdistill.taps import TapError, resolve_module_taps
 from kdistill.teachers import FrozenTeacher, TeacherSource
 
 CACHE_ENV = "KDISTILL_CACHE"
@@ -56,10 +63,6 @@ def build_data(config: DataConfig) -> DataSplits:
 
 def loader_parameters(name: str) -> set[str]:
     """The keyword options the built-in data set ``name`` takes."""
-    import inspect
-
-    from kdistill.data.builtin import DATASETS
-
     return set(inspect.signature(DATASETS[name]).parameters) if name in DATASETS else set()
 
 
@@ -80,8 +83,6 @@ def build_from(config: ModelConfig, data: DataSplits, seed: int,
 def check_taps(model: nn.Module, taps: Iterable[str], where: str, phase: str) -> None:
     """Raise a :class:`ConfigError` when a ``module:`` tap names a submodule ``model`` lacks
     (checked before training, so a typo does not cost a teacher's training first)."""
-    from kdistill.taps import TapError, resolve_module_taps
-
     try:
         resolve_module_taps(model, taps)
     except TapError as error:
@@ -100,8 +101,6 @@ def check_task(recipe: Recipe, data: DataSplits, where: str) -> None:
 
 def load_weights(model: nn.Module, path: Path, what: str) -> nn.Module:
     """Load safetensors weights, with an error naming the file when they do not fit."""
-    from safetensors.torch import load_file
-
     try:
         state = load_file(str(path))
     except Exception as error:  # safetensors raises several types for unreadable files
@@ -239,17 +238,8 @@ class RunOutcome:
     report: Path | None  # None on the other processes of a multi-process run
 
 
-def cpu_threads(count: int | None) -> contextlib.AbstractContextManager[None]:
-    """Use ``count`` torch CPU threads inside the block (``None``: leave them as they are)."""
-    from kdistill.evaluate import num_threads
-
-    return contextlib.nullcontext() if count is None else num_threads(count)
-
-
 def is_main_process() -> bool:
     """True unless this is a non-zero rank of a multi-process (torchrun/accelerate) run."""
-    from accelerate import PartialState
-
     return PartialState().is_main_process
 
 
@@ -258,8 +248,6 @@ def compare(models: dict[str, nn.Module], test: Any, *, batch_size: int, threads
     """Quality and cost of ``models`` on ``test``, side by side in one call; the first model is
     the speed-up reference and a model named ``teacher`` the reference for agreement. Also
     returns a sentence with the machine's load average while timing."""
-    from kdistill.evaluate import benchmark_models, eval_batches
-
     batches = eval_batches(test, batch_size)
     rows = benchmark_models(models, batches, reference=next(iter(models)),
                             teacher_logits_from="teacher" if "teacher" in models else None,
@@ -273,8 +261,6 @@ def compare(models: dict[str, nn.Module], test: Any, *, batch_size: int, threads
 def check_shift_request(config: RunConfig, data: DataSplits) -> None:
     """Raise a :class:`ConfigError` before training when ``evaluation.shifts`` cannot be
     applied to the test data (not image classification, or inputs of the wrong shape)."""
-    from kdistill.data.shifts import check_shifts
-
     shifts = config.evaluation.shifts
     if not shifts:
         return
@@ -292,8 +278,6 @@ def add_shift_accuracies(rows: list[dict[str, Any]], models: dict[str, nn.Module
                          config: RunConfig) -> None:
     """Add each model's accuracy under every ``evaluation.shifts`` shift to its row, as
     ``accuracy_<shift>``, and their mean as ``accuracy_shifted``."""
-    from kdistill.data.shifts import shifted_evaluation
-
     shifts = config.evaluation.shifts
     if not shifts:
         return
@@ -307,13 +291,11 @@ def add_shift_accuracies(rows: list[dict[str, Any]], models: dict[str, nn.Module
 
 def run(config: RunConfig, *, resume: bool = False) -> RunOutcome:
     """Train the configured student and compare it with its teacher (if any)."""
-    with cpu_threads(config.cpu_threads):
+    with num_threads(config.cpu_threads):
         return _run(config, resume)
 
 
 def _run(config: RunConfig, resume: bool) -> RunOutcome:
-    from kdistill.report import write_report
-
     # Everything that can fail on the config alone fails here, before a teacher is trained.
     data = build_data(config.data)
     phases = build_phases(config)

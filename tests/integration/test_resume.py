@@ -116,7 +116,7 @@ def test_resume_after_an_epoch_is_exact(tmp_path, data, eval_data, make_mlp):
 def test_resume_would_differ_without_the_saved_random_state(tmp_path, data, make_mlp,
                                                             monkeypatch):
     # The control for the test above: with RNG restoring disabled, dropout masks differ.
-    import kdistill.engine as engine
+    import kdistill.engine.state as engine_state
 
     teacher = make_mlp(seed=1, hidden=(32,))
     full = make_mlp(seed=0, hidden=(32,), dropout=0.3)
@@ -124,7 +124,7 @@ def test_resume_would_differ_without_the_saved_random_state(tmp_path, data, make
     with pytest.raises(Killed):
         hinton_run(make_mlp(seed=0, hidden=(32,), dropout=0.3), teacher, tmp_path / "run",
                    epochs=2).fit(data, callbacks=[kill_after(0, 1)])
-    monkeypatch.setattr(engine, "restore_rng", lambda *args: None)
+    monkeypatch.setattr(engine_state, "restore_rng", lambda *args: None)
     fresh = make_mlp(seed=0, hidden=(32,), dropout=0.3)
     hinton_run(fresh, teacher, tmp_path / "run", epochs=2).fit(data, resume=True)
     assert any(not torch.equal(a, b) for a, b in

@@ -1,28 +1,24 @@
-"""Data: built-in data sets, loaders for user files and the sample conventions of kdistill."""
+"""Data: built-in data sets, loaders for user files, label subsets and splits.
+
+The sample and batch conventions (``UNLABELED``, ``label_mask``, ``collate``) live in
+:mod:`kdistill.batch`.
+"""
 
 from kdistill.data.base import (
-    UNLABELED,
     ArrayDataset,
     DataSplits,
     IndexedDataset,
-    collate,
-    hidden_like,
     keep_labels,
-    label_mask,
     labeled_indices,
 )
 from kdistill.data.builtin import DATASETS, load_dataset
 
 __all__ = [
     "DATASETS",
-    "UNLABELED",
     "ArrayDataset",
     "DataSplits",
     "IndexedDataset",
-    "collate",
-    "hidden_like",
     "keep_labels",
-    "label_mask",
     "labeled_indices",
     "load_dataset",
 ]

@@ -1,37 +1,18 @@
-"""Sample conventions: every sample is a dict with ``input`` (or model-specific keys such as
-``input_ids``), ``labels`` and ``index``, the sample's position in its data set, on which memory
-banks and caches key.
-
-Labels are integer class ids for classification (``UNLABELED`` = -100 when hidden; per token for
-token classification, where padding is hidden too) and floats for regression (NaN when hidden).
-:func:`label_mask` tells the known labels of either kind.
+"""In-memory data sets, label subsets and train/test splits, following the batch conventions
+of :mod:`kdistill.batch` (samples are dicts with ``input``, ``labels`` and ``index``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset
 
-UNLABELED = -100
-Task = Literal["classification", "regression", "token_classification"]
-
-
-def label_mask(labels: torch.Tensor) -> torch.Tensor:
-    """Boolean mask of the known labels: integer labels other than ``UNLABELED``, float
-    (regression) labels that are not NaN. Same shape as ``labels``."""
-    if labels.is_floating_point():
-        return ~torch.isnan(labels)
-    return labels != UNLABELED
-
-
-def hidden_like(labels: torch.Tensor) -> torch.Tensor:
-    """A tensor shaped like ``labels`` with every label hidden (``UNLABELED`` or NaN)."""
-    return torch.full_like(labels, float("nan") if labels.is_floating_point() else UNLABELED)
+from kdistill.batch import Task, hidden_like, label_mask
 
 
 class ArrayDataset(Dataset):
@@ -85,11 +66,6 @@ class IndexedDataset(Dataset):
             )
         sample.setdefault("index", torch.tensor(i))
         return sample
-
-
-def collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Stack a list of sample dicts into one batch dict (torch's default collation)."""
-    return default_collate(list(samples))
 
 
 def labeled_indices(dataset: Dataset) -> list[int]:

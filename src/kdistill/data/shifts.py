@@ -23,11 +23,11 @@ call. :func:`shifted_dataset` gives a shifted copy of an :class:`ArrayDataset`;
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from kdistill.data.base import ArrayDataset
 from kdistill.settings import MAX_SEVERITY, SHIFTS, Shift
@@ -124,28 +124,3 @@ def check_shifts(images: Tensor, shifts: Sequence[Shift], severity: float) -> No
     """Raise a ValueError now, on a couple of images, for a shift ``images`` cannot take."""
     for shift in shifts:
         shift_images(images[:2], shift, severity)
-
-
-def shifted_evaluation(models: Mapping[str, nn.Module], test: ArrayDataset,
-                       shifts: Sequence[Shift], severity: float, batch_size: int,
-                       device: torch.device | str | None = None, seed: int = 0,
-                       value_range: tuple[float, float] | None = None
-                       ) -> dict[str, dict[str, float]]:
-    """Accuracy of each of ``models`` under each shift of the test set.
-
-    Returns ``{name: {"<shift>": a, ...}}``; every model sees the very same shifted images, on
-    ``device`` (default: each model's own). ``value_range`` defaults to the clean test inputs'
-    own range. Clean accuracy is not repeated here: the run's comparison already has it.
-    """
-    from kdistill.evaluate import classification_metrics, eval_batches, predict
-
-    value_range = value_range or value_range_of(test.inputs)
-    results: dict[str, dict[str, float]] = {name: {} for name in models}
-    for shift in shifts:
-        data = shifted_dataset(test, shift, severity, seed, value_range)
-        batches = eval_batches(data, batch_size)
-        for name, net in models.items():
-            predictions = predict(net, batches, device)
-            results[name][shift] = classification_metrics(predictions.logits,
-                                                          predictions.labels)["accuracy"]
-    return results

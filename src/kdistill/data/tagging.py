@@ -33,7 +33,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kdistill.data.base import UNLABELED, ArrayDataset, DataSplits
+from kdistill.batch import UNLABELED
+from kdistill.data.base import ArrayDataset, DataSplits
 
 TAGS = ("O", "PER", "LOC", "ORG")
 PAD_ID = 0

@@ -16,7 +16,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from kdistill.data.base import UNLABELED
+from kdistill.batch import UNLABELED
 from kdistill.taps import closest_module_paths
 
 LabelDropout = Annotated[float, Field(ge=0.0, lt=1.0)]
@@ -123,16 +123,3 @@ class LabelConditioned(nn.Module):
             return self.base(*args, **kwargs)
         finally:
             self._active, self._labels = False, None
-
-
-def build_oracle(input_shape: Sequence[int], num_classes: int, base: str = "cnn",
-                 base_size: str | None = "small", base_options: dict[str, Any] | None = None,
-                 target: str = "head", label_dropout: LabelDropout = 0.5) -> nn.Module:
-    """A registered model (``base``, ``base_size``, ``base_options``) wrapped in
-    :class:`LabelConditioned`: the model builder behind an ``oracle`` model in configs."""
-    from kdistill.models.registry import build_model
-
-    if base == "oracle":
-        raise ValueError("oracle: base must be another model than 'oracle'")
-    model = build_model(base, input_shape, num_classes, size=base_size, **(base_options or {}))
-    return LabelConditioned(model, num_classes, target=target, label_dropout=label_dropout)

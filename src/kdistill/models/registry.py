@@ -15,7 +15,7 @@ from torch import nn
 from kdistill.models.cnn import CNN
 from kdistill.models.hf import load_hf_model
 from kdistill.models.mlp import MLP
-from kdistill.models.oracle import build_oracle
+from kdistill.models.oracle import LabelConditioned, LabelDropout
 from kdistill.models.tagger import Tagger
 
 MODEL_SIZES: dict[str, dict[str, dict[str, Any]]] = {
@@ -55,6 +55,17 @@ def _tagger(input_shape: Sequence[int], num_classes: int, vocab_size: Width = 10
             kernel_size: Width = 3, dropout: Dropout = 0.0) -> nn.Module:
     return Tagger(input_shape, num_classes, vocab_size, embed_dim, hidden, encoder, layers,
                   kernel_size, dropout)
+
+
+def build_oracle(input_shape: Sequence[int], num_classes: int, base: str = "cnn",
+                 base_size: str | None = "small", base_options: dict[str, Any] | None = None,
+                 target: str = "head", label_dropout: LabelDropout = 0.5) -> nn.Module:
+    """A registered model (``base``, ``base_size``, ``base_options``) wrapped in
+    :class:`LabelConditioned`: the model builder behind an ``oracle`` model in configs."""
+    if base == "oracle":
+        raise ValueError("oracle: base must be another model than 'oracle'")
+    model = build_model(base, input_shape, num_classes, size=base_size, **(base_options or {}))
+    return LabelConditioned(model, num_classes, target=target, label_dropout=label_dropout)
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": _mlp, "cnn": _cnn, "hf": _hf,

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from kdistill import losses
 from kdistill.adversarial import pgd_perturb
 from kdistill.augment import concat_rows
-from kdistill.evaluate import eval_mode
+from kdistill.contexts import eval_mode
 from kdistill.recipes.base import Recipe, RecipeParams, Term, ValueRange, prepared_rows, register
 from kdistill.schedules import TrainState
 from kdistill.taps import Taps

@@ -12,7 +12,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from kdistill import losses
-from kdistill.data.base import UNLABELED
+from kdistill.batch import UNLABELED
 from kdistill.recipes.base import Recipe, RecipeParams, Term, register
 from kdistill.recipes.mean_teacher import Weight, schedule, valid_rows
 from kdistill.schedules import ScheduleConfig, TrainState

@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 from pydantic import AfterValidator, BaseModel, ConfigDict
@@ -21,9 +21,7 @@ from torch import nn
 from kdistill.losses.registry import Unit
 from kdistill.schedules import TrainState
 from kdistill.taps import Taps, parse_tap
-
-if TYPE_CHECKING:
-    from kdistill.teachers import TeacherSource
+from kdistill.teachers import FrozenTeacher, TeacherSource
 
 TeacherModel = Literal["trained", "fresh", "none"]
 
@@ -121,8 +119,6 @@ class Recipe(nn.Module):
                        teacher: nn.Module | None) -> TeacherSource | None:
         """The teacher source built from a plain ``teacher`` model (see ``teacher_model``);
         by default a :class:`~kdistill.teachers.FrozenTeacher`."""
-        from kdistill.teachers import FrozenTeacher
-
         return FrozenTeacher(teacher) if teacher is not None else None
 
     def prepare(self, batch: dict[str, Any], student: Callable[[Mapping[str, Any]], Taps],

@@ -11,7 +11,7 @@ from pydantic import Field, model_validator
 from torch import Tensor
 
 from kdistill import augment, losses
-from kdistill.data.base import hidden_like
+from kdistill.batch import hidden_like
 from kdistill.recipes.base import Recipe, RecipeParams, Term, ValueRange, prepared_rows, register
 from kdistill.schedules import TrainState
 from kdistill.taps import Taps

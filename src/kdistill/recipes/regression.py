@@ -12,7 +12,7 @@ from torch import Tensor
 
 from kdistill import losses
 from kdistill.augment import concat_rows, gaussian_noise
-from kdistill.data.base import hidden_like, label_mask
+from kdistill.batch import hidden_like, label_mask
 from kdistill.recipes.base import Recipe, RecipeParams, Term, register
 from kdistill.schedules import TrainState
 from kdistill.taps import Taps

@@ -1,0 +1,308 @@
+"""The training loop: one :class:`TrainingRun` per call to :meth:`Distiller.fit`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+from kdistill.batch import collate, to_device
+from kdistill.batching import epoch_global_batches
+from kdistill.checkpoint import Checkpoint, atomic_save_tensors, clear_checkpoints
+from kdistill.contexts import eval_mode
+from kdistill.data.base import IndexedDataset, labeled_indices
+from kdistill.engine.evaluation import EpochEvaluation, Evaluator
+from kdistill.engine.optim import build_optimizer, build_scheduler
+from kdistill.engine.phases import FitResult, Phase
+from kdistill.engine.state import RunState
+from kdistill.engine.step import OptimizerStep
+from kdistill.engine.training_module import TrainingModule, call_model
+from kdistill.metrics_log import MetricsLog
+from kdistill.progress import TrainingProgress
+from kdistill.schedules import TrainState
+from kdistill.settings import TrainerSettings
+from kdistill.taps import TapReader
+from kdistill.teachers import TeacherSource
+
+Callback = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class PhaseTraining:
+    """What one phase trains with: its module (wrapped for data parallelism), optimizer, LR
+    schedule, training samples and steps per epoch."""
+
+    index: int
+    phase: Phase
+    module: TrainingModule
+    wrapped: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    indices: list[int]
+    steps_per_epoch: int
+
+    def train_state(self, epoch: int, batch: int) -> TrainState:
+        """The state of the step that trains ``batch`` of ``epoch``."""
+        return TrainState(phase=self.index, epoch=epoch,
+                          step=epoch * self.steps_per_epoch + batch,
+                          epoch_progress=epoch + (batch + 1) / self.steps_per_epoch,
+                          steps_per_epoch=self.steps_per_epoch,
+                          total_steps=self.steps_per_epoch * self.phase.epochs)
+
+
+class TrainingRun:
+    """Runs every phase of one fit (:meth:`kdistill.engine.Distiller.fit`): epochs of optimizer
+    steps, evaluations, keep-best phases, the metrics log, checkpoints and the resume from the
+    newest one."""
+
+    def __init__(self, student: nn.Module, teacher: TeacherSource | None,
+                 phases: Sequence[Phase], settings: TrainerSettings, run_dir: Path | None,
+                 evaluator: Evaluator | None, train: Dataset | DataLoader,
+                 eval_data: Dataset | DataLoader | None, callbacks: Sequence[Callback]):
+        self.phases, self.settings, self.run_dir = phases, settings, run_dir
+        self.dataset, self.collate_fn, loader_batch = as_dataset(train)
+        self.micro_batch = loader_batch or settings.batch_size
+        self.callbacks = callbacks
+        self.accelerator = make_accelerator(settings)
+        set_seed(settings.seed)
+        self.student = student.to(self.accelerator.device)
+        self.teacher = teacher
+        main = self.accelerator.is_main_process
+        self.state = RunState(student, phases, teacher, settings, run_dir, self.accelerator)
+        self.log = MetricsLog(run_dir / "metrics.jsonl" if run_dir and main else None)
+        self.progress = TrainingProgress(enabled=settings.progress and main)
+        self.evaluation = EpochEvaluation(student, teacher, eval_data, evaluator,
+                                          settings.batch_size, self.collate_fn,
+                                          self.accelerator.device)
+        self.optimizer_step = OptimizerStep(self.accelerator, self.dataset, self.collate_fn,
+                                            teacher, settings)
+
+    def execute(self, resume: bool) -> FitResult:
+        """Train through every phase (from the newest checkpoint with ``resume``)."""
+        start, checkpoint = {"phase": 0, "epoch": 0, "batch": 0}, None
+        run_dir = self.run_dir
+        if resume:
+            checkpoint, start = self.state.load_latest()
+            self.log.replace(self.state.history)
+        elif run_dir is not None and self.accelerator.is_main_process:
+            # A fresh run owns its folder: no metrics or checkpoints of an earlier run survive
+            # (a later resume would otherwise continue the earlier run).
+            self.log.replace([])
+            clear_checkpoints(run_dir)
+        self.accelerator.wait_for_everyone()
+        for index, phase in enumerate(self.phases):
+            if index == start["phase"]:
+                self.run_phase(index, phase, checkpoint, start)
+            elif index > start["phase"]:
+                self.run_phase(index, phase, None, {"epoch": 0, "batch": 0})
+        if run_dir is not None and self.accelerator.is_main_process:
+            atomic_save_tensors(self.student.state_dict(), run_dir / "student.safetensors")
+        return FitResult(self.student, self.state.history, run_dir, self.phases)
+
+    def run_phase(self, index: int, phase: Phase, checkpoint: Checkpoint | None,
+                  start: Mapping[str, int]) -> None:
+        """Train one phase from ``start`` (epoch, batch), restoring ``checkpoint`` if given."""
+        self.build_recipes(index)
+        if checkpoint is None:
+            self.state.best.reset()
+        self.bind_teacher(phase)
+        reader = TapReader(self.student, phase.recipe.student_taps())
+        try:
+            training = self.phase_training(index, phase, reader)
+            if checkpoint is not None:
+                self.state.restore(checkpoint, training.optimizer, training.scheduler)
+            training.wrapped = self.accelerator.prepare_model(training.module)
+            self.progress.start_phase(phase.name or phase.recipe.name,
+                                      training.steps_per_epoch * phase.epochs,
+                                      start["epoch"] * training.steps_per_epoch + start["batch"])
+            for epoch in range(start["epoch"], phase.epochs):
+                self.run_epoch(training, epoch, start["batch"] if epoch == start["epoch"] else 0)
+            restored = self.state.best.restore(index, phase, self.student, self.state.global_step)
+            if restored is not None:
+                self.write(restored)
+        finally:
+            reader.close()
+            self.accelerator.free_memory()
+
+    def phase_training(self, index: int, phase: Phase, reader: TapReader) -> PhaseTraining:
+        """The training module, optimizer and LR schedule of a phase (not yet wrapped)."""
+        trainable = self.teacher if self.peers() is not None else None
+        module = TrainingModule(self.student, phase.recipe, reader, trainable)
+        module.train()
+        indices = train_indices(self.dataset, phase)
+        steps_per_epoch = len(self.global_batches(index, indices, 0))
+        if steps_per_epoch == 0:
+            raise ValueError(f"phase '{phase.name}': {len(indices)} training samples are too "
+                             f"few for one global batch of this size")
+        optimizer = build_optimizer(module.parameters(), phase.optimizer or self.settings.optimizer)
+        scheduler = build_scheduler(optimizer, phase.scheduler or self.settings.scheduler,
+                                    steps_per_epoch * phase.epochs)
+        return PhaseTraining(index, phase, module, module, optimizer, scheduler, indices,
+                             steps_per_epoch)
+
+    def run_epoch(self, training: PhaseTraining, epoch: int, first_batch: int) -> None:
+        """Train the batches of ``epoch`` from ``first_batch`` on, then evaluate."""
+        batches = self.global_batches(training.index, training.indices, epoch)
+        for b in range(first_batch, len(batches)):
+            state = training.train_state(epoch, b)
+            terms, lr = self.optimizer_step(training.wrapped, training.module, batches[b], state,
+                                            training.optimizer, training.scheduler)
+            if self.teacher is not None:
+                self.teacher.after_step(self.student, state)
+            self.state.global_step += 1
+            record = self.record_step(state, terms, lr)
+            every = self.settings.checkpoint_every
+            if every and self.state.global_step % every == 0:
+                self.state.save({"phase": training.index, "epoch": epoch, "batch": b + 1},
+                                training.optimizer, training.scheduler)
+            self.progress.advance(record)
+        self.end_epoch(training, epoch)
+
+    def build_recipes(self, upto: int) -> None:
+        """Build the recipe modules (adapters) of every phase up to ``upto`` not built yet, each
+        on its own phase's taps: a resumed fit builds earlier phases' modules to load them."""
+        for index in range(upto + 1):
+            if index not in self.state.built:
+                phase = self.phases[index]
+                self.bind_teacher(phase)
+                with TapReader(self.student, phase.recipe.student_taps()) as reader:
+                    self.build_recipe(index, phase, reader)
+
+    def build_recipe(self, index: int, phase: Phase, reader: TapReader) -> None:
+        """Build a recipe's shape-dependent modules on the first batch. The student (and
+        peers) run this forward in eval mode, so BatchNorm statistics do not absorb an extra
+        batch and dropout draws no random numbers."""
+        first = to_device(self.collate_fn([self.dataset[i] for i in
+                                           range(min(self.micro_batch, len(self.dataset)))]),
+                          self.accelerator.device)
+        with eval_mode(self.student, *filter(None, [self.peers()])), torch.no_grad():
+            teacher = call_model("teacher", self.teacher, first) \
+                if phase.recipe.uses_teacher else None
+            phase.recipe.build(call_model("student", reader, first), teacher)
+        phase.recipe.to(self.accelerator.device)
+        self.state.built.add(index)
+
+    def record_step(self, state: TrainState, terms: Mapping[str, torch.Tensor],
+                    lr: float) -> dict[str, Any]:
+        """The step's record: every term (mean over the global batch), the weighted total
+        ``loss`` and the learning rate the step used; logged every ``log_every`` steps."""
+        names = sorted(terms)
+        device = self.accelerator.device
+        values = torch.stack([torch.as_tensor(terms[n], dtype=torch.float64, device=device)
+                              for n in names]) if names else None
+        record: dict[str, Any] = {
+            "kind": "train", "phase": state.phase, "epoch": state.epoch,
+            "step": self.state.global_step, "lr": lr,
+            **dict(zip(names, self.accelerator.reduce(values, "sum").tolist() if names else [],
+                       strict=True)),
+        }
+        if self.state.global_step % self.settings.log_every == 0:
+            self.write(record)
+        return record
+
+    def end_epoch(self, training: PhaseTraining, epoch: int) -> None:
+        """Every ``eval_every`` epochs and at the end of the phase: evaluate, log, checkpoint."""
+        phase = training.phase
+        if (epoch + 1) % self.settings.eval_every and epoch + 1 != phase.epochs:
+            return
+        if self.accelerator.num_processes > 1:
+            broadcast_buffers([self.student, *filter(None, [self.peers()])])
+        record: dict[str, Any] = {"kind": "eval", "phase": training.index,
+                                  "phase_name": phase.name, "epoch": epoch + 1,
+                                  "step": self.state.global_step}
+        if self.evaluation.available:
+            record.update({f"eval_{k}": v for k, v in self.evaluation().items()})
+        self.write(record)
+        self.progress.show_eval(record)
+        if phase.keep_best:
+            self.state.best.track(training.index, phase, record, self.student)
+        self.state.save({"phase": training.index, "epoch": epoch + 1, "batch": 0},
+                        training.optimizer, training.scheduler)
+        for callback in self.callbacks:
+            callback(record)
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Add a record to the history and the metrics log."""
+        self.log.write(record)
+        self.state.history.append(record)
+
+    def global_batches(self, phase_index: int, indices: list[int], epoch: int) -> list[list[int]]:
+        global_batch = self.micro_batch * self.settings.accumulation * \
+            self.accelerator.num_processes
+        return epoch_global_batches(indices, global_batch,
+                                    self.settings.accumulation * self.accelerator.num_processes,
+                                    self.settings.seed, phase_index, epoch)
+
+    def peers(self) -> nn.Module | None:
+        """The teacher source's trainable module (online peers), if any."""
+        return self.teacher.trainable_module() if self.teacher is not None else None
+
+    def bind_teacher(self, phase: Phase) -> None:
+        """Bind the teacher to the phase's teacher taps plus ``logits`` (for agreement)."""
+        if self.teacher is not None:
+            self.teacher.bind(teacher_taps(phase), self.accelerator.device)
+
+    def close(self) -> None:
+        self.progress.stop()
+        if self.teacher is not None:
+            self.teacher.close()
+
+
+def make_accelerator(settings: TrainerSettings) -> Accelerator:
+    """A fresh :class:`Accelerator` for one fit.
+
+    Accelerate keeps one process-wide ``AcceleratorState`` and refuses a second Accelerator
+    with other settings (say bf16 after fp32), so each fit starts from fresh settings; the
+    distributed set-up (``PartialState``) is kept.
+    """
+    AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(cpu=settings.cpu or not torch.cuda.is_available(),
+                       mixed_precision=settings.mixed_precision,
+                       kwargs_handlers=[DistributedDataParallelKwargs(
+                           find_unused_parameters=True)])
+
+
+def as_dataset(data: Dataset | DataLoader) -> tuple[Dataset, Callable, int | None]:
+    """The indexed data set, collate function and batch size (a loader's) to train from."""
+    if isinstance(data, DataLoader):
+        collate_fn = data.collate_fn if data.collate_fn is not default_collate else collate
+        return IndexedDataset(data.dataset), collate_fn, data.batch_size
+    return IndexedDataset(data), collate, None
+
+
+def train_indices(dataset: Dataset, phase: Phase) -> list[int]:
+    """The samples a phase trains on: all of them, or the labelled ones for a recipe that
+    trains on labelled samples only."""
+    if phase.recipe.uses_unlabeled:
+        return list(range(len(dataset)))  # type: ignore[arg-type]
+    indices = labeled_indices(dataset)
+    if not indices:
+        raise ValueError(f"recipe '{phase.recipe.name}' trains on labelled samples only and "
+                         "the training data has none")
+    return indices
+
+
+def teacher_taps(phase: Phase) -> list[str]:
+    """The taps a phase reads from its teacher, plus ``logits`` (agreement in evaluations)."""
+    names = list(phase.recipe.teacher_taps())
+    return names if "logits" in names else [*names, "logits"]
+
+
+def broadcast_buffers(models: Sequence[nn.Module]) -> None:
+    """Copy the main process's buffers of ``models`` to every process.
+
+    DDP broadcasts buffers at the start of each forward, so after the last step each process's
+    BatchNorm statistics hold its own micro-batch: without this, replicas would evaluate,
+    checkpoint and end differently.
+    """
+    for model in models:
+        for buffer in model.buffers():
+            torch.distributed.broadcast(buffer.data, src=0)
