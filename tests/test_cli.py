@@ -223,8 +223,8 @@ def test_missing_module_tap_fails_before_the_teacher_is_trained(tmp_path: Path) 
     with pytest.raises(ConfigError) as caught:
         run(parse_config(raw))
     assert str(caught.value).startswith(
-        "recipe: phase '0-fitnets': tap 'module:featurez': MLP has no module 'featurez'; "
-        "closest module paths: features")
+        "recipe: phase '0-fitnets': tap 'module:featurez': unknown MLP module 'featurez'; "
+        "did you mean 'features'")
     assert not (tmp_path / "out").exists()
     assert (sorted(cache.rglob("*")) if cache.exists() else []) == before
 

@@ -91,8 +91,11 @@ def test_misspelt_choice_suggests_the_valid_one() -> None:
     raw = base_config()
     raw["trainer"]["scheduler"] = {"name": "cosin"}
     (line,) = problem_lines(error_of(raw))
-    assert line.startswith("trainer.scheduler.name: Input should be 'constant', 'linear'")
-    assert line.endswith("(got 'cosin'; did you mean 'cosine'?)")
+    assert line == "trainer.scheduler.name: unknown value 'cosin'; did you mean 'cosine'?"
+    raw["trainer"]["scheduler"] = {"name": "zigzag"}
+    assert problem_lines(error_of(raw)) == [
+        "trainer.scheduler.name: unknown value 'zigzag'; valid names: constant, cosine, linear, "
+        "step"]
 
 
 def test_several_problems_are_listed_together() -> None:
@@ -123,7 +126,7 @@ def test_recipe_without_name_lists_the_recipes() -> None:
     from kdistill.recipes import RECIPES
 
     (line,) = problem_lines(error_of(base_config(recipe={"temperature": 2.0})))
-    assert line == "recipe.name: a recipe needs a name; valid: " + ", ".join(sorted(RECIPES))
+    assert line == "recipe.name: a recipe needs a name; valid names: " + ", ".join(sorted(RECIPES))
 
 
 def test_unknown_recipe_parameter_is_named() -> None:
@@ -147,24 +150,23 @@ def test_unknown_model_with_close_match() -> None:
 def test_unknown_size_is_the_only_problem_reported() -> None:
     raw = base_config(student={"name": "mlp", "size": "huge"})
     assert problem_lines(error_of(raw)) == [
-        "student.size: model 'mlp' has no size 'huge'; valid: base, small, tiny"]
+        "student.size: unknown mlp size 'huge'; valid names: base, small, tiny"]
     raw = base_config(student={"name": "mlp", "size": "tiny2"})
     assert problem_lines(error_of(raw)) == [
-        "student.size: model 'mlp' has no size 'tiny2'; did you mean 'tiny'?"]
+        "student.size: unknown mlp size 'tiny2'; did you mean 'tiny'?"]
 
 
 def test_unknown_model_option() -> None:
     raw = base_config(student={"name": "mlp", "options": {"hiden": [32]}})
     assert problem_lines(error_of(raw)) == [
-        "student.options.hiden: model 'mlp' has no option 'hiden'; did you mean 'hidden'?"]
+        "student.options.hiden: unknown mlp option 'hiden'; did you mean 'hidden'?"]
 
 
 def test_teacher_model_errors_carry_the_teacher_path() -> None:
     raw = base_config()
     raw["teacher"]["model"] = {"name": "cnn", "options": {"chanels": [8]}}
     assert problem_lines(error_of(raw)) == [
-        "teacher.model.options.chanels: model 'cnn' has no option 'chanels'; did you mean "
-        "'channels'?"]
+        "teacher.model.options.chanels: unknown cnn option 'chanels'; did you mean 'channels'?"]
 
 
 def test_model_without_size_or_required_option() -> None:
@@ -312,9 +314,8 @@ def test_composite_with_unknown_loss() -> None:
 def test_composite_with_bad_loss_parameter() -> None:
     raw = composite({"loss": "kd", "params": {"temprature": 2.0}})
     (line,) = problem_lines(error_of(raw))
-    assert line.startswith("recipe.terms.0.params: loss 'kd' has no parameter(s) "
-                           "['temprature']")
-    assert "'temperature'" in line  # the valid parameters are listed
+    assert line == ("recipe.terms.0.params: unknown kd parameter 'temprature'; did you mean "
+                    "'temperature'?")
 
 
 def test_composite_with_bad_tap_name() -> None:
@@ -337,8 +338,7 @@ def test_weight_schedule_errors_have_clean_paths() -> None:
     lines = problem_lines(error_of(raw))
     assert sorted(lines) == [
         "recipe.terms.1.weight.lenght: unknown key 'lenght'; did you mean 'length'?",
-        "recipe.terms.1.weight.name: Input should be 'constant', 'linear', 'cosine' or 'step' "
-        "(got 'linaer'; did you mean 'linear'?)",
+        "recipe.terms.1.weight.name: unknown value 'linaer'; did you mean 'linear' or 'cosine'?",
     ]
 
 
@@ -346,8 +346,7 @@ def test_composite_adapter_choice() -> None:
     raw = composite({"loss": "hidden_mse", "student": "module:features",
                      "teacher": "module:features", "adapter": "lin"})
     (line,) = problem_lines(error_of(raw))
-    assert line.startswith("recipe.terms.0.adapter: Input should be 'linear', 'conv1x1' or")
-    assert line.endswith("(got 'lin'; did you mean 'linear'?)")
+    assert line == "recipe.terms.0.adapter: unknown value 'lin'; did you mean 'linear'?"
 
 
 # -- YAML files -------------------------------------------------------------------------------
@@ -564,11 +563,10 @@ def test_csv_label_column_missing(tmp_path: Path, table: tuple[np.ndarray, np.nd
     path = write_csv(tmp_path / "points.csv", *table, label="lable")
     with pytest.raises(ValueError) as caught:
         load_dataset("csv", path=path)
-    assert str(caught.value) == (f"{path}: no label column 'label'; columns: "
-                                 "['f0', 'lable', 'f1', 'f2']")
+    assert str(caught.value) == f"{path}: unknown column 'label'; did you mean 'lable'?"
     raw = base_config(data={"name": "csv", "path": str(path)})
     assert problem_lines(error_of(raw)) == [
-        f"data.label_column: {path} has no column 'label'; did you mean 'lable'?"]
+        "data.label_column: unknown points.csv column 'label'; did you mean 'lable'?"]
 
 
 def test_csv_file_absent(tmp_path: Path) -> None:

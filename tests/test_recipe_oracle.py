@@ -206,7 +206,8 @@ def test_label_conditioned_errors_name_what_is_wrong():
         model(x, labels=torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match=r"\[0, 10\) or -100, got 12"):
         model(x, labels=torch.tensor([1, 12, -100]))
-    with pytest.raises(ValueError, match="has no module 'haed'; closest module paths: head"):
+    with pytest.raises(ValueError, match=r"^LabelConditioned: unknown MLP module 'haed'; did "
+                                         r"you mean 'head'\?$"):
         LabelConditioned(mlp(0), 10, target="haed")
     with pytest.raises(ValueError, match=r"label_dropout must be in \[0, 1\), got 1.0"):
         LabelConditioned(mlp(0), 10, label_dropout=1.0)

@@ -279,10 +279,10 @@ def test_unknown_module_path_lists_close_paths_and_leaves_no_hook() -> None:
     with pytest.raises(TapError) as err:
         TapReader(model, ["module:features", "module:featurs"])
     message = str(err.value)
-    assert "has no module 'featurs'" in message
-    assert "closest module paths: features" in message
+    assert message.startswith("tap 'module:featurs': unknown Toy module 'featurs'; did you mean "
+                              "'features'")
     assert all(len(m._forward_hooks) == 0 for m in model.modules())
-    with pytest.raises(TapError, match=r"closest module paths: .*blocks\.1"):
+    with pytest.raises(TapError, match=r"did you mean 'blocks\.1'"):
         TapReader(model, ["module:block.1"])
 
 
@@ -407,4 +407,4 @@ def test_tiny_bert_unknown_path_suggests_the_real_one() -> None:
     model = _tiny_bert()
     with pytest.raises(TapError) as err:
         TapReader(model, ["module:encoder.layer.1.outptu"])
-    assert "encoder.layer.1.output" in str(err.value).split("closest module paths:")[1]
+    assert "did you mean 'encoder.layer.1.output'" in str(err.value)

@@ -92,8 +92,8 @@ def test_frozen_teacher_reduced_precision_returns_float32_close_to_fp32() -> Non
 
 
 def test_frozen_teacher_rejects_an_unknown_precision() -> None:
-    with pytest.raises(ValueError, match=r"teacher precision must be one of \['bf16', 'fp16', "
-                                         r"'fp32'\], got 'fp8'"):
+    with pytest.raises(ValueError, match=r"^unknown teacher precision 'fp8'; did you mean 'fp32' "
+                                         r"or 'fp16'\?$"):
         FrozenTeacher(_mlp(0), precision="fp8")  # type: ignore[arg-type]
 
 

@@ -8,7 +8,6 @@ work starts.
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import typing
 from collections.abc import Mapping, Sequence
@@ -19,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from kdistill.errors import KdistillError
+from kdistill.names import unknown_name
 from kdistill.settings import (
     MAX_SEVERITY,
     OptimizerSettings,
@@ -186,14 +186,6 @@ def _inner_model(annotation: Any) -> Any:
     return None
 
 
-def close_names(name: str, known: Sequence[str]) -> str:
-    """``; did you mean 'x'?`` or the list of valid names."""
-    close = difflib.get_close_matches(name, list(known), n=3, cutoff=0.5)
-    if close:
-        return "; did you mean " + " or ".join(repr(c) for c in close) + "?"
-    return "; valid: " + ", ".join(sorted(known))
-
-
 def _shown(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -214,15 +206,12 @@ def format_validation_error(error: ValidationError, model: type[BaseModel],
         message = item["msg"].removeprefix("Value error, ")
         value = item.get("input")
         if key_error:
-            known = list(holder.model_fields) if holder else []
-            message = f"unknown key '{loc[-1]}'" + (
-                close_names(str(loc[-1]), known) if known else "")
+            message = unknown_name("key", str(loc[-1]), holder.model_fields if holder else [])
         elif item["type"] == "literal_error" and isinstance(value, str):
             expected = [e.strip().strip("'") for e in
                         str(item.get("ctx", {}).get("expected", "")).replace(" or ", ", ")
                         .split(",")]
-            close = difflib.get_close_matches(value, expected, n=1, cutoff=0.5)
-            message += f" (got {value!r}" + (f"; did you mean {close[0]!r}?)" if close else ")")
+            message = unknown_name("value", value, expected)
         elif item["type"] != "missing" and not isinstance(value, Mapping | list):
             message += f" (got {_shown(value)})"
         skip = union_scalar and isinstance(value, Mapping)
@@ -240,7 +229,7 @@ def format_validation_error(error: ValidationError, model: type[BaseModel],
 
 # -- checks of registered names ---------------------------------------------------------------
 def _check_name(kind: str, name: str, known: Sequence[str], path: str) -> list[str]:
-    return [] if name in known else [f"{path}: unknown {kind} '{name}'{close_names(name, known)}"]
+    return [] if name in known else [f"{path}: {unknown_name(kind, name, known)}"]
 
 
 def _options_model(name: str, builder: Any, accepted: Sequence[str]) -> type[BaseModel]:
@@ -266,15 +255,16 @@ def _check_model(model: ModelConfig, path: str) -> list[str]:
     builder = MODELS[model.name]
     sizes = MODEL_SIZES.get(model.name, {})
     if model.size is not None and model.size not in sizes:
-        return [f"{path}.size: model '{model.name}' has no size '{model.size}'"
-                + (close_names(model.size, list(sizes)) if sizes else
-                   "; it has no size presets, give its options instead")]
+        if not sizes:
+            return [f"{path}.size: model '{model.name}' has no size '{model.size}'; it has no "
+                    "size presets, give its options instead"]
+        return [f"{path}.size: {unknown_name(f'{model.name} size', model.size, sizes)}"]
     accepted = [p for p in inspect.signature(builder).parameters
                 if p not in ("input_shape", "num_classes")]
     for key in model.options:
         if key not in accepted:
-            problems.append(f"{path}.options.{key}: model '{model.name}' has no option "
-                            f"'{key}'{close_names(key, accepted)}")
+            problems.append(f"{path}.options.{key}: "
+                            + unknown_name(f"{model.name} option", key, accepted))
     if problems:
         return problems
     preset = sizes.get(model.size or "", {})
@@ -300,7 +290,8 @@ def _recipe_problems(recipe: Mapping[str, Any], path: str) -> tuple[list[str], A
 
     name = recipe.get("name")
     if not isinstance(name, str):
-        return [f"{path}.name: a recipe needs a name; valid: {', '.join(sorted(RECIPES))}"], None
+        return [f"{path}.name: a recipe needs a name; valid names: "
+                f"{', '.join(sorted(RECIPES))}"], None
     problems = _check_name("recipe", name, list(RECIPES), f"{path}.name")
     if problems:
         return problems, None
@@ -349,8 +340,7 @@ def _check_csv_header(path: Path, label_column: str) -> list[str]:
     if not header:
         return [f"data.path: {path} is empty (a header row with column names is needed)"]
     if label_column not in header:
-        return [f"data.label_column: {path} has no column '{label_column}'"
-                + close_names(label_column, header)]
+        return ["data.label_column: " + unknown_name(f"{path.name} column", label_column, header)]
     return []
 
 

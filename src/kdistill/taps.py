@@ -22,7 +22,6 @@ through hooks that :class:`TapReader` registers once and removes in :meth:`TapRe
 
 from __future__ import annotations
 
-import difflib
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ import torch
 from torch import nn
 
 from kdistill.errors import KdistillError
+from kdistill.names import unknown_name
 
 OUTPUT_TAP_PATTERN = re.compile(
     r"^(logits|heads|embeddings|pooled|hidden\.-?\d+|attention\.-?\d+)$")
@@ -109,13 +109,6 @@ def parse_tap(name: str) -> str | ModuleTap:
             "attention.<i>, heads or module:<path>"
         )
     return name
-
-
-def closest_module_paths(model: nn.Module, path: str, n: int = 5) -> list[str]:
-    """The module paths of ``model`` whose names come closest to ``path``."""
-    paths = [p for p, _ in model.named_modules() if p]
-    close = difflib.get_close_matches(path, paths, n=n, cutoff=0.4)
-    return close or paths[:n]
 
 
 def run_model(model: nn.Module, batch: Mapping[str, Any], *, hidden: bool = False,
@@ -243,7 +236,7 @@ def _first_input(args: tuple[Any, ...], kwargs: Mapping[str, Any], tap: str) -> 
 def resolve_module_taps(model: nn.Module,
                         names: Iterable[str]) -> list[tuple[ModuleTap, nn.Module]]:
     """The submodule behind each ``module:`` tap among ``names``; a path the model lacks raises
-    :class:`TapError` listing the closest paths it has."""
+    :class:`TapError` suggesting the closest paths it has."""
     modules = dict(model.named_modules())
     targets = []
     for name in names:
@@ -251,9 +244,8 @@ def resolve_module_taps(model: nn.Module,
         if not isinstance(tap, ModuleTap):
             continue
         if tap.path not in modules:
-            close = ", ".join(closest_module_paths(model, tap.path))
-            raise TapError(f"tap '{tap.name}': {type(model).__name__} has no module "
-                           f"'{tap.path}'; closest module paths: {close}")
+            raise TapError(f"tap '{tap.name}': " + unknown_name(
+                f"{type(model).__name__} module", tap.path, [p for p in modules if p]))
         targets.append((tap, modules[tap.path]))
     return targets
 

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from kdistill.names import unknown_name
 from kdistill.schedules import ScheduleConfig, TrainState, constant
 from kdistill.taps import TapReader, Taps
 
@@ -81,8 +82,7 @@ class FrozenTeacher(TeacherSource):
 
     def __init__(self, model: nn.Module, precision: Literal["fp32", "bf16", "fp16"] = "fp32"):
         if precision not in PRECISIONS:
-            raise ValueError(f"teacher precision must be one of {sorted(PRECISIONS)}, "
-                             f"got '{precision}'")
+            raise ValueError(unknown_name("teacher precision", precision, PRECISIONS))
         self.model = _frozen(model)
         self.precision = precision
         self.reader: TapReader | None = None

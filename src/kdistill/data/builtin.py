@@ -20,6 +20,7 @@ from kdistill.data.base import ArrayDataset, DataSplits
 from kdistill.data.images import FASHION_MNIST_DIR, read_fashion_mnist, read_mnist5k
 from kdistill.data.regression import load_diabetes
 from kdistill.data.tagging import load_tagging
+from kdistill.names import unknown_name
 
 
 def integer_labels(name: str, y: np.ndarray, what: str = "labels") -> np.ndarray:
@@ -184,7 +185,7 @@ def load_csv(path: str | Path, label_column: str = "label", test_fraction: float
                 raise ValueError(f"{path}: the file is empty")
             header = [name.strip() for name in header]
             if label_column not in header:
-                raise ValueError(f"{path}: no label column '{label_column}'; columns: {header}")
+                raise ValueError(f"{path}: " + unknown_name("column", label_column, header))
             if len(header) < 2:
                 raise ValueError(f"{path}: no feature columns besides '{label_column}'")
             label_at = header.index(label_column)
@@ -229,14 +230,14 @@ DATASETS: dict[str, Callable[..., DataSplits]] = {
 
 
 def load_dataset(name: str, **options: object) -> DataSplits:
-    """Load a registered data set by name; an option the loader does not take is an error
-    naming the options it does take."""
+    """Load a registered data set by name; an unknown name or option is an error suggesting
+    the closest valid ones."""
     if name not in DATASETS:
-        raise ValueError(f"unknown data set '{name}'; available: {sorted(DATASETS)}")
+        raise ValueError(unknown_name("data set", name, DATASETS))
     loader = DATASETS[name]
     accepted = list(inspect.signature(loader).parameters)
     unknown = sorted(set(options) - set(accepted))
     if unknown:
-        raise ValueError(f"data set '{name}' has no option(s) {unknown}; its options: "
-                         f"{accepted}")
+        raise ValueError("; ".join(unknown_name(f"{name} option", key, accepted)
+                                   for key in unknown))
     return loader(**options)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdistill.data.base import ArrayDataset
+from kdistill.names import unknown_name
 from kdistill.settings import MAX_SEVERITY, SHIFTS, Shift
 
 NOISE_PER_SEVERITY = 0.04  # noise std per severity level, as a fraction of the value range
@@ -74,7 +75,7 @@ def rotate(images: Tensor, degrees: Tensor | float, fill: float = 0.0) -> Tensor
 
 def _check(images: Tensor, shift: str, severity: float) -> None:
     if shift not in SHIFTS:
-        raise ValueError(f"unknown shift '{shift}'; available: {', '.join(SHIFTS)}")
+        raise ValueError(unknown_name("shift", shift, SHIFTS))
     if not 0 <= severity <= MAX_SEVERITY:
         raise ValueError(f"severity must be in [0, {MAX_SEVERITY:g}], got {severity}")
     if not images.is_floating_point():

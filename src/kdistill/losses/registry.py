@@ -5,7 +5,7 @@ says which extra batch data the loss needs, how it normalises, and which hyper-p
 accepts, so the config can be validated before anything runs::
 
     spec = get_loss("kd")
-    check_params("kd", {"temperature": 2.0})          # ValueError naming valid ones if wrong
+    check_params("kd", {"temperature": 2.0})          # ValueError suggesting valid ones if wrong
     value = spec(student_logits, teacher_logits, temperature=2.0)
 
 Only functions registered here can be named from a config (configs are data, not code).
@@ -13,13 +13,14 @@ Only functions registered here can be named from a config (configs are data, not
 
 from __future__ import annotations
 
-import difflib
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from torch import Tensor
+
+from kdistill.names import unknown_name
 
 from .features import attention_mse, attention_transfer, cosine, hidden_mse
 from .logits import cross_entropy, dkd, kd, logit_mse, soft_ce
@@ -174,13 +175,7 @@ def get_loss(name: str) -> LossSpec:
         return LOSSES[name]
     except (KeyError, TypeError):
         pass
-    names = sorted(LOSSES)
-    close = difflib.get_close_matches(str(name), names, n=3, cutoff=0.6)
-    if close:
-        hint = "did you mean " + " or ".join(repr(c) for c in close) + "?"
-    else:
-        hint = "valid losses: " + ", ".join(names)
-    raise UnknownLossError(f"unknown loss {name!r}; {hint}")
+    raise UnknownLossError(unknown_name("loss", str(name), LOSSES))
 
 
 def loss_params(name: str) -> dict[str, inspect.Parameter]:
@@ -193,12 +188,9 @@ def loss_params(name: str) -> dict[str, inspect.Parameter]:
 
 
 def check_params(name: str, params: Mapping[str, Any]) -> None:
-    """Raise ValueError if ``params`` has a key the loss does not accept, naming the valid ones."""
+    """Raise ValueError for each key of ``params`` the loss does not accept, with close names."""
     valid = loss_params(name)
     unknown = sorted(set(params) - set(valid))
     if unknown:
-        shown = ", ".join(valid) if valid else "(none)"
-        raise ValueError(
-            f"loss '{name}' got unknown parameter(s) {', '.join(map(repr, unknown))}; "
-            f"valid parameters: {shown}"
-        )
+        raise ValueError("; ".join(unknown_name(f"{name} parameter", key, valid)
+                                   for key in unknown))

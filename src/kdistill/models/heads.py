@@ -27,7 +27,8 @@ import torch
 from torch import Tensor, nn
 
 from kdistill.models.fresh import reinitialised
-from kdistill.taps import closest_module_paths, output_logits
+from kdistill.names import unknown_name
+from kdistill.taps import output_logits
 
 __all__ = ["AveragedHeads", "ExtraHeads", "MultiBranchStudent", "TwoHeadStudent",
            "average_probabilities", "head_size", "mlp_branch"]
@@ -81,10 +82,10 @@ class ExtraHeads(nn.Module):
     def __init__(self, student: nn.Module, heads: Sequence[nn.Module],
                  features: str = "features"):
         super().__init__()
-        if not features or features not in dict(student.named_modules()):
-            close = ", ".join(closest_module_paths(student, features))
-            raise ValueError(f"features: the student ({type(student).__name__}) has no module "
-                             f"'{features}'; closest module paths: {close}")
+        paths = [p for p, _ in student.named_modules() if p]
+        if features not in paths:
+            raise ValueError("features: " + unknown_name(
+                f"{type(student).__name__} module", features, paths))
         self.student = student
         self.extra = nn.ModuleList(heads)
         self.features_path = features

@@ -17,7 +17,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from kdistill.batch import UNLABELED
-from kdistill.taps import closest_module_paths
+from kdistill.names import unknown_name
 
 LabelDropout = Annotated[float, Field(ge=0.0, lt=1.0)]
 
@@ -60,9 +60,8 @@ class LabelConditioned(nn.Module):
                              f"{label_dropout}")
         modules = dict(base.named_modules())
         if not target or target not in modules:
-            raise ValueError(f"LabelConditioned: {type(base).__name__} has no module "
-                             f"'{target}'; closest module paths: "
-                             f"{', '.join(closest_module_paths(base, target))}")
+            raise ValueError("LabelConditioned: " + unknown_name(
+                f"{type(base).__name__} module", target, [p for p in modules if p]))
         module = modules[target]
         if dim is None:
             dim = getattr(module, "in_features", None)

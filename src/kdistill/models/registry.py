@@ -17,6 +17,7 @@ from kdistill.models.hf import load_hf_model
 from kdistill.models.mlp import MLP
 from kdistill.models.oracle import LabelConditioned, LabelDropout
 from kdistill.models.tagger import Tagger
+from kdistill.names import unknown_name
 
 MODEL_SIZES: dict[str, dict[str, dict[str, Any]]] = {
     "mlp": {"tiny": {"hidden": [16]}, "small": {"hidden": [64]}, "base": {"hidden": [256, 256]}},
@@ -75,10 +76,10 @@ MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": _mlp, "cnn": _cnn, "hf": _
 def model_options(name: str, size: str | None, options: dict[str, Any]) -> dict[str, Any]:
     """A preset's options (if ``size`` is given) updated with explicit ``options``."""
     if name not in MODELS:
-        raise ValueError(f"unknown model '{name}'; available: {sorted(MODELS)}")
+        raise ValueError(unknown_name("model", name, MODELS))
     presets = MODEL_SIZES.get(name, {})
     if size is not None and size not in presets:
-        raise ValueError(f"model '{name}' has no size '{size}'; sizes: {sorted(presets)}")
+        raise ValueError(unknown_name(f"{name} size", size, presets))
     return {**(presets.get(size, {}) if size else {}), **options}
 
 

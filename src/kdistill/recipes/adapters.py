@@ -6,10 +6,12 @@ optimised and checkpointed with the student.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import nn
+
+from kdistill.names import unknown_name
 
 AdapterKind = Literal["linear", "conv1x1", "none"]
 
@@ -42,5 +44,5 @@ def make_adapter(kind: AdapterKind, student: torch.Tensor, teacher: torch.Tensor
                              f"student {s_shape}, teacher {t_shape}")
         layer = nn.Conv2d(s_shape[1], t_shape[1], kernel_size=1)
     else:
-        raise ValueError(f"{where}: unknown adapter '{kind}'; use linear, conv1x1 or none")
+        raise ValueError(f"{where}: " + unknown_name("adapter", kind, get_args(AdapterKind)))
     return layer.to(device=student.device, dtype=student.dtype)

@@ -9,7 +9,6 @@ by its ``unit``.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal
@@ -19,6 +18,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict
 from torch import nn
 
 from kdistill.losses.registry import Unit
+from kdistill.names import unknown_name
 from kdistill.schedules import TrainState
 from kdistill.taps import Taps, parse_tap
 from kdistill.teachers import FrozenTeacher, TeacherSource
@@ -167,17 +167,10 @@ def register(cls: type[Recipe]) -> type[Recipe]:
     return cls
 
 
-def unknown_name_message(kind: str, name: str, known: list[str]) -> str:
-    """``unknown <kind> 'x'; did you mean 'y'?`` with the closest registered names."""
-    close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
-    hint = f"did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    return f"unknown {kind} '{name}'; {hint or 'available: ' + ', '.join(sorted(known))}"
-
-
 def get_recipe(name: str) -> type[Recipe]:
     """The recipe class registered as ``name``."""
     if name not in RECIPES:
-        raise ValueError(unknown_name_message("recipe", name, list(RECIPES)))
+        raise ValueError(unknown_name("recipe", name, RECIPES))
     return RECIPES[name].cls
 
 

@@ -9,7 +9,7 @@ import torch
 from pydantic import Field, ValidationInfo, field_validator
 from torch import nn
 
-from kdistill.losses.registry import LOSSES, get_loss, loss_params
+from kdistill.losses.registry import LOSSES, check_params, get_loss
 from kdistill.recipes.adapters import AdapterKind, make_adapter
 from kdistill.recipes.base import (
     Recipe,
@@ -45,11 +45,7 @@ class TermConfig(RecipeParams):
     def _loss_parameters(cls, params: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
         loss = info.data.get("loss")  # absent when the loss name itself was invalid
         if loss is not None:
-            allowed = loss_params(loss)
-            unknown = sorted(set(params) - set(allowed))
-            if unknown:
-                raise ValueError(f"loss '{loss}' has no parameter(s) {unknown}; it accepts "
-                                 f"{sorted(allowed) or 'none'}")
+            check_params(loss, params)
         return params
 
 
