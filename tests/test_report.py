@@ -1,6 +1,12 @@
 from rich.console import Console
 
-from kdistill.report import markdown_table, results_table, significant, write_report
+from kdistill.report import (
+    markdown_grid,
+    markdown_table,
+    results_table,
+    significant,
+    write_report,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -35,6 +41,14 @@ def test_markdown_table_formats_values():
     assert "91.23%" in lines[2] and "1,234,567" in lines[2] and "12.3" in lines[2]
     assert "| – |" in lines[3]  # missing agreement
     assert "10.0×" in lines[3]
+
+
+def test_markdown_grid_escapes_cells_and_aligns_when_asked():
+    plain = markdown_grid(["a", "b"], [["x | y", "1"], ["two\nlines", "2"]]).splitlines()
+    assert plain == ["| a | b |", "|---|---|", "| x \\| y | 1 |", "| two lines | 2 |"]
+    aligned = markdown_grid(["name", "n"], [], numeric=[False, True]).splitlines()
+    assert aligned == ["| name | n |", "|:---|---:|"]
+    assert markdown_table(ROWS).splitlines()[1].startswith("|:---|---:|")
 
 
 def test_results_table_renders_rows():

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import os
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -135,16 +135,26 @@ def _markdown_cell(text: str) -> str:
     return text.replace("|", r"\|").replace("\n", " ")
 
 
+def markdown_grid(header: Sequence[str], rows: Iterable[Sequence[str]],
+                  numeric: Sequence[bool] | None = None) -> str:
+    """A GitHub-flavoured markdown table of ready-made cells; ``|`` and line breaks inside a
+    cell are escaped. ``numeric`` right-aligns the columns marked True and left-aligns the
+    others; without it the alignment is left to the renderer."""
+    if numeric is None:
+        rule = "|" + "---|" * len(header)
+    else:
+        rule = "|" + "|".join("---:" if right else ":---" for right in numeric) + "|"
+    lines = ["| " + " | ".join(_markdown_cell(cell) for cell in header) + " |", rule]
+    lines += ["| " + " | ".join(_markdown_cell(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 def markdown_table(rows: Sequence[Row]) -> str:
     """The rows as a GitHub-flavoured markdown table (numbers right-aligned)."""
     columns = _columns(rows)
-    lines = [
-        "| " + " | ".join(_markdown_cell(column.header) for column in columns) + " |",
-        "|" + "|".join("---:" if column.numeric else ":---" for column in columns) + "|",
-    ]
-    lines += ["| " + " | ".join(_markdown_cell(_cell(column, row)) for column in columns) + " |"
-              for row in rows]
-    return "\n".join(lines)
+    return markdown_grid([column.header for column in columns],
+                         ([_cell(column, row) for column in columns] for row in rows),
+                         [column.numeric for column in columns])
 
 
 # --------------------------------------------------------------------------- atomic writes
