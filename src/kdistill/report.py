@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import statistics
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -155,6 +156,47 @@ def markdown_table(rows: Sequence[Row]) -> str:
     return markdown_grid([column.header for column in columns],
                          ([_cell(column, row) for column in columns] for row in rows),
                          [column.numeric for column in columns])
+
+
+# --------------------------------------------------------------------------- repeated runs
+
+
+def mean_std(values: Iterable[float | None]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (n - 1) of the values, None and NaN left out; the
+    std is None for fewer than two values, both are None for none."""
+    numbers = [v for v in values if v is not None and not math.isnan(v)]
+    if not numbers:
+        return None, None
+    return statistics.fmean(numbers), statistics.stdev(numbers) if len(numbers) > 1 else None
+
+
+def mean_std_text(mean: float | None, std: float | None, scale: float = 100.0) -> str:
+    """``mean ± std`` times ``scale`` (percent by default) with two decimals; the mean alone
+    without a std, ``–`` without a mean."""
+    if mean is None:
+        return MISSING
+    return f"{scale * mean:.2f}" + (f" ± {scale * std:.2f}" if std is not None else "")
+
+
+def summarise_runs(runs: Iterable[Row], key: str, metrics: Sequence[str]) -> list[dict[str, Any]]:
+    """Repeated runs (one per seed, say) grouped by ``run[key]``, in order of first appearance.
+
+    Each group gives ``key``, ``seeds`` (its number of runs), ``ok`` (those whose ``status`` is
+    ``"ok"``), ``errors`` (the others' ``error``) and, over the successful runs, the
+    :func:`mean_std` of each metric as ``<metric>`` and ``<metric>_std``.
+    """
+    groups: dict[Any, list[Row]] = {}
+    for run in runs:
+        groups.setdefault(run[key], []).append(run)
+    summary = []
+    for name, members in groups.items():
+        done = [run for run in members if run.get("status") == "ok"]
+        row: dict[str, Any] = {key: name, "seeds": len(members), "ok": len(done), "errors": [
+            run.get("error") or "unknown error" for run in members if run.get("status") != "ok"]}
+        for metric in metrics:
+            row[metric], row[f"{metric}_std"] = mean_std(run.get(metric) for run in done)
+        summary.append(row)
+    return summary
 
 
 # --------------------------------------------------------------------------- atomic writes
