@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from kdistill.batch import UNLABELED, label_mask
-from kdistill.data import ArrayDataset, keep_labels, labeled_indices
+from kdistill.data import ArrayDataset, holdout_split, keep_labels, labeled_indices
 from kdistill.data import images as image_files
 from kdistill.data.builtin import load_dataset, load_fashion_mnist, load_mnist5k
 
@@ -59,6 +59,25 @@ def test_keep_labels_on_classes_balances_and_skips_hidden_labels() -> None:
     assert (kept[9:] == UNLABELED).all()
     with pytest.raises(ValueError, match="between 1 and 9"):
         keep_labels(labels, 10, seed=0)
+
+
+def test_holdout_split_is_disjoint_stratified_ordered_and_seeded() -> None:
+    labels = torch.arange(60) % 3  # 20 per class
+    data = ArrayDataset(torch.arange(60, dtype=torch.float32)[:, None], labels)
+    rest, held = holdout_split(data, 12, seed=0)
+    rows = {int(x) for x in rest.inputs.flatten()}
+    held_rows = [int(x) for x in held.inputs.flatten()]
+    assert len(rest) == 48 and len(held) == 12 and rows.isdisjoint(held_rows)
+    assert rows | set(held_rows) == set(range(60))
+    assert torch.bincount(held.labels).tolist() == [4, 4, 4]  # stratified
+    assert held_rows == sorted(held_rows)  # the data set's order
+    torch.testing.assert_close(held.labels, labels[held.inputs.flatten().long()])
+    assert torch.equal(holdout_split(data, 12, seed=0)[1].inputs, held.inputs)
+    assert not torch.equal(holdout_split(data, 12, seed=1)[1].inputs, held.inputs)
+    scores = ArrayDataset(torch.zeros(10, 2), torch.linspace(0, 1, 10))  # regression: uniform
+    assert [len(part) for part in holdout_split(scores, 3, seed=0)] == [7, 3]
+    with pytest.raises(ValueError, match="cannot hold 2 of 60"):
+        holdout_split(data, 2, seed=0)  # fewer than one per class
 
 
 # -- MNIST-family files --------------------------------------------------------------------------

@@ -1,9 +1,11 @@
-"""The leaderboard script's pure parts: setups and their check, data split, configs, aggregation,
-verdicts and the markdown tables (no training here; the benchmark itself runs on demand)."""
+"""The leaderboard's pure parts: rows read from the examples, the run configs built from them,
+the data split, and the page (aggregation, verdicts, markdown). No training here; the benchmark
+itself runs on demand."""
 
 from __future__ import annotations
 
-import importlib.util
+import argparse
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -12,27 +14,25 @@ from typing import Any, ClassVar
 import pytest
 import torch
 
-from kdistill.config import DataConfig
+from kdistill.config import DataConfig, check_registered, load_config
 from kdistill.demo import step_matched_epochs
 from kdistill.recipes import RECIPES, Recipe
 from kdistill.recipes.base import RecipeEntry
 from kdistill.run import build_data
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "leaderboard.py"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import leaderboard as lb  # noqa: E402
+import leaderboard_report as lbr  # noqa: E402
+
+TRAIN = 3250  # mnist5k training images after the validation split
 
 
-def _load() -> Any:
-    spec = importlib.util.spec_from_file_location("leaderboard", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["leaderboard"] = module
-    spec.loader.exec_module(module)
-    return module
+def config(row: str, setting: str = "all", seed: int = 0, quick: bool = False) -> Any:
+    rows = {r.name: r for r in lb.leaderboard_rows()}
+    return lb.run_config(rows[row], setting, seed, quick, TRAIN)
 
 
-lb = _load()
-
-
-# -- setups -------------------------------------------------------------------------------------
+# -- rows and their examples --------------------------------------------------------------------
 class _Classifier(Recipe):
     name = "made_up_classifier"
     summary = paper = ""
@@ -48,41 +48,92 @@ def _registry(*classes: type[Recipe]) -> dict[str, RecipeEntry]:
     return {cls.name: RecipeEntry(cls.name, cls) for cls in classes}
 
 
-def test_every_registered_classification_recipe_has_a_setup() -> None:
-    lb.check_setups()  # raises SetupError naming a registered recipe that has no setup
-    covered = {setup.recipe for setup in lb.SETUPS.values()}
-    assert set(lb.classification_recipes()) <= covered
-    assert {"regression_kd", "mse"}.isdisjoint(lb.classification_recipes())
+def test_every_registered_classification_recipe_is_a_row_that_can_run() -> None:
+    rows = lb.leaderboard_rows()
+    classification = {n for n, e in RECIPES.items() if e.cls.task == "classification"}
+    assert {row.recipe for row in rows} == classification
+    assert [row.name for row in rows][:2] == ["ce", "ce-steps"]
+    for row in rows:
+        for setting in row.settings:
+            for quick in (False, True):  # the quick budget fits every example's phases too
+                built = config(row.name, setting, quick=quick)
+                assert check_registered(built) == [], built.name
 
 
-def test_a_classification_recipe_without_setup_fails_loudly() -> None:
+def test_a_classification_recipe_without_an_example_fails_loudly() -> None:
     registry = {**RECIPES, **_registry(_Classifier, _Scorer)}
     with pytest.raises(lb.SetupError, match="made_up_classifier") as error:
-        lb.check_setups(registry)
-    assert "made_up_scorer" not in str(error.value)  # regression recipes need no setup
-
-
-def test_setups_of_unregistered_recipes_are_skipped_and_reported() -> None:
-    registry = _registry(*(RECIPES[n].cls for n in ("ce", "hinton")))
-    setups = {k: lb.SETUPS[k] for k in ("ce", "ce-steps", "hinton", "dkd")}
-    assert lb.check_setups(registry, setups) == ["dkd"]
-    assert lb.select_entries(None, registry, setups) == ["ce", "ce-steps", "hinton"]
+        lb.leaderboard_rows(registry=registry)
+    assert "made_up_scorer" not in str(error.value)  # regression recipes need no row
 
 
 def test_selected_rows_keep_the_baselines_and_unknown_rows_are_refused() -> None:
-    assert lb.select_entries(["hinton"]) == ["ce", "ce-steps", "hinton"]
+    assert [r.name for r in lb.leaderboard_rows(["hinton"])] == ["ce", "ce-steps", "hinton"]
     with pytest.raises(lb.SetupError, match="hintn"):
-        lb.select_entries(["hintn"])
+        lb.leaderboard_rows(["hintn"])
 
 
-# -- data and configs ---------------------------------------------------------------------------
+def test_every_row_runs_its_examples_recipe_and_student_options() -> None:
+    for row in lb.leaderboard_rows():
+        example = load_config(lb.EXAMPLES / f"{row.recipe}.yaml")
+        for setting in row.settings:
+            built = config(row.name, setting)
+            assert built.recipe == example.recipe  # no recipe setting declared twice
+            assert built.student.options == example.student.options
+            assert (built.student.name, built.student.size) == ("mlp", "tiny")
+            if built.teacher is not None and built.teacher.recipe is not None:
+                assert built.teacher.recipe == example.teacher.recipe
+    assert config("denoise").student.options == {"dropout": 0.1}
+
+
+def test_teachers_are_the_protocol_cnn_as_each_recipe_needs_it() -> None:
+    hinton = config("hinton").teacher
+    assert hinton.model == lb.TEACHER and hinton.train.epochs == 20
+    assert hinton.train.optimizer.weight_decay == 1e-4 and hinton.recipe is None
+    assert config("ce").teacher is None and config("mean_teacher").teacher is None
+    dml = config("dml").teacher  # online peers: the same architecture, untrained
+    assert dml.model == lb.TEACHER and dml.train is None
+    oracle = config("oracle").teacher.model  # the label-conditioned model wraps the CNN
+    assert oracle.name == "oracle" and oracle.options["base_options"] == lb.TEACHER.options
+    assert oracle.options["base"] == "cnn" and oracle.options["base_size"] is None
+    assert config("daft").teacher.recipe["name"] == "adversarial"  # from examples/daft.yaml
+
+
+def test_budgets_are_step_matched_only_for_labels_only_rows() -> None:
+    matched = step_matched_epochs(20, TRAIN, lb.FEW_LABELS, 64)
+    assert matched == 510
+    assert config("ce", "few").trainer.epochs == 20 == config("ce", "all", 1).trainer.epochs
+    steps = config("ce-steps", "few").trainer
+    assert (steps.epochs, steps.eval_every) == (matched, matched // 20)
+    assert config("hinton", "few").trainer.epochs == 20
+    assert config("dml", "few").trainer.epochs == matched  # labelled samples only
+    assert config("hinton", "few").data.labeled == lb.FEW_LABELS
+    assert config("hinton", "few", 2).trainer.seed == 2 and config("hinton").trainer.seed == 0
+    assert config("annealing", quick=True).trainer.epochs == 11  # its phase 1 is 10 epochs
+
+
+def test_plan_shares_one_teacher_and_records_each_row() -> None:
+    args = argparse.Namespace(quick=False, seeds=[0, 1], settings=["all", "few"])
+    rows = lb.leaderboard_rows(["hinton", "dkd", "oracle", "dml"])
+    runs, teachers, setups = lb.plan(rows, args)
+    assert len(runs) == 2 * (2 + 1 + 2 * 4)  # seeds * (ce, ce-steps, 4 rows in 2 settings)
+    shared, oracle = teachers  # the shared CNN first, then the oracle's own
+    assert teachers[shared].record["name"] == "shared CNN"
+    assert {run.teacher_key for run in runs if run.record["entry"] in ("hinton", "dkd")} == {
+        shared}
+    assert {run.teacher_key for run in runs if run.record["entry"] == "dml"} == {None}
+    assert setups["oracle"]["teacher"] == "oracle" and setups["dml"]["epochs"] == {
+        "all": 20, "few": 510}
+    assert setups["dml"]["note"] == "step-matched in `few`" and setups["hinton"]["note"] == ""
+    assert setups["hinton"]["params"] == {"temperature": 4.0, "alpha": 0.9}
+
+
 def test_validation_split_is_stratified_held_out_and_labels_are_hidden() -> None:
-    config = DataConfig(name="digits", labeled=30)
-    splits, validation = lb.leaderboard_data(config, validation=100)
+    splits, validation = lb.leaderboard_data(DataConfig(name="digits", labeled=30),
+                                             validation=100)
     full = build_data(DataConfig(name="digits"))
     assert len(splits.train) + len(validation) == len(full.train)
     assert torch.bincount(validation.labels).tolist() == [10] * 10
-    # no validation image is in the training split
     train_rows = {tuple(x.flatten().tolist()) for x in splits.train.inputs}
     assert not any(tuple(x.flatten().tolist()) in train_rows for x in validation.inputs)
     known = splits.train.labels[splits.train.labels >= 0]
@@ -90,36 +141,11 @@ def test_validation_split_is_stratified_held_out_and_labels_are_hidden() -> None
     assert len(splits.test) == len(full.test)
 
 
-def test_budgets_are_step_matched_only_for_labels_only_rows() -> None:
-    few = {e: lb.run_config(e, "few", 0, False, 3250) for e in ("ce", "ce-steps", "hinton")}
-    matched = step_matched_epochs(20, 3250, lb.FEW_LABELS, 64)
-    assert matched == 510
-    assert few["ce"].trainer.epochs == 20
-    assert few["ce-steps"].trainer.epochs == matched
-    assert few["ce-steps"].trainer.eval_every == matched // 20
-    assert few["hinton"].trainer.epochs == 20
-    assert lb.run_config("ce", "all", 1, False, 3250).trainer.epochs == 20
-    assert few["hinton"].data.labeled == lb.FEW_LABELS
-    assert few["hinton"].trainer.seed == 0 and lb.run_config("hinton", "few", 2, False,
-                                                             3250).trainer.seed == 2
-
-
-def test_teacher_sections_follow_the_recipes_teacher_model() -> None:
-    hinton = lb.run_config("hinton", "all", 0, False, 3250)
-    assert hinton.teacher.model == lb.TEACHER and hinton.teacher.train is not None
-    assert lb.run_config("ce", "all", 0, False, 3250).teacher is None
-    if "dml" in RECIPES:  # fresh peers: the same architecture, untrained
-        dml = lb.run_config("dml", "all", 0, False, 3250)
-        assert dml.teacher.model == lb.TEACHER and dml.teacher.train is None
-    if "mean_teacher" in RECIPES:  # the teacher is made from the student
-        assert lb.run_config("mean_teacher", "all", 0, False, 3250).teacher is None
-
-
-# -- aggregation, verdicts, tables --------------------------------------------------------------
+# -- the page: aggregation, verdicts, tables ----------------------------------------------------
 def _run(entry: str, seed: int, accuracy: float | None, *, error: str | None = None,
          setting: str = "few") -> dict[str, Any]:
     run = {"setting": setting, "entry": entry, "recipe": entry.split("-")[0], "seed": seed,
-           "teacher": "CNN (shared)", "status": "failed" if error else "ok", "seconds": 2.0}
+           "teacher": "shared CNN", "status": "failed" if error else "ok", "seconds": 2.0}
     if error:
         run["error"] = error
     else:
@@ -127,37 +153,33 @@ def _run(entry: str, seed: int, accuracy: float | None, *, error: str | None = N
     return run
 
 
-def test_mean_and_sample_std() -> None:
-    mean, std = lb.mean_std([0.90, 0.92, 0.97])
-    assert mean == pytest.approx(0.93)
-    assert std == pytest.approx(((0.03**2 + 0.01**2 + 0.04**2) / 2) ** 0.5)
-    assert lb.mean_std([0.5]) == (0.5, None)
-    assert lb.mean_std([None, float("nan")]) == (None, None)
+ORDER = ["ce", "ce-steps", "dkd", "hinton"]
 
 
-def test_summary_averages_successful_seeds_and_keeps_errors() -> None:
+def test_summary_averages_successful_seeds_keeps_errors_and_follows_the_row_order() -> None:
     runs = [_run("hinton", 0, 0.80), _run("hinton", 1, 0.90),
             _run("hinton", 2, None, error="RuntimeError: boom"),
             _run("ce", 0, 0.70), _run("ce", 0, 0.99, setting="all")]
-    rows = lb.summarise(runs, "few")
-    assert [r["entry"] for r in rows] == ["ce", "hinton"]  # SETUPS order
+    rows = lbr.summarise(runs, "few", ORDER)
+    assert [r["entry"] for r in rows] == ["ce", "hinton"]
     hinton = rows[1]
     assert (hinton["seeds"], hinton["ok"], hinton["errors"]) == (3, 2, ["RuntimeError: boom"])
     assert hinton["accuracy"] == pytest.approx(0.85)
     assert hinton["accuracy_std"] == pytest.approx(statistics.stdev([0.80, 0.90]))
+    assert (hinton["recipe"], hinton["teacher"]) == ("hinton", "shared CNN")
     assert rows[0]["accuracy"] == pytest.approx(0.70) and rows[0]["accuracy_std"] is None
 
 
 def test_verdict_says_no_unless_the_mean_exceeds_the_baseline() -> None:
-    assert lb.verdict(0.81, 0.80) == "yes"
-    assert lb.verdict(0.80, 0.80) == "no"
-    assert lb.verdict(0.79, 0.80) == "no"
-    assert lb.verdict(None, 0.80) == "n/a" and lb.verdict(0.8, None) == "n/a"
+    assert lbr.verdict(0.81, 0.80) == "yes"
+    assert lbr.verdict(0.80, 0.80) == "no"
+    assert lbr.verdict(0.79, 0.80) == "no"
+    assert lbr.verdict(None, 0.80) == "n/a" and lbr.verdict(0.8, None) == "n/a"
 
 
 def _table(runs: list[dict[str, Any]]) -> dict[str, list[str]]:
     """The rendered table as {row name: cells}, plus the header under 'header'."""
-    lines = lb.render_setting(lb.summarise(runs, "few")).splitlines()
+    lines = lbr.render_setting(lbr.summarise(runs, "few", ORDER)).splitlines()
     cells = [[c.strip() for c in line.strip("|").split(" | ")] for line in lines]
     return {"header": cells[0], **{row[0].strip("`"): row for row in cells[2:]}}
 
@@ -189,25 +211,57 @@ def test_table_reports_failures_instead_of_numbers() -> None:
     assert table["dkd"][2] == "75.00 (1 of 2 seeds failed: KeyError: x)"
 
 
-def test_markdown_has_a_table_per_setting_the_teachers_and_the_machine() -> None:
+def test_markdown_has_a_table_per_setting_the_teachers_the_setups_and_the_machine() -> None:
     runs = [_run("ce", 0, 0.70), _run("hinton", 0, 0.75), _run("ce", 0, 0.9, setting="all")]
     report = {
-        "protocol": {"quick": False, "train": 3250, "validation": 500, "test": 1250,
+        "protocol": {"quick": False, "data": "mnist5k", "train": 3250, "validation": 500,
+                     "test": 1250, "few_labels": 100, "student": {"name": "mlp", "size": "tiny"},
                      "student_params": 12730, "epochs": 20, "batch_size": 64, "lr": 0.01,
                      "seeds": [0]},
         "finished": "2026-01-01 00:00 UTC", "started": "", "command": "python leaderboard.py",
-        "summary": {s: lb.summarise(runs, s) for s in lb.SETTINGS},
+        "summary": {s: lbr.summarise(runs, s, ORDER) for s in ("all", "few")},
         "teachers": {"k": {"name": "shared CNN", "model": "cnn", "recipe": "ce",
                            "status": "ok", "cached": False, "seconds": 30.2, "params": 61050,
                            "accuracy": 0.9736, "ece": 0.0091}},
-        "setups": {}, "skipped": ["atsen"], "runs": runs, "workers": 2, "total_seconds": 600,
+        "setups": {"hinton": {"recipe": "hinton", "teacher": "shared CNN", "note": "",
+                              "params": {"temperature": 4.0}, "epochs": {"all": 20, "few": 20}},
+                   "ce-steps": {"recipe": "ce", "teacher": "none", "params": {},
+                                "epochs": {"few": 510}, "note": "step-matched in `few`"}},
+        "runs": runs, "workers": 2, "total_seconds": 600,
         "machine": {"cpus": 2, "torch": "2", "python": "3", "load_start": [1.0, 2.0, 3.0],
                     "load_mean": 1.5},
     }
-    text = lb.render_markdown(report)
+    text = lbr.render_markdown(report)
     assert "## All labels" in text and "## Few labels (100)" in text
+    assert "The student sees 100 labels (10 per class) + 3,150 unlabelled images" in text
     assert "| shared CNN | cnn | ce | 61,050 | 97.36 | 0.91 | 30 |" in text
+    assert '| `hinton` | `hinton` | shared CNN | `{"temperature": 4.0}` | 20 / 20 |  |' in text
+    assert "| `ce-steps` | `ce` | none | `–` | – / 510 | step-matched in `few` |" in text
     assert "Reproduce: `python leaderboard.py`" in text
     assert "1.00, 2.00, 3.00" in text and "10.0 min for 3 runs" in text
-    assert "(skipped): `atsen`" in text
-    assert "quick smoke budget" not in text
+    assert "quick smoke budget" not in text and "{" not in text.split("## Setups")[0]
+
+
+def test_report_rewrites_its_json_after_each_job_and_renders_the_page_at_the_end(
+        tmp_path: Path) -> None:
+    protocol = {"quick": True, "data": "mnist5k", "train": 3250, "validation": 500,
+                "test": 1250, "few_labels": 100, "student": {"name": "mlp", "size": "tiny"},
+                "student_params": 12730, "epochs": 2, "batch_size": 64, "lr": 0.01,
+                "seeds": [0]}
+    setups = {"ce": {"recipe": "ce", "teacher": "none", "params": {}, "note": "",
+                     "epochs": {"all": 2, "few": 2}}}
+    saved = lbr.Report(tmp_path / "r.json", tmp_path / "r.md", 2, protocol, setups)
+    saved.add(_run("ce", 0, 0.7))
+    saved.save()
+    written = json.loads((tmp_path / "r.json").read_text())
+    assert written["summary"]["few"][0]["accuracy"] == pytest.approx(0.7)
+    assert written["finished"] is None and not (tmp_path / "r.md").exists()
+    saved.add({"name": "shared CNN", "status": "failed", "error": "OSError: disk",
+               "seconds": 1.0}, teacher="key")
+    saved.save(final=True)
+    assert json.loads((tmp_path / "r.json").read_text())["teachers"]["key"]["status"] == "failed"
+    page = (tmp_path / "r.md").read_text()
+    assert "quick smoke budget" in page and "| shared CNN | – | – | – | failed: OSError: disk |" \
+        in page
+    assert lbr.previous_seconds(tmp_path / "r.json") == {"ce": 2.0}
+    assert lbr.previous_seconds(tmp_path / "missing.json") == {}

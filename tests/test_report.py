@@ -1,6 +1,16 @@
+import pytest
 from rich.console import Console
 
-from kdistill.report import markdown_table, results_table, significant, write_report
+from kdistill.report import (
+    markdown_grid,
+    markdown_table,
+    mean_std,
+    mean_std_text,
+    results_table,
+    significant,
+    summarise_runs,
+    write_report,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -35,6 +45,34 @@ def test_markdown_table_formats_values():
     assert "91.23%" in lines[2] and "1,234,567" in lines[2] and "12.3" in lines[2]
     assert "| – |" in lines[3]  # missing agreement
     assert "10.0×" in lines[3]
+
+
+def test_markdown_grid_escapes_cells_and_aligns_when_asked():
+    plain = markdown_grid(["a", "b"], [["x | y", "1"], ["two\nlines", "2"]]).splitlines()
+    assert plain == ["| a | b |", "|---|---|", "| x \\| y | 1 |", "| two lines | 2 |"]
+    aligned = markdown_grid(["name", "n"], [], numeric=[False, True]).splitlines()
+    assert aligned == ["| name | n |", "|:---|---:|"]
+    assert markdown_table(ROWS).splitlines()[1].startswith("|:---|---:|")
+
+
+def test_mean_and_sample_std_leave_out_missing_values():
+    mean, std = mean_std([0.90, 0.92, None, 0.97])
+    assert mean == pytest.approx(0.93)
+    assert std == pytest.approx(((0.03**2 + 0.01**2 + 0.04**2) / 2) ** 0.5)
+    assert mean_std([0.5, float("nan")]) == (0.5, None)
+    assert mean_std([None]) == (None, None)
+    assert mean_std_text(0.7612, 0.0141) == "76.12 ± 1.41"
+    assert mean_std_text(0.5, None) == "50.00" and mean_std_text(None, None) == "–"
+
+
+def test_summarise_runs_groups_by_key_over_successful_runs():
+    runs = [{"entry": "b", "status": "ok", "acc": 0.8}, {"entry": "a", "status": "ok", "acc": 0.6},
+            {"entry": "b", "status": "ok", "acc": 0.9},
+            {"entry": "b", "status": "failed", "error": "boom"}, {"entry": "a", "status": "failed"}]
+    b, a = summarise_runs(runs, "entry", ["acc"])  # in order of first appearance
+    assert (b["entry"], b["seeds"], b["ok"], b["errors"]) == ("b", 3, 2, ["boom"])
+    assert b["acc"] == pytest.approx(0.85) and b["acc_std"] == pytest.approx(0.0707, abs=1e-4)
+    assert (a["ok"], a["errors"], a["acc"], a["acc_std"]) == (1, ["unknown error"], 0.6, None)
 
 
 def test_results_table_renders_rows():

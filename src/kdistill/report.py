@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import math
 import os
+import statistics
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -135,16 +136,67 @@ def _markdown_cell(text: str) -> str:
     return text.replace("|", r"\|").replace("\n", " ")
 
 
+def markdown_grid(header: Sequence[str], rows: Iterable[Sequence[str]],
+                  numeric: Sequence[bool] | None = None) -> str:
+    """A GitHub-flavoured markdown table of ready-made cells; ``|`` and line breaks inside a
+    cell are escaped. ``numeric`` right-aligns the columns marked True and left-aligns the
+    others; without it the alignment is left to the renderer."""
+    if numeric is None:
+        rule = "|" + "---|" * len(header)
+    else:
+        rule = "|" + "|".join("---:" if right else ":---" for right in numeric) + "|"
+    lines = ["| " + " | ".join(_markdown_cell(cell) for cell in header) + " |", rule]
+    lines += ["| " + " | ".join(_markdown_cell(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 def markdown_table(rows: Sequence[Row]) -> str:
     """The rows as a GitHub-flavoured markdown table (numbers right-aligned)."""
     columns = _columns(rows)
-    lines = [
-        "| " + " | ".join(_markdown_cell(column.header) for column in columns) + " |",
-        "|" + "|".join("---:" if column.numeric else ":---" for column in columns) + "|",
-    ]
-    lines += ["| " + " | ".join(_markdown_cell(_cell(column, row)) for column in columns) + " |"
-              for row in rows]
-    return "\n".join(lines)
+    return markdown_grid([column.header for column in columns],
+                         ([_cell(column, row) for column in columns] for row in rows),
+                         [column.numeric for column in columns])
+
+
+# --------------------------------------------------------------------------- repeated runs
+
+
+def mean_std(values: Iterable[float | None]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (n - 1) of the values, None and NaN left out; the
+    std is None for fewer than two values, both are None for none."""
+    numbers = [v for v in values if v is not None and not math.isnan(v)]
+    if not numbers:
+        return None, None
+    return statistics.fmean(numbers), statistics.stdev(numbers) if len(numbers) > 1 else None
+
+
+def mean_std_text(mean: float | None, std: float | None, scale: float = 100.0) -> str:
+    """``mean ± std`` times ``scale`` (percent by default) with two decimals; the mean alone
+    without a std, ``–`` without a mean."""
+    if mean is None:
+        return MISSING
+    return f"{scale * mean:.2f}" + (f" ± {scale * std:.2f}" if std is not None else "")
+
+
+def summarise_runs(runs: Iterable[Row], key: str, metrics: Sequence[str]) -> list[dict[str, Any]]:
+    """Repeated runs (one per seed, say) grouped by ``run[key]``, in order of first appearance.
+
+    Each group gives ``key``, ``seeds`` (its number of runs), ``ok`` (those whose ``status`` is
+    ``"ok"``), ``errors`` (the others' ``error``) and, over the successful runs, the
+    :func:`mean_std` of each metric as ``<metric>`` and ``<metric>_std``.
+    """
+    groups: dict[Any, list[Row]] = {}
+    for run in runs:
+        groups.setdefault(run[key], []).append(run)
+    summary = []
+    for name, members in groups.items():
+        done = [run for run in members if run.get("status") == "ok"]
+        row: dict[str, Any] = {key: name, "seeds": len(members), "ok": len(done), "errors": [
+            run.get("error") or "unknown error" for run in members if run.get("status") != "ok"]}
+        for metric in metrics:
+            row[metric], row[f"{metric}_std"] = mean_std(run.get(metric) for run in done)
+        summary.append(row)
+    return summary
 
 
 # --------------------------------------------------------------------------- atomic writes

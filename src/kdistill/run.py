@@ -295,9 +295,18 @@ def run(config: RunConfig, *, resume: bool = False) -> RunOutcome:
         return _run(config, resume)
 
 
-def _run(config: RunConfig, resume: bool) -> RunOutcome:
-    # Everything that can fail on the config alone fails here, before a teacher is trained.
-    data = build_data(config.data)
+def train_run(config: RunConfig, data: DataSplits, eval_data: Any = None, *,
+              run_dir: Path | None = None,
+              resume: bool = False) -> tuple[nn.Module | None, FitResult]:
+    """Train ``config``'s student on ``data.train``, its teacher obtained as the recipe asks,
+    with end-of-epoch evaluations (and ``keep_best``) on ``eval_data`` (default ``data.test``;
+    e.g. a validation split of :func:`kdistill.data.holdout_split`).
+
+    Every check that needs the data runs before a teacher is trained. With ``run_dir``, the
+    config is saved there as ``config.json`` and the engine writes its metrics log,
+    checkpoints and final student there (``resume`` continues from them). Returns the teacher
+    model (None without one) and the fit; ``deployable(fit.student)`` is the model to ship.
+    """
     phases = build_phases(config)
     student = wrap_student(build_from(config.student, data, config.trainer.seed, "student"),
                            phases)
@@ -306,17 +315,26 @@ def _run(config: RunConfig, resume: bool) -> RunOutcome:
     for phase, where in zip(phases, sections, strict=True):
         check_task(phase.recipe, data, where)
         check_taps(student, phase.recipe.student_taps(), where, phase.name or "")
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.json", config.model_dump_json(indent=2))
+    teacher, source = build_teacher(config, data, phases, sections)
+    distiller = Distiller(student, source, phases=phases, trainer=config.trainer,
+                          run_dir=run_dir)
+    evaluation = data.test if eval_data is None else eval_data
+    return teacher, distiller.fit(data.train, evaluation, resume=resume)
+
+
+def _run(config: RunConfig, resume: bool) -> RunOutcome:
+    # Everything that can fail on the config alone fails before a teacher is trained.
+    data = build_data(config.data)
     check_shift_request(config, data)
     run_dir = Path(config.output_dir) / config.name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.json", config.model_dump_json(indent=2))
-    teacher, source = build_teacher(config, data, phases, sections)
-    result = Distiller(student, source, phases=phases, trainer=config.trainer,
-                       run_dir=run_dir).fit(data.train, data.test, resume=resume)
+    teacher, result = train_run(config, data, run_dir=run_dir, resume=resume)
     if not is_main_process():
         return RunOutcome(result, [], None)
     models = {"teacher": teacher} if teacher is not None else {}
-    models["student"] = deployable(student)
+    models["student"] = deployable(result.student)
     rows, load = compare(models, data.test, batch_size=config.evaluation.batch_size,
                          threads=config.evaluation.threads, repeats=config.evaluation.repeats)
     add_shift_accuracies(rows, models, data.test, config)

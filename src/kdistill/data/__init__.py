@@ -8,6 +8,7 @@ from kdistill.data.base import (
     ArrayDataset,
     DataSplits,
     IndexedDataset,
+    holdout_split,
     keep_labels,
     labeled_indices,
 )
@@ -18,6 +19,7 @@ __all__ = [
     "ArrayDataset",
     "DataSplits",
     "IndexedDataset",
+    "holdout_split",
     "keep_labels",
     "labeled_indices",
     "load_dataset",

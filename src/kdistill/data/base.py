@@ -110,6 +110,28 @@ def keep_labels(labels: torch.Tensor, count: int, seed: int) -> torch.Tensor:
     return hidden
 
 
+def holdout_split(dataset: ArrayDataset, size: int,
+                  seed: int) -> tuple[ArrayDataset, ArrayDataset]:
+    """Hold ``size`` samples of ``dataset`` out: returns (the rest, the held-out samples).
+
+    With one integer label per sample the draw is stratified (each class keeps its share in
+    both parts; hidden labels count as one more class); other labels are drawn uniformly. Both
+    parts keep the data set's order, and the draw depends only on ``seed``.
+    """
+    from sklearn.model_selection import train_test_split
+
+    labels = dataset.labels
+    stratify = labels.numpy() if labels.ndim == 1 and not labels.is_floating_point() else None
+    try:
+        kept, held = train_test_split(np.arange(len(dataset)), test_size=size,
+                                      random_state=seed, stratify=stratify)
+    except ValueError as error:  # too few samples, or a class too small to stratify
+        raise ValueError(f"cannot hold {size} of {len(dataset)} samples out: {error}") from None
+    kept, held = torch.as_tensor(np.sort(kept)), torch.as_tensor(np.sort(held))
+    return (ArrayDataset(dataset.inputs[kept], labels[kept]),
+            ArrayDataset(dataset.inputs[held], labels[held]))
+
+
 @dataclass
 class DataSplits:
     """A training and a test split plus what models need to know to fit them.
