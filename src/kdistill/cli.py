@@ -6,6 +6,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from kdistill.errors import KdistillError
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -97,8 +99,6 @@ def _print_outcome(rows: Sequence[dict], title: str, report: object) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``kdistill`` console script."""
     args = _parser().parse_args(argv)
-    from kdistill.errors import KdistillError
-
     try:
         if args.command == "recipes":
             return _recipes()

@@ -8,6 +8,7 @@ work starts.
 
 from __future__ import annotations
 
+import csv
 import inspect
 import typing
 from collections.abc import Mapping, Sequence
@@ -17,8 +18,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
+from kdistill.data import DATASETS
 from kdistill.errors import KdistillError
+from kdistill.models.registry import MODEL_SIZES, MODELS
 from kdistill.names import unknown_name
+from kdistill.recipes import RECIPES, build_recipe
 from kdistill.settings import (
     MAX_SEVERITY,
     OptimizerSettings,
@@ -247,8 +251,6 @@ def _options_model(name: str, builder: Any, accepted: Sequence[str]) -> type[Bas
 
 
 def _check_model(model: ModelConfig, path: str) -> list[str]:
-    from kdistill.models.registry import MODEL_SIZES, MODELS
-
     problems = _check_name("model", model.name, list(MODELS), f"{path}.name")
     if problems:
         return problems
@@ -286,8 +288,6 @@ def _check_model(model: ModelConfig, path: str) -> list[str]:
 
 def _recipe_problems(recipe: Mapping[str, Any], path: str) -> tuple[list[str], Any]:
     """Problems of one recipe section and, when there are none, the built recipe."""
-    from kdistill.recipes import RECIPES, build_recipe
-
     name = recipe.get("name")
     if not isinstance(name, str):
         return [f"{path}.name: a recipe needs a name; valid names: "
@@ -309,8 +309,6 @@ def _check_recipe(recipe: Mapping[str, Any], path: str) -> list[str]:
 
 
 def _check_data(data: DataConfig) -> list[str]:
-    from kdistill.data import DATASETS
-
     problems = _check_name("data set", data.name, list(DATASETS), "data.name")
     if problems:
         return problems
@@ -330,8 +328,6 @@ def _check_data(data: DataConfig) -> list[str]:
 
 
 def _check_csv_header(path: Path, label_column: str) -> list[str]:
-    import csv
-
     try:
         with path.open(newline="") as handle:
             header = next(csv.reader(handle), None)

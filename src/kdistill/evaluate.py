@@ -370,7 +370,7 @@ def _label_metrics(logits: torch.Tensor, predicted: torch.Tensor, labels: torch.
     labelled = labels != UNLABELED
     if not labelled.any():
         return {"accuracy": float("nan"), "macro_f1": float("nan"), "ece": float("nan")}
-    # scikit-learn takes about a second to import; load it only when metrics are computed.
+    # Deferred: scikit-learn takes about two seconds to import; only metrics need it.
     from sklearn.metrics import f1_score
 
     logits, predicted, labels = logits[labelled], predicted[labelled], labels[labelled]
@@ -400,7 +400,7 @@ def _agreement_of_scores(predicted: torch.Tensor, target: torch.Tensor) -> tuple
     mse = float(((predicted - target) ** 2).mean())
     if predicted.numel() < 2:
         return mse, math.nan, math.nan
-    # SciPy comes with scikit-learn; imported here like scikit-learn, only when needed.
+    # Deferred like scikit-learn: only regression metrics need SciPy.
     from scipy import stats
 
     x, y = predicted.numpy(), target.numpy()

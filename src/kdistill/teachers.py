@@ -111,7 +111,39 @@ class FrozenTeacher(TeacherSource):
             self.reader = None
 
 
-class EnsembleTeacher(TeacherSource):
+class MultiSource(TeacherSource):
+    """A source made of several sources: it is static when all of them are, steps, closes,
+    saves and loads each of them (state keys ``<i>.<key>``)."""
+
+    def __init__(self, sources: Sequence[TeacherSource], what: str):
+        if not sources:
+            raise ValueError(f"{what} needs at least one teacher source")
+        self.sources = list(sources)
+
+    @property
+    def static(self) -> bool:
+        return all(source.static for source in self.sources)
+
+    def after_step(self, student: nn.Module, state: TrainState) -> None:
+        for source in self.sources:
+            source.after_step(student, state)
+
+    def close(self) -> None:
+        for source in self.sources:
+            source.close()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"{i}.{k}": v for i, s in enumerate(self.sources)
+                for k, v in s.state_dict().items()}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        for i, source in enumerate(self.sources):
+            prefix = f"{i}."
+            source.load_state_dict({k[len(prefix):]: v for k, v in state.items()
+                                    if k.startswith(prefix)})
+
+
+class EnsembleTeacher(MultiSource):
     """Weighted combination of several sources' logits.
 
     ``mode="probs"``: p = sum_i w_i softmax(z_i), returned as logits log p (so a softmax of the
@@ -122,8 +154,7 @@ class EnsembleTeacher(TeacherSource):
 
     def __init__(self, sources: Sequence[TeacherSource], weights: Sequence[float] | None = None,
                  mode: Literal["probs", "logits"] = "probs"):
-        if not sources:
-            raise ValueError("an ensemble needs at least one teacher source")
+        super().__init__(sources, "an ensemble")
         weights = list(weights) if weights is not None else [1.0] * len(sources)
         if (len(weights) != len(sources) or not all(math.isfinite(w) and w >= 0 for w in weights)
                 or sum(weights) <= 0):
@@ -131,14 +162,10 @@ class EnsembleTeacher(TeacherSource):
                              f"numbers with a positive sum, got {weights}")
         if mode not in ("probs", "logits"):
             raise ValueError(f"ensemble mode must be 'probs' or 'logits', got '{mode}'")
-        self.sources = list(sources)
         total = float(sum(weights))
         self.weights = [w / total for w in weights]
         self.mode = mode
 
-    @property
-    def static(self) -> bool:
-        return all(source.static for source in self.sources)
 
     def bind(self, tap_names: Iterable[str], device: torch.device) -> None:
         names = list(tap_names)
@@ -158,23 +185,6 @@ class EnsembleTeacher(TeacherSource):
             combined = torch.logsumexp(stacked + log_w.view(-1, *[1] * logits[0].dim()), dim=0)
         return outputs[0].replace(logits=combined).with_members(outputs)
 
-    def after_step(self, student: nn.Module, state: TrainState) -> None:
-        for source in self.sources:
-            source.after_step(student, state)
-
-    def close(self) -> None:
-        for source in self.sources:
-            source.close()
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {f"{i}.{k}": v for i, s in enumerate(self.sources)
-                for k, v in s.state_dict().items()}
-
-    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        for i, source in enumerate(self.sources):
-            prefix = f"{i}."
-            source.load_state_dict({k[len(prefix):]: v for k, v in state.items()
-                                    if k.startswith(prefix)})
 
 
 class EMATeacher(TeacherSource):
@@ -299,21 +309,16 @@ class PeerTeacher(TeacherSource):
             self.peers.load_state_dict(dict(state))
 
 
-class SourceGroup(TeacherSource):
+class SourceGroup(MultiSource):
     """Several sources used side by side (e.g. ATSEN: a peer student and the EMA teachers of
     both students). ``source(batch)`` gives the first source's taps with ``members`` = every
     source's taps, in order; the group trains the trainable modules of its members."""
 
     def __init__(self, sources: Sequence[TeacherSource]):
-        if not sources:
-            raise ValueError("a SourceGroup needs at least one source")
-        self.sources = list(sources)
+        super().__init__(sources, "a SourceGroup")
         trainable = [m for m in (s.trainable_module() for s in self.sources) if m is not None]
         self.trainable = nn.ModuleList(trainable) if trainable else None
 
-    @property
-    def static(self) -> bool:
-        return all(source.static for source in self.sources)
 
     def trainable_module(self) -> nn.Module | None:
         return self.trainable
@@ -327,23 +332,6 @@ class SourceGroup(TeacherSource):
         outputs = [source(batch) for source in self.sources]
         return outputs[0].with_members(outputs)
 
-    def after_step(self, student: nn.Module, state: TrainState) -> None:
-        for source in self.sources:
-            source.after_step(student, state)
-
-    def close(self) -> None:
-        for source in self.sources:
-            source.close()
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {f"{i}.{k}": v for i, s in enumerate(self.sources)
-                for k, v in s.state_dict().items()}
-
-    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        for i, source in enumerate(self.sources):
-            prefix = f"{i}."
-            source.load_state_dict({k[len(prefix):]: v for k, v in state.items()
-                                    if k.startswith(prefix)})
 
 
 def as_source(teacher: nn.Module | TeacherSource | None) -> TeacherSource | None:

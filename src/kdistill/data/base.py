@@ -118,6 +118,7 @@ def holdout_split(dataset: ArrayDataset, size: int,
     both parts; hidden labels count as one more class); other labels are drawn uniformly. Both
     parts keep the data set's order, and the draw depends only on ``seed``.
     """
+    # Deferred: scikit-learn takes about two seconds to import and only this split needs it.
     from sklearn.model_selection import train_test_split
 
     labels = dataset.labels

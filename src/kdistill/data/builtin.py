@@ -97,6 +97,7 @@ def from_arrays(name: str, x_train: np.ndarray, y_train: np.ndarray, x_test: np.
 
 def load_digits(test_fraction: float = 0.25, seed: int = 0) -> DataSplits:
     """scikit-learn's 1,797 8x8 handwritten digits, pixels scaled to [0, 1], shape (1, 8, 8)."""
+    # Deferred: scikit-learn takes about two seconds to import; only this loader needs it.
     from sklearn.datasets import load_digits as sklearn_digits
 
     digits = sklearn_digits()

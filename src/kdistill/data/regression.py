@@ -53,6 +53,7 @@ def load_diabetes(test_fraction: float = 0.25, seed: int = 0) -> DataSplits:
     """scikit-learn's diabetes data (442 patients, 10 features, disease progression after one
     year), shipped with scikit-learn. sklearn's own feature scaling is undone (``scaled=False``)
     and replaced by the training split's standardisation."""
+    # Deferred: scikit-learn takes about two seconds to import; only this loader needs it.
     from sklearn.datasets import load_diabetes as sklearn_diabetes
 
     diabetes = sklearn_diabetes(scaled=False)

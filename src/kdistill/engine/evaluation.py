@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,6 +16,7 @@ from kdistill.teachers import TeacherSource
 Evaluator = Callable[[nn.Module, "TeacherSource | None"], dict[str, float]]
 
 
+@dataclass(eq=False)
 class EpochEvaluation:
     """Metrics of the student on the evaluation data (:func:`kdistill.evaluate.evaluate_model`,
     with agreement against the teacher), or a user's ``evaluator(student, teacher)``.
@@ -22,18 +24,15 @@ class EpochEvaluation:
     The evaluation batches are made once per fit; a static (frozen) teacher's answers too.
     """
 
-    def __init__(self, student: nn.Module, teacher: TeacherSource | None,
-                 data: Dataset | DataLoader | None, evaluator: Evaluator | None,
-                 batch_size: int, collate_fn: Callable, device: torch.device):
-        self.student = student
-        self.teacher = teacher
-        self.data = data
-        self.evaluator = evaluator
-        self.batch_size = batch_size
-        self.collate_fn = collate_fn
-        self.device = device
-        self.batches: list[dict[str, Any]] | None = None
-        self.teacher_logits: torch.Tensor | None = None
+    student: nn.Module
+    teacher: TeacherSource | None
+    data: Dataset | DataLoader | None
+    evaluator: Evaluator | None
+    batch_size: int
+    collate_fn: Callable
+    device: torch.device
+    batches: list[dict[str, Any]] | None = None
+    teacher_logits: torch.Tensor | None = None
 
     @property
     def available(self) -> bool:

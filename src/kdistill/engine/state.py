@@ -8,6 +8,7 @@ the LR schedule, the RNG states, the fp16 gradient scaler, the trainer position 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from kdistill.teachers import TeacherSource
 POSITION = ("phase", "epoch", "batch")  # where a checkpoint resumes: the next batch to train
 
 
+@dataclass(eq=False)
 class RunState:
     """The trainable state of one fit and its checkpoints in ``run_dir``.
 
@@ -35,19 +37,16 @@ class RunState:
     shape-dependent modules on its phase's first batch); only those are saved and loaded.
     """
 
-    def __init__(self, student: torch.nn.Module, phases: Sequence[Phase],
-                 teacher: TeacherSource | None, settings: TrainerSettings,
-                 run_dir: Path | None, accelerator: Any):
-        self.student = student
-        self.phases = phases
-        self.teacher = teacher
-        self.settings = settings
-        self.run_dir = run_dir
-        self.accelerator = accelerator
-        self.best = BestWeights()
-        self.built: set[int] = set()
-        self.history: list[dict[str, Any]] = []
-        self.global_step = 0
+    student: torch.nn.Module
+    phases: Sequence[Phase]
+    teacher: TeacherSource | None
+    settings: TrainerSettings
+    run_dir: Path | None
+    accelerator: Any
+    best: BestWeights = field(default_factory=BestWeights)
+    built: set[int] = field(default_factory=set)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    global_step: int = 0
 
     def weights(self) -> dict[str, torch.Tensor]:
         """Every tensor to save, under ``student.``, ``best.``, ``recipe.<i>.`` and

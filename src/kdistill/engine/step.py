@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ from kdistill.settings import TrainerSettings
 from kdistill.teachers import TeacherSource
 
 
+@dataclass(eq=False)
 class OptimizerStep:
     """Runs one optimizer step of a global batch on this process.
 
@@ -34,13 +36,11 @@ class OptimizerStep:
     rate the update used.
     """
 
-    def __init__(self, accelerator: Any, dataset: Dataset, collate_fn: Callable,
-                 teacher: TeacherSource | None, settings: TrainerSettings):
-        self.accelerator = accelerator
-        self.dataset = dataset
-        self.collate_fn = collate_fn
-        self.teacher = teacher
-        self.settings = settings
+    accelerator: Any
+    dataset: Dataset
+    collate_fn: Callable
+    teacher: TeacherSource | None
+    settings: TrainerSettings
 
     def __call__(self, wrapped: nn.Module, module: TrainingModule, global_batch: list[int],
                  state: TrainState, optimizer: torch.optim.Optimizer,

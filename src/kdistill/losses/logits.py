@@ -99,15 +99,21 @@ def _reduce_rows(fn: str, total: Tensor, x: Tensor, reduction: str) -> Tensor:
     raise ValueError(f"{fn}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
 
 
+def _log_probs(fn: str, student_logits: Tensor, teacher_logits: Tensor,
+               temperature: float) -> tuple[Tensor, Tensor]:
+    """Checked ``log softmax(z / T)`` of the student's and the teacher's logits."""
+    _check_same_shape(fn, student_logits, teacher_logits)
+    _check_temperature(fn, temperature)
+    log_ps = F.log_softmax(_as_float(student_logits) / temperature, dim=-1)
+    log_pt = F.log_softmax(_as_float(teacher_logits) / temperature, dim=-1)
+    return log_ps, log_pt
+
+
 # --------------------------------------------------------------------------------------------
 # public losses
 # --------------------------------------------------------------------------------------------
-def kd(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    temperature: float = 4.0,
-    reduction: str = "batchmean",
-) -> Tensor:
+def kd(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0,
+       reduction: str = "batchmean") -> Tensor:
     """Hinton knowledge distillation: temperature-scaled KL from teacher to student.
 
     Equation::
@@ -130,20 +136,13 @@ def kd(
         temperature: softening temperature ``T > 0``.
         reduction: ``"batchmean"`` or ``"mean"``.
     """
-    _check_same_shape("kd", student_logits, teacher_logits)
-    _check_temperature("kd", temperature)
-    log_ps = F.log_softmax(_as_float(student_logits) / temperature, dim=-1)
-    log_pt = F.log_softmax(_as_float(teacher_logits) / temperature, dim=-1)
+    log_ps, log_pt = _log_probs("kd", student_logits, teacher_logits, temperature)
     total = _kl_last_dim(log_pt, log_ps).sum()
     return temperature**2 * _reduce_rows("kd", total, student_logits, reduction)
 
 
-def soft_ce(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    temperature: float = 1.0,
-    reduction: str = "batchmean",
-) -> Tensor:
+def soft_ce(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0,
+            reduction: str = "batchmean") -> Tensor:
     """Soft cross-entropy between the teacher's and the student's softened predictions.
 
     Equation::
@@ -185,12 +184,8 @@ def _dkd_log_probs(z: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     return log_b, log_hat
 
 
-def dkd_parts(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    target: Tensor,
-    temperature: float = 4.0,
-) -> tuple[Tensor, Tensor]:
+def dkd_parts(student_logits: Tensor, teacher_logits: Tensor, target: Tensor,
+              temperature: float = 4.0) -> tuple[Tensor, Tensor]:
     """The two terms of decoupled KD, ``(tckd, nckd)``, each T^2-scaled and batchmean.
 
     Equations (``g`` the target class, ``p = softmax(z / T)``)::
@@ -241,14 +236,8 @@ def dkd_parts(
     return tckd, nckd
 
 
-def dkd(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    target: Tensor,
-    alpha: float = 1.0,
-    beta: float = 8.0,
-    temperature: float = 4.0,
-) -> Tensor:
+def dkd(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, alpha: float = 1.0,
+        beta: float = 8.0, temperature: float = 4.0) -> Tensor:
     """Decoupled knowledge distillation: ``alpha * TCKD + beta * NCKD``.
 
     Equation::

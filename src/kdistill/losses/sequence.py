@@ -21,19 +21,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from .logits import (
-    _as_float,
-    _check_same_shape,
-    _check_temperature,
-    _kl_last_dim,
-    _valid_mask,
-    _zero_invalid,
-)
+from .logits import _check_same_shape, _kl_last_dim, _log_probs, _valid_mask, _zero_invalid
 
 __all__ = [
     "forward_kl",
@@ -47,16 +40,6 @@ __all__ = [
 ]
 
 Normalizer = float | Tensor | None
-
-
-def _log_probs(
-    fn: str, student_logits: Tensor, teacher_logits: Tensor, temperature: float
-) -> tuple[Tensor, Tensor]:
-    _check_same_shape(fn, student_logits, teacher_logits)
-    _check_temperature(fn, temperature)
-    log_ps = F.log_softmax(_as_float(student_logits) / temperature, dim=-1)
-    log_pt = F.log_softmax(_as_float(teacher_logits) / temperature, dim=-1)
-    return log_ps, log_pt
 
 
 def _check_beta(fn: str, beta: float) -> None:
@@ -95,7 +78,7 @@ def _token_average(
 
 
 # --------------------------------------------------------------------------------------------
-# per-token divergences (unreduced)
+# each divergence per token (unreduced), then masked and averaged
 # --------------------------------------------------------------------------------------------
 def per_token_forward_kl(
     student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0
@@ -103,6 +86,22 @@ def per_token_forward_kl(
     """``KL(p_t || p_s)`` for every position, shape ``[...]`` (see :func:`forward_kl`)."""
     log_ps, log_pt = _log_probs("forward_kl", student_logits, teacher_logits, temperature)
     return _kl_last_dim(log_pt, log_ps)
+
+
+def forward_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None,
+               temperature: float = 1.0, normalizer: Normalizer = None) -> Tensor:
+    """Token-level forward KL, the standard word-level KD objective (mean-seeking).
+
+    Equation::
+
+        L = (1 / n) sum_{valid tokens} sum_v p_t(v) log(p_t(v) / p_s(v))
+
+    Paper: Y. Kim, A. M. Rush (2016), "Sequence-Level Knowledge Distillation" (word-level KD).
+
+    Reduction: sum over valid tokens divided by their count, or by ``normalizer``.
+    """
+    per_token = partial(per_token_forward_kl, temperature=temperature)
+    return _token_average("forward_kl", per_token, student_logits, teacher_logits, mask, normalizer)
 
 
 def per_token_reverse_kl(
@@ -113,12 +112,47 @@ def per_token_reverse_kl(
     return _kl_last_dim(log_ps, log_pt)
 
 
+def reverse_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None,
+               temperature: float = 1.0, normalizer: Normalizer = None) -> Tensor:
+    """Token-level reverse KL (mode-seeking), as used for LLM distillation.
+
+    Equation::
+
+        L = (1 / n) sum_{valid tokens} sum_v p_s(v) log(p_s(v) / p_t(v))
+
+    Paper: Y. Gu, L. Dong, F. Wei, M. Huang (2024), "MiniLLM: Knowledge Distillation of Large
+    Language Models"; also R. Agarwal et al. (2024), "On-Policy Distillation of Language Models:
+    Learning from Self-Generated Mistakes" (GKD).
+
+    Reduction: sum over valid tokens divided by their count, or by ``normalizer``.
+    """
+    per_token = partial(per_token_reverse_kl, temperature=temperature)
+    return _token_average("reverse_kl", per_token, student_logits, teacher_logits, mask, normalizer)
+
+
 def per_token_tvd(
     student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0
 ) -> Tensor:
     """``0.5 * sum_v |p_t - p_s|`` for every position, shape ``[...]`` (see :func:`tvd`)."""
     log_ps, log_pt = _log_probs("tvd", student_logits, teacher_logits, temperature)
     return 0.5 * (log_pt.exp() - log_ps.exp()).abs().sum(dim=-1)
+
+
+def tvd(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None,
+        temperature: float = 1.0, normalizer: Normalizer = None) -> Tensor:
+    """Token-level total variation distance (symmetric, bounded in [0, 1]).
+
+    Equation::
+
+        L = (1 / n) sum_{valid tokens} 0.5 * sum_v |p_t(v) - p_s(v)|
+
+    Paper: Y. Wen, Z. Li, W. Du, L. Mou (2023), "f-Divergence Minimization for Sequence-Level
+    Knowledge Distillation" (TVD is one of its symmetric distillation losses).
+
+    Reduction: sum over valid tokens divided by their count, or by ``normalizer``.
+    """
+    per_token = partial(per_token_tvd, temperature=temperature)
+    return _token_average("tvd", per_token, student_logits, teacher_logits, mask, normalizer)
 
 
 def per_token_generalized_jsd(
@@ -139,87 +173,6 @@ def per_token_generalized_jsd(
         torch.stack([log_pt + math.log(beta), log_ps + math.log1p(-beta)]), dim=0
     )
     return beta * _kl_last_dim(log_pt, log_m) + (1.0 - beta) * _kl_last_dim(log_ps, log_m)
-
-
-# --------------------------------------------------------------------------------------------
-# reduced losses
-# --------------------------------------------------------------------------------------------
-def forward_kl(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    mask: Tensor | None = None,
-    temperature: float = 1.0,
-    normalizer: Normalizer = None,
-) -> Tensor:
-    """Token-level forward KL, the standard word-level KD objective (mean-seeking).
-
-    Equation::
-
-        L = (1 / n) sum_{valid tokens} sum_v p_t(v) log(p_t(v) / p_s(v))
-
-    Paper: Y. Kim, A. M. Rush (2016), "Sequence-Level Knowledge Distillation" (word-level KD).
-
-    Reduction: sum over valid tokens divided by their count, or by ``normalizer``.
-    """
-
-    def per_token(s: Tensor, t: Tensor) -> Tensor:
-        return per_token_forward_kl(s, t, temperature)
-
-    _check_temperature("forward_kl", temperature)
-    return _token_average("forward_kl", per_token, student_logits, teacher_logits, mask, normalizer)
-
-
-def reverse_kl(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    mask: Tensor | None = None,
-    temperature: float = 1.0,
-    normalizer: Normalizer = None,
-) -> Tensor:
-    """Token-level reverse KL (mode-seeking), as used for LLM distillation.
-
-    Equation::
-
-        L = (1 / n) sum_{valid tokens} sum_v p_s(v) log(p_s(v) / p_t(v))
-
-    Paper: Y. Gu, L. Dong, F. Wei, M. Huang (2024), "MiniLLM: Knowledge Distillation of Large
-    Language Models"; also R. Agarwal et al. (2024), "On-Policy Distillation of Language Models:
-    Learning from Self-Generated Mistakes" (GKD).
-
-    Reduction: sum over valid tokens divided by their count, or by ``normalizer``.
-    """
-
-    def per_token(s: Tensor, t: Tensor) -> Tensor:
-        return per_token_reverse_kl(s, t, temperature)
-
-    _check_temperature("reverse_kl", temperature)
-    return _token_average("reverse_kl", per_token, student_logits, teacher_logits, mask, normalizer)
-
-
-def tvd(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    mask: Tensor | None = None,
-    temperature: float = 1.0,
-    normalizer: Normalizer = None,
-) -> Tensor:
-    """Token-level total variation distance (symmetric, bounded in [0, 1]).
-
-    Equation::
-
-        L = (1 / n) sum_{valid tokens} 0.5 * sum_v |p_t(v) - p_s(v)|
-
-    Paper: Y. Wen, Z. Li, W. Du, L. Mou (2023), "f-Divergence Minimization for Sequence-Level
-    Knowledge Distillation" (TVD is one of its symmetric distillation losses).
-
-    Reduction: sum over valid tokens divided by their count, or by ``normalizer``.
-    """
-
-    def per_token(s: Tensor, t: Tensor) -> Tensor:
-        return per_token_tvd(s, t, temperature)
-
-    _check_temperature("tvd", temperature)
-    return _token_average("tvd", per_token, student_logits, teacher_logits, mask, normalizer)
 
 
 def generalized_jsd(
@@ -257,12 +210,7 @@ def generalized_jsd(
 
     Reduction: sum over valid tokens divided by their count, or by ``normalizer``.
     """
-
-    def per_token(s: Tensor, t: Tensor) -> Tensor:
-        return per_token_generalized_jsd(s, t, beta, temperature)
-
-    _check_beta("generalized_jsd", beta)
-    _check_temperature("generalized_jsd", temperature)
+    per_token = partial(per_token_generalized_jsd, beta=beta, temperature=temperature)
     return _token_average(
         "generalized_jsd", per_token, student_logits, teacher_logits, mask, normalizer
     )

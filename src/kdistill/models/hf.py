@@ -18,6 +18,7 @@ def load_hf_model(path: str | Path, task: Literal["classification", "encoder"] =
     folder = Path(path)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"no Hugging Face model folder at {folder} (config.json missing)")
+    # Deferred: transformers takes seconds to import and only Hugging Face models need it.
     from transformers import AutoModel, AutoModelForSequenceClassification
 
     if task == "encoder":
