@@ -5,19 +5,20 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import torch
 from pydantic import Field
 from torch import Tensor, nn
 
 from kdistill import losses
 from kdistill.adversarial import pgd_perturb
-from kdistill.augment import concat_rows
 from kdistill.contexts import eval_mode
-from kdistill.recipes.base import Recipe, RecipeParams, Term, ValueRange, prepared_rows, register
+from kdistill.recipes.base import Recipe, RecipeParams, Term, ValueRange, register
+from kdistill.recipes.shared import ORIGINAL, row_views, stack_views
 from kdistill.schedules import TrainState
 from kdistill.taps import Taps
 
-ADVERSARIAL = "adversarial"  # batch key: bool [N], True on the perturbed rows
+# The views Adversarial.prepare stacks (batch[VIEW]): the clean rows (only when clean_weight > 0)
+# and their perturbed copies.
+CLEAN, ATTACKED = ORIGINAL, 1
 
 
 class AdversarialParams(RecipeParams):
@@ -88,23 +89,20 @@ class Adversarial(Recipe):
             perturbed = pgd_perturb(forward, inputs, batch["labels"], p.epsilon, p.alpha,
                                     p.steps, random_start=p.random_start,
                                     value_range=p.value_range)
-        rows = len(inputs)
         attacked = {**batch, "input": perturbed}
         if p.clean_weight == 0:
-            attacked[ADVERSARIAL] = torch.ones(rows, dtype=torch.bool, device=inputs.device)
-            return attacked
-        prepared = concat_rows([batch, attacked], rows)
-        prepared[ADVERSARIAL] = torch.arange(2 * rows, device=inputs.device) >= rows
-        return prepared
+            return stack_views({ATTACKED: attacked})
+        return stack_views({CLEAN: batch, ATTACKED: attacked})
 
     def terms(self, student: Taps, teacher: Taps | None, batch: Mapping[str, Any],
               state: TrainState) -> dict[str, Term]:
         p = self.params
-        attacked = prepared_rows(batch, ADVERSARIAL, self.name)
+        views = row_views(batch, self.name)
+        attacked, clean = views == ATTACKED, views == CLEAN
         logits, labels = student["logits"], batch["labels"]
         terms = {"adversarial_ce": Term(losses.cross_entropy(logits[attacked], labels[attacked]),
                                         weight=1 - p.clean_weight, unit="labeled")}
         if p.clean_weight > 0:
-            terms["clean_ce"] = Term(losses.cross_entropy(logits[~attacked], labels[~attacked]),
+            terms["clean_ce"] = Term(losses.cross_entropy(logits[clean], labels[clean]),
                                      weight=p.clean_weight, unit="labeled")
         return terms

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from kdistill import losses
 from kdistill.batch import UNLABELED
 from kdistill.recipes.base import Recipe, RecipeParams, Term, register
-from kdistill.recipes.mean_teacher import Weight, schedule, valid_rows
+from kdistill.recipes.shared import Weight, as_schedule, valid_rows
 from kdistill.schedules import ScheduleConfig, TrainState
 from kdistill.taps import Taps
 from kdistill.teachers import EMATeacher, PeerTeacher, SourceGroup, TeacherSource
@@ -202,7 +202,7 @@ class ATSEN(Recipe):
         valid, unit = valid_rows(z_a, batch)
         targets = pseudo_labels(t_a, t_b, valid, p.threshold, p.sharpen, p.frequency)
         on = float(state.epoch_progress > p.warmup_epochs)
-        ce_weight = schedule(p.ce_weight).at(state)
+        ce_weight = as_schedule(p.ce_weight).at(state)
         terms: dict[str, Term] = {}
         for prefix, logits in (("", z_a), ("peer_", z_b)):
             values = student_terms(logits, batch["labels"], t_a, t_b, targets, valid,

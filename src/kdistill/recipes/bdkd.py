@@ -12,7 +12,7 @@ from torch import nn
 
 from kdistill import losses
 from kdistill.recipes.base import Recipe, RecipeParams, Term, register
-from kdistill.recipes.mutual import distinct_from
+from kdistill.recipes.shared import distinct_from
 from kdistill.schedules import TrainState
 from kdistill.taps import Taps
 from kdistill.teachers import PeerTeacher, TeacherSource
@@ -116,7 +116,7 @@ class BDKD(Recipe):
     KL(p_t || p_s): mode-seeking, it pulls the teacher's mass onto classes the student also
     predicts without making it copy the small student's spread-out uncertainty, so the teacher
     stays a target the student can reach. Defaults T = 1, tau_g = 0.5 nats. The teacher is
-    (re-)initialised with :func:`~kdistill.recipes.mutual.distinct_from`, so it never starts as
+    (re-)initialised with :func:`~kdistill.recipes.shared.distinct_from`, so it never starts as
     an exact copy of the student (the two would then stay identical). As in the paper, training
     uses labelled samples only (``uses_unlabeled = False``): the online teacher knows no more
     than the student, and on digits with 50 labels the KL terms on the unlabelled rest cost

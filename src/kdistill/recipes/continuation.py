@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 
 from kdistill import losses
-from kdistill.recipes.annealing import anneal_factor, default_anneal_epochs
 from kdistill.recipes.base import Recipe, RecipeParams, Term, register
+from kdistill.recipes.shared import anneal_factor, default_anneal_epochs
 from kdistill.schedules import ScheduleConfig, TrainState
 from kdistill.taps import Taps
 
@@ -58,7 +58,7 @@ class Continuation(Recipe):
 
     Jafari, Kobyzev, Rezagholizadeh, Poupart & Ghodsi (2022), "Continuation KD: Improved
     Knowledge Distillation through the Lens of Continuation Optimization". phi(T_i) is
-    Annealing-KD's factor (:func:`~kdistill.recipes.annealing.anneal_factor`): T steps from
+    Annealing-KD's factor (:func:`~kdistill.recipes.shared.anneal_factor`): T steps from
     ``t_max`` down to 1 over ``anneal_epochs`` and phi stays 1 afterwards. The two parts are
     logged as separate terms, ``ce`` (weight psi, over labelled samples) and ``hinge``
     (weight 1 - psi, over every sample). With ``margin = 0`` and a step psi (0 before epoch E,

@@ -10,19 +10,10 @@ from torch import nn
 
 from kdistill import losses
 from kdistill.models.heads import TwoHeadStudent
-from kdistill.recipes.base import Recipe, RecipeParams, Term, labels_or_teacher_argmax, register
+from kdistill.recipes.base import Recipe, Term, register
+from kdistill.recipes.shared import StudentHeadParams, labels_or_teacher_argmax
 from kdistill.schedules import TrainState
 from kdistill.taps import Taps
-
-
-class StudentHeadParams(RecipeParams):
-    """Where new heads attach to the student: the submodule giving its penultimate features
-    and its own head (whose shape the new heads copy when it is an ``nn.Linear``)."""
-
-    features: str = Field(default="features", min_length=1)
-    head: str = Field(default="head", min_length=1)
-    in_features: int | None = Field(default=None, ge=1)
-    num_classes: int | None = Field(default=None, ge=2)
 
 
 class DeiTParams(StudentHeadParams):

@@ -6,18 +6,17 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
-import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
 from kdistill import augment, losses
-from kdistill.batch import hidden_like
-from kdistill.recipes.base import Recipe, RecipeParams, Term, ValueRange, prepared_rows, register
+from kdistill.recipes.base import Recipe, RecipeParams, Term, ValueRange, register
+from kdistill.recipes.shared import ORIGINAL, row_views, stack_views
 from kdistill.schedules import TrainState
 from kdistill.taps import Taps
 
-VIEW = "view"  # batch key: long [3B], 0 = clean row, 1 / 2 = first / second augmented pass
-CLEAN, FIRST, SECOND = 0, 1, 2
+# The views Denoise.prepare stacks (batch[VIEW]): the clean rows, then the two augmented passes.
+CLEAN, FIRST, SECOND = ORIGINAL, 1, 2
 Augmentation = Literal["auto", "image", "tokens", "noise"]
 
 
@@ -116,20 +115,16 @@ class Denoise(Recipe):
 
     def prepare(self, batch: dict[str, Any], student: Callable[[Mapping[str, Any]], Taps],
                 state: TrainState) -> dict[str, Any]:
-        """Clean rows, an augmented copy and the same copy again, marked by ``batch["view"]``."""
-        rows = len(batch["index"]) if "index" in batch else len(batch["labels"])
+        """Clean rows, an augmented copy and the same copy again (its labels hidden), marked
+        by ``batch[VIEW]``: ``CLEAN``, ``FIRST``, ``SECOND``."""
         noisy = self.augment(batch)
-        if "labels" in noisy:
-            noisy["labels"] = hidden_like(noisy["labels"])
-        prepared = augment.concat_rows([batch, noisy, noisy], rows)
-        device = next(v.device for v in batch.values() if isinstance(v, Tensor))
-        prepared[VIEW] = torch.arange(3, device=device).repeat_interleave(rows)
-        return prepared
+        return stack_views({CLEAN: batch, FIRST: noisy, SECOND: noisy},
+                           unlabeled=(FIRST, SECOND))
 
     def terms(self, student: Taps, teacher: Taps | None, batch: Mapping[str, Any],
               state: TrainState) -> dict[str, Term]:
         p = self.params
-        view = prepared_rows(batch, VIEW, self.name)
+        view = row_views(batch, self.name)
         logits, target = student["logits"], teacher["logits"]
         per_token = logits.dim() == 3
         mask = batch.get("attention_mask") if per_token else None

@@ -8,7 +8,8 @@ from typing import Any
 from pydantic import Field
 
 from kdistill import losses
-from kdistill.recipes.base import Recipe, RecipeParams, Term, labels_or_teacher_argmax, register
+from kdistill.recipes.base import Recipe, RecipeParams, Term, register
+from kdistill.recipes.shared import labels_or_teacher_argmax
 from kdistill.schedules import TrainState
 from kdistill.taps import Taps
 

@@ -10,8 +10,9 @@ from pydantic import Field
 from torch import nn
 
 from kdistill import losses
-from kdistill.models.fresh import reinitialise_, reinitialised
+from kdistill.models.fresh import reinitialised
 from kdistill.recipes.base import Recipe, RecipeParams, Term, register
+from kdistill.recipes.shared import distinct_from
 from kdistill.schedules import TrainState
 from kdistill.taps import Taps
 from kdistill.teachers import PeerTeacher, TeacherSource
@@ -20,17 +21,6 @@ from kdistill.teachers import PeerTeacher, TeacherSource
 class MutualParams(RecipeParams):
     peers: int = Field(default=2, ge=2, description="k: the student plus k - 1 peer models")
     temperature: float = Field(default=1.0, gt=0)
-
-
-def distinct_from(student: nn.Module, model: nn.Module) -> nn.Module:
-    """``model``, its weights re-drawn in place (:func:`reinitialise_`) when it holds exactly
-    the student's (same architecture built from the same seed). Two identical peers receive
-    identical gradients (every divergence between them is at its minimum) and would stay
-    identical for the whole run, teaching each other nothing."""
-    mine, theirs = student.state_dict(), model.state_dict()
-    same = mine.keys() == theirs.keys() and all(
-        mine[k].shape == theirs[k].shape and torch.equal(mine[k], theirs[k]) for k in mine)
-    return reinitialise_(model) if same else model
 
 
 def peer_name(index: int, term: str) -> str:

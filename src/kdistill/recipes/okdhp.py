@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from kdistill import losses
 from kdistill.models.heads import MultiBranchStudent
 from kdistill.recipes.base import Recipe, RecipeParams, Term, register
-from kdistill.recipes.deit import StudentHeadParams
+from kdistill.recipes.shared import StudentHeadParams
 from kdistill.schedules import TrainState
 from kdistill.taps import Taps
 

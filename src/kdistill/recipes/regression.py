@@ -11,13 +11,12 @@ from pydantic import Field
 from torch import Tensor
 
 from kdistill import losses
-from kdistill.augment import concat_rows, gaussian_noise
-from kdistill.batch import hidden_like, label_mask
+from kdistill.augment import gaussian_noise
+from kdistill.batch import label_mask
 from kdistill.recipes.base import Recipe, RecipeParams, Term, register
+from kdistill.recipes.shared import ORIGINAL, VIEW, stack_views
 from kdistill.schedules import TrainState
 from kdistill.taps import Taps
-
-AUGMENTED = "augmented"  # batch key: bool [N], True on the rows made by prepare
 
 
 class RegressionKDParams(RecipeParams):
@@ -107,8 +106,9 @@ class RegressionKD(Recipe):
 
     def prepare(self, batch: dict[str, Any], student: Callable[[Mapping[str, Any]], Taps],
                 state: TrainState) -> dict[str, Any]:
-        """The batch followed by ``copies`` noisy copies of it; every other per-sample tensor is
-        repeated, the copies' labels hidden and ``batch["augmented"]`` marks the copies."""
+        """The batch (view ``ORIGINAL`` = 0) followed by ``copies`` noisy copies of it (views
+        1 .. ``copies``, marked in ``batch[VIEW]``); every other per-sample tensor is repeated
+        and the copies' labels are hidden."""
         p = self.params
         inputs = batch.get("input")
         if not isinstance(inputs, Tensor):
@@ -118,23 +118,19 @@ class RegressionKD(Recipe):
             raise ValueError(f"regression_kd: noise augmentation needs float inputs, "
                              f"batch['input'] has dtype {inputs.dtype} (set copies: 0 for token "
                              "inputs)")
-        rows = len(inputs)
-        noisy = [{**batch, "input": gaussian_noise(inputs, p.noise_std),
-                  **({"labels": hidden_like(batch["labels"])} if "labels" in batch else {})}
+        noisy = [{**batch, "input": gaussian_noise(inputs, p.noise_std)}
                  for _ in range(p.copies)]
-        prepared = concat_rows([batch, *noisy], rows)
-        prepared[AUGMENTED] = torch.arange(rows * (1 + p.copies), device=inputs.device) >= rows
-        return prepared
+        return stack_views(dict(enumerate([batch, *noisy])),
+                           unlabeled=range(1, 1 + p.copies))
 
     def terms(self, student: Taps, teacher: Taps | None, batch: Mapping[str, Any],
               state: TrainState) -> dict[str, Term]:
         p = self.params
         s = scores(student["logits"], "student")
         t = scores(teacher["logits"], "teacher")
-        augmented = batch.get(AUGMENTED)
-        if augmented is None:
-            augmented = torch.zeros_like(s, dtype=torch.bool)
-        original = ~augmented
+        views = batch.get(VIEW)
+        original = views == ORIGINAL if views is not None else torch.ones_like(s, dtype=torch.bool)
+        augmented = ~original
         terms = {"kd": Term(losses.logit_mse(s[original], t[original]))}
         if p.copies:
             terms["kd_augmented"] = Term(losses.logit_mse(s[augmented], t[augmented]),
