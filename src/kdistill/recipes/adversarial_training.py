@@ -41,24 +41,16 @@ class Adversarial(Recipe):
 
     Madry, Makelov, Schmidt, Tsipras & Vladu (2018), "Towards Deep Learning Models Resistant to
     Adversarial Attacks". No teacher: this trains a model (for instance the teacher of ``daft``)
-    to be robust. :meth:`prepare` attacks the model being trained with ``steps`` steps of PGD
-    (:func:`kdistill.adversarial.pgd_perturb`, cross-entropy against the labels, random start)
-    inside ``||x_adv - x||_inf <= epsilon`` and the valid ``value_range``; the default step is
-    2.5 epsilon / steps. ``clean_weight`` w = 0 (default) is Madry's objective, on the
-    perturbed inputs alone; w > 0 also keeps CE on the clean inputs (the batch then holds the
-    clean rows and their perturbed copies, marked by ``batch["adversarial"]``), as in Goodfellow,
-    Shlens & Szegedy (2015) with w = 0.5.
+    to be robust, on labelled samples only. :meth:`prepare` attacks the model being trained
+    with ``steps`` steps of PGD (:func:`kdistill.adversarial.pgd_perturb`, cross-entropy
+    against the labels, the model in eval mode) inside ``||x_adv - x||_inf <= epsilon`` and the
+    valid ``value_range``; with w > 0 the batch holds the clean rows and their perturbed copies
+    (views ``CLEAN`` and ``ATTACKED``), as in Goodfellow, Shlens & Szegedy (2015) with w = 0.5.
+    The inputs must be float (``batch["input"]``).
 
-    Choices: the objective is CE on the labels (not TRADES' KL to the clean prediction) because
-    the teacher is trained on every label; only labelled samples are trained on. The attack runs
-    the model in eval mode (each module's mode restored afterwards): BatchNorm would otherwise
-    fold each of the ``steps`` attack forwards into its running statistics and normalise a
-    sample with its batch's statistics (so one sample's perturbation would depend on the
-    others), and dropout would change the network from one step to the next, so the ascent
-    would chase a moving target; the attack is thus on the model as it is evaluated. Gradients
-    are taken with respect to the inputs only, so the attack leaves no parameter gradient. The
-    inputs must be float (``batch["input"]``, images or features); token ids cannot be
-    perturbed.
+    Defaults: ``epsilon`` = 0.1, ``steps`` = 5, step 2.5 epsilon / steps (``step_size``),
+    random start, ``clean_weight`` w = 0 (Madry's objective), ``value_range`` = (0, 1). Our
+    choices and measurements: docs/recipes.md.
     """
 
     name = "adversarial"

@@ -28,22 +28,13 @@ class Annealing(Recipe):
     Jafari, Rezagholizadeh, Sharma & Ghodsi (2021), "Annealing Knowledge Distillation".
     phi(T) = 1 - (T - 1) / T_max with T stepping from T_max down to 1 over phase 1
     (:func:`~kdistill.recipes.shared.anneal_factor`; the span is the phase's own length, read
-    from the training state).
-    Phase 1 never reads labels and trains on every sample, labelled or not. Phase 2 is the
-    ``ce`` recipe (labelled samples only) and starts from the best phase-1 student.
+    from the training state). Phase 1 never reads labels and trains on every sample, labelled
+    or not. Phase 2 is the ``ce`` recipe (labelled samples only) and starts from the best
+    phase-1 student, the one with the highest top-1 agreement with the teacher on the
+    evaluation data (``keep_best = "agreement"``; evaluation data is needed).
 
-    Choices where the paper leaves room:
-
-    * the best phase-1 student is the one with the highest top-1 agreement with the teacher on
-      the evaluation data (``keep_best = "agreement"``; the official code picks the highest
-      test accuracy). Agreement needs no labels, like phase 1 itself, keeps the test labels
-      out of model selection, and does not depend on phi (scaling the teacher's logits leaves
-      their argmax alone), so epochs at different temperatures compare fairly. Evaluation data
-      is needed;
-    * ``phase1_epochs`` defaults to two thirds of the budget (the official code's 200 + 100
-      CIFAR epochs);
-    * the MSE is averaged over samples and classes (``losses.logit_mse``, like the official
-      ``F.mse_loss``).
+    Defaults: ``t_max`` = 10, ``phase1_epochs`` two thirds of the budget. Our choices and
+    measurements: docs/recipes.md.
     """
 
     name = "annealing"

@@ -53,6 +53,7 @@ class Composite(Recipe):
 
     Covers feature methods from config alone (FitNets-style hints, TinyBERT-style hidden and
     attention terms, RKD/PKT relations); each adapter ``a_k`` is created on the first batch.
+    The losses and term options: docs/recipes.md.
     """
 
     name = "composite"

@@ -61,28 +61,18 @@ class Denoise(Recipe):
     + w_cons (KL(p_s1(x~) || p_s2(x~)) + KL(p_s2(x~) || p_s1(x~))) / 2.
 
     Fang, Zhou, Liu, Zhang, Song & Chen (2024), "On-the-fly Denoising for Data Augmentation in
-    Natural Language Understanding" (EACL Findings). Augmented examples ``x~`` may no longer
-    match their labels, so the student learns the soft labels that a teacher trained on the
-    clean data gives them (never the hard labels), keeps CE on the clean labelled examples, and
-    a self-regularisation term makes two dropout passes over the same augmented input agree
-    (the symmetric KL of R-Drop, Liang et al. 2021).
+    Natural Language Understanding" (EACL Findings). The student learns the soft labels that a
+    teacher trained on the clean data gives augmented examples ``x~`` (never their hard
+    labels), keeps CE on the clean labelled examples, and two dropout passes p_s1, p_s2 over
+    the same augmented input are made to agree (the symmetric KL of R-Drop, Liang et al. 2021).
+    :meth:`prepare` stacks the clean rows, an augmented copy and the same copy again (views
+    ``CLEAN``, ``FIRST``, ``SECOND``; the copies' labels hidden).
 
-    :meth:`prepare` turns a batch of B rows into 3B: the clean rows (view 0), an augmented copy
-    (view 1) and the same augmented copy again (view 2). In one training forward every row gets
-    its own dropout mask, so views 1 and 2 are two dropout passes over identical inputs; BatchNorm
-    normalises both with the same batch statistics, so without dropout the two passes agree
-    exactly and the consistency term is 0. The labels of the augmented rows are hidden.
-    Augmentation (``augmentation``): ``image`` = random shift by up to ``max_shift`` pixels,
-    Gaussian noise ``noise_std``, random erasing, clamped to ``value_range``; ``tokens`` = EDA
-    style replacement, swap and deletion of valid tokens (:func:`kdistill.augment.augment_tokens`;
-    padding, ``keep_token_ids`` and each row's first and last token are kept); ``noise`` =
-    Gaussian noise for any float input; ``auto`` picks by the batch.
-
-    Choices where the paper is unclear: the soft term averages over both augmented passes, with
-    Hinton's T^2 factor (default T = 1, the teacher's plain probabilities); the consistency term
-    is at T = 1 with gradients through both passes; CE uses the clean rows only (the augmented
-    rows carry no hard label). Token-level logits ``[B, L, C]`` average the soft and consistency
-    terms over valid tokens (unit ``tokens``), sequence- and image-level logits over examples.
+    Defaults: T = 1, all three weights 1, ``augmentation`` ``auto`` (``image``: shift by up to
+    ``max_shift`` = 1 pixel, Gaussian noise ``noise_std`` = 0.1, random erasing with
+    ``erase_probability`` = 0.5, clamped to ``value_range`` = (0, 1); ``tokens``: replacement,
+    swap and deletion with probability 0.1 each; ``noise``: Gaussian noise). Our choices and
+    measurements: docs/recipes.md.
     """
 
     name = "denoise"

@@ -68,17 +68,12 @@ class MeanTeacher(Recipe):
 
     with CE averaged over labelled samples (or labelled tokens) and the consistency C over every
     sample (every valid token of token logits [B, L, C]), labelled or not: ``mse`` between the
-    softmax outputs (mean over rows and classes, the paper's choice) or ``kl`` = KL(p_t || p_s).
-    w(t) ramps up; the paper uses exp(-5 (1 - t)^2) over its first 80 epochs, the default here is
-    a cosine ramp 0 -> 10 over 5 epochs (``consistency_weight`` takes any schedule), sized for
-    short runs. The default momentum 0.99 is the paper's ramp-up value (it moves to 0.999 later;
-    give a schedule for that).
+    softmax outputs (mean over rows and classes) or ``kl`` = KL(p_t || p_s).
 
-    Choices: the EMA teacher runs in eval mode (no dropout), so the student's and the teacher's
-    predictions differ by the student's dropout and by ``noise``: with ``noise`` > 0, every
-    sample of float ``input`` gets two independent Gaussian draws, the student's copy and the
-    teacher's copy (both models run on both copies, the terms read the student on the first
-    and the teacher on the second; twice the compute).
+    Defaults: m = 0.99 (the paper's ramp-up value; a number or a schedule), ``consistency`` =
+    ``mse`` (the paper's), w(t) a cosine ramp 0 -> 10 over 5 epochs (a number or a schedule),
+    w_ce = 1, ``noise`` = 0 (with ``noise`` > 0 the student and the teacher each read their own
+    noisy copy of the inputs). Our choices and measurements: docs/recipes.md.
     """
 
     name = "mean_teacher"

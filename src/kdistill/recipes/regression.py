@@ -81,19 +81,16 @@ class RegressionKD(Recipe):
     """L = MSE(s(x), t(x)) + w_aug MSE(s(x~), t(x~)) + w_gold MSE(s(x), y) over known y.
 
     Gajbhiye, Fomicheva, Alva-Manchego, Blain, Obamuyide, Aletras & Specia (2021), "Knowledge
-    Distillation for Quality Estimation": a shallow student of another architecture regresses a
-    large teacher's quality scores on the original data plus augmented inputs that only the
-    teacher labels. ``s``/``t`` are the student's and the teacher's scores (outputs ``[N]`` or
-    ``[N, 1]``); ``x~`` are ``copies`` noisy copies of each input, ``x + noise_std * N(0, I)``,
-    made in :meth:`prepare` so the teacher labels them in the same forward as the originals.
+    Distillation for Quality Estimation". ``s``/``t`` are the student's and the teacher's scores
+    (outputs ``[N]`` or ``[N, 1]``); ``x~`` are ``copies`` noisy copies of each input,
+    ``x + noise_std * N(0, I)``, made in :meth:`prepare` so the teacher labels them in the same
+    forward as the originals. Each term is a mean: ``kd`` over the original samples,
+    ``kd_augmented`` over the copies (unit ``examples``), ``gold`` over the known gold scores of
+    the original rows (float labels, NaN = unknown; unit ``labeled``).
 
-    The paper augments text by translating more source sentences and labelling them with the
-    teacher; Gaussian noise on float inputs is our stand-in for data without a generator. The
-    paper trains on the teacher's scores alone, hence ``gold_weight`` 0 by default; with a weight
-    the student also regresses the gold scores where known (float labels, NaN = unknown, on the
-    original rows only: a copy's gold score is not known). Each term is a mean: ``kd`` over the
-    original samples, ``kd_augmented`` over the copies (unit ``examples``, every sample has the
-    same number of copies), ``gold`` over the known labels (unit ``labeled``).
+    Defaults: ``copies`` = 1, ``noise_std`` = 0.1, ``augmented_weight`` = 1, ``gold_weight`` = 0
+    (the paper trains on the teacher's scores alone). Our choices and measurements:
+    docs/recipes.md.
     """
 
     name = "regression_kd"
