@@ -162,11 +162,3 @@ def test_token_errors_name_the_problem() -> None:
         augment.augment_tokens({"input_ids": torch.ones(2, 3, dtype=torch.long)})
     with pytest.raises(ValueError, match="delete_probability"):
         augment.augment_tokens(token_batch(), delete_probability=1.5)
-
-
-def test_concat_rows_stacks_per_sample_tensors() -> None:
-    a = {"input": torch.zeros(2, 3), "index": torch.arange(2), "name": "x"}
-    b = {"input": torch.ones(2, 3), "index": torch.arange(2), "name": "y"}
-    both = augment.concat_rows([a, b], 2)
-    assert both["input"].shape == (4, 3) and both["input"][2:].eq(1).all()
-    assert both["index"].tolist() == [0, 1, 0, 1] and both["name"] == "x"

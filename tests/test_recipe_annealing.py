@@ -14,7 +14,8 @@ from torch import nn
 from kdistill.checkpoint import load_checkpoint
 from kdistill.data.base import ArrayDataset
 from kdistill.engine import Distiller, Phase
-from kdistill.recipes.annealing import Annealing, anneal_factor
+from kdistill.recipes.annealing import Annealing
+from kdistill.recipes.shared import anneal_factor
 from kdistill.schedules import TrainState
 from kdistill.taps import Taps
 

@@ -13,10 +13,11 @@ from torch import nn
 from kdistill.adversarial import pgd_perturb
 from kdistill.batch import collate
 from kdistill.engine import Distiller
-from kdistill.recipes.adversarial_training import ADVERSARIAL, Adversarial
+from kdistill.recipes.adversarial_training import ATTACKED, CLEAN, Adversarial
 from kdistill.recipes.base import build_recipe, get_recipe
 from kdistill.recipes.daft import DAFT
 from kdistill.recipes.hinton import Hinton
+from kdistill.recipes.shared import VIEW
 from kdistill.schedules import TrainState
 from kdistill.taps import TapReader, Taps
 
@@ -93,7 +94,7 @@ def test_attack_runs_in_eval_mode_and_leaves_no_gradient(digits_subset, make_cnn
     assert all(m.training for m in model.modules())  # modes restored
     assert all(p.grad is None for p in model.parameters())
     assert all(torch.equal(buffers[k], v) for k, v in model.named_buffers())  # BN untouched
-    assert out[ADVERSARIAL].all() and out["input"].shape == batch["input"].shape
+    assert (out[VIEW] == ATTACKED).all() and out["input"].shape == batch["input"].shape
     assert (out["input"] - batch["input"]).abs().max() <= EPSILON + 1e-6
     assert not torch.equal(out["input"], batch["input"])
     assert torch.equal(out["labels"], batch["labels"])
@@ -106,7 +107,7 @@ def test_adversarial_terms_read_the_perturbed_and_clean_rows(digits_subset, make
     torch.manual_seed(0)
     with TapReader(model, ["logits"]) as reader:
         out = recipe.prepare(batch, reader, STATE)
-    assert out[ADVERSARIAL].tolist() == [False] * 8 + [True] * 8
+    assert out[VIEW].tolist() == [CLEAN] * 8 + [ATTACKED] * 8
     assert torch.equal(out["input"][:8], batch["input"])
     with torch.no_grad():
         logits = model(out["input"])
@@ -118,7 +119,7 @@ def test_adversarial_terms_read_the_perturbed_and_clean_rows(digits_subset, make
     assert (terms["adversarial_ce"].weight, terms["clean_ce"].weight) == (0.75, 0.25)
     assert terms["adversarial_ce"].value > terms["clean_ce"].value
     assert set(Adversarial().terms(Taps({"logits": logits[8:]}), None,
-                                   {**batch, ADVERSARIAL: torch.ones(8, dtype=torch.bool)},
+                                   {**batch, VIEW: torch.full((8,), ATTACKED)},
                                    STATE)) == {"adversarial_ce"}
 
 

@@ -11,8 +11,9 @@ from torch import nn
 
 from kdistill.batch import collate
 from kdistill.engine import Distiller
-from kdistill.recipes.adversarial_training import ADVERSARIAL, Adversarial
-from kdistill.recipes.denoise import VIEW, Denoise
+from kdistill.recipes.adversarial_training import Adversarial
+from kdistill.recipes.denoise import Denoise
+from kdistill.recipes.shared import VIEW
 from kdistill.schedules import TrainState
 from kdistill.taps import TapReader, Taps
 
@@ -183,7 +184,7 @@ def test_bad_parameters_name_the_field() -> None:
         Denoise(augmentation="mixup")
 
 
-@pytest.mark.parametrize(("recipe", "key"), [(Denoise(), VIEW), (Adversarial(), ADVERSARIAL)])
+@pytest.mark.parametrize(("recipe", "key"), [(Denoise(), VIEW), (Adversarial(), VIEW)])
 def test_terms_of_a_batch_that_skipped_prepare_name_the_missing_marks(recipe, key) -> None:
     logits = torch.zeros(4, 3)
     batch = {"input": torch.zeros(4, 2), "labels": torch.tensor([0, 1, 2, 0])}

@@ -12,7 +12,8 @@ from pydantic import ValidationError
 
 from kdistill import Distiller
 from kdistill.models.fresh import reinitialised
-from kdistill.recipes.mutual import DeepMutualLearning, distinct_from, mutual_terms
+from kdistill.recipes.mutual import DeepMutualLearning, mutual_terms
+from kdistill.recipes.shared import distinct_from
 from kdistill.taps import Taps
 from kdistill.teachers import FrozenTeacher, PeerTeacher
 

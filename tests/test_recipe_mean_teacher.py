@@ -10,7 +10,8 @@ import torch
 from pydantic import ValidationError
 
 from kdistill import Distiller
-from kdistill.recipes.mean_teacher import VIEW, MeanTeacher, valid_rows
+from kdistill.recipes.mean_teacher import MeanTeacher
+from kdistill.recipes.shared import VIEW, valid_rows
 from kdistill.schedules import ScheduleConfig, TrainState
 from kdistill.taps import Taps
 from kdistill.teachers import EMATeacher

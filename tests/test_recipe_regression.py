@@ -17,6 +17,7 @@ from kdistill.data.base import ArrayDataset, keep_labels
 from kdistill.models import build_model
 from kdistill.recipes.base import Recipe, Term
 from kdistill.recipes.regression import GoldMSE, RegressionKD, gold_mse
+from kdistill.recipes.shared import ORIGINAL, VIEW
 from kdistill.schedules import TrainState
 from kdistill.taps import Taps
 
@@ -67,7 +68,7 @@ def test_prepare_appends_noisy_copies_with_hidden_labels():
     prepared = RegressionKD(copies=3, noise_std=0.5).prepare(batch, lambda b: Taps({}), STATE)
     assert prepared["input"].shape == (32, FEATURES)
     assert torch.equal(prepared["input"][:8], x)
-    assert torch.equal(prepared["augmented"], torch.arange(32) >= 8)
+    assert torch.equal(prepared[VIEW], torch.arange(32) // 8)  # the original, then copies 1-3
     assert torch.equal(prepared["index"], torch.arange(8).repeat(4))
     assert torch.equal(prepared["labels"][:8].nan_to_num(7.0), labels.nan_to_num(7.0))
     assert bool(prepared["labels"][8:].isnan().all())
@@ -96,7 +97,7 @@ def test_augmented_rows_are_labelled_by_the_teacher():
 
     assert len(prepared) == 1
     batch = prepared[0]
-    aug = batch["augmented"]
+    aug = batch[VIEW] != ORIGINAL
     record = next(r for r in result.history if r["kind"] == "train")
     s, t = scores(initial, batch["input"]), scores(teacher, batch["input"])
     assert record["kd_augmented"] == pytest.approx(float(((s[aug] - t[aug]) ** 2).mean()),

@@ -13,8 +13,6 @@ Images (``[B, C, H, W]``):
 * :func:`gaussian_noise` - add N(0, std^2) noise (any float tensor);
 * :func:`augment_images` - all three, then clamp to the value range.
 
-:func:`concat_rows` stacks a batch and its augmented copies into one batch.
-
 Token sequences (``input_ids`` and ``attention_mask`` ``[B, L]``, in the style of EDA, Wei & Zou
 2019, "EDA: Easy Data Augmentation Techniques for Boosting Performance on Text Classification
 Tasks"): :func:`augment_tokens` replaces, swaps and deletes valid tokens. Padding positions are
@@ -130,14 +128,6 @@ def augment_images(images: Tensor, *, max_shift: int = 1, noise_std: float = 0.1
     out = gaussian_noise(out, noise_std, generator=generator, value_range=value_range)
     return random_erasing(out, erase_probability, area=erase_area, value=fill,
                           generator=generator)
-
-
-def concat_rows(parts: Sequence[Mapping[str, Any]], rows: int) -> dict[str, Any]:
-    """One batch holding the rows of ``parts`` (batches of ``rows`` samples with the same keys)
-    one after the other; values that are not per-sample tensors are taken from the first."""
-    return {key: torch.cat([part[key] for part in parts])
-            if isinstance(value, Tensor) and value.dim() > 0 and len(value) == rows else value
-            for key, value in parts[0].items()}
 
 
 # -------------------------------------------------------------------------- token sequences

@@ -5,19 +5,20 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import torch
 from pydantic import Field
 from torch import Tensor, nn
 
 from kdistill import losses
 from kdistill.adversarial import pgd_perturb
-from kdistill.augment import concat_rows
 from kdistill.contexts import eval_mode
-from kdistill.recipes.base import Recipe, RecipeParams, Term, ValueRange, prepared_rows, register
+from kdistill.recipes.base import Recipe, RecipeParams, Term, ValueRange, register
+from kdistill.recipes.shared import ORIGINAL, row_views, stack_views
 from kdistill.schedules import TrainState
 from kdistill.taps import Taps
 
-ADVERSARIAL = "adversarial"  # batch key: bool [N], True on the perturbed rows
+# The views Adversarial.prepare stacks (batch[VIEW]): the clean rows (only when clean_weight > 0)
+# and their perturbed copies.
+CLEAN, ATTACKED = ORIGINAL, 1
 
 
 class AdversarialParams(RecipeParams):
@@ -40,24 +41,16 @@ class Adversarial(Recipe):
 
     Madry, Makelov, Schmidt, Tsipras & Vladu (2018), "Towards Deep Learning Models Resistant to
     Adversarial Attacks". No teacher: this trains a model (for instance the teacher of ``daft``)
-    to be robust. :meth:`prepare` attacks the model being trained with ``steps`` steps of PGD
-    (:func:`kdistill.adversarial.pgd_perturb`, cross-entropy against the labels, random start)
-    inside ``||x_adv - x||_inf <= epsilon`` and the valid ``value_range``; the default step is
-    2.5 epsilon / steps. ``clean_weight`` w = 0 (default) is Madry's objective, on the
-    perturbed inputs alone; w > 0 also keeps CE on the clean inputs (the batch then holds the
-    clean rows and their perturbed copies, marked by ``batch["adversarial"]``), as in Goodfellow,
-    Shlens & Szegedy (2015) with w = 0.5.
+    to be robust, on labelled samples only. :meth:`prepare` attacks the model being trained
+    with ``steps`` steps of PGD (:func:`kdistill.adversarial.pgd_perturb`, cross-entropy
+    against the labels, the model in eval mode) inside ``||x_adv - x||_inf <= epsilon`` and the
+    valid ``value_range``; with w > 0 the batch holds the clean rows and their perturbed copies
+    (views ``CLEAN`` and ``ATTACKED``), as in Goodfellow, Shlens & Szegedy (2015) with w = 0.5.
+    The inputs must be float (``batch["input"]``).
 
-    Choices: the objective is CE on the labels (not TRADES' KL to the clean prediction) because
-    the teacher is trained on every label; only labelled samples are trained on. The attack runs
-    the model in eval mode (each module's mode restored afterwards): BatchNorm would otherwise
-    fold each of the ``steps`` attack forwards into its running statistics and normalise a
-    sample with its batch's statistics (so one sample's perturbation would depend on the
-    others), and dropout would change the network from one step to the next, so the ascent
-    would chase a moving target; the attack is thus on the model as it is evaluated. Gradients
-    are taken with respect to the inputs only, so the attack leaves no parameter gradient. The
-    inputs must be float (``batch["input"]``, images or features); token ids cannot be
-    perturbed.
+    Defaults: ``epsilon`` = 0.1, ``steps`` = 5, step 2.5 epsilon / steps (``step_size``),
+    random start, ``clean_weight`` w = 0 (Madry's objective), ``value_range`` = (0, 1). Our
+    choices and measurements: docs/recipes.md.
     """
 
     name = "adversarial"
@@ -88,23 +81,20 @@ class Adversarial(Recipe):
             perturbed = pgd_perturb(forward, inputs, batch["labels"], p.epsilon, p.alpha,
                                     p.steps, random_start=p.random_start,
                                     value_range=p.value_range)
-        rows = len(inputs)
         attacked = {**batch, "input": perturbed}
         if p.clean_weight == 0:
-            attacked[ADVERSARIAL] = torch.ones(rows, dtype=torch.bool, device=inputs.device)
-            return attacked
-        prepared = concat_rows([batch, attacked], rows)
-        prepared[ADVERSARIAL] = torch.arange(2 * rows, device=inputs.device) >= rows
-        return prepared
+            return stack_views({ATTACKED: attacked})
+        return stack_views({CLEAN: batch, ATTACKED: attacked})
 
     def terms(self, student: Taps, teacher: Taps | None, batch: Mapping[str, Any],
               state: TrainState) -> dict[str, Term]:
         p = self.params
-        attacked = prepared_rows(batch, ADVERSARIAL, self.name)
+        views = row_views(batch, self.name)
+        attacked, clean = views == ATTACKED, views == CLEAN
         logits, labels = student["logits"], batch["labels"]
         terms = {"adversarial_ce": Term(losses.cross_entropy(logits[attacked], labels[attacked]),
                                         weight=1 - p.clean_weight, unit="labeled")}
         if p.clean_weight > 0:
-            terms["clean_ce"] = Term(losses.cross_entropy(logits[~attacked], labels[~attacked]),
+            terms["clean_ce"] = Term(losses.cross_entropy(logits[clean], labels[clean]),
                                      weight=p.clean_weight, unit="labeled")
         return terms

@@ -11,35 +11,9 @@ from pydantic import Field
 from kdistill import losses
 from kdistill.recipes.base import Recipe, RecipeParams, Term, register
 from kdistill.recipes.ce import CrossEntropy
+from kdistill.recipes.shared import anneal_factor, default_anneal_epochs
 from kdistill.schedules import TrainState
 from kdistill.taps import Taps
-
-
-def anneal_factor(epoch: int, epochs: int, t_max: int) -> float:
-    """phi(T) = 1 - (T - 1) / T_max at 0-based ``epoch`` of an annealing span of ``epochs``.
-
-    The temperature starts at T = T_max and drops by one every max(1, floor(epochs / T_max))
-    epochs until it reaches 1, where it stays; so phi rises from 1/T_max to 1 in T_max equal
-    steps. With ``epochs`` < ``t_max`` one step per epoch leaves phi at ``epochs / t_max`` in
-    the span's last epoch: the student never sees the full teacher logits. The official code
-    (which asserts ``epochs >= t_max``) keeps raising T past T_max when ``epochs`` is not a
-    multiple of T_max; here T stops at 1 (phi at 1).
-    """
-    if t_max < 1:
-        raise ValueError(f"anneal_factor: t_max must be >= 1, got {t_max}")
-    if epochs < 1:
-        raise ValueError(f"anneal_factor: epochs must be >= 1, got {epochs}")
-    if epoch < 0:
-        raise ValueError(f"anneal_factor: epoch must be >= 0, got {epoch}")
-    every = max(1, epochs // t_max)
-    temperature = max(1, t_max - epoch // every)
-    return 1.0 - (temperature - 1) / t_max
-
-
-def default_anneal_epochs(epochs: int) -> int:
-    """Two thirds of a budget of ``epochs`` (rounded to the nearest epoch, at least 1): the
-    official Annealing-KD code trains 200 epochs in phase 1 and 100 in phase 2."""
-    return max(1, (2 * epochs + 1) // 3)
 
 
 class AnnealingParams(RecipeParams):
@@ -52,23 +26,15 @@ class Annealing(Recipe):
     """Phase 1: L = mean over samples and classes of (z_s - phi(T) z_t)^2; phase 2: CE(y, z_s).
 
     Jafari, Rezagholizadeh, Sharma & Ghodsi (2021), "Annealing Knowledge Distillation".
-    phi(T) = 1 - (T - 1) / T_max with T stepping from T_max down to 1 over phase 1 (see
-    :func:`anneal_factor`; the span is the phase's own length, read from the training state).
-    Phase 1 never reads labels and trains on every sample, labelled or not. Phase 2 is the
-    ``ce`` recipe (labelled samples only) and starts from the best phase-1 student.
+    phi(T) = 1 - (T - 1) / T_max with T stepping from T_max down to 1 over phase 1
+    (:func:`~kdistill.recipes.shared.anneal_factor`; the span is the phase's own length, read
+    from the training state). Phase 1 never reads labels and trains on every sample, labelled
+    or not. Phase 2 is the ``ce`` recipe (labelled samples only) and starts from the best
+    phase-1 student, the one with the highest top-1 agreement with the teacher on the
+    evaluation data (``keep_best = "agreement"``; evaluation data is needed).
 
-    Choices where the paper leaves room:
-
-    * the best phase-1 student is the one with the highest top-1 agreement with the teacher on
-      the evaluation data (``keep_best = "agreement"``; the official code picks the highest
-      test accuracy). Agreement needs no labels, like phase 1 itself, keeps the test labels
-      out of model selection, and does not depend on phi (scaling the teacher's logits leaves
-      their argmax alone), so epochs at different temperatures compare fairly. Evaluation data
-      is needed;
-    * ``phase1_epochs`` defaults to two thirds of the budget (the official code's 200 + 100
-      CIFAR epochs);
-    * the MSE is averaged over samples and classes (``losses.logit_mse``, like the official
-      ``F.mse_loss``).
+    Defaults: ``t_max`` = 10, ``phase1_epochs`` two thirds of the budget. Our choices and
+    measurements: docs/recipes.md.
     """
 
     name = "annealing"

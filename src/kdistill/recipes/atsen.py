@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from kdistill import losses
 from kdistill.batch import UNLABELED
 from kdistill.recipes.base import Recipe, RecipeParams, Term, register
-from kdistill.recipes.mean_teacher import Weight, schedule, valid_rows
+from kdistill.recipes.shared import Weight, as_schedule, valid_rows
 from kdistill.schedules import ScheduleConfig, TrainState
 from kdistill.taps import Taps
 from kdistill.teachers import EMATeacher, PeerTeacher, SourceGroup, TeacherSource
@@ -135,42 +135,26 @@ class ATSEN(Recipe):
     with Adaptive Teacher Learning and Fine-grained Student Ensemble" (AAAI). Two students of
     different architectures train together: the run's student A and a peer B (a fresh model of
     the config's ``teacher.model``, trained with A by the same optimizer). Each has a teacher,
-    the fine-grained EMA of it: after every step each parameter tensor independently is either
-    skipped (probability ``skip_prob`` = 0.8) or updated theta_t <- m theta_t + (1 - m) theta_s,
-    with m rising from 0.8 to 1 on a cosine ramp over the phase's optimizer steps (as in the
-    official code).
+    its fine-grained EMA: after every step each parameter tensor independently is either
+    skipped (probability ``skip_prob``) or updated theta_t <- m theta_t + (1 - m) theta_s.
 
     On every row (sample, or valid token of token logits [B, L, C]) the two teachers' sharpened
-    predictions q_c = (p_c^k / f_c) / sum_j (p_j^k / f_j) (k = ``sharpen`` = 2, f_c the soft
-    frequency of class c over the micro-batch's valid rows; :func:`sharpen`) give
-    :func:`pseudo_labels`: rows where the teachers' top classes agree and both are confident
-    (max q >= ``threshold`` = 0.9) are kept with that class; rows where they disagree are
-    distilled from both teachers at T = 2; other rows get nothing from the teachers. Each
-    student X in {A, B} minimises
+    predictions q_c = (p_c^k / f_c) / sum_j (p_j^k / f_j) (f_c the soft frequency of class c
+    over the micro-batch's valid rows; :func:`sharpen`) give :func:`pseudo_labels`: rows where
+    the teachers' top classes agree and both max q >= ``threshold`` are kept with that class;
+    rows where they disagree are distilled from both teachers; other rows get nothing from the
+    teachers. Each student X in {A, B} minimises
 
         L_X = w_ce CE(y, z_X) + [e > warm-up] (w_p PSEUDO_X + w_kd KD_X)
 
     (:func:`student_terms`; terms ``ce``, ``pseudo``, ``kd`` for A and ``peer_ce``,
-    ``peer_pseudo``, ``peer_kd`` for B). Before ``warmup_epochs`` both students learn from the
-    known labels only, as the paper's first stage trains on the distant labels.
+    ``peer_pseudo``, ``peer_kd`` for B).
 
-    Choices where the paper or its code differ or are unclear:
-
-    * the known labels (gold, or distant labels in DS-NER) keep their own CE term with weight
-      ``ce_weight`` (a number or a schedule): the paper stops using distant labels after the
-      first stage - give ``ce_weight`` a step schedule to 0 for that; on digits, where the few
-      labels are gold, keeping them helps;
-    * confidence is required of both teachers (the official code tests each student's own
-      teacher), and agreement is between the sharpened predictions' top classes;
-    * the class frequency of the sharpening is taken over the micro-batch (as the official
-      code takes it over its batch), so the targets depend on how a global batch is split,
-      like BatchNorm statistics; ``frequency=False`` gives a plain per-row power, with which
-      the frequent class (``O`` in NER) took over the confident rows in our tagging runs;
-    * the two teachers' KD terms are averaged with equal weights (the official code weights them
-      by an SVM in gradient space, after AE-KD);
-    * pseudo-labels are hard (the agreed class); PSEUDO and KD are sums over their rows divided
-      by the number of valid rows, so they grow as more rows are kept;
-    * the teachers run in eval mode (no dropout).
+    Defaults: ``threshold`` 0.9, ``sharpen`` k = 2, ``temperature`` T = 2, w_p = w_kd = 1,
+    ``ce_weight`` w_ce = 1 (a number or a schedule), ``warmup_epochs`` 2 (CE only before),
+    ``skip_prob`` 0.8, momentum m rising from 0.8 to 1 on a cosine ramp over the phase's
+    optimizer steps (the official code's). Our choices where the paper and its code differ,
+    and measurements: docs/recipes.md.
     """
 
     name = "atsen"
@@ -202,7 +186,7 @@ class ATSEN(Recipe):
         valid, unit = valid_rows(z_a, batch)
         targets = pseudo_labels(t_a, t_b, valid, p.threshold, p.sharpen, p.frequency)
         on = float(state.epoch_progress > p.warmup_epochs)
-        ce_weight = schedule(p.ce_weight).at(state)
+        ce_weight = as_schedule(p.ce_weight).at(state)
         terms: dict[str, Term] = {}
         for prefix, logits in (("", z_a), ("peer_", z_b)):
             values = student_terms(logits, batch["labels"], t_a, t_b, targets, valid,

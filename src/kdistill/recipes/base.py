@@ -127,7 +127,9 @@ class Recipe(nn.Module):
         adversarial inputs...); ``student(batch)`` runs the unwrapped student, which is
         ``student.model`` (a :class:`kdistill.taps.TapReader`). A batch that
         grows must grow every sample by the same factor (terms are normalised by the counts of
-        the original batch)."""
+        the original batch): stack the versions of the batch with
+        :func:`kdistill.recipes.shared.stack_views`, which marks each row's view in
+        ``batch["view"]``."""
         return batch
 
     def build(self, student: Taps, teacher: Taps | None) -> None:
@@ -177,24 +179,3 @@ def get_recipe(name: str) -> type[Recipe]:
 def build_recipe(name: str, **params: Any) -> Recipe:
     """Instantiate a registered recipe with keyword hyper-parameters."""
     return get_recipe(name)(**params)
-
-
-def labels_or_teacher_argmax(batch: Mapping[str, Any],
-                             teacher_logits: torch.Tensor) -> torch.Tensor:
-    """The batch's labels where known; the teacher's top-1 class where the label is hidden."""
-    labels = batch.get("labels")
-    guess = teacher_logits.argmax(dim=-1)
-    if labels is None:
-        return guess
-    labels = labels.to(guess.device)
-    return torch.where(labels >= 0, labels, guess)
-
-
-def prepared_rows(batch: Mapping[str, Any], key: str, recipe: str) -> torch.Tensor:
-    """The per-row marks ``batch[key]`` that ``recipe``'s :meth:`Recipe.prepare` added (which
-    rows are clean, augmented, perturbed...), with a clear error when the batch did not go
-    through it."""
-    if key not in batch:
-        raise ValueError(f"{recipe}: the batch has no '{key}' key marking its rows; it must "
-                         f"come from the recipe's prepare()")
-    return batch[key]

@@ -11,14 +11,8 @@ from torch import nn
 
 from kdistill.losses.registry import LOSSES, check_params, get_loss
 from kdistill.recipes.adapters import AdapterKind, make_adapter
-from kdistill.recipes.base import (
-    Recipe,
-    RecipeParams,
-    TapName,
-    Term,
-    labels_or_teacher_argmax,
-    register,
-)
+from kdistill.recipes.base import Recipe, RecipeParams, TapName, Term, register
+from kdistill.recipes.shared import labels_or_teacher_argmax
 from kdistill.schedules import ScheduleConfig, TrainState
 from kdistill.taps import Taps
 
@@ -59,6 +53,7 @@ class Composite(Recipe):
 
     Covers feature methods from config alone (FitNets-style hints, TinyBERT-style hidden and
     attention terms, RKD/PKT relations); each adapter ``a_k`` is created on the first batch.
+    The losses and term options: docs/recipes.md.
     """
 
     name = "composite"

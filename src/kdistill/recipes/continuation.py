@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 
 from kdistill import losses
-from kdistill.recipes.annealing import anneal_factor, default_anneal_epochs
 from kdistill.recipes.base import Recipe, RecipeParams, Term, register
+from kdistill.recipes.shared import anneal_factor, default_anneal_epochs
 from kdistill.schedules import ScheduleConfig, TrainState
 from kdistill.taps import Taps
 
@@ -58,29 +58,15 @@ class Continuation(Recipe):
 
     Jafari, Kobyzev, Rezagholizadeh, Poupart & Ghodsi (2022), "Continuation KD: Improved
     Knowledge Distillation through the Lens of Continuation Optimization". phi(T_i) is
-    Annealing-KD's factor (:func:`~kdistill.recipes.annealing.anneal_factor`): T steps from
+    Annealing-KD's factor (:func:`~kdistill.recipes.shared.anneal_factor`): T steps from
     ``t_max`` down to 1 over ``anneal_epochs`` and phi stays 1 afterwards. The two parts are
     logged as separate terms, ``ce`` (weight psi, over labelled samples) and ``hinge``
-    (weight 1 - psi, over every sample). With ``margin = 0`` and a step psi (0 before epoch E,
-    1 from it) the loss is Annealing-KD's with a phase 1 of E epochs; the runs still differ in
-    that Annealing-KD restarts phase 2 from its best phase-1 student with a fresh optimizer
-    and draws phase-2 batches from the labelled samples only.
+    (weight 1 - psi, over every sample).
 
-    Choices where the paper is unclear (measured on the digits example, tiny MLP, 50 labels,
-    15 epochs, mean of 3 seeds; see docs/recipes.md):
-
-    * psi: the paper's vision setting is min(i / 150, 1). Our budgets are far shorter, so ``i``
-      is the fractional epoch (progress inside an epoch counts: psi moves every step) and 150
-      becomes the phase's length: by default psi = min(e / epochs, 1) rises from 0 to 1 over
-      the whole phase (90.2% accuracy against 88.3% for psi reaching 1 with phi, at two thirds
-      of the budget). Any :class:`ScheduleConfig` with values in [0, 1] may replace it;
-    * ``anneal_epochs`` defaults to two thirds of the phase, as Annealing-KD's phase 1 (the
-      whole phase gave the same accuracy);
-    * margin m (not confirmed against the paper): 0.25 by default. It is in units of the
-      per-class mean squared logit difference and grows with phi: a sample already that close
-      to the scaled teacher gives no gradient, so the student is not pushed to copy the
-      teacher's noise there. m = 0, 0.25 and 0.5 gave the same accuracy (90.2, 90.2, 90.0%);
-      m = 1 lost 3.6 points (86.6%).
+    Defaults: ``t_max`` = 10, ``anneal_epochs`` two thirds of the phase, ``margin`` m = 0.25,
+    psi = e / E, linear from 0 to 1 over the phase (e the fractional epoch, E the phase's
+    epochs; any :class:`ScheduleConfig` with values in [0, 1] may replace it). Our choices,
+    their measurements and the relation to Annealing-KD: docs/recipes.md.
     """
 
     name = "continuation"

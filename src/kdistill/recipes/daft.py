@@ -14,21 +14,13 @@ class DAFT(Hinton):
     trained adversarially.
 
     Nasery, Addepalli, Netrapalli & Jain (2022), "DAFT: Distilling Adversarially Fine-tuned
-    Models for Better OOD Generalization". An adversarially robust teacher combines its features
-    in a way that small input changes do not overturn; distilling it passes that robustness on
-    to the student, which itself trains without attacks (cheap) and generalises better under
-    distribution shift (up to 6% over ERM and plain distillation on DomainBed).
-
-    Our choices: the student's objective is Hinton KD on the clean inputs (this class reuses
-    :class:`~kdistill.recipes.hinton.Hinton`: same parameters and defaults, T = 4,
+    Models for Better OOD Generalization". The student's objective is Hinton KD
+    (:class:`~kdistill.recipes.hinton.Hinton`: same parameters and defaults, T = 4,
     alpha = 0.9). The teacher is trained by the ``adversarial`` recipe (:attr:`teacher_recipe`:
-    PGD in an L-inf ball of 0.1 on [0, 1] inputs, 5 steps, half the weight on clean CE),
-    which a config run uses when it trains the teacher itself. The paper adversarially
-    fine-tunes a standard-trained teacher and modifies adversarial training to produce better
-    guides; neither detail could be confirmed, so we train the teacher adversarially from the
-    start and keep clean CE in its loss (``clean_weight`` 0.5) so its features stay those of
-    standard training as much as possible. Judge the result on shifted test data
-    (:func:`kdistill.data.shifts.shifted_evaluation`).
+    PGD in an L-inf ball of 0.1 on [0, 1] inputs, 5 steps, ``clean_weight`` 0.5) when a config
+    run trains it. Judge the result on shifted test data
+    (:func:`kdistill.data.shifts.shifted_evaluation`). Our choices and measurements:
+    docs/recipes.md.
     """
 
     name = "daft"

@@ -10,19 +10,10 @@ from torch import nn
 
 from kdistill import losses
 from kdistill.models.heads import TwoHeadStudent
-from kdistill.recipes.base import Recipe, RecipeParams, Term, labels_or_teacher_argmax, register
+from kdistill.recipes.base import Recipe, Term, register
+from kdistill.recipes.shared import StudentHeadParams, labels_or_teacher_argmax
 from kdistill.schedules import TrainState
 from kdistill.taps import Taps
-
-
-class StudentHeadParams(RecipeParams):
-    """Where new heads attach to the student: the submodule giving its penultimate features
-    and its own head (whose shape the new heads copy when it is an ``nn.Linear``)."""
-
-    features: str = Field(default="features", min_length=1)
-    head: str = Field(default="head", min_length=1)
-    in_features: int | None = Field(default=None, ge=1)
-    num_classes: int | None = Field(default=None, ge=2)
 
 
 class DeiTParams(StudentHeadParams):
@@ -45,17 +36,11 @@ class DeiT(Recipe):
     * hard: L = (1 - a) CE(z_cls, y) + a CE(z_dist, argmax z_t)
 
     At inference the prediction averages the two heads' probabilities (the wrapped student's
-    ``logits``; ``export()`` gives it as a plain model). Defaults a = 0.5, T = 1 and hard
-    distillation, the paper's recommended setting. The soft KL is summed over classes and
-    averaged over samples (``reduction="batchmean"``); the official code averages over samples
-    x classes (``"mean"``).
-
-    Choices where the paper is silent (it has a label for every image): with ``unlabeled =
-    "teacher"`` (default) the class head's target on an unlabelled sample is the teacher's argmax,
-    so its CE is averaged over every sample; with ``"skip"`` the class head learns from labelled
-    samples only and unlabelled samples reach the student through the distillation head alone.
-    The paper's separate distillation token is not created: the second head reads the same
-    penultimate features as the class head, which works for any student.
+    ``logits``; ``export()`` gives it as a plain model). Defaults: hard distillation, a = 0.5,
+    T = 1 (the paper's recommended setting), the soft KL summed over classes and averaged over
+    samples (``reduction="batchmean"``), ``unlabeled = "teacher"`` (the class head's target on
+    an unlabelled sample is the teacher's argmax). Our choices and measurements:
+    docs/recipes.md.
     """
 
     name = "deit"

@@ -6,18 +6,17 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
-import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
 from kdistill import augment, losses
-from kdistill.batch import hidden_like
-from kdistill.recipes.base import Recipe, RecipeParams, Term, ValueRange, prepared_rows, register
+from kdistill.recipes.base import Recipe, RecipeParams, Term, ValueRange, register
+from kdistill.recipes.shared import ORIGINAL, row_views, stack_views
 from kdistill.schedules import TrainState
 from kdistill.taps import Taps
 
-VIEW = "view"  # batch key: long [3B], 0 = clean row, 1 / 2 = first / second augmented pass
-CLEAN, FIRST, SECOND = 0, 1, 2
+# The views Denoise.prepare stacks (batch[VIEW]): the clean rows, then the two augmented passes.
+CLEAN, FIRST, SECOND = ORIGINAL, 1, 2
 Augmentation = Literal["auto", "image", "tokens", "noise"]
 
 
@@ -62,28 +61,18 @@ class Denoise(Recipe):
     + w_cons (KL(p_s1(x~) || p_s2(x~)) + KL(p_s2(x~) || p_s1(x~))) / 2.
 
     Fang, Zhou, Liu, Zhang, Song & Chen (2024), "On-the-fly Denoising for Data Augmentation in
-    Natural Language Understanding" (EACL Findings). Augmented examples ``x~`` may no longer
-    match their labels, so the student learns the soft labels that a teacher trained on the
-    clean data gives them (never the hard labels), keeps CE on the clean labelled examples, and
-    a self-regularisation term makes two dropout passes over the same augmented input agree
-    (the symmetric KL of R-Drop, Liang et al. 2021).
+    Natural Language Understanding" (EACL Findings). The student learns the soft labels that a
+    teacher trained on the clean data gives augmented examples ``x~`` (never their hard
+    labels), keeps CE on the clean labelled examples, and two dropout passes p_s1, p_s2 over
+    the same augmented input are made to agree (the symmetric KL of R-Drop, Liang et al. 2021).
+    :meth:`prepare` stacks the clean rows, an augmented copy and the same copy again (views
+    ``CLEAN``, ``FIRST``, ``SECOND``; the copies' labels hidden).
 
-    :meth:`prepare` turns a batch of B rows into 3B: the clean rows (view 0), an augmented copy
-    (view 1) and the same augmented copy again (view 2). In one training forward every row gets
-    its own dropout mask, so views 1 and 2 are two dropout passes over identical inputs; BatchNorm
-    normalises both with the same batch statistics, so without dropout the two passes agree
-    exactly and the consistency term is 0. The labels of the augmented rows are hidden.
-    Augmentation (``augmentation``): ``image`` = random shift by up to ``max_shift`` pixels,
-    Gaussian noise ``noise_std``, random erasing, clamped to ``value_range``; ``tokens`` = EDA
-    style replacement, swap and deletion of valid tokens (:func:`kdistill.augment.augment_tokens`;
-    padding, ``keep_token_ids`` and each row's first and last token are kept); ``noise`` =
-    Gaussian noise for any float input; ``auto`` picks by the batch.
-
-    Choices where the paper is unclear: the soft term averages over both augmented passes, with
-    Hinton's T^2 factor (default T = 1, the teacher's plain probabilities); the consistency term
-    is at T = 1 with gradients through both passes; CE uses the clean rows only (the augmented
-    rows carry no hard label). Token-level logits ``[B, L, C]`` average the soft and consistency
-    terms over valid tokens (unit ``tokens``), sequence- and image-level logits over examples.
+    Defaults: T = 1, all three weights 1, ``augmentation`` ``auto`` (``image``: shift by up to
+    ``max_shift`` = 1 pixel, Gaussian noise ``noise_std`` = 0.1, random erasing with
+    ``erase_probability`` = 0.5, clamped to ``value_range`` = (0, 1); ``tokens``: replacement,
+    swap and deletion with probability 0.1 each; ``noise``: Gaussian noise). Our choices and
+    measurements: docs/recipes.md.
     """
 
     name = "denoise"
@@ -116,20 +105,16 @@ class Denoise(Recipe):
 
     def prepare(self, batch: dict[str, Any], student: Callable[[Mapping[str, Any]], Taps],
                 state: TrainState) -> dict[str, Any]:
-        """Clean rows, an augmented copy and the same copy again, marked by ``batch["view"]``."""
-        rows = len(batch["index"]) if "index" in batch else len(batch["labels"])
+        """Clean rows, an augmented copy and the same copy again (its labels hidden), marked
+        by ``batch[VIEW]``: ``CLEAN``, ``FIRST``, ``SECOND``."""
         noisy = self.augment(batch)
-        if "labels" in noisy:
-            noisy["labels"] = hidden_like(noisy["labels"])
-        prepared = augment.concat_rows([batch, noisy, noisy], rows)
-        device = next(v.device for v in batch.values() if isinstance(v, Tensor))
-        prepared[VIEW] = torch.arange(3, device=device).repeat_interleave(rows)
-        return prepared
+        return stack_views({CLEAN: batch, FIRST: noisy, SECOND: noisy},
+                           unlabeled=(FIRST, SECOND))
 
     def terms(self, student: Taps, teacher: Taps | None, batch: Mapping[str, Any],
               state: TrainState) -> dict[str, Term]:
         p = self.params
-        view = prepared_rows(batch, VIEW, self.name)
+        view = row_views(batch, self.name)
         logits, target = student["logits"], teacher["logits"]
         per_token = logits.dim() == 3
         mask = batch.get("attention_mask") if per_token else None

@@ -28,7 +28,7 @@ class Hinton(Recipe):
 
     Logits ``[B, C]``: KL summed over classes, averaged over samples (unit ``examples``). Token
     logits ``[B, L, C]``: KL per token, averaged over the valid tokens of the batch's
-    ``attention_mask`` (unit ``tokens``), CE over the labelled tokens.
+    ``attention_mask`` (unit ``tokens``), CE over the labelled tokens. More: docs/recipes.md.
     """
 
     name = "hinton"

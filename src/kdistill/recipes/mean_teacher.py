@@ -5,44 +5,26 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Annotated, Any, Literal
 
-import torch
 from pydantic import Field
 from torch import Tensor, nn
 
 from kdistill import losses
-from kdistill.augment import concat_rows, gaussian_noise
-from kdistill.losses.registry import Unit
+from kdistill.augment import gaussian_noise
 from kdistill.recipes.base import Recipe, RecipeParams, Term, register
-from kdistill.schedules import ScheduleConfig, TrainState, constant
+from kdistill.recipes.shared import (
+    VIEW,
+    Weight,
+    as_schedule,
+    select_rows,
+    stack_views,
+    valid_rows,
+)
+from kdistill.schedules import ScheduleConfig, TrainState
 from kdistill.taps import Taps
 from kdistill.teachers import EMATeacher, TeacherSource
 
-VIEW = "view"  # batch key added by MeanTeacher.prepare: 0 = the student's copy, 1 = the teacher's
-
-
-def valid_rows(logits: Tensor, batch: Mapping[str, Any]) -> tuple[Tensor, Unit]:
-    """Which rows (distributions) of ``logits`` count, and the engine unit they are counted in.
-
-    Logits [B, C]: every sample, unit ``examples``. Token logits [B, L, C]: the tokens where the
-    batch's ``attention_mask`` is set (every token without a mask), unit ``tokens``.
-    """
-    if logits.dim() == 2:
-        return torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device), "examples"
-    if logits.dim() != 3:
-        raise ValueError(f"expected logits [B, C] or token logits [B, L, C], got "
-                         f"{tuple(logits.shape)}")
-    mask = batch.get("attention_mask")
-    if mask is None:
-        return torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device), "tokens"
-    if mask.shape != logits.shape[:2]:
-        raise ValueError(f"attention_mask {tuple(mask.shape)} does not match token logits "
-                         f"{tuple(logits.shape)}")
-    return mask.to(logits.device).bool(), "tokens"
-
-
-def schedule(value: float | ScheduleConfig) -> ScheduleConfig:
-    """A weight or momentum given as a number or a schedule, as a schedule."""
-    return value if isinstance(value, ScheduleConfig) else constant(value)
+# The views MeanTeacher.prepare stacks when ``noise`` > 0 (see shared.stack_views).
+STUDENT_VIEW, TEACHER_VIEW = 0, 1
 
 
 def consistency_loss(student_logits: Tensor, teacher_logits: Tensor, valid: Tensor,
@@ -59,7 +41,6 @@ def consistency_loss(student_logits: Tensor, teacher_logits: Tensor, valid: Tens
 
 
 Momentum = Annotated[float, Field(ge=0.0, le=1.0)]
-Weight = Annotated[float, Field(ge=0.0)]
 
 
 class MeanTeacherParams(RecipeParams):
@@ -87,17 +68,12 @@ class MeanTeacher(Recipe):
 
     with CE averaged over labelled samples (or labelled tokens) and the consistency C over every
     sample (every valid token of token logits [B, L, C]), labelled or not: ``mse`` between the
-    softmax outputs (mean over rows and classes, the paper's choice) or ``kl`` = KL(p_t || p_s).
-    w(t) ramps up; the paper uses exp(-5 (1 - t)^2) over its first 80 epochs, the default here is
-    a cosine ramp 0 -> 10 over 5 epochs (``consistency_weight`` takes any schedule), sized for
-    short runs. The default momentum 0.99 is the paper's ramp-up value (it moves to 0.999 later;
-    give a schedule for that).
+    softmax outputs (mean over rows and classes) or ``kl`` = KL(p_t || p_s).
 
-    Choices: the EMA teacher runs in eval mode (no dropout), so the student's and the teacher's
-    predictions differ by the student's dropout and by ``noise``: with ``noise`` > 0, every
-    sample of float ``input`` gets two independent Gaussian draws, the student's copy and the
-    teacher's copy (both models run on both copies, the terms read the student on the first
-    and the teacher on the second; twice the compute).
+    Defaults: m = 0.99 (the paper's ramp-up value; a number or a schedule), ``consistency`` =
+    ``mse`` (the paper's), w(t) a cosine ramp 0 -> 10 over 5 epochs (a number or a schedule),
+    w_ce = 1, ``noise`` = 0 (with ``noise`` > 0 the student and the teacher each read their own
+    noisy copy of the inputs). Our choices and measurements: docs/recipes.md.
     """
 
     name = "mean_teacher"
@@ -118,24 +94,21 @@ class MeanTeacher(Recipe):
         if not x.is_floating_point():
             raise ValueError(f"mean_teacher: noise needs float inputs, got 'input' of type "
                              f"{x.dtype}; set noise to 0 for token ids")
-        rows = x.shape[0]
-        doubled = concat_rows([batch, batch], rows)
+        doubled = stack_views({STUDENT_VIEW: batch, TEACHER_VIEW: batch})
         doubled["input"] = gaussian_noise(doubled["input"], self.params.noise)
-        doubled[VIEW] = torch.arange(2, device=x.device).repeat_interleave(rows)
         return doubled
 
     def terms(self, student: Taps, teacher: Taps | None, batch: Mapping[str, Any],
               state: TrainState) -> dict[str, Term]:
         p = self.params
-        z_s, z_t, labels = student["logits"], teacher["logits"], batch["labels"]
+        z_s, z_t = student["logits"], teacher["logits"]
         if VIEW in batch:  # the student reads its own noisy copy, the teacher the other one
-            first = batch[VIEW] == 0
-            z_s, z_t, labels = z_s[first], z_t[~first], labels[first]
-            batch = {k: v[first] if isinstance(v, Tensor) and v.shape[:1] == first.shape
-                     else v for k, v in batch.items()}
+            z_s, z_t = z_s[batch[VIEW] == STUDENT_VIEW], z_t[batch[VIEW] == TEACHER_VIEW]
+            batch = select_rows(batch, batch[VIEW] == STUDENT_VIEW)
+        labels = batch["labels"]
         valid, unit = valid_rows(z_s, batch)
         return {
             "ce": Term(losses.cross_entropy(z_s, labels), weight=p.ce_weight, unit="labeled"),
             "consistency": Term(consistency_loss(z_s, z_t, valid, p.consistency),
-                                weight=schedule(p.consistency_weight).at(state), unit=unit),
+                                weight=as_schedule(p.consistency_weight).at(state), unit=unit),
         }

@@ -10,8 +10,9 @@ from pydantic import Field
 from torch import nn
 
 from kdistill import losses
-from kdistill.models.fresh import reinitialise_, reinitialised
+from kdistill.models.fresh import reinitialised
 from kdistill.recipes.base import Recipe, RecipeParams, Term, register
+from kdistill.recipes.shared import distinct_from
 from kdistill.schedules import TrainState
 from kdistill.taps import Taps
 from kdistill.teachers import PeerTeacher, TeacherSource
@@ -20,17 +21,6 @@ from kdistill.teachers import PeerTeacher, TeacherSource
 class MutualParams(RecipeParams):
     peers: int = Field(default=2, ge=2, description="k: the student plus k - 1 peer models")
     temperature: float = Field(default=1.0, gt=0)
-
-
-def distinct_from(student: nn.Module, model: nn.Module) -> nn.Module:
-    """``model``, its weights re-drawn in place (:func:`reinitialise_`) when it holds exactly
-    the student's (same architecture built from the same seed). Two identical peers receive
-    identical gradients (every divergence between them is at its minimum) and would stay
-    identical for the whole run, teaching each other nothing."""
-    mine, theirs = student.state_dict(), model.state_dict()
-    same = mine.keys() == theirs.keys() and all(
-        mine[k].shape == theirs[k].shape and torch.equal(mine[k], theirs[k]) for k in mine)
-    return reinitialise_(model) if same else model
 
 
 def peer_name(index: int, term: str) -> str:
@@ -74,21 +64,14 @@ class DeepMutualLearning(Recipe):
         L_i = CE(y, z_i) + 1/(k-1) sum_{j != i} T^2 KL(p_j^T || p_i^T)      (p_j detached)
         L   = sum_i L_i
 
-    Like the paper (supervised throughout), the recipe trains on labelled samples only
-    (``uses_unlabeled = False``): no peer is trained beforehand, so on an unlabelled sample the
-    peers can only agree with each other, and on digits with 50 labels adding the KL on the
-    unlabelled rest measured worse (accuracy 0.80 and ECE 0.32 after 315 steps, against 0.86
-    and 0.04 labelled only). The paper updates the peers one after the other within a step;
-    here all k losses are summed and trained by one backward and one optimizer step (each
-    peer's gradient comes only from its own L_i, as the targets are detached). Defaults k = 2,
-    T = 1 (the paper's plain softmax; T^2 = 1 then).
-
-    Peers (``teacher_model = "fresh"``): peer 1 is the untrained teacher model a config run
-    builds from ``teacher.model`` (its weights re-drawn in place if it is an exact copy of the
-    student, see :func:`distinct_from`); for k > 2, peers 2 .. k-1 are copies of it
-    re-initialised with :func:`reinitialised`. Without a teacher model (Python API,
-    ``teacher=None``) every peer is a re-initialised copy of the student. Terms are logged per
-    peer: ``ce``, ``kl`` (the student), ``peer<i>_ce``, ``peer<i>_kl``.
+    trained on labelled samples only (``uses_unlabeled = False``), all k by one backward and
+    one optimizer step. Peers (``teacher_model = "fresh"``): peer 1 is the untrained teacher
+    model of a config run (re-drawn if it copies the student exactly, see
+    :func:`~kdistill.recipes.shared.distinct_from`), peers 2 .. k-1 re-initialised copies of it
+    (:func:`reinitialised`); without a teacher model every peer is a re-initialised copy of the
+    student. Terms per peer: ``ce``, ``kl`` (the student), ``peer<i>_ce``, ``peer<i>_kl``.
+    Defaults k = 2, T = 1 (the paper's plain softmax). Our choices and measurements:
+    docs/recipes.md.
     """
 
     name = "dml"

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from kdistill import losses
 from kdistill.models.heads import MultiBranchStudent
 from kdistill.recipes.base import Recipe, RecipeParams, Term, register
-from kdistill.recipes.deit import StudentHeadParams
+from kdistill.recipes.shared import StudentHeadParams
 from kdistill.schedules import TrainState
 from kdistill.taps import Taps
 
@@ -68,25 +68,14 @@ class OKDHP(Recipe):
     :class:`~kdistill.models.heads.MultiBranchStudent`: its trunk is shared by ``branches``
     heads, branch 0 being its own head (the deployed model is trunk + branch 0, the student's
     architecture); the other branches are re-initialised copies of its head or, with
-    ``branch_widths``, MLP branches of those hidden widths (the unbalanced variant). A learned
-    aggregation unit (:class:`BranchGate`) builds z_ens = sum_j g_j(z) z_j and
+    ``branch_widths``, MLP branches of those hidden widths. A learned aggregation unit
+    (:class:`BranchGate`) builds z_ens = sum_j g_j(z) z_j and
 
         L = sum_j CE(z_j, y) + CE(z_ens, y) + w T^2 sum_j KL(sg(p_ens^T) || p_j^T)
 
-    with ``sg`` stop-gradient: the ensemble target is detached, so the KL terms train the trunk
-    and the branches but never the aggregation unit, which learns from its own CE alone.
-    Defaults: 3 branches, T = 3, w = 1. No teacher.
-
-    The recipe trains on labelled samples only (``uses_unlabeled = False``, like ``dml`` and
-    ``bdkd``): the ensemble is trained from scratch alongside its branches and knows nothing
-    an unlabelled sample could teach. On digits with 50 labels and the tiny MLP, adding the
-    unlabelled images (KL term only) reached 74% after 60 epochs (31 s), the labelled images
-    alone 83% after 330 epochs (19 s).
-
-    Where we differ or chose: OKDHP's aggregation unit weighs branch heat maps with
-    convolutional layers; here the per-sample gate is a linear layer on the concatenated branch
-    logits (zero-initialised: uniform at first). The gate's input is not detached, so the
-    ensemble CE also reaches the branches (as in ONE, Lan et al. 2018).
+    with ``sg`` stop-gradient: the KL terms train the trunk and the branches but never the
+    aggregation unit. No teacher; labelled samples only (``uses_unlabeled = False``).
+    Defaults: 3 branches, T = 3, w = 1. Our choices and measurements: docs/recipes.md.
     """
 
     name = "okdhp"

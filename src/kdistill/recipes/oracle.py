@@ -12,16 +12,12 @@ class Oracle(Hinton):
     """L = (1 - alpha) CE(y, z_s) + alpha T^2 KL(p_t^T || p_s^T), the teacher given the labels.
 
     Yoon, Kim, Lee, Ahn & Kim (2023), "Oracle Teacher: Leveraging Target Information for Better
-    Knowledge Distillation of CTC Models". The mechanism is the teacher model: one that declares
-    ``batch_inputs = ("labels",)`` (such as :class:`kdistill.models.oracle.LabelConditioned`)
-    receives the batch's labels in its forward, during its own training and when it teaches; the
-    student declares nothing and sees the input alone. On an unlabelled sample (label -100) the
-    oracle falls back on its "unknown label" embedding, so it still teaches from the input.
-
-    The terms, parameters and defaults (T=4, alpha=0.9) are Hinton KD's
-    (:class:`~kdistill.recipes.hinton.Hinton`): per sample for logits ``[B, C]``, per valid
-    token for token logits ``[B, L, C]``, the paper's sequence setting. The paper distils CTC
-    frame distributions; the per-token KL of Hinton KD stands for it here.
+    Knowledge Distillation of CTC Models". The teacher is a model that declares
+    ``batch_inputs = ("labels",)`` (such as :class:`kdistill.models.oracle.LabelConditioned`),
+    so p_t is computed from (x, y); the student sees the input alone. The terms, parameters and
+    defaults (T=4, alpha=0.9) are Hinton KD's (:class:`~kdistill.recipes.hinton.Hinton`): per
+    sample for logits ``[B, C]``, per valid token for token logits ``[B, L, C]``. Our choices
+    and measurements: docs/recipes.md.
     """
 
     name = "oracle"

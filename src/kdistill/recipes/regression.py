@@ -11,13 +11,12 @@ from pydantic import Field
 from torch import Tensor
 
 from kdistill import losses
-from kdistill.augment import concat_rows, gaussian_noise
-from kdistill.batch import hidden_like, label_mask
+from kdistill.augment import gaussian_noise
+from kdistill.batch import label_mask
 from kdistill.recipes.base import Recipe, RecipeParams, Term, register
+from kdistill.recipes.shared import ORIGINAL, VIEW, stack_views
 from kdistill.schedules import TrainState
 from kdistill.taps import Taps
-
-AUGMENTED = "augmented"  # batch key: bool [N], True on the rows made by prepare
 
 
 class RegressionKDParams(RecipeParams):
@@ -82,19 +81,16 @@ class RegressionKD(Recipe):
     """L = MSE(s(x), t(x)) + w_aug MSE(s(x~), t(x~)) + w_gold MSE(s(x), y) over known y.
 
     Gajbhiye, Fomicheva, Alva-Manchego, Blain, Obamuyide, Aletras & Specia (2021), "Knowledge
-    Distillation for Quality Estimation": a shallow student of another architecture regresses a
-    large teacher's quality scores on the original data plus augmented inputs that only the
-    teacher labels. ``s``/``t`` are the student's and the teacher's scores (outputs ``[N]`` or
-    ``[N, 1]``); ``x~`` are ``copies`` noisy copies of each input, ``x + noise_std * N(0, I)``,
-    made in :meth:`prepare` so the teacher labels them in the same forward as the originals.
+    Distillation for Quality Estimation". ``s``/``t`` are the student's and the teacher's scores
+    (outputs ``[N]`` or ``[N, 1]``); ``x~`` are ``copies`` noisy copies of each input,
+    ``x + noise_std * N(0, I)``, made in :meth:`prepare` so the teacher labels them in the same
+    forward as the originals. Each term is a mean: ``kd`` over the original samples,
+    ``kd_augmented`` over the copies (unit ``examples``), ``gold`` over the known gold scores of
+    the original rows (float labels, NaN = unknown; unit ``labeled``).
 
-    The paper augments text by translating more source sentences and labelling them with the
-    teacher; Gaussian noise on float inputs is our stand-in for data without a generator. The
-    paper trains on the teacher's scores alone, hence ``gold_weight`` 0 by default; with a weight
-    the student also regresses the gold scores where known (float labels, NaN = unknown, on the
-    original rows only: a copy's gold score is not known). Each term is a mean: ``kd`` over the
-    original samples, ``kd_augmented`` over the copies (unit ``examples``, every sample has the
-    same number of copies), ``gold`` over the known labels (unit ``labeled``).
+    Defaults: ``copies`` = 1, ``noise_std`` = 0.1, ``augmented_weight`` = 1, ``gold_weight`` = 0
+    (the paper trains on the teacher's scores alone). Our choices and measurements:
+    docs/recipes.md.
     """
 
     name = "regression_kd"
@@ -107,8 +103,9 @@ class RegressionKD(Recipe):
 
     def prepare(self, batch: dict[str, Any], student: Callable[[Mapping[str, Any]], Taps],
                 state: TrainState) -> dict[str, Any]:
-        """The batch followed by ``copies`` noisy copies of it; every other per-sample tensor is
-        repeated, the copies' labels hidden and ``batch["augmented"]`` marks the copies."""
+        """The batch (view ``ORIGINAL`` = 0) followed by ``copies`` noisy copies of it (views
+        1 .. ``copies``, marked in ``batch[VIEW]``); every other per-sample tensor is repeated
+        and the copies' labels are hidden."""
         p = self.params
         inputs = batch.get("input")
         if not isinstance(inputs, Tensor):
@@ -118,23 +115,19 @@ class RegressionKD(Recipe):
             raise ValueError(f"regression_kd: noise augmentation needs float inputs, "
                              f"batch['input'] has dtype {inputs.dtype} (set copies: 0 for token "
                              "inputs)")
-        rows = len(inputs)
-        noisy = [{**batch, "input": gaussian_noise(inputs, p.noise_std),
-                  **({"labels": hidden_like(batch["labels"])} if "labels" in batch else {})}
+        noisy = [{**batch, "input": gaussian_noise(inputs, p.noise_std)}
                  for _ in range(p.copies)]
-        prepared = concat_rows([batch, *noisy], rows)
-        prepared[AUGMENTED] = torch.arange(rows * (1 + p.copies), device=inputs.device) >= rows
-        return prepared
+        return stack_views(dict(enumerate([batch, *noisy])),
+                           unlabeled=range(1, 1 + p.copies))
 
     def terms(self, student: Taps, teacher: Taps | None, batch: Mapping[str, Any],
               state: TrainState) -> dict[str, Term]:
         p = self.params
         s = scores(student["logits"], "student")
         t = scores(teacher["logits"], "teacher")
-        augmented = batch.get(AUGMENTED)
-        if augmented is None:
-            augmented = torch.zeros_like(s, dtype=torch.bool)
-        original = ~augmented
+        views = batch.get(VIEW)
+        original = views == ORIGINAL if views is not None else torch.ones_like(s, dtype=torch.bool)
+        augmented = ~original
         terms = {"kd": Term(losses.logit_mse(s[original], t[original]))}
         if p.copies:
             terms["kd_augmented"] = Term(losses.logit_mse(s[augmented], t[augmented]),
