@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint install clean mutate
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,5 +34,13 @@ lint: $(TEST_STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/lint-imports
 
+# Mutation testing of chosen modules, e.g. make mutate MUTANTS='kdistill.losses.*'
+# (names are module paths with globs; default: every module listed in [tool.mutmut]).
+MUTANTS ?=
+mutate: $(TEST_STAMP)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test,mutate]'
+	$(BIN)/mutmut run $(MUTANTS) || true
+	$(BIN)/python benchmarks/mutation_score.py
+
 clean:
-	rm -rf $(VENV) .kdistill-cache runs
+	rm -rf $(VENV) .kdistill-cache runs mutants
