@@ -385,7 +385,8 @@ def test_attention_transfer_matches_reference(p: float) -> None:
     expected = sum(
         sum((x - y) ** 2 for x, y in zip(u, v, strict=True)) for u, v in zip(a_s, a_t, strict=True)
     ) / 2
-    assert close(L.attention_transfer(s, t, p=p), expected)
+    # the sum over positions per sample; the default (authors') reduction: test_loss_reductions.py
+    assert close(L.attention_transfer(s, t, p=p, reduction="batchmean"), expected)
     assert abs(float(L.attention_transfer(s, 5.0 * s))) < 1e-12
 
 
@@ -433,30 +434,34 @@ def ref_rkd_angle(s: torch.Tensor, t: torch.Tensor) -> float:
 
 def test_rkd_distance_matches_reference() -> None:
     s, t = rand(5, 3, seed=39), rand(5, 8, seed=40, scale=3.0)  # widths differ
-    assert close(L.rkd_distance(s, t), ref_rkd_distance(s, t))
+    # the mean over distinct pairs; the default (authors') reduction: test_loss_reductions.py
+    assert close(L.rkd_distance(s, t, reduction="distinct"), ref_rkd_distance(s, t))
     # large differences reach the linear part of the Huber loss
     t2 = rand(5, 8, seed=41)
     t2[0] += 50.0
-    assert close(L.rkd_distance(s, t2), ref_rkd_distance(s, t2))
+    assert close(L.rkd_distance(s, t2, reduction="distinct"), ref_rkd_distance(s, t2))
     # features of any rank are flattened per sample
     s4 = rand(5, 2, 2, 2, seed=42)
-    assert close(L.rkd_distance(s4, t), ref_rkd_distance(s4, t))
+    assert close(L.rkd_distance(s4, t, reduction="distinct"), ref_rkd_distance(s4, t))
     # normalised distances: invariant to scaling and shifting the student's embedding
-    assert close(L.rkd_distance(7.0 * s + 2.0, t), ref_rkd_distance(s, t), rel=1e-7)
+    assert close(L.rkd_distance(7.0 * s + 2.0, t, reduction="distinct"), ref_rkd_distance(s, t),
+                 rel=1e-7)
 
 
 def test_rkd_distance_is_accurate_far_from_the_origin_in_float32() -> None:
     # Gram-matrix distances lose precision when features share a large offset; the loss
     # centres the batch first, so float32 stays close to the float64 reference.
     s, t = rand(6, 16, seed=62), rand(6, 8, seed=63)
-    value = L.rkd_distance((s + 1e3).float(), t.float())
+    value = L.rkd_distance((s + 1e3).float(), t.float(), reduction="distinct")
     assert close(value, ref_rkd_distance(s, t), rel=1e-4)
 
 
 def test_rkd_angle_matches_reference() -> None:
     s, t = rand(4, 3, seed=43), rand(4, 6, seed=44)
-    assert close(L.rkd_angle(s, t), ref_rkd_angle(s, t))
-    assert close(L.rkd_angle(0.1 * s - 3.0, t), ref_rkd_angle(s, t), rel=1e-7)
+    # the mean over distinct triplets; the default (authors') reduction: test_loss_reductions.py
+    assert close(L.rkd_angle(s, t, reduction="distinct"), ref_rkd_angle(s, t))
+    assert close(L.rkd_angle(0.1 * s - 3.0, t, reduction="distinct"), ref_rkd_angle(s, t),
+                 rel=1e-7)
     assert abs(float(L.rkd_angle(s, 2.0 * s))) < 1e-12
 
 
@@ -487,7 +492,8 @@ def ref_pkt(s: torch.Tensor, t: torch.Tensor, eps: float, exclude_self: bool) ->
 @pytest.mark.parametrize("exclude_self", [False, True])
 def test_pkt_matches_reference(exclude_self: bool) -> None:
     s, t = rand(5, 3, seed=45), rand(5, 9, seed=46)
-    value = L.pkt(s, t, exclude_self=exclude_self)
+    # KL per anchor, averaged; the default (authors') reduction: test_loss_reductions.py
+    value = L.pkt(s, t, exclude_self=exclude_self, reduction="batchmean")
     assert close(value, ref_pkt(s, t, 1e-7, exclude_self))
     assert abs(float(L.pkt(s, 4.0 * s))) < 1e-12
 

@@ -137,27 +137,48 @@ def attention_mse(
     return total / (pairs.sum() * heads).clamp_min(1)
 
 
-def attention_transfer(student_map: Tensor, teacher_map: Tensor, p: float = 2.0) -> Tensor:
-    """Activation-based attention transfer between convolutional feature maps.
+_AT_REDUCTIONS = ("mean", "batchmean")
 
-    Equation, for activations ``F [B, C, *spatial]``::
 
-        a(F)  = vec( mean_c |F_c|^p )              (one value per spatial position)
-        Q     = a(F) / ||a(F)||_2                   (per sample)
-        L     = mean_b || Q_s,b - Q_t,b ||_2^2
+def attention_transfer(
+    student_map: Tensor, teacher_map: Tensor, p: float = 2.0, reduction: str = "mean"
+) -> Tensor:
+    """Activation-based attention transfer between convolutional feature maps (one layer pair).
+
+    Equation, for activations ``F [B, C, *spatial]`` with ``N`` spatial positions::
+
+        a(F)  = vec( mean_c |F_c|^p )                      [B, N], one value per position
+        Q     = a(F) / max(||a(F)||_2, 1e-12)              per sample
+        L     = 1/(B N) sum_b sum_n (Q_s[b, n] - Q_t[b, n])^2        (reduction="mean")
 
     Channel counts may differ between student and teacher (the map averages them away);
     batch and spatial sizes must match.
 
     Paper: S. Zagoruyko, N. Komodakis (2017), "Paying More Attention to Attention: Improving the
-    Performance of Convolutional Neural Networks via Attention Transfer".
+    Performance of Convolutional Neural Networks via Attention Transfer". Its eq. 2 adds
+    ``beta/2 sum_j ||Q_s^j - Q_t^j||_p`` over the layer pairs ``j`` (p = 2) and sets beta to
+    "10^3 divided by the number of elements in attention map and batch size for each layer".
 
-    Variant chosen: the squared L2 distance between the normalised maps, summed over positions
-    and averaged over the batch. The paper writes the (unsquared) p-norm of the difference with
-    weight beta/2; the authors' code (and RepDistiller) use the squared difference averaged over
-    batch *and* positions, i.e. this value divided by the number of spatial positions, with
-    beta = 1000. Scale the weight accordingly when reproducing their numbers.
+    Reduction (default ``"mean"``), as the authors' code computes it
+    (szagoruyko/attention-transfer, ``utils.py`` ``at`` and ``at_loss``:
+    ``(at(x) - at(y)).pow(2).mean()``): the *squared* difference averaged over batch *and*
+    positions; ``cifar.py``/``imagenet.py`` then add ``beta * sum(at_loss over the layer
+    pairs)`` to the classification loss with ``--beta 1e+3``, without the paper's ``1/2``.
+    RepDistiller (``distiller_zoo/AT.py``, ``-b 1000``) and torchdistill (``ATLoss``,
+    ``mode='code'``) compute the same value. Published weight: **1000 per layer pair**; in a
+    ``composite`` config give each pair its own ``attention_transfer`` term with weight 1000
+    (terms add up, like the authors' sum over pairs). The authors' code fixes ``p = 2``; other
+    values of ``p`` follow the paper's ``|F_c|^p``.
+
+    ``reduction="batchmean"`` sums over positions and averages over the batch,
+    ``mean_b ||Q_s,b - Q_t,b||_2^2`` (the paper's norm, squared): ``N`` times the default, in
+    [0, 4] whatever the resolution; a weight tuned for it is ``N`` times smaller than beta.
+    Any other value raises ``ValueError``.
     """
+    if reduction not in _AT_REDUCTIONS:
+        raise ValueError(
+            f"attention_transfer: reduction must be one of {_AT_REDUCTIONS}, got {reduction!r}"
+        )
     for who, x in (("student", student_map), ("teacher", teacher_map)):
         if x.dim() < 3:
             raise ValueError(
@@ -171,4 +192,7 @@ def attention_transfer(student_map: Tensor, teacher_map: Tensor, p: float = 2.0)
         )
     a_s = F.normalize(_as_float(student_map).abs().pow(p).mean(dim=1).flatten(1), dim=1)
     a_t = F.normalize(_as_float(teacher_map).abs().pow(p).mean(dim=1).flatten(1), dim=1)
-    return (a_s - a_t).pow(2).sum(dim=1).mean()
+    squared = (a_s - a_t).pow(2)
+    if reduction == "mean":
+        return squared.mean()
+    return squared.sum(dim=1).mean()
