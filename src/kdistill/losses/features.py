@@ -171,9 +171,10 @@ def attention_transfer(
     values of ``p`` follow the paper's ``|F_c|^p``.
 
     ``reduction="batchmean"`` sums over positions and averages over the batch,
-    ``mean_b ||Q_s,b - Q_t,b||_2^2`` (the paper's norm, squared): ``N`` times the default, in
-    [0, 4] whatever the resolution; a weight tuned for it is ``N`` times smaller than beta.
-    Any other value raises ``ValueError``.
+    ``mean_b ||Q_s,b - Q_t,b||_2^2`` (the paper's norm, squared): ``N`` times the default and
+    within [0, 2] whatever the resolution (the maps are non-negative unit vectors); the
+    published beta = 1000 corresponds to a weight of ``1000 / N`` for it. Any other value
+    raises ``ValueError``.
     """
     if reduction not in _AT_REDUCTIONS:
         raise ValueError(
