@@ -61,6 +61,97 @@ def test_keep_labels_on_classes_balances_and_skips_hidden_labels() -> None:
         keep_labels(labels, 10, seed=0)
 
 
+def chosen_by(labels: torch.Tensor, count: int, seed: int) -> list[int]:
+    """The positions whose labels :func:`keep_labels` keeps."""
+    return torch.nonzero(label_mask(keep_labels(labels, count, seed))).flatten().tolist()
+
+
+def test_keep_labels_on_classes_is_a_seeded_draw_within_each_class() -> None:
+    labels = torch.arange(30) % 3  # 10 samples per class; keep 2 per class
+    kept = keep_labels(labels, 6, seed=0)
+    chosen = chosen_by(labels, 6, 0)
+    assert torch.equal(kept[chosen], labels[chosen])
+    assert (kept[[i for i in range(30) if i not in chosen]] == UNLABELED).all()
+    # A fixed function of the seed ...
+    for seed in range(5):
+        assert chosen_by(labels, 6, seed) == chosen_by(labels, 6, seed)
+    # ... that draws the samples within each class: other seeds pick other members of a class,
+    # and over 100 seeds every sample of every class is picked at some point.
+    draws = [chosen_by(labels, 6, seed) for seed in range(100)]
+    for c in range(3):
+        in_class = [tuple(i for i in draw if i % 3 == c) for draw in draws]
+        assert all(len(members) == 2 for members in in_class)
+        assert len(set(in_class)) > 10
+        assert {i for members in in_class for i in members} == set(range(c, 30, 3))
+
+
+@pytest.mark.parametrize("count", range(1, 21))
+def test_keep_labels_keeps_classes_as_equal_as_their_sizes_allow(count: int) -> None:
+    # Classes of 10, 7 and 3 samples and 4 hidden labels, in a scrambled order.
+    labels = torch.tensor([0] * 10 + [1] * 7 + [2] * 3 + [UNLABELED] * 4)
+    labels = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(1))]
+    sizes = torch.bincount(labels[labels != UNLABELED])
+    for seed in (0, 1):
+        kept = keep_labels(labels, count, seed)
+        per_class = torch.bincount(kept[label_mask(kept)], minlength=3)
+        assert int(per_class.sum()) == count
+        # A class that keeps two fewer than another has no sample left to give.
+        for a in range(3):
+            for b in range(3):
+                if per_class[a] < per_class[b] - 1:
+                    assert per_class[a] == sizes[a], (count, per_class.tolist())
+
+
+def test_holdout_split_keeps_uneven_class_shares_for_every_seed() -> None:
+    # Classes of 40, 20 and 10 samples and 10 hidden labels (one more class): a fifth held out
+    # is exactly 8, 4, 2 and 2 of them, whatever the seed.
+    labels = torch.tensor([0] * 40 + [1] * 20 + [2] * 10 + [UNLABELED] * 10)
+    labels = labels[torch.randperm(80, generator=torch.Generator().manual_seed(0))]
+    data = ArrayDataset(torch.arange(80, dtype=torch.float32)[:, None], labels)
+    held_sets = set()
+    for seed in range(10):
+        rest, held = holdout_split(data, 16, seed=seed)
+        rows, held_rows = rest.inputs.flatten().long(), held.inputs.flatten().long()
+        assert set(rows.tolist()).isdisjoint(held_rows.tolist())
+        assert sorted(rows.tolist() + held_rows.tolist()) == list(range(80))
+        assert torch.equal(held.labels, labels[held_rows])
+        assert torch.equal(rest.labels, labels[rows])
+        assert [int((held.labels == c).sum()) for c in (0, 1, 2, UNLABELED)] == [8, 4, 2, 2]
+        assert [int((rest.labels == c).sum()) for c in (0, 1, 2, UNLABELED)] == [32, 16, 8, 8]
+        held_sets.add(tuple(held_rows.tolist()))
+    assert len(held_sets) == 10  # each seed holds other samples out
+
+
+def test_builtin_split_is_stratified_disjoint_covering_and_seeded() -> None:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    originals = torch.as_tensor(digits.images / 16.0, dtype=torch.float32).reshape(1797, -1)
+    overall = np.bincount(digits.target)
+
+    def rows_with_counts(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        return np.unique(x.reshape(len(x), -1).numpy(), axis=0, return_counts=True)
+
+    tests = {}
+    for fraction, seed in ((0.2, 0), (0.2, 1), (0.4, 0)):
+        data = load_dataset("digits", test_fraction=fraction, seed=seed)
+        assert len(data.test) == math.ceil(fraction * 1797)
+        assert len(data.train) + len(data.test) == 1797
+        # Every digit lands in exactly one split (compared as a multiset of images: the set
+        # holds a few identical images).
+        together = torch.cat([data.train.inputs, data.test.inputs])
+        for got, expected in zip(rows_with_counts(together), rows_with_counts(originals),
+                                 strict=True):
+            assert np.array_equal(got, expected)
+        # Stratified: each class's test count is its share of the test set, to one sample.
+        shares = overall * len(data.test) / 1797
+        assert np.abs(np.bincount(data.test.labels.numpy()) - shares).max() <= 1
+        tests[fraction, seed] = data.test.inputs
+    again = load_dataset("digits", test_fraction=0.2, seed=0)
+    assert torch.equal(again.test.inputs, tests[0.2, 0])
+    assert not torch.equal(tests[0.2, 1], tests[0.2, 0])
+
+
 def test_holdout_split_is_disjoint_stratified_ordered_and_seeded() -> None:
     labels = torch.arange(60) % 3  # 20 per class
     data = ArrayDataset(torch.arange(60, dtype=torch.float32)[:, None], labels)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -55,8 +56,44 @@ def test_registry_holds_every_loss_under_its_function_name() -> None:
     }
 
 
+NORMALIZER = 3.0
+VALID = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]]).bool()  # the example mask: 5 valid tokens
+
+
+def _valid_sum_over_normalizer(fn: Callable[..., torch.Tensor]
+                               ) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+    """A token loss's mean over the valid tokens alone, times their count, over NORMALIZER."""
+    return lambda d: fn(d["student"][VALID], d["teacher"][VALID]) * int(VALID.sum()) / NORMALIZER
+
+
+# What the registry must compute for each loss on ``_example``'s data, written out by hand:
+# the function called with the student, the teacher, the labels or mask the spec names, and
+# for token losses the sum over the 5 valid tokens divided by the normalizer (3) rather than
+# their mean, computed here on the valid tokens alone (no mask involved).
+EXPECTED: dict[str, Callable[[dict[str, torch.Tensor]], torch.Tensor]] = {
+    "kd": lambda d: L.kd(d["student"], d["teacher"]),
+    "soft_ce": lambda d: L.soft_ce(d["student"], d["teacher"]),
+    "dkd": lambda d: L.dkd(d["student"], d["teacher"], d["labels"]),
+    "logit_mse": lambda d: L.logit_mse(d["student"], d["teacher"]),
+    "cross_entropy": lambda d: L.cross_entropy(d["student"], d["labels"]),
+    "hidden_mse": lambda d: L.hidden_mse(d["student"][VALID], d["teacher"][VALID]),
+    "cosine": lambda d: L.cosine(d["student"][VALID], d["teacher"][VALID]),
+    "attention_mse": lambda d: L.attention_mse(d["student"], d["teacher"], mask=d["mask"]),
+    "attention_transfer": lambda d: L.attention_transfer(d["student"], d["teacher"]),
+    "rkd_distance": lambda d: L.rkd_distance(d["student"], d["teacher"]),
+    "rkd_angle": lambda d: L.rkd_angle(d["student"], d["teacher"]),
+    "pkt": lambda d: L.pkt(d["student"], d["teacher"]),
+    **{name: _valid_sum_over_normalizer(getattr(L, name))
+       for name in ("forward_kl", "reverse_kl", "tvd", "generalized_jsd")},
+}
+
+
+def test_every_registered_loss_has_a_written_out_expectation() -> None:
+    assert set(EXPECTED) == {spec.name for spec in LOSSES.values()}
+
+
 @pytest.mark.parametrize("name", sorted(LOSSES))
-def test_every_spec_is_callable_on_small_tensors(name: str) -> None:
+def test_every_spec_computes_its_loss_on_the_inputs_it_names(name: str) -> None:
     spec = LOSSES[name]
     data = _example(spec)
     student = data["student"].requires_grad_(True)
@@ -65,11 +102,23 @@ def test_every_spec_is_callable_on_small_tensors(name: str) -> None:
         data["teacher"] if spec.uses_teacher else None,
         labels=data.get("labels"),
         mask=data.get("mask"),
-        normalizer=3.0,
+        normalizer=NORMALIZER,
     )
-    assert value.dim() == 0 and torch.isfinite(value)
-    value.backward()
-    assert torch.isfinite(student.grad).all() and float(student.grad.abs().sum()) > 0
+    expected = EXPECTED[spec.name]({**data, "student": student})
+    torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-7)
+    # The student receives the loss's gradient (the registry keeps it in the graph).
+    (grad,) = torch.autograd.grad(value, student, retain_graph=True)
+    (reference,) = torch.autograd.grad(expected, student)
+    torch.testing.assert_close(grad, reference, rtol=1e-5, atol=1e-7)
+    assert float(grad.abs().sum()) > 0
+    # Labels and masks the spec names change the value: dropping one would be noticed.
+    if spec.inputs == "labels":
+        other = spec(student, data["teacher"] if spec.uses_teacher else None,
+                     labels=data["labels"].flip(-1))
+        assert not torch.allclose(value, other)
+    if spec.inputs == "mask":
+        unmasked = spec(student, data["teacher"], normalizer=NORMALIZER)
+        assert not torch.allclose(value, unmasked)
 
 
 def test_spec_call_passes_params_mask_and_normalizer() -> None:

@@ -139,3 +139,26 @@ def test_each_phase_runs_its_own_schedule(digits_subset, make_mlp):
     kd = [0.2 * (1 + math.cos(math.pi * k / 8)) / 2 for k in range(8)]
     assert [r["lr"] for r in train] == pytest.approx(hint + kd, abs=1e-12)
     assert "hint" in train[0] and "kd" in train[-1] and "kd" not in train[0]
+
+
+@pytest.mark.parametrize(("scheduler", "factors"), [
+    # constant after 3 warm-up steps: (step + 1) / 3, then 1.
+    ({"name": "constant", "warmup_steps": 3}, [1 / 3, 2 / 3, 1, 1, 1, 1, 1, 1]),
+    # step: 1 warm-up step, then x0.5 every 2 steps: 0.5 ** ((step - 1) // 2).
+    ({"name": "step", "warmup_steps": 1, "step_size": 2, "gamma": 0.5},
+     [1, 1, 1, 0.5, 0.5, 0.25, 0.25, 0.125]),
+    # linear from 1 down towards min_ratio 0.5 over 8 steps: 1 - 0.5 step / 8.
+    ({"name": "linear", "min_ratio": 0.5},
+     [1, 0.9375, 0.875, 0.8125, 0.75, 0.6875, 0.625, 0.5625]),
+    # cosine to min_ratio 0.2 after 2 warm-up steps: 0.2 + 0.8 (1 + cos(pi k / 6)) / 2.
+    ({"name": "cosine", "warmup_steps": 2, "min_ratio": 0.2},
+     [0.5, 1] + [0.2 + 0.4 * (1 + math.cos(math.pi * k / 6)) for k in range(6)]),
+])
+def test_every_scheduler_setting_reaches_the_run(digits_subset, make_mlp, scheduler, factors):
+    # 64 samples in batches of 16 for 2 epochs: 8 steps; each factor differs from what the
+    # schedule would give with any one of its settings at its default.
+    result = Distiller(make_mlp(seed=0), None, "ce", epochs=2, batch_size=16,
+                       optimizer={"name": "sgd", "lr": 0.1}, scheduler=scheduler,
+                       progress=False).fit(digits_subset(64))
+    logged = [r["lr"] for r in result.history if r["kind"] == "train"]
+    assert logged == pytest.approx([0.1 * f for f in factors], abs=1e-12)
