@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -58,6 +59,10 @@ def test_every_setting_is_pinned_by_a_test() -> None:
     fields |= {f"optimizer.{name}" for name in OptimizerSettings.model_fields}
     fields |= {f"scheduler.{name}" for name in SchedulerSettings.model_fields}
     assert set(PINNED) == fields
+    for where in PINNED.values():  # every named test exists
+        file, _, name = where.rpartition("::")
+        source = Path(__file__).with_name(file) if file else Path(__file__)
+        assert f"def {name}(" in source.read_text(), where
 
 
 # --------------------------------------------------------------------------- helpers
