@@ -183,6 +183,15 @@ def test_custom_code_runs_when_the_user_asks(tmp_path: Path, marker: Path, stdin
     assert unread(stdin)
 
 
+def test_only_a_real_true_lets_code_run(tmp_path: Path, marker: Path) -> None:
+    folder = custom_code_folder(tmp_path / "evil", marker)
+    for value in ("false", "yes", 1):
+        with pytest.raises(KdistillError, match="trust_remote_code: expected true or false"):
+            load_hf_model(folder, trust_remote_code=value)  # type: ignore[arg-type]
+        assert len(folder_problems(folder, trust_remote_code=value)) == 1  # type: ignore[arg-type]
+    assert not marker.exists()
+
+
 def test_trust_remote_code_reaches_every_from_pretrained(tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     folder = tiny_bert(tmp_path / "bert")

@@ -99,7 +99,7 @@ def folder_problems(path: str | Path, trust_remote_code: bool = False,
     except UnsafeModelFolder as error:
         return [f"{where}.path: {error}"]
     problems = []
-    if code and not trust_remote_code:
+    if code and trust_remote_code is not True:  # only a real True lets code run, not "false"
         problems.append(
             f"{where}.trust_remote_code: {folder} holds custom code that transformers would "
             f"import and run ({'; '.join(code)}); kdistill runs code from a model folder only "
@@ -129,6 +129,9 @@ def load_hf_model(path: str | Path, task: Literal["classification", "encoder"] =
     A folder with custom code is refused unless ``trust_remote_code`` is true, and one with
     only pickled weights always (:class:`UnsafeModelFolder`); stdin is never read.
     """
+    if not isinstance(trust_remote_code, bool):
+        raise KdistillError(f"trust_remote_code: expected true or false, got "
+                            f"{trust_remote_code!r}")
     folder = Path(path)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"no Hugging Face model folder at {folder} (config.json missing)")
@@ -140,7 +143,7 @@ def load_hf_model(path: str | Path, task: Literal["classification", "encoder"] =
 
     # Explicit flags, so transformers never falls back to asking on stdin or to unpickling.
     safe: dict[str, Any] = {"local_files_only": True, "use_safetensors": True,
-                            "trust_remote_code": bool(trust_remote_code)}
+                            "trust_remote_code": trust_remote_code}
     if task == "encoder":
         return AutoModel.from_pretrained(folder, **safe)
     # A different label count needs a fresh classifier: without ignore_mismatched_sizes
