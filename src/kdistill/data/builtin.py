@@ -150,7 +150,11 @@ def load_npz(path: str | Path, test_fraction: float = 0.25, seed: int = 0,
     split_names = (f"{input_key}_train", f"{label_key}_train", f"{input_key}_test",
                    f"{label_key}_test")
     try:
-        with np.load(path, allow_pickle=False) as arrays:
+        loaded = np.load(path, allow_pickle=False)  # object arrays (pickles) are refused
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise ValueError(f"{path}: a single .npy array, not an .npz archive of named arrays "
+                             "(save one with numpy.savez)")
+        with loaded as arrays:
             keys = set(arrays.files)
             if set(split_names) <= keys:
                 return from_arrays(str(path), *(arrays[k] for k in split_names))
