@@ -23,7 +23,5 @@ metrics and checkpoints are removed).
 
 from kdistill.engine.distiller import Distiller, distill
 from kdistill.engine.phases import FitResult, Phase, recipe_phases, wrap_student
-from kdistill.engine.training_module import TOTAL, TrainingModule
 
-__all__ = ["TOTAL", "Distiller", "FitResult", "Phase", "TrainingModule", "distill",
-           "recipe_phases", "wrap_student"]
+__all__ = ["Distiller", "FitResult", "Phase", "distill", "recipe_phases", "wrap_student"]
