@@ -187,18 +187,29 @@ def pgd_by_hand(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, epsilon
     return point
 
 
-@pytest.mark.parametrize(("step_size", "steps", "alpha"), [(0.02, 3, 0.02),
+class Wavy(nn.Module):
+    """sin(60 x): the input gradient changes sign within the ball, so the PGD path depends on
+    the step size (with a linear model every step would reach the same corner of the ball)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sin(60 * x)
+
+
+@pytest.mark.parametrize(("step_size", "steps", "alpha"), [(0.01, 3, 0.01),
                                                            (None, 4, 2.5 * 0.05 / 4)])
 def test_adversarial_prepare_is_pgd_on_the_student(step_size: float | None, steps: int,
                                                    alpha: float) -> None:
     torch.manual_seed(75)
-    model = nn.Linear(4, 3)
+    model = nn.Sequential(nn.Linear(4, 8), Wavy(), nn.Linear(8, 3))
     x = 0.1 + 0.8 * torch.rand(6, 4, generator=torch.Generator().manual_seed(76))
     labels = torch.tensor([0, 2, 1, 1, 0, 2])
     params = {"epsilon": 0.05, "step_size": step_size, "steps": steps, "random_start": False,
               "value_range": (0.12, 0.85)}
     expected = pgd_by_hand(model, x, labels, 0.05, alpha, steps, (0.12, 0.85))
     assert (expected != x).any()
+    for other in (0.8 * alpha, 1.25 * alpha):  # the step size shows in the result
+        assert not torch.allclose(pgd_by_hand(model, x, labels, 0.05, other, steps,
+                                              (0.12, 0.85)), expected)
     raw = {"input": x, "labels": labels, "index": torch.arange(6)}
     with TapReader(model, ["logits"]) as reader:
         only = build_recipe("adversarial", **params).prepare(dict(raw), reader, STATE)
