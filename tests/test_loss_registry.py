@@ -55,21 +55,53 @@ def test_registry_holds_every_loss_under_its_function_name() -> None:
     }
 
 
+MASKED = {"hidden_mse", "cosine", "attention_mse", "forward_kl", "reverse_kl", "tvd",
+          "generalized_jsd"}
+NORMALIZED = {"forward_kl", "reverse_kl", "tvd", "generalized_jsd"}
+
+
+def _called_by_hand(name: str, data: dict[str, torch.Tensor], student: torch.Tensor,
+                    normalizer: float | None) -> torch.Tensor:
+    """The loss function called directly with the arguments its signature documents."""
+    fn, teacher = getattr(L, name), data["teacher"]
+    if name == "cross_entropy":
+        return fn(student, data["labels"])
+    if name == "dkd":
+        return fn(student, teacher, data["labels"])
+    kwargs: dict[str, object] = {}
+    if name in MASKED:
+        kwargs["mask"] = data["mask"]
+    if name in NORMALIZED and normalizer is not None:
+        kwargs["normalizer"] = normalizer
+    return fn(student, teacher, **kwargs)
+
+
 @pytest.mark.parametrize("name", sorted(LOSSES))
-def test_every_spec_is_callable_on_small_tensors(name: str) -> None:
+def test_every_spec_passes_its_loss_the_right_inputs(name: str) -> None:
+    """The registry call gives the value and the student gradient of the function called by
+    hand: the student, the teacher, the labels, the mask and the normalizer each reach the
+    argument they belong to (the losses' values are checked against references in
+    test_losses.py)."""
     spec = LOSSES[name]
     data = _example(spec)
-    student = data["student"].requires_grad_(True)
-    value = spec(
-        student,
-        data["teacher"] if spec.uses_teacher else None,
-        labels=data.get("labels"),
-        mask=data.get("mask"),
-        normalizer=3.0,
-    )
-    assert value.dim() == 0 and torch.isfinite(value)
-    value.backward()
-    assert torch.isfinite(student.grad).all() and float(student.grad.abs().sum()) > 0
+    student = data["student"].clone().requires_grad_(True)
+    value = spec(student, data["teacher"] if spec.uses_teacher else None,
+                 labels=data.get("labels"), mask=data.get("mask"), normalizer=3.0)
+    by_hand = data["student"].clone().requires_grad_(True)
+    expected = _called_by_hand(spec.name, data, by_hand, 3.0)
+    assert value.dim() == 0 and torch.equal(value, expected)
+    (grad,) = torch.autograd.grad(value, student)
+    (expected_grad,) = torch.autograd.grad(expected, by_hand)
+    assert torch.equal(grad, expected_grad) and float(grad.abs().sum()) > 0
+    # the example's mask, normalizer and teacher all change the value, so routing shows
+    if spec.name in MASKED:
+        unmasked = getattr(L, spec.name)(data["student"], data["teacher"])
+        if spec.name in NORMALIZED:
+            unmasked = unmasked * data["student"].shape[:-1].numel() / 3.0
+        assert not torch.allclose(value.detach(), unmasked)
+    if spec.uses_teacher:
+        assert not torch.allclose(value.detach(), _called_by_hand(
+            spec.name, {**data, "teacher": data["teacher"].flip(0)}, data["student"], 3.0))
 
 
 def test_spec_call_passes_params_mask_and_normalizer() -> None:
