@@ -200,9 +200,9 @@ class TrainingRun:
 
     def record_step(self, state: TrainState, terms: Mapping[str, float],
                     lr: float) -> dict[str, Any]:
-        """The step's record: every term (mean over the global batch, all processes), the
-        weighted total ``loss`` and the learning rate the step used; logged every
-        ``log_every`` steps."""
+        """The record of a step that was applied (which ends any run of skipped steps): every
+        term (mean over the global batch, all processes), the weighted total ``loss`` and the
+        learning rate the step used; logged every ``log_every`` steps."""
         self.consecutive_skips = 0
         record: dict[str, Any] = {"kind": "train", "phase": state.phase, "epoch": state.epoch,
                                   "step": self.state.global_step, "lr": lr, **terms}
