@@ -338,8 +338,12 @@ def _run(config: RunConfig, resume: bool) -> RunOutcome:
     rows, load = compare(models, data.test, batch_size=config.evaluation.batch_size,
                          threads=config.evaluation.threads, repeats=config.evaluation.repeats)
     add_shift_accuracies(rows, models, data.test, config)
+    notes = load
+    if config.trainer.on_nonfinite == "skip" or result.skipped_steps():
+        notes += (f"\n\nSkipped training steps (non-finite loss or gradients, "
+                  f"trainer.on_nonfinite: skip): {result.skipped_steps()}.")
     report = write_report(run_dir, title=f"kdistill run: {config.name}", rows=rows,
-                          histories={"student": result.history}, notes=load,
+                          histories={"student": result.history}, notes=notes,
                           settings={"recipe": config.recipe or [
                                         {"phase": p.name, "epochs": p.epochs, **p.recipe}
                                         for p in config.phases or []],

@@ -9,9 +9,11 @@ Per optimizer step it
 3. for every micro-batch: teacher taps, student taps, the recipe's terms, and
    ``sum_k w_k * value_k * local_count_k / global_count_k`` backpropagated (gradients are
    synchronised across processes on the last micro-batch only),
-4. clips, steps the optimizer and LR schedule, lets the teacher source update (EMA), logs a
-   record with every term (its mean over the global batch), their weighted total ``loss`` and
-   the learning rate the step used (history and ``<run_dir>/metrics.jsonl``).
+4. checks that every term and the gradient norm are finite (a non-finite step applies no
+   update and stops the fit with ``NonFiniteError``, or with ``on_nonfinite: skip`` is skipped
+   and logged), clips, steps the optimizer and LR schedule, lets the teacher source update
+   (EMA), logs a record with every term (its mean over the global batch), their weighted total
+   ``loss`` and the learning rate the step used (history and ``<run_dir>/metrics.jsonl``).
 
 Only the student and the recipe's own modules are wrapped for data parallelism; the teacher
 runs outside the wrapper on every process. Checkpoints are written every ``checkpoint_every``
