@@ -27,7 +27,7 @@ from kdistill.checkpoint import load_checkpoint
 from kdistill.config import parse_config
 from kdistill.contexts import eval_mode
 from kdistill.data.base import ArrayDataset
-from kdistill.engine.loop import MAX_CONSECUTIVE_SKIPS, trailing_skips
+from kdistill.engine.nonfinite import MAX_CONSECUTIVE_SKIPS, trailing_skips
 from kdistill.errors import NonFiniteError
 from kdistill.metrics_log import MetricsLog, decode_record, encode_record, read_metrics
 

@@ -16,16 +16,16 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from kdistill.batch import collate, to_device
 from kdistill.batching import epoch_global_batches
-from kdistill.checkpoint import Checkpoint, atomic_save_tensors, clear_checkpoints
+from kdistill.checkpoint import Checkpoint, clear_checkpoints
 from kdistill.contexts import eval_mode
 from kdistill.data.base import IndexedDataset, labeled_indices
 from kdistill.engine.evaluation import EpochEvaluation, Evaluator
+from kdistill.engine.nonfinite import NonFiniteSteps
 from kdistill.engine.optim import build_optimizer, build_scheduler
 from kdistill.engine.phases import FitResult, Phase
 from kdistill.engine.state import RunState
 from kdistill.engine.step import OptimizerStep, StepOutcome
 from kdistill.engine.training_module import TrainingModule, call_model
-from kdistill.errors import NonFiniteError
 from kdistill.metrics_log import MetricsLog
 from kdistill.progress import TrainingProgress
 from kdistill.schedules import TrainState
@@ -35,8 +35,6 @@ from kdistill.teachers import TeacherSource
 
 Callback = Callable[[dict[str, Any]], None]
 
-MAX_CONSECUTIVE_SKIPS = 10  # on_nonfinite "skip": this many non-finite steps in a row stop a run
-NAMED_PARAMETERS = 3  # parameters with non-finite gradients named in a record or a message
 
 
 @dataclass
@@ -88,7 +86,7 @@ class TrainingRun:
                                           self.accelerator.device)
         self.optimizer_step = OptimizerStep(self.accelerator, self.dataset, self.collate_fn,
                                             teacher, settings)
-        self.consecutive_skips = 0  # non-finite steps in a row up to the last one
+        self.nonfinite = NonFiniteSteps(settings.on_nonfinite)
 
     def execute(self, resume: bool) -> FitResult:
         """Train through every phase (from the newest checkpoint with ``resume``)."""
@@ -97,7 +95,7 @@ class TrainingRun:
         if resume:
             checkpoint, start = self.state.load_latest()
             self.log.replace(self.state.history)
-            self.consecutive_skips = trailing_skips(self.state.history, self.state.global_step)
+            self.nonfinite.resume(self.state.history, self.state.global_step)
         elif run_dir is not None and self.accelerator.is_main_process:
             # A fresh run owns its folder: no metrics or checkpoints of an earlier run survive
             # (a later resume would otherwise continue the earlier run).
@@ -109,10 +107,7 @@ class TrainingRun:
                 self.run_phase(index, phase, checkpoint, start)
             elif index > start["phase"]:
                 self.run_phase(index, phase, None, {"epoch": 0, "batch": 0})
-        if run_dir is not None:
-            self.check_weights("the final student")
-        if run_dir is not None and self.accelerator.is_main_process:
-            atomic_save_tensors(self.student.state_dict(), run_dir / "student.safetensors")
+        self.state.save_student()
         return FitResult(self.student, self.state.history, run_dir, self.phases)
 
     def run_phase(self, index: int, phase: Phase, checkpoint: Checkpoint | None,
@@ -121,7 +116,7 @@ class TrainingRun:
         self.build_recipes(index)
         if checkpoint is None:
             self.state.best.reset()
-        self.bind_teacher(phase)
+        bind_teacher(self.teacher, phase, self.accelerator.device)
         reader = TapReader(self.student, phase.recipe.student_taps())
         try:
             training = self.phase_training(index, phase, reader)
@@ -170,7 +165,8 @@ class TrainingRun:
                 else self.skip_step(training, state, outcome)
             every = self.settings.checkpoint_every
             if every and self.state.global_step % every == 0:
-                self.save({"phase": training.index, "epoch": epoch, "batch": b + 1}, training)
+                self.state.save({"phase": training.index, "epoch": epoch, "batch": b + 1},
+                                training.optimizer, training.scheduler)
             self.progress.advance(record)
         self.end_epoch(training, epoch)
 
@@ -180,7 +176,7 @@ class TrainingRun:
         for index in range(upto + 1):
             if index not in self.state.built:
                 phase = self.phases[index]
-                self.bind_teacher(phase)
+                bind_teacher(self.teacher, phase, self.accelerator.device)
                 with TapReader(self.student, phase.recipe.student_taps()) as reader:
                     self.build_recipe(index, phase, reader)
 
@@ -203,7 +199,7 @@ class TrainingRun:
         """The record of a step that was applied (which ends any run of skipped steps): every
         term (mean over the global batch, all processes), the weighted total ``loss`` and the
         learning rate the step used; logged every ``log_every`` steps."""
-        self.consecutive_skips = 0
+        self.nonfinite.applied()
         record: dict[str, Any] = {"kind": "train", "phase": state.phase, "epoch": state.epoch,
                                   "step": self.state.global_step, "lr": lr, **terms}
         if self.state.global_step % self.settings.log_every == 0:
@@ -212,23 +208,15 @@ class TrainingRun:
 
     def skip_step(self, training: PhaseTraining, state: TrainState,
                   outcome: StepOutcome) -> dict[str, Any]:
-        """A step whose loss or gradients went non-finite (it applied no update): with
-        ``on_nonfinite: skip`` log a ``skipped_step`` record and go on; otherwise, or at the
-        :data:`MAX_CONSECUTIVE_SKIPS`-th such step in a row, log a ``nonfinite_stop`` record
-        and raise :class:`NonFiniteError` (nothing of this step is saved)."""
-        self.consecutive_skips += 1
-        record: dict[str, Any] = {
-            "kind": "skipped_step", "phase": state.phase, "epoch": state.epoch,
-            "step": self.state.global_step, "terms": outcome.nonfinite_terms,
-            "gradients": outcome.nonfinite_gradients,
-            "parameters": outcome.nonfinite_parameters[:NAMED_PARAMETERS]}
-        skip = self.settings.on_nonfinite == "skip"
-        if skip and self.consecutive_skips < MAX_CONSECUTIVE_SKIPS:
-            self.write(record)
-            return record
-        self.write({**record, "kind": "nonfinite_stop"})
-        raise NonFiniteError(nonfinite_message(training, state, self.state.global_step, outcome,
-                                               self.consecutive_skips if skip else 0))
+        """Log a step whose loss or gradients went non-finite; raise when the run must stop
+        (:meth:`NonFiniteSteps.handle`)."""
+        record, error = self.nonfinite.handle(training.index, training.phase,
+                                              training.steps_per_epoch, state,
+                                              self.state.global_step, outcome)
+        self.write(record)
+        if error is not None:
+            raise error
+        return record
 
     def end_epoch(self, training: PhaseTraining, epoch: int) -> None:
         """Every ``eval_every`` epochs and at the end of the phase: evaluate, log, checkpoint."""
@@ -246,36 +234,10 @@ class TrainingRun:
         self.progress.show_eval(record)
         if phase.keep_best:
             self.state.best.track(training.index, phase, record, self.student)
-        self.save({"phase": training.index, "epoch": epoch + 1, "batch": 0}, training)
+        self.state.save({"phase": training.index, "epoch": epoch + 1, "batch": 0},
+                        training.optimizer, training.scheduler)
         for callback in self.callbacks:
             callback(record)
-
-    def save(self, position: Mapping[str, int], training: PhaseTraining) -> None:
-        """Write a checkpoint that resumes at ``position`` (its weights checked first)."""
-        if self.run_dir is not None:
-            self.check_weights("a checkpoint")
-        self.state.save(position, training.optimizer, training.scheduler)
-
-    def check_weights(self, what: str) -> None:
-        """Raise :class:`NonFiniteError` rather than save non-finite weights. Every step checks
-        its loss and gradients, but finite gradients times a huge learning rate can still make
-        a weight infinite; this check (on every process, whose weights agree) runs only when
-        weights are about to be written."""
-        weights = {k: v for k, v in self.state.weights().items() if v.is_floating_point()}
-        if not weights:
-            return
-        finite = torch.stack([torch.isfinite(v).all() for v in weights.values()]).tolist()
-        if all(finite):
-            return
-        names = [k for k, ok in zip(weights, finite, strict=True) if not ok]
-        more = f" and {len(names) - NAMED_PARAMETERS} more" if len(names) > NAMED_PARAMETERS \
-            else ""
-        raise NonFiniteError(
-            f"the weights after training step {self.state.global_step} are non-finite "
-            f"({', '.join(names[:NAMED_PARAMETERS])}{more}), so {what} was not saved; "
-            "checkpoints already written hold the last good weights. Finite gradients times a "
-            "large learning rate can overflow: try a lower learning rate (trainer.optimizer.lr) "
-            "or gradient clipping (trainer.clip_grad_norm)")
 
     def write(self, record: dict[str, Any]) -> None:
         """Add a record to the history and the metrics log."""
@@ -293,56 +255,10 @@ class TrainingRun:
         """The teacher source's trainable module (online peers), if any."""
         return self.teacher.trainable_module() if self.teacher is not None else None
 
-    def bind_teacher(self, phase: Phase) -> None:
-        """Bind the teacher to the phase's teacher taps plus ``logits`` (for agreement)."""
-        if self.teacher is not None:
-            self.teacher.bind(teacher_taps(phase), self.accelerator.device)
-
     def close(self) -> None:
         self.progress.stop()
         if self.teacher is not None:
             self.teacher.close()
-
-
-def nonfinite_message(training: PhaseTraining, state: TrainState, step: int,
-                      outcome: StepOutcome, consecutive: int) -> str:
-    """One line: where training went non-finite, what did, and what to try."""
-    phase = training.phase.name or training.phase.recipe.name
-    where = (f"training step {step} (phase {training.index} '{phase}', epoch {state.epoch + 1} "
-             f"of {training.phase.epochs}, batch {state.step % training.steps_per_epoch + 1} "
-             f"of {training.steps_per_epoch})")
-    parts = []
-    if outcome.nonfinite_terms:
-        values = ", ".join(f"{n}={outcome.terms[n]}" for n in outcome.nonfinite_terms)
-        parts.append(f"non-finite loss terms {values}")
-    if outcome.nonfinite_gradients:
-        names = outcome.nonfinite_parameters
-        if names:
-            more = f" and {len(names) - NAMED_PARAMETERS} more" \
-                if len(names) > NAMED_PARAMETERS else ""
-            parts.append(f"non-finite gradients of {', '.join(names[:NAMED_PARAMETERS])}{more}")
-        else:
-            parts.append("a gradient norm that overflowed (finite but huge gradients)")
-    streak = (f"; {consecutive} steps in a row were non-finite, so on_nonfinite 'skip' gives up"
-              if consecutive else "")
-    return (f"{where}: {' and '.join(parts)}{streak}. The run stopped without applying this "
-            "step; checkpoints already written hold the last good weights. Try a lower learning "
-            "rate (trainer.optimizer.lr) or gradient clipping (trainer.clip_grad_norm), check "
-            "the training data for NaN or infinite values, or set trainer.on_nonfinite: skip "
-            "to skip such steps")
-
-
-def trailing_skips(history: Sequence[Mapping[str, Any]], step: int) -> int:
-    """How many steps in a row up to ``step`` were skipped as non-finite, from the history's
-    ``skipped_step`` records (a resumed run goes on counting where it stopped)."""
-    count = 0
-    for record in reversed(history):
-        if record.get("kind") != "skipped_step":
-            continue
-        if record["step"] != step - count:
-            break
-        count += 1
-    return count
 
 
 def make_accelerator(settings: TrainerSettings) -> Accelerator:
@@ -379,10 +295,12 @@ def train_indices(dataset: Dataset, phase: Phase) -> list[int]:
     return indices
 
 
-def teacher_taps(phase: Phase) -> list[str]:
-    """The taps a phase reads from its teacher, plus ``logits`` (agreement in evaluations)."""
-    names = list(phase.recipe.teacher_taps())
-    return names if "logits" in names else [*names, "logits"]
+def bind_teacher(teacher: TeacherSource | None, phase: Phase, device: torch.device) -> None:
+    """Bind the teacher to the phase's teacher taps plus ``logits`` (agreement in
+    evaluations)."""
+    if teacher is not None:
+        names = list(phase.recipe.teacher_taps())
+        teacher.bind(names if "logits" in names else [*names, "logits"], device)
 
 
 def broadcast_buffers(models: Sequence[nn.Module]) -> None:

@@ -16,12 +16,14 @@ import torch
 
 from kdistill.checkpoint import (
     Checkpoint,
+    atomic_save_tensors,
     latest_checkpoint,
     load_checkpoint,
     restore_rng,
     save_checkpoint,
 )
 from kdistill.engine.best import BestWeights
+from kdistill.engine.nonfinite import check_finite_weights
 from kdistill.engine.phases import Phase
 from kdistill.settings import TrainerSettings
 from kdistill.teachers import TeacherSource
@@ -75,7 +77,10 @@ class RunState:
 
     def save(self, position: Mapping[str, int], optimizer: torch.optim.Optimizer,
              scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
-        """Write a checkpoint (main process only) that resumes at ``position``."""
+        """Write a checkpoint (main process only) that resumes at ``position``; non-finite
+        weights are refused (:func:`check_finite_weights`) rather than saved."""
+        if self.run_dir is not None:
+            check_finite_weights(self.weights(), self.global_step, "a checkpoint")
         if self.run_dir is not None and self.accelerator.is_main_process:
             scaler = self.accelerator.scaler
             save_checkpoint(self.run_dir, self.global_step, weights=self.weights(),
@@ -85,6 +90,14 @@ class RunState:
                                      "scaler": dict(scaler.state_dict()) if scaler else None},
                             keep=self.settings.keep_checkpoints)
         self.accelerator.wait_for_everyone()
+
+    def save_student(self) -> None:
+        """Write the final student to ``<run_dir>/student.safetensors`` (weights checked)."""
+        if self.run_dir is None:
+            return
+        check_finite_weights(self.weights(), self.global_step, "the final student")
+        if self.accelerator.is_main_process:
+            atomic_save_tensors(self.student.state_dict(), self.run_dir / "student.safetensors")
 
     def load_latest(self) -> tuple[Checkpoint, dict[str, int]]:
         """The newest checkpoint of ``run_dir`` and its position; restores the step counter,

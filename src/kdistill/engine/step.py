@@ -78,9 +78,8 @@ class OptimizerStep:
     def __call__(self, wrapped: nn.Module, module: TrainingModule, global_batch: list[int],
                  state: TrainState, optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LambdaLR) -> StepOutcome:
-        world = self.accelerator.num_processes
-        chunks = process_micro_batches(global_batch, world, self.accelerator.process_index,
-                                       self.settings.accumulation)
+        chunks = process_micro_batches(global_batch, self.accelerator.num_processes,
+                                       self.accelerator.process_index, self.settings.accumulation)
         micro = [self.collate_fn([self.dataset[i] for i in chunk]) for chunk in chunks]
         scales = self.unit_scales(micro)
         # A skipped step must leave no trace: keep the buffers (BatchNorm statistics) its
@@ -92,10 +91,22 @@ class OptimizerStep:
             loss, terms = self.backward(wrapped, module, batch, state, scales[j],
                                         last=j == len(micro) - 1)
             for name, value in {**terms, TOTAL: loss.detach()}.items():
-                reported[name] = reported.get(name, 0.0) + value / world
+                reported[name] = reported.get(name, 0.0) + value / self.accelerator.num_processes
         scaler = self.accelerator.scaler  # fp16 on a GPU: backward scaled the loss
         if scaler is not None:
             scaler.unscale_(optimizer)  # true gradients for the check, clipping and the update
+        outcome = self.outcome(module, reported, float(optimizer.param_groups[0]["lr"]))
+        if outcome.applied:
+            self.update(module, optimizer)
+        else:
+            self.discard(module, optimizer, buffers)
+        scheduler.step()
+        return outcome
+
+    def outcome(self, module: TrainingModule, reported: Mapping[str, torch.Tensor],
+                lr: float) -> StepOutcome:
+        """The terms' global means and whether every term and the gradient norm are finite:
+        one all-reduce of the term values and the norm, agreed by every process."""
         names = sorted(reported)
         device = self.accelerator.device
         norm = gradient_norm([p.grad for p in module.parameters() if p.grad is not None])
@@ -103,24 +114,24 @@ class OptimizerStep:
                                 for n in names), norm.to(device, torch.float64)])
         # Summed over processes: any process's NaN or inf makes the sum non-finite everywhere.
         totals = self.accelerator.reduce(values, "sum").tolist()
-        outcome = StepOutcome(dict(zip(names, totals[:-1], strict=True)),
-                              float(optimizer.param_groups[0]["lr"]))
+        outcome = StepOutcome(dict(zip(names, totals[:-1], strict=True)), lr)
         outcome.nonfinite_terms = [n for n in names if not math.isfinite(outcome.terms[n])]
+        scaler = self.accelerator.scaler
         if not math.isfinite(totals[-1]) and (scaler is None or outcome.nonfinite_terms):
             outcome.nonfinite_gradients = True
             outcome.nonfinite_parameters = nonfinite_gradients(module)
-        if outcome.applied:
-            self.update(module, optimizer)
-        else:
-            optimizer.zero_grad(set_to_none=True)
-            if buffers is not None:
-                with torch.no_grad():
-                    for buffer, saved in zip(module.buffers(), buffers, strict=True):
-                        buffer.copy_(saved)
-            if scaler is not None:
-                scaler.update()  # ends this step's unscale; the scale drops
-        scheduler.step()
         return outcome
+
+    def discard(self, module: TrainingModule, optimizer: torch.optim.Optimizer,
+                buffers: Sequence[torch.Tensor] | None) -> None:
+        """Drop a non-finite step: its gradients, and its buffer updates when kept."""
+        optimizer.zero_grad(set_to_none=True)
+        if buffers is not None:
+            with torch.no_grad():
+                for buffer, saved in zip(module.buffers(), buffers, strict=True):
+                    buffer.copy_(saved)
+        if self.accelerator.scaler is not None:
+            self.accelerator.scaler.update()  # ends this step's unscale; the scale drops
 
     def unit_scales(self, micro: Sequence[Mapping[str, Any]]) -> list[dict[str, float]]:
         """Per micro-batch and unit: local count / global count x processes (0 when the global
