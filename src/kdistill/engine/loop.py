@@ -16,13 +16,19 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from kdistill.batch import collate, to_device
 from kdistill.batching import epoch_global_batches
-from kdistill.checkpoint import Checkpoint, atomic_save_tensors, clear_checkpoints
+from kdistill.checkpoint import (
+    Checkpoint,
+    atomic_save_tensors,
+    check_fresh_run_folder,
+    replace_run_folder,
+    tidy_run_folder,
+)
 from kdistill.contexts import eval_mode
 from kdistill.data.base import IndexedDataset, labeled_indices
 from kdistill.engine.evaluation import EpochEvaluation, Evaluator
 from kdistill.engine.optim import build_optimizer, build_scheduler
 from kdistill.engine.phases import FitResult, Phase
-from kdistill.engine.state import RunState
+from kdistill.engine.state import RunState, fit_description
 from kdistill.engine.step import OptimizerStep
 from kdistill.engine.training_module import TrainingModule, call_model
 from kdistill.metrics_log import MetricsLog
@@ -33,6 +39,8 @@ from kdistill.taps import TapReader
 from kdistill.teachers import TeacherSource
 
 Callback = Callable[[dict[str, Any]], None]
+StartHook = Callable[[int], None]  # called with the step training starts from
+FRESH_HINT = "pass resume=True to continue it or overwrite=True to replace it"
 
 
 @dataclass
@@ -77,7 +85,12 @@ class TrainingRun:
         self.teacher = teacher
         main = self.accelerator.is_main_process
         self.state = RunState(student, phases, teacher, settings, run_dir, self.accelerator)
-        self.log = MetricsLog(run_dir / "metrics.jsonl" if run_dir and main else None)
+        self.state.description = fit_description(
+            settings, phases, self.micro_batch * settings.accumulation *
+            self.accelerator.num_processes, len(self.dataset))  # type: ignore[arg-type]
+        self.log = MetricsLog(None)  # the run folder's log once the run has started (begin)
+        self.opening: tuple[bool, bool, StartHook | None] = (False, False, None)
+        self.started = False
         self.progress = TrainingProgress(enabled=settings.progress and main)
         self.evaluation = EpochEvaluation(student, teacher, eval_data, evaluator,
                                           settings.batch_size, self.collate_fn,
@@ -85,27 +98,52 @@ class TrainingRun:
         self.optimizer_step = OptimizerStep(self.accelerator, self.dataset, self.collate_fn,
                                             teacher, settings)
 
-    def execute(self, resume: bool) -> FitResult:
-        """Train through every phase (from the newest checkpoint with ``resume``)."""
+    def execute(self, resume: bool, overwrite: bool = False,
+                on_start: StartHook | None = None) -> FitResult:
+        """Train through every phase (from the newest intact checkpoint with ``resume``).
+
+        Nothing is written into ``run_dir`` before the run has started (:meth:`begin`): the
+        checkpoint is loaded and checked, and the first phase to train is built, first."""
         start, checkpoint = {"phase": 0, "epoch": 0, "batch": 0}, None
         run_dir = self.run_dir
         if resume:
-            checkpoint, start = self.state.load_latest()
-            self.log.replace(self.state.history)
-        elif run_dir is not None and self.accelerator.is_main_process:
-            # A fresh run owns its folder: no metrics or checkpoints of an earlier run survive
-            # (a later resume would otherwise continue the earlier run).
-            self.log.replace([])
-            clear_checkpoints(run_dir)
-        self.accelerator.wait_for_everyone()
+            checkpoint, start = self.state.load_newest()
+        self.opening = (resume, overwrite, on_start)
         for index, phase in enumerate(self.phases):
             if index == start["phase"]:
                 self.run_phase(index, phase, checkpoint, start)
             elif index > start["phase"]:
                 self.run_phase(index, phase, None, {"epoch": 0, "batch": 0})
+        self.begin()
         if run_dir is not None and self.accelerator.is_main_process:
             atomic_save_tensors(self.student.state_dict(), run_dir / "student.safetensors")
         return FitResult(self.student, self.state.history, run_dir, self.phases)
+
+    def begin(self) -> None:
+        """Start the run in its folder, once, after every start-up step has succeeded.
+
+        A fresh run takes an empty folder (an earlier run's is replaced only with
+        ``overwrite``); a resumed one first clears what a kill left (temporary files, a
+        checkpoint folder moved aside). The metrics log then holds the checkpoint's history
+        (nothing for a fresh run) and ``on_start`` is called with the step training starts
+        from (main process only)."""
+        if self.started:
+            return
+        self.started = True
+        resume, overwrite, on_start = self.opening
+        if self.run_dir is not None and self.accelerator.is_main_process:
+            if resume:
+                tidy_run_folder(self.run_dir)
+            elif overwrite:
+                replace_run_folder(self.run_dir)
+            else:
+                check_fresh_run_folder(self.run_dir, overwrite=False, hint=FRESH_HINT)
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.log = MetricsLog(self.run_dir / "metrics.jsonl")
+            self.log.replace(self.state.history)
+            if on_start is not None:
+                on_start(self.state.global_step)
+        self.accelerator.wait_for_everyone()
 
     def run_phase(self, index: int, phase: Phase, checkpoint: Checkpoint | None,
                   start: Mapping[str, int]) -> None:
@@ -120,6 +158,7 @@ class TrainingRun:
             if checkpoint is not None:
                 self.state.restore(checkpoint, training.optimizer, training.scheduler)
             training.wrapped = self.accelerator.prepare_model(training.module)
+            self.begin()
             self.progress.start_phase(phase.name or phase.recipe.name,
                                       training.steps_per_epoch * phase.epochs,
                                       start["epoch"] * training.steps_per_epoch + start["batch"])
