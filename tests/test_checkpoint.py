@@ -24,14 +24,19 @@ from kdistill.checkpoint import (
     LATEST,
     MANIFEST,
     DamagedCheckpoint,
+    RunFolderError,
     capture_rng,
+    check_fresh_run_folder,
     checkpoint_folders,
+    file_sha256,
     latest_checkpoint,
     load_checkpoint,
     load_newest,
+    replace_run_folder,
     restore_rng,
     save_checkpoint,
     tidy_run_folder,
+    verify_checkpoint,
 )
 from kdistill.metrics_log import MetricsLog, read_metrics
 
@@ -256,7 +261,17 @@ DAMAGE = {
                                  "manifest.json does not describe this step"),
     "file left out of the manifest": (lambda p: edit_manifest(p, files={}),
                                       "manifest.json does not list weights.safetensors"),
+    "unreadable file matching its manifest": (lambda p: rewrite(p, "state.json", "{"),
+                                              "cannot be read: "),
 }
+
+
+def rewrite(path: Path, name: str, text: str) -> None:
+    """Replace a file and its manifest entry, as a bug (not a disk) would."""
+    (path / name).write_text(text)
+    files = json.loads((path / MANIFEST).read_text())["files"]
+    files[name] = {"bytes": len(text), "sha256": file_sha256(path / name)}
+    edit_manifest(path, files=files)
 
 
 def edit_manifest(path: Path, **changes: object) -> None:
@@ -333,3 +348,66 @@ def test_resaving_a_step_replaces_it(tmp_path):
     path = save(tmp_path, 4, model, optimizer, epoch=1)  # e.g. the epoch's end at the same step
     assert load_checkpoint(path).trainer == {"global_step": 4, "epoch": 1}
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [LATEST, path.name]
+
+
+def test_a_crash_between_the_renames_of_a_resave_keeps_the_earlier_version(tmp_path,
+                                                                           monkeypatch):
+    model, optimizer = trained_pair("sgd")
+    save(tmp_path, 4, model, optimizer, epoch=0)
+    real_replace, calls = os.replace, []
+
+    def failing_replace(source: object, target: object) -> None:
+        calls.append(Path(str(target)).name)
+        if len(calls) == 2:  # the old folder is aside, the new one not yet in place
+            raise OSError("killed")
+        real_replace(source, target)
+
+    monkeypatch.setattr(checkpoint_module.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="killed"):
+        save(tmp_path, 4, model, optimizer, epoch=1)
+    monkeypatch.setattr(checkpoint_module.os, "replace", real_replace)
+    assert calls[0].startswith(".stale-step-00000004-")
+    loaded, _ = load_newest(tmp_path)
+    assert loaded is not None and loaded.trainer == {"global_step": 4, "epoch": 0}
+    tidy_run_folder(tmp_path)
+    assert load_checkpoint(tmp_path / "checkpoints" / "step-00000004").trainer["epoch"] == 0
+
+
+def test_a_checkpoint_being_pruned_is_never_visible_half_deleted(tmp_path, monkeypatch):
+    model, optimizer = trained_pair("sgd")
+    save(tmp_path, 1, model, optimizer)
+    save(tmp_path, 2, model, optimizer)
+
+    def killed_while_deleting(path: object, *args: object, **kwargs: object) -> None:
+        (Path(str(path)) / "weights.safetensors").unlink()
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(checkpoint_module.shutil, "rmtree", killed_while_deleting)
+    with pytest.raises(KeyboardInterrupt):
+        save(tmp_path, 3, model, optimizer)  # prunes step 1
+    monkeypatch.undo()
+    folders = checkpoint_folders(tmp_path)
+    assert [p.name for p in folders] == ["step-00000003", "step-00000002"]
+    for folder in folders:
+        verify_checkpoint(folder)
+    tidy_run_folder(tmp_path)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        LATEST, "step-00000002", "step-00000003"]
+
+
+def test_overwrite_refuses_the_working_directory_and_symbolic_links(tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    (run_dir / "inner").mkdir(parents=True)
+    monkeypatch.chdir(run_dir / "inner")
+    with pytest.raises(RunFolderError, match=f"run folder {run_dir} holds the working "):
+        check_fresh_run_folder(run_dir, overwrite=True, hint="")
+    with pytest.raises(RunFolderError, match="holds the working directory"):
+        replace_run_folder(run_dir)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "link").symlink_to(run_dir, target_is_directory=True)
+    with pytest.raises(RunFolderError, match=f"run folder {tmp_path / 'link'} is a symbolic "):
+        replace_run_folder(tmp_path / "link")
+    assert (run_dir / "inner").is_dir()
+    replace_run_folder(run_dir)
+    assert list(run_dir.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == \
+        ["link", "run"]

@@ -335,15 +335,10 @@ def load_newest(run_dir: Path) -> tuple[Checkpoint | None, list[DamagedCheckpoin
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest intact checkpoint folder of ``run_dir``, or None. Found by scanning the
-    ``step-*`` folders; the ``latest`` pointer is not read."""
-    for path in checkpoint_folders(run_dir):
-        try:
-            verify_checkpoint(path)
-        except DamagedCheckpoint:
-            continue
-        return path
-    return None
+    """The folder of the newest intact checkpoint of ``run_dir`` (see :func:`load_newest`), or
+    None. Found by scanning the checkpoint folders; the ``latest`` pointer is not read."""
+    checkpoint, _ = load_newest(run_dir)
+    return checkpoint.path if checkpoint is not None else None
 
 
 # -- the run folder ---------------------------------------------------------------------------

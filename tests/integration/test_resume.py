@@ -232,6 +232,13 @@ def test_a_fresh_run_refuses_an_earlier_runs_folder(tmp_path, data, make_mlp):
                        r"\(checkpoints, metrics.jsonl, student.safetensors\); pass "
                        "resume=True to continue it or overwrite=True"):
         hinton_run(make_mlp(seed=0), teacher, tmp_path, epochs=2).fit(data)
+    # The folder is checked before any start-up work (which here would fail differently).
+    from kdistill.data.base import ArrayDataset
+
+    unlabeled = ArrayDataset(data.inputs, torch.full_like(data.labels, -100))
+    with pytest.raises(RunFolderError, match="already holds a run"):
+        Distiller(make_mlp(seed=0), None, "ce", run_dir=tmp_path, epochs=2,
+                  progress=False).fit(unlabeled)
     assert folder_snapshot(tmp_path) == before  # nothing removed, nothing added
 
 
@@ -313,6 +320,47 @@ def test_resume_uses_the_newest_intact_checkpoint(tmp_path, data, make_mlp, harm
     assert_same_state(fresh, full)
     assert_log_matches(tmp_path / "run", tmp_path / "full")
     assert folder_snapshot(tmp_path / "full") == others  # the other run is untouched
+
+
+def test_resume_tidies_what_a_kill_left_and_counts_a_folder_moved_aside(tmp_path, data,
+                                                                        make_mlp):
+    teacher = make_mlp(seed=1, hidden=(32,))
+    settings = {"epochs": 2, "checkpoint_every": 4}
+    full = make_mlp(seed=0, hidden=(32,), dropout=0.3)
+    hinton_run(full, teacher, tmp_path / "full", **settings).fit(data)
+    with pytest.raises(Killed):
+        hinton_run(make_mlp(seed=0, hidden=(32,), dropout=0.3), teacher, tmp_path / "run",
+                   **settings).fit(data, callbacks=[kill_after(0, 1)])
+    run_dir, root = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    # A kill while re-saving step 6 (between its two renames), while writing step 8, while
+    # replacing the metrics log and while writing the student.
+    os.replace(root / "step-00000006", root / ".stale-step-00000006-999")
+    (root / ".step-00000008.tmp-999").mkdir()
+    (run_dir / ".metrics.jsonl.tmp-999").write_text("{")
+    (run_dir / ".student.safetensors.tmp-999").write_bytes(b"")
+    fresh, started = make_mlp(seed=5, hidden=(32,), dropout=0.3), []
+    hinton_run(fresh, teacher, run_dir, **settings).fit(data, resume=True,
+                                                        on_start=started.append)
+    assert started == [6]
+    assert_same_state(fresh, full)
+    assert_log_matches(run_dir, tmp_path / "full")
+    assert [p.name for p in run_dir.rglob(".*")] == []
+
+
+def test_a_new_fit_checks_its_folder_again_when_it_starts(tmp_path, data, make_mlp):
+    from kdistill.teachers import FrozenTeacher
+
+    class Intruder(FrozenTeacher):
+        """Another run's file appears while this one starts up (the teacher is bound)."""
+
+        def bind(self, *args: Any, **kwargs: Any) -> None:
+            (tmp_path / "intruder.txt").write_text("another run")
+            super().bind(*args, **kwargs)
+
+    with pytest.raises(RunFolderError, match=r"already holds a run \(intruder.txt\)"):
+        Distiller(make_mlp(), Intruder(make_mlp(seed=1)), "hinton", epochs=1,
+                  run_dir=tmp_path, progress=False).fit(data)
+    assert [p.name for p in tmp_path.iterdir()] == ["intruder.txt"]
 
 
 def test_every_checkpoint_damaged_is_a_clear_error(tmp_path, data, make_mlp):
