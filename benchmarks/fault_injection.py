@@ -13,8 +13,9 @@ same config in a forked process that sends itself SIGKILL just before the chosen
 too, at a random event among its first 60: its tidying, its records and its first steps). A
 run killed before its first checkpoint cannot resume; it is started again with
 ``--overwrite``. Points are drawn from the events between the first optimizer step and the
-final student's rename, one from each kind of event first (a checkpoint rename, a checkpoint
-file, a step, a removal, a log line, the ``latest`` pointer, the final student), then at random.
+final student's rename, one from each kind of event first (a checkpoint rename, the rename of a
+re-saved step while its earlier version is moved aside, a checkpoint file, a step, a removal, a
+log line, the ``latest`` pointer, the final student), then at random.
 
 After every kill: each checkpoint folder a resume could read is intact, the newest is the
 newest one committed before the kill (nothing earlier is lost) and the metrics log holds at
@@ -65,8 +66,8 @@ from kdistill.metrics_log import read_metrics
 from kdistill.models import build_model
 
 RESULTS = Path(__file__).resolve().parent / "results" / "fault_injection.json"
-CATEGORIES = ("checkpoint rename", "checkpoint file", "step", "removal", "log", "pointer",
-              "final student")
+CATEGORIES = ("checkpoint rename", "checkpoint re-save", "checkpoint file", "step", "removal",
+              "log", "pointer", "final student")
 RESUME_KILL_WINDOW = 60
 CHILD_TIMEOUT = 300.0
 
@@ -115,6 +116,17 @@ class Event:
             return None
         source, target = self.detail.split(" -> ")
         return int(target[len("step-"):]) if source.startswith(".step-") else None
+
+
+def categorise(events: Sequence[Event]) -> dict[int, str]:
+    """Each event's category; the rename that puts a re-saved step in place (its earlier
+    version just moved aside as ``.stale-step-<N>-<pid>``) is a ``checkpoint re-save``."""
+    categories = {}
+    for previous, event in zip([None, *events], events, strict=False):
+        aside = previous is not None and previous.kind == "rename" and \
+            " -> .stale-" in previous.detail
+        categories[event.index] = "checkpoint re-save" if aside else event.category
+    return categories
 
 
 def read_events(path: Path) -> list[Event]:
@@ -266,10 +278,10 @@ class Campaign:
         """One event of each kind first (in the order of :data:`CATEGORIES`), then random
         ones, all distinct."""
         rng = random.Random(self.seed)
-        window = self.window()
+        window, categories = self.window(), categorise(self.events)
         chosen: list[Event] = []
         for category in CATEGORIES:
-            members = [e for e in window if e.category == category]
+            members = [e for e in window if categories[e.index] == category]
             if members and len(chosen) < kills:
                 chosen.append(rng.choice(members))
         rest = [e for e in window if e not in chosen]
@@ -283,7 +295,8 @@ class Campaign:
         run_dir = self.workdir / "runs" / name
         problems: list[str] = []
         result: dict[str, Any] = {"kill_at": point.index, "event": f"{point.kind} {point.detail}",
-                                  "category": point.category, "resumes": [],
+                                  "category": categorise(self.events)[point.index],
+                                  "resumes": [],
                                   "restarted": False, "problems": problems}
         code, log, done = self.run(name, kill_at=point.index)
         if code != -signal.SIGKILL:

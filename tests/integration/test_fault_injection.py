@@ -14,8 +14,9 @@ import fault_injection  # noqa: E402
 
 @pytest.mark.slow
 def test_every_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path):
-    # 4 kills in training runs (a checkpoint rename, a checkpoint file, a step, a removal) and
-    # one in the first resume after the second of them.
+    # 4 kills in training runs (a checkpoint rename, the rename of a re-saved step while its
+    # earlier version is aside, a checkpoint file, a step) and one in the first resume after
+    # the second of them.
     results = fault_injection.campaign(tmp_path, kills=4, seed=1)
     problems = [f"kill at event {s['kill_at']} ({s['event']}): {problem}"
                 for s in results["scenarios"] for problem in s["problems"]]
@@ -23,8 +24,8 @@ def test_every_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path):
     summary = results["summary"]
     assert summary["identical_to_uninterrupted"] == summary["kills_in_training"] == 4
     assert summary["kills_in_resumes"] >= 1
-    assert set(summary["kills_by_category"]) == {"checkpoint rename", "checkpoint file",
-                                                  "step", "removal"}
+    assert set(summary["kills_by_category"]) == {"checkpoint rename", "checkpoint re-save",
+                                                  "checkpoint file", "step"}
 
 
 def test_the_harness_sees_a_wrong_result_and_a_leftover(tmp_path):
