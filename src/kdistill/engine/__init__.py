@@ -18,9 +18,10 @@ Per optimizer step it
 Only the student and the recipe's own modules are wrapped for data parallelism; the teacher
 runs outside the wrapper on every process. Checkpoints are written every ``checkpoint_every``
 steps and at the end of every ``eval_every``-th epoch and of each phase; ``fit(...,
-resume=True)`` continues from the newest one and ends with the same weights, history and metrics
-log as an uninterrupted run. A fit without ``resume`` starts its run directory afresh (earlier
-metrics and checkpoints are removed).
+resume=True)`` continues from the newest intact one and ends with the same weights, history and
+metrics log as an uninterrupted run. A fit without ``resume`` needs an empty run directory
+(``overwrite=True`` replaces an earlier run's, once the new run has started); nothing is written
+there before the run has started.
 """
 
 from kdistill.engine.distiller import Distiller, distill

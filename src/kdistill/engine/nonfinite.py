@@ -3,7 +3,7 @@ check that no non-finite weight is ever saved (``TrainerSettings.on_nonfinite``)
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -39,9 +39,11 @@ class NonFiniteSteps:
         self.consecutive = trailing_skips(history, step)
 
     def handle(self, index: int, phase: Phase, steps_per_epoch: int, state: TrainState,
-               step: int, outcome: StepOutcome) -> tuple[dict[str, Any], NonFiniteError | None]:
-        """The record to log for a non-finite step (``skipped_step``, or ``nonfinite_stop``)
-        and, when the run must stop, the error to raise (nothing of this step is saved)."""
+               step: int, outcome: StepOutcome,
+               write: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+        """Log (``write``) a non-finite step as ``skipped_step`` and return the record, or,
+        when the run must stop, as ``nonfinite_stop`` and raise :class:`NonFiniteError`
+        (nothing of this step is saved)."""
         self.consecutive += 1
         record: dict[str, Any] = {
             "kind": "skipped_step", "phase": state.phase, "epoch": state.epoch, "step": step,
@@ -49,10 +51,11 @@ class NonFiniteSteps:
             "parameters": outcome.nonfinite_parameters[:NAMED_PARAMETERS]}
         skip = self.policy == "skip"
         if skip and self.consecutive < MAX_CONSECUTIVE_SKIPS:
-            return record, None
-        message = nonfinite_message(index, phase, steps_per_epoch, state, step, outcome,
-                                    self.consecutive if skip else 0)
-        return {**record, "kind": "nonfinite_stop"}, NonFiniteError(message)
+            write(record)
+            return record
+        write({**record, "kind": "nonfinite_stop"})
+        raise NonFiniteError(nonfinite_message(index, phase, steps_per_epoch, state, step,
+                                               outcome, self.consecutive if skip else 0))
 
 
 def check_finite_weights(tensors: Mapping[str, torch.Tensor], step: int, what: str) -> None:
