@@ -10,6 +10,7 @@ import math
 import os
 import subprocess
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -80,9 +81,11 @@ def assert_all_finite(state: dict[str, torch.Tensor]) -> None:
     assert not bad, f"non-finite: {bad}"
 
 
-def fit(student: nn.Module, data: ArrayDataset, run_dir: Path | None, **settings: Any) -> Any:
+def fit(student: nn.Module, data: ArrayDataset, run_dir: Path | None,
+        callbacks: Sequence[Callable[[dict[str, Any]], None]] = (), **settings: Any) -> Any:
     settings = {"epochs": 1, "batch_size": 16, "progress": False, "optimizer": SGD, **settings}
-    return Distiller(student, None, "ce", run_dir=run_dir, **settings).fit(data)
+    return Distiller(student, None, "ce", run_dir=run_dir, **settings).fit(
+        data, callbacks=callbacks)
 
 
 # --------------------------------------------------------------------------- stop (default)
@@ -276,10 +279,20 @@ def test_skip_mode_gives_up_after_too_many_nonfinite_steps_in_a_row(digits_subse
 def test_a_resumed_run_goes_on_counting_the_skips_in_a_row(digits_subset, make_mlp,
                                                            tmp_path: Path) -> None:
     data = digits_subset(64)  # 4 steps of 16 per epoch
-    # One epoch whose steps 3 and 4 are skipped; it ends with a checkpoint.
-    first = fit(Disturbed(make_mlp(seed=0), at={3, 4}), data, tmp_path, on_nonfinite="skip")
-    assert first.skipped_steps() == 2
-    # A longer fit resumes at step 5, where every step is NaN: the run in a row started at
+
+    class Stopped(Exception):
+        pass
+
+    def stop(record: dict[str, Any]) -> None:
+        raise Stopped  # after the first epoch's checkpoint
+
+    # The first epoch's steps 3 and 4 are skipped; the fit stops after that epoch's checkpoint.
+    with pytest.raises(Stopped):
+        fit(Disturbed(make_mlp(seed=0), at={3, 4}), data, tmp_path, epochs=5,
+            on_nonfinite="skip", callbacks=[stop])
+    assert [r["step"] for r in strict_lines(tmp_path / "metrics.jsonl")
+            if r["kind"] == "skipped_step"] == [3, 4]
+    # The resumed fit goes on at step 5, where every step is NaN: the run in a row started at
     # step 3, so the tenth is step 12.
     with pytest.raises(NonFiniteError, match=r"^training step 12 \(.*; 10 steps in a row"):
         Distiller(Disturbed(make_mlp(seed=0), at=set(range(1, 100))), None, "ce",
