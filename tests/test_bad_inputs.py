@@ -312,3 +312,23 @@ def test_fp16_without_a_gpu_is_refused_before_any_work(tmp_path: Path,
                  "trainer.cpu=true"]) == 2
     assert "trainer.mixed_precision: 'fp16' needs a GPU" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+# -- messages stay on one line ----------------------------------------------------------------
+def test_a_control_character_in_the_yaml_is_one_line(tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("name: bell\x07\n")
+    assert check(capsys, config) == (f"{config}: not valid YAML: unacceptable character #x0007 "
+                                     "at position 10 (YAML allows no control characters)")
+
+
+def test_a_line_break_in_an_override_or_key_stays_escaped(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path / "c.yaml")
+    assert check(capsys, config, "trainer\nepochs") == (
+        "--set trainer\\nepochs: expected KEY=VALUE, e.g. trainer.epochs=3")
+    config.write_text(config.read_text() + '"bad\\nkey": 1\n')
+    assert check(capsys, config) == (
+        f"{config}: bad\\nkey: unknown key 'bad\\nkey'; valid names: cpu_threads, data, "
+        "evaluation, name, output_dir, phases, recipe, student, teacher, trainer")

@@ -20,7 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from kdistill.data import DATASETS
-from kdistill.data.builtin import csv_header
+from kdistill.data.builtin import csv_header, printable
 from kdistill.errors import KdistillError
 from kdistill.models.registry import MODEL_SIZES, MODELS
 from kdistill.names import unknown_name
@@ -490,7 +490,10 @@ def _yaml_problem(error: yaml.YAMLError) -> str:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         context = f" ({error.context})" if error.context else ""
         return f"{problem}{context}{where}"
-    return str(error)
+    if isinstance(error, yaml.reader.ReaderError):
+        return (f"unacceptable character #x{error.character:04x} at position {error.position} "
+                "(YAML allows no control characters)")
+    return " ".join(str(error).split())
 
 
 def safe_load_yaml(text: str, source: str = "config") -> Any:
@@ -498,11 +501,19 @@ def safe_load_yaml(text: str, source: str = "config") -> Any:
     try:
         return yaml.load(text, Loader=_SafeUniqueLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as error:
-        raise ConfigError(f"{source}: not valid YAML: {_yaml_problem(error)}") from None
+        raise ConfigError(printable(f"{source}: not valid YAML: {_yaml_problem(error)}")
+                          ) from None
 
 
 def apply_override(raw: dict[str, Any], assignment: str) -> None:
     """Apply ``a.b.c=value`` (value parsed as YAML) to a raw config dict in place."""
+    try:
+        _apply_override(raw, assignment)
+    except ConfigError as error:  # a line break in the assignment must not split the message
+        raise ConfigError(printable(str(error))) from None
+
+
+def _apply_override(raw: dict[str, Any], assignment: str) -> None:
     if "=" not in assignment:
         raise ConfigError(f"--set {assignment}: expected KEY=VALUE, e.g. trainer.epochs=3")
     key, text = assignment.split("=", 1)
@@ -536,6 +547,7 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
 def invalid(source: str, problems: Sequence[str]) -> ConfigError:
     """The error for a config with ``problems``: one line (``source: field: message``) for one
     problem, a header line and an indented line per problem for several."""
+    problems = [printable(problem) for problem in problems]
     if len(problems) == 1:
         return ConfigError(f"{source}: {problems[0]}")
     return ConfigError(f"{source}: invalid configuration\n  " + "\n  ".join(problems))

@@ -30,6 +30,12 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 LARGEST_LABEL = 2**53
 
 
+def printable(text: str) -> str:
+    """``text`` with each unprintable character (a line break, a tab, a control character)
+    escaped as Python writes it, so an error about it stays on one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def value_problem(value: float) -> str | None:
     """Why ``value`` cannot be an input (NaN, an infinity, or beyond float32's range), or
     None when it can."""
@@ -309,7 +315,8 @@ def load_csv(path: str | Path, label_column: str = "label", test_fraction: float
             reader = csv.reader(handle)
             header = csv_header(path, reader)
             if label_column not in header:
-                raise ValueError(f"{path}: " + unknown_name("column", label_column, header))
+                raise ValueError(printable(f"{path}: "
+                                           + unknown_name("column", label_column, header)))
             if len(header) < 2:
                 raise ValueError(f"{path}: no feature columns besides '{label_column}'")
             label_at = header.index(label_column)
@@ -335,14 +342,17 @@ def csv_header(path: Path, reader: Iterator[list[str]]) -> list[str]:
     header = next(reader, None)
     if header is None:
         raise ValueError(f"{path}: the file is empty (a header row with column names is needed)")
+    if not any(name.strip() for name in header):
+        raise ValueError(f"{path}, line 1: the header row is blank (it must name the columns)")
     header = [name.strip() for name in header]
     seen: dict[str, int] = {}
     for number, name in enumerate(header, start=1):
         if not name:
             raise ValueError(f"{path}, line 1: column {number} has no name")
         if name in seen:
-            raise ValueError(f"{path}, line 1: column '{name}' appears twice (columns "
-                             f"{seen[name]} and {number}); column names must be unique")
+            raise ValueError(printable(f"{path}, line 1: column '{name}' appears twice (columns "
+                                       f"{seen[name]} and {number}); column names must be "
+                                       "unique"))
         seen[name] = number
     return header
 
@@ -363,12 +373,12 @@ def _number(path: Path, line: int, column: str, cell: str) -> float:
     try:
         value = float(cell)
     except ValueError:
-        raise ValueError(f"{path}, line {line}, column '{column}': {cell!r} is not a "
-                         "number (every column must be numeric)") from None
+        raise ValueError(printable(f"{path}, line {line}, column '{column}': {cell!r} is not "
+                                   "a number (every column must be numeric)")) from None
     problem = value_problem(value)
     if problem is not None:
-        raise ValueError(f"{path}, line {line}, column '{column}': {cell.strip()!r}: "
-                         f"{problem}")
+        raise ValueError(printable(f"{path}, line {line}, column '{column}': "
+                                   f"{cell.strip()!r}: {problem}"))
     return value
 
 
