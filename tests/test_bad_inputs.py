@@ -78,6 +78,20 @@ def test_one_class_in_an_npz_is_refused(tmp_path: Path) -> None:
         "(one would train a 1-output model whose score is not an accuracy)")
 
 
+@pytest.mark.parametrize(("label", "problem"), [
+    ("1e30", "column 'label' must be integers 0..C-1, got [1e+30]"),  # not cast to int64
+    ("2.5", "column 'label' must be integers 0..C-1, got [2.5]"),
+    ("-1", "labels must be the integers 0..C-1 with every class present, got [-1, 0, 1]"),
+])
+def test_csv_labels_that_are_not_classes(tmp_path: Path, label: str, problem: str) -> None:
+    rows = two_class_rows()
+    rows[3] = f"0.3,3,{label}"
+    data = csv_file(tmp_path / "labels.csv", "a,b,label", rows)
+    with pytest.raises(ValueError) as caught:
+        load_dataset("csv", path=data)
+    assert str(caught.value) == f"data set '{data}': {problem}"
+
+
 # -- duplicate column names -------------------------------------------------------------------
 def test_duplicate_csv_column_names_are_refused(tmp_path: Path,
                                                 capsys: pytest.CaptureFixture[str]) -> None:

@@ -26,10 +26,11 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
 from kdistill.cli import main
+from kdistill.data.builtin import printable
 
 # KDISTILL_PROPERTY_SCALE=20 multiplies every example count for a thorough local search (the
 # default keeps the file under a minute); KDISTILL_PROPERTY_RANDOM=1 draws new examples each
@@ -202,6 +203,33 @@ def test_a_wrong_type_or_range_names_the_field(folder: Path, data: st.DataObject
     assert line.startswith(f"kdistill: error: {config}: {field}"), line
 
 
+FLOAT_FIELDS = sorted(f for f, (kind, _, _) in FIELDS.items() if kind.startswith("float"))
+BOUNDED = sorted(f for f, (kind, low, high) in FIELDS.items()
+                 if kind in ("int", "float", "float<", "float>", "float<>")
+                 and (low is not None or high is not None))
+
+
+@settings(max_examples=40 * SCALE, **SETTINGS)
+@given(field=st.sampled_from(FLOAT_FIELDS),
+       value=st.sampled_from([math.nan, math.inf, -math.inf]))
+def test_a_non_finite_float_names_the_field(folder: Path, field: str, value: float) -> None:
+    config = write_yaml(folder / "finite.yaml", with_value(base_config(folder), field, value))
+    line = one_line_error(kdistill("check", str(config)))
+    assert line == (f"kdistill: error: {config}: {field}: Input should be a finite number "
+                    f"(got {value})"), line
+
+
+@settings(max_examples=60 * SCALE, **SETTINGS)
+@given(data=st.data(), field=st.sampled_from(BOUNDED))
+def test_a_value_outside_the_range_names_the_field(folder: Path, data: st.DataObject,
+                                                   field: str) -> None:
+    value = data.draw(out_of_range(*FIELDS[field]), label="value")
+    config = write_yaml(folder / "range.yaml", with_value(base_config(folder), field, value))
+    line = one_line_error(kdistill("check", str(config)))
+    assert re.match(rf"kdistill: error: {re.escape(str(config))}: {re.escape(field)}: Input "
+                    r"should be (greater|less) than", line), line
+
+
 SECTIONS = ["", "trainer", "trainer.optimizer", "trainer.scheduler", "data", "data.options",
             "evaluation", "student", "student.options", "recipe"]
 KNOWN = {"", "name", "output_dir", "cpu_threads", "data", "student", "teacher", "recipe",
@@ -211,16 +239,24 @@ KNOWN = {"", "name", "output_dir", "cpu_threads", "data", "student", "teacher", 
          "momentum", "betas", "nesterov", "warmup_steps", "min_ratio", "step_size", "gamma",
          "path", "label_column", "test_fraction", "labeled", "options", "size", "threads",
          "repeats", "shifts", "shift_severity", "hidden", "dropout", "temperature"}
-key_names = st.text(string.ascii_letters + string.digits + "_-", min_size=1, max_size=12)
+key_names = st.one_of(st.text(string.ascii_letters + string.digits + "_-", min_size=1,
+                              max_size=12),
+                      st.text(st.characters(exclude_categories=("Cs",)), min_size=1,
+                              max_size=8))
 
 
 @settings(max_examples=60 * SCALE, **SETTINGS)
 @given(section=st.sampled_from(SECTIONS), key=key_names.filter(lambda k: k not in KNOWN))
 def test_an_unknown_key_in_any_section_is_named(folder: Path, section: str, key: str) -> None:
+    raw = base_config(folder)
+    node = raw
+    for part in section.split(".") if section else []:
+        node = node.setdefault(part, {})
+    node[key] = 1  # any text, also with dots, line breaks or control characters
+    config = write_yaml(folder / "unknown.yaml", raw)
     field = f"{section}.{key}" if section else key
-    config = write_yaml(folder / "unknown.yaml", with_value(base_config(folder), field, 1))
     line = one_line_error(kdistill("check", str(config)))
-    assert line.startswith(f"kdistill: error: {config}: {field}: "), line
+    assert line.startswith(f"kdistill: error: {config}: {printable(field)}: "), line
 
 
 # -- (a) malformed YAML and overrides ---------------------------------------------------------
@@ -318,6 +354,7 @@ class CsvCase:
     text: str
     needles: list[str]
     valid: bool = False
+    kind: str = ""
 
 
 def numbers(draw: st.DrawFn, rows: int, columns: int) -> list[list[str]]:
@@ -327,8 +364,9 @@ def numbers(draw: st.DrawFn, rows: int, columns: int) -> list[list[str]]:
 
 
 @st.composite
-def csv_case(draw: st.DrawFn) -> CsvCase:
-    """A table of 2 or 3 balanced classes (at least 4 samples each) with one corruption."""
+def csv_case(draw: st.DrawFn, kind: str) -> CsvCase:
+    """A table of 2 or 3 balanced classes (at least 4 samples each) with one corruption of
+    the given kind."""
     features = draw(st.integers(1, 4))
     classes = draw(st.integers(2, 3))
     rows = classes * draw(st.integers(4, 8))
@@ -338,8 +376,14 @@ def csv_case(draw: st.DrawFn) -> CsvCase:
     table = numbers(draw, rows, features)
     for i, row in enumerate(table):
         row.insert(label_at, str(i % classes))
-    kind = draw(st.sampled_from(["non_finite", "text", "ragged", "empty", "duplicate",
-                                 "one_class", "bad_label", "blank_name"]))
+    case = _corrupt_csv(draw, kind, header, table, label_at, features, rows)
+    case.kind = kind if not case.valid else "valid"
+    return case
+
+
+def _corrupt_csv(draw: st.DrawFn, kind: str, header: list[str], table: list[list[str]],
+                 label_at: int, features: int, rows: int) -> CsvCase:
+    """One corruption of the table (or, rarely, a text cell that is a number: valid)."""
     row = draw(st.integers(0, rows - 1))
     column = draw(st.integers(0, features))
     line = f"line {row + 2}"
@@ -396,10 +440,17 @@ def check_data_file(folder: Path, name: str, path: Path) -> tuple[Path, Outcome]
     return config, kdistill("check", str(config))
 
 
-@settings(max_examples=200 * SCALE, **SETTINGS)
-@given(case=csv_case())
-def test_a_bad_csv_is_one_error_naming_file_line_and_column(folder: Path,
-                                                            case: CsvCase) -> None:
+CSV_KINDS = ["non_finite", "text", "ragged", "empty", "duplicate", "one_class", "bad_label",
+             "blank_name"]
+
+
+@pytest.mark.parametrize("kind", CSV_KINDS)
+@settings(max_examples=25 * SCALE, **SETTINGS)
+@given(data=st.data())
+def test_a_bad_csv_is_one_error_naming_file_line_and_column(folder: Path, kind: str,
+                                                            data: st.DataObject) -> None:
+    case = data.draw(csv_case(kind), label="case")
+    event(case.kind)
     path = folder / "table.csv"
     path.write_text(case.text, encoding="utf-8")
     config, outcome = check_data_file(folder, "csv", path)
@@ -433,20 +484,24 @@ class NpzCase:
     arrays: dict[str, np.ndarray]
     needles: list[str]
     raw: bytes | None = None
-    pickled: bool = False
 
 
 @st.composite
-def npz_case(draw: st.DrawFn) -> NpzCase:
-    """Inputs [n, f] or [n, 1, h, w] with 2 or 3 balanced classes, then one corruption."""
+def npz_case(draw: st.DrawFn, kind: str) -> NpzCase:
+    """Inputs [n, f] or [n, 1, h, w] with 2 or 3 balanced classes, then one corruption of the
+    given kind."""
     classes = draw(st.integers(2, 3))
     n = classes * draw(st.integers(4, 8))
     shape = draw(st.sampled_from([(n, draw(st.integers(1, 4))), (n, 1, 2, 3)]))
     rng = np.random.default_rng(draw(st.integers(0, 2**16)))
     x = rng.normal(size=shape).astype(draw(st.sampled_from([np.float32, np.float64])))
     y = np.arange(n) % classes
-    kind = draw(st.sampled_from(["non_finite", "shape", "dtype", "object", "labels", "length",
-                                 "one_class", "missing", "not_npz", "splits"]))
+    return _corrupt_npz(draw, kind, x, y, shape, n)
+
+
+def _corrupt_npz(draw: st.DrawFn, kind: str, x: np.ndarray, y: np.ndarray,
+                 shape: tuple[int, ...], n: int) -> NpzCase:
+    """One corruption of the arrays (or of the file)."""
     if kind == "non_finite":
         index = tuple(draw(st.integers(0, d - 1)) for d in shape)
         x = x.astype(np.float64)
@@ -462,20 +517,23 @@ def npz_case(draw: st.DrawFn) -> NpzCase:
         return NpzCase({"x": bad, "y": y}, ["array 'x' holds"])
     if kind == "object":
         return NpzCase({"x": np.array([{"a": 1}] * n, dtype=object), "y": y},
-                       ["array 'x' holds Python objects"], pickled=True)
-    if kind == "labels":
+                       ["array 'x' holds Python objects"])
+    if kind.startswith("labels_"):
         row = draw(st.integers(0, n - 1))
         labels = y.astype(np.float64)
-        choice = draw(st.sampled_from(["nan", "inf", "half", "2d", "text", "huge", "negative"]))
+        choice = kind.removeprefix("labels_")
         if choice in ("nan", "inf"):
             labels[row] = np.nan if choice == "nan" else np.inf
-            return NpzCase({"x": x, "y": labels}, [f"array 'y', row {row}"])
+            return NpzCase({"x": x, "y": labels}, [f"array 'y', row {row}: {labels[row]} is "
+                                                   "not a class label"])
         if choice == "2d":
             return NpzCase({"x": x, "y": y.reshape(n, 1)}, ["array 'y' has shape"])
         if choice == "text":
             return NpzCase({"x": x, "y": y.astype(str)}, ["array 'y' must be integers"])
         labels[row] = {"half": 0.5, "huge": 1e30, "negative": -1}[choice]
-        return NpzCase({"x": x, "y": labels}, ["must be"])
+        expected = ("labels must be the integers 0..C-1" if choice == "negative" else
+                    f"array 'y' must be integers 0..C-1, got [{labels[row]:g}]")
+        return NpzCase({"x": x, "y": labels}, [expected])
     if kind == "length":
         cut = draw(st.integers(1, n - 1))
         return NpzCase({"x": x, "y": y[:cut]}, [f"array 'x' has {n} rows but 'y' has {cut}"])
@@ -492,9 +550,17 @@ def npz_case(draw: st.DrawFn) -> NpzCase:
                    ["training inputs are shaped"])
 
 
-@settings(max_examples=200 * SCALE, **SETTINGS)
-@given(case=npz_case())
-def test_a_bad_npz_is_one_error_naming_file_array_and_row(folder: Path, case: NpzCase) -> None:
+NPZ_KINDS = ["non_finite", "shape", "dtype", "object", "labels_nan", "labels_inf",
+             "labels_half", "labels_2d", "labels_text", "labels_huge", "labels_negative",
+             "length", "one_class", "missing", "not_npz", "splits"]
+
+
+@pytest.mark.parametrize("kind", NPZ_KINDS)
+@settings(max_examples=12 * SCALE, **SETTINGS)
+@given(data=st.data())
+def test_a_bad_npz_is_one_error_naming_file_array_and_row(folder: Path, kind: str,
+                                                          data: st.DataObject) -> None:
+    case = data.draw(npz_case(kind), label="case")
     path = folder / "arrays.npz"
     if case.raw is not None:
         path.write_bytes(case.raw)
