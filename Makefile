@@ -39,8 +39,7 @@ lint: $(TEST_STAMP)
 MUTANTS ?=
 mutate: $(TEST_STAMP)
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test,mutate]'
-	$(BIN)/mutmut run $(MUTANTS) || true
-	$(BIN)/python benchmarks/mutation_score.py
+	$(BIN)/mutmut run $(MUTANTS); status=$$?; $(BIN)/python benchmarks/mutation_score.py; exit $$status
 
 clean:
 	rm -rf $(VENV) .kdistill-cache runs mutants

@@ -76,7 +76,6 @@ def budget(quick: bool, seed: int = 0, weight_decay: float = 0.0) -> TrainerSett
                            scheduler=SchedulerSettings(name="cosine"), progress=False)
 
 
-# -- rows and their configs -----------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Row:
     """A row: a recipe with its example's settings; ``step_matched`` forces (True) or forbids
@@ -191,7 +190,6 @@ def leaderboard_data(config: DataConfig,
     return _DATA[key]
 
 
-# -- the jobs (run in worker processes) -----------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class TeacherJob:
     """Obtain a trained teacher (``recipe`` trains it) under its cache ``key``; ``record``
@@ -274,7 +272,6 @@ def collect(future: Future) -> dict[str, Any]:
                 "seconds": 0.0}
 
 
-# -- the benchmark --------------------------------------------------------------------------------
 def plan(rows: Sequence[Row], args: argparse.Namespace
          ) -> tuple[list[RunJob], dict[str, TeacherJob], dict[str, Any]]:
     """Every run, the teachers they need by key (the shared one first) and the rows' setups.

@@ -346,3 +346,23 @@ def test_a_line_break_in_an_override_or_key_stays_escaped(
     assert check(capsys, config) == (
         f"{config}: bad\\nkey: unknown key 'bad\\nkey'; valid names: cpu_threads, data, "
         "evaluation, name, output_dir, phases, recipe, student, teacher, trainer")
+
+
+def test_check_does_not_build_models_that_run_their_folders_code() -> None:
+    """A model with trust_remote_code: true runs its folder's code when built: check (which
+    must run no code, tests/test_hostile_files.py) leaves it, and so the trial, out."""
+    from kdistill.config import RunConfig
+    from kdistill.run import code_running_models
+
+    def config(student: dict[str, Any], teacher: dict[str, Any]) -> RunConfig:
+        return RunConfig.model_validate({"student": student, "teacher": {"model": teacher},
+                                         "recipe": {"name": "hinton"}})
+
+    remote = {"name": "hf", "options": {"path": "m", "trust_remote_code": True}}
+    local = {"name": "hf", "options": {"path": "m"}}
+    oracle = {"name": "oracle", "options": {"base": "hf", "base_options": remote["options"]}}
+    mlp = {"name": "mlp", "size": "tiny"}
+    assert code_running_models(config(remote, mlp)) == ["student"]
+    assert code_running_models(config(mlp, oracle)) == ["teacher.model"]
+    assert code_running_models(config(local, mlp)) == []
+    assert code_running_models(config(mlp, {"name": "oracle", "options": {"base": "mlp"}})) == []

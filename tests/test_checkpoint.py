@@ -1,10 +1,15 @@
-"""Checkpoints: optimizer and RNG round trips, the ``latest`` pointer, atomic writes, pruning."""
+"""Checkpoints: optimizer and RNG round trips, the ``latest`` pointer, atomic writes, pruning,
+manifests, damaged checkpoints and the leftovers of killed saves."""
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
+import os
 import random
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,12 +20,23 @@ from torch import nn
 import kdistill.checkpoint as checkpoint_module
 from kdistill import Distiller
 from kdistill.checkpoint import (
+    FILES,
     LATEST,
+    MANIFEST,
+    DamagedCheckpoint,
+    RunFolderError,
     capture_rng,
+    check_fresh_run_folder,
+    checkpoint_folders,
+    file_sha256,
     latest_checkpoint,
     load_checkpoint,
+    load_newest,
+    replace_run_folder,
     restore_rng,
     save_checkpoint,
+    tidy_run_folder,
+    verify_checkpoint,
 )
 from kdistill.metrics_log import MetricsLog, read_metrics
 
@@ -208,3 +224,190 @@ def test_metrics_log_replace_drops_torn_lines_and_later_steps(tmp_path):
     log.replace([])
     assert path.read_text() == ""
     MetricsLog(None).write({"step": 1})  # non-main processes log nothing
+
+
+# -- verified checkpoints: manifests, damage, fallback, the pointer, leftovers -------------------
+def test_a_checkpoint_holds_a_manifest_of_its_files(tmp_path):
+    model, optimizer = trained_pair("sgd")
+    path = save(tmp_path, 3, model, optimizer)
+    manifest = json.loads((path / MANIFEST).read_text())
+    assert manifest["step"] == 3 and set(manifest["files"]) == set(FILES)
+    for name, entry in manifest["files"].items():
+        data = (path / name).read_bytes()
+        assert entry == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    assert sorted(p.name for p in path.iterdir()) == sorted([*FILES, MANIFEST])
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+def flip_a_bit(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1
+    path.write_bytes(bytes(data))
+
+
+DAMAGE = {
+    "truncated weights": (lambda p: truncate(p / "weights.safetensors"),
+                          r"weights.safetensors has \d+ bytes, \d+ were written"),
+    "truncated state": (lambda p: truncate(p / "state.json"), r"state.json has \d+ bytes"),
+    "flipped bit": (lambda p: flip_a_bit(p / "optimizer.safetensors"),
+                    "optimizer.safetensors fails its SHA-256 check"),
+    "missing file": (lambda p: (p / "rng.safetensors").unlink(), "rng.safetensors is missing"),
+    "missing manifest": (lambda p: (p / MANIFEST).unlink(), "manifest.json is missing"),
+    "torn manifest": (lambda p: truncate(p / MANIFEST), "manifest.json is unreadable"),
+    "manifest of another step": (lambda p: edit_manifest(p, step=1),
+                                 "manifest.json does not describe this step"),
+    "file left out of the manifest": (lambda p: edit_manifest(p, files={}),
+                                      "manifest.json does not list weights.safetensors"),
+    "unreadable file matching its manifest": (lambda p: rewrite(p, "state.json", "{"),
+                                              "cannot be read: "),
+}
+
+
+def rewrite(path: Path, name: str, text: str) -> None:
+    """Replace a file and its manifest entry, as a bug (not a disk) would."""
+    (path / name).write_text(text)
+    files = json.loads((path / MANIFEST).read_text())["files"]
+    files[name] = {"bytes": len(text), "sha256": file_sha256(path / name)}
+    edit_manifest(path, files=files)
+
+
+def edit_manifest(path: Path, **changes: object) -> None:
+    manifest = json.loads((path / MANIFEST).read_text())
+    (path / MANIFEST).write_text(json.dumps({**manifest, **changes}))
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_checkpoint_is_named_and_the_newest_intact_one_is_used(tmp_path, damage):
+    model, optimizer = trained_pair("adamw")
+    older = save(tmp_path, 4, model, optimizer)
+    take_step(model, optimizer)
+    newest = save(tmp_path, 8, model, optimizer)
+    harm, reason = DAMAGE[damage]
+    harm(newest)
+    with pytest.raises(DamagedCheckpoint,
+                       match=rf"checkpoint {re.escape(str(newest))} is damaged \({reason}"):
+        load_checkpoint(newest)
+    loaded, skipped = load_newest(tmp_path)
+    assert loaded is not None and loaded.path == older
+    assert [s.path for s in skipped] == [newest]
+    assert latest_checkpoint(tmp_path) == older
+    harm(older)
+    assert load_newest(tmp_path)[0] is None and latest_checkpoint(tmp_path) is None
+
+
+def test_the_latest_pointer_is_never_followed(tmp_path):
+    model, optimizer = trained_pair("sgd")
+    other = save(tmp_path / "other", 50, model, optimizer)
+    other_files = {p: p.read_bytes() for p in other.iterdir()}
+    own = save(tmp_path / "run", 5, model, optimizer)
+    root = tmp_path / "run" / "checkpoints"
+    (root / LATEST).write_text("../../other/checkpoints/step-00000050")  # another run's
+    assert latest_checkpoint(tmp_path / "run") == own
+    (root / LATEST).unlink()
+    assert latest_checkpoint(tmp_path / "run") == own
+    (root / "step-00000099").symlink_to(other, target_is_directory=True)  # not one of ours
+    assert checkpoint_folders(tmp_path / "run") == [own]
+    save(tmp_path / "run", 6, model, optimizer)  # pruning leaves the other run alone
+    assert {p: p.read_bytes() for p in other.iterdir()} == other_files
+    assert (root / LATEST).read_text() == "step-00000006"
+
+
+def test_leftovers_of_a_killed_save_are_tidied(tmp_path):
+    model, optimizer = trained_pair("sgd")
+    save(tmp_path, 4, model, optimizer)
+    eight = save(tmp_path, 8, model, optimizer)
+    root = tmp_path / "checkpoints"
+    (root / ".step-00000012.tmp-999").mkdir()  # killed while writing step 12
+    (root / ".step-00000012.tmp-999" / "weights.safetensors").write_bytes(b"partial")
+    (root / ".latest.tmp-999").write_text("step-000")  # killed while replacing the pointer
+    (root / ".discarded-step-00000002-999").mkdir()  # killed while pruning step 2
+    (tmp_path / ".metrics.jsonl.tmp-999").write_text("{")
+    (tmp_path / ".report.md.0123abcd.tmp").write_text("#")
+    # Killed while re-saving step 8, between moving the old folder aside and renaming the new
+    # one in: the old folder is still the newest checkpoint, and is put back.
+    aside = root / ".stale-step-00000008-999"
+    os.replace(eight, aside)
+    assert checkpoint_folders(tmp_path)[0] == aside
+    assert load_newest(tmp_path)[0].trainer["global_step"] == 8
+    tidy_run_folder(tmp_path)
+    assert sorted(p.name for p in root.iterdir()) == [LATEST, "step-00000004", "step-00000008"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints"]
+    # When the new folder was in place, the old one aside is deleted; a save tidies too.
+    shutil.copytree(eight, aside)
+    (root / ".step-00000009.tmp-999").mkdir()
+    save(tmp_path, 10, model, optimizer)
+    assert sorted(p.name for p in root.iterdir()) == [LATEST, "step-00000008", "step-00000010"]
+
+
+def test_resaving_a_step_replaces_it(tmp_path):
+    model, optimizer = trained_pair("sgd")
+    save(tmp_path, 4, model, optimizer, epoch=0)
+    path = save(tmp_path, 4, model, optimizer, epoch=1)  # e.g. the epoch's end at the same step
+    assert load_checkpoint(path).trainer == {"global_step": 4, "epoch": 1}
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [LATEST, path.name]
+
+
+def test_a_crash_between_the_renames_of_a_resave_keeps_the_earlier_version(tmp_path,
+                                                                           monkeypatch):
+    model, optimizer = trained_pair("sgd")
+    save(tmp_path, 4, model, optimizer, epoch=0)
+    real_replace, calls = os.replace, []
+
+    def failing_replace(source: object, target: object) -> None:
+        calls.append(Path(str(target)).name)
+        if len(calls) == 2:  # the old folder is aside, the new one not yet in place
+            raise OSError("killed")
+        real_replace(source, target)
+
+    monkeypatch.setattr(checkpoint_module.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="killed"):
+        save(tmp_path, 4, model, optimizer, epoch=1)
+    monkeypatch.setattr(checkpoint_module.os, "replace", real_replace)
+    assert calls[0].startswith(".stale-step-00000004-")
+    loaded, _ = load_newest(tmp_path)
+    assert loaded is not None and loaded.trainer == {"global_step": 4, "epoch": 0}
+    tidy_run_folder(tmp_path)
+    assert load_checkpoint(tmp_path / "checkpoints" / "step-00000004").trainer["epoch"] == 0
+
+
+def test_a_checkpoint_being_pruned_is_never_visible_half_deleted(tmp_path, monkeypatch):
+    model, optimizer = trained_pair("sgd")
+    save(tmp_path, 1, model, optimizer)
+    save(tmp_path, 2, model, optimizer)
+
+    def killed_while_deleting(path: object, *args: object, **kwargs: object) -> None:
+        (Path(str(path)) / "weights.safetensors").unlink()
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(checkpoint_module.shutil, "rmtree", killed_while_deleting)
+    with pytest.raises(KeyboardInterrupt):
+        save(tmp_path, 3, model, optimizer)  # prunes step 1
+    monkeypatch.undo()
+    folders = checkpoint_folders(tmp_path)
+    assert [p.name for p in folders] == ["step-00000003", "step-00000002"]
+    for folder in folders:
+        verify_checkpoint(folder)
+    tidy_run_folder(tmp_path)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        LATEST, "step-00000002", "step-00000003"]
+
+
+def test_overwrite_refuses_the_working_directory_and_symbolic_links(tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    (run_dir / "inner").mkdir(parents=True)
+    monkeypatch.chdir(run_dir / "inner")
+    with pytest.raises(RunFolderError, match=f"run folder {run_dir} holds the working "):
+        check_fresh_run_folder(run_dir, overwrite=True, hint="")
+    with pytest.raises(RunFolderError, match="holds the working directory"):
+        replace_run_folder(run_dir)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "link").symlink_to(run_dir, target_is_directory=True)
+    with pytest.raises(RunFolderError, match=f"run folder {tmp_path / 'link'} is a symbolic "):
+        replace_run_folder(tmp_path / "link")
+    assert (run_dir / "inner").is_dir()
+    replace_run_folder(run_dir)
+    assert list(run_dir.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == \
+        ["link", "run"]

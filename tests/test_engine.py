@@ -126,15 +126,48 @@ def test_every_term_and_the_total_are_logged_each_step(tmp_path, digits_subset, 
         [("eval", 1), ("eval", 2)]
 
 
-def test_dkd_logs_its_three_terms_each_step(digits_subset, make_mlp):
+def dkd_by_hand(logits: torch.Tensor, target_logits: torch.Tensor, labels: torch.Tensor,
+                temperature: float) -> tuple[float, float, float]:
+    """(CE over labelled rows, TCKD, NCKD) from probabilities, the target of an unlabelled row
+    being the teacher's argmax."""
+    known = labels != UNLABELED
+    ce = F.cross_entropy(logits[known], labels[known]).item()
+    target = torch.where(known, labels, target_logits.argmax(-1)).unsqueeze(-1)
+    parts = []
+    for z in (logits, target_logits):
+        p = F.softmax(z.double() / temperature, -1)
+        p_g = p.gather(-1, target)
+        parts.append((torch.cat([p_g, 1 - p_g], -1), p.scatter(-1, target, 0.0) / (1 - p_g)))
+    (b_s, hat_s), (b_t, hat_t) = parts
+    tckd = (b_t * (b_t / b_s).log()).sum(-1).mean()
+    nckd = torch.where(hat_t > 0, hat_t * (hat_t / hat_s).log(), 0.0).sum(-1).mean()
+    return ce, float(temperature**2 * tckd), float(temperature**2 * nckd)
+
+
+def test_dkd_logs_its_terms_and_the_warmed_up_total_each_step(digits_subset, make_mlp):
+    """Step 1's terms are DKD computed by hand on its global batch at the initial weights;
+    every step's total is w_ce CE + min(e / warm-up, 1) (alpha TCKD + beta NCKD), e the
+    fractional epoch at that step (1/4 ... 4/4 of the only epoch)."""
     data = digits_subset(64, labeled=20)
-    result = Distiller(make_mlp(seed=0), make_mlp(seed=1, hidden=(32,)), "dkd", epochs=1,
-                       batch_size=16, progress=False).fit(data)
+    teacher = make_mlp(seed=1, hidden=(32,))
+    student = make_mlp(seed=0)
+    initial = copy.deepcopy(student)
+    recipe = build_recipe("dkd", alpha=1.5, beta=3.0, temperature=2.0, ce_weight=0.4,
+                          warmup_epochs=2.0)
+    result = Distiller(student, teacher, recipe, epochs=1, batch_size=16,
+                       progress=False).fit(data)
     train = [r for r in result.history if r["kind"] == "train"]
     assert [r["step"] for r in train] == [1, 2, 3, 4]
-    for record in train:
-        assert {"ce", "tckd", "nckd", "loss"} <= set(record)
-        assert all(math.isfinite(record[k]) for k in ("ce", "tckd", "nckd", "loss"))
+    for step, record in enumerate(train, start=1):
+        warm = (step / 4) / 2.0
+        assert record["loss"] == pytest.approx(
+            0.4 * record["ce"] + warm * (1.5 * record["tckd"] + 3.0 * record["nckd"]), rel=1e-5)
+    first = epoch_global_batches(list(range(64)), 16, 16, 0, 0, 0)[0]
+    with torch.no_grad():
+        logits, target = initial(data.inputs[first]), teacher(data.inputs[first])
+    ce, tckd, nckd = dkd_by_hand(logits, target, data.labels[first], 2.0)
+    assert (train[0]["ce"], train[0]["tckd"], train[0]["nckd"]) == pytest.approx(
+        (ce, tckd, nckd), rel=1e-5)
 
 
 class InputRecorder(nn.Module):

@@ -65,9 +65,16 @@ def test_peers_train_with_the_student_and_resume_exactly(digits_subset, make_mlp
     assert torch.equal(weights["teacher.0.head.weight"], first.head.weight)
 
     # Stop after one epoch, resume: the peers end exactly as in the uninterrupted run.
+    class Stopped(Exception):
+        """Stands for the process dying."""
+
+    def stop(record: dict) -> None:
+        raise Stopped(f"after epoch {record['epoch']}")
+
     peer_b = make_mlp(seed=5)
-    Distiller(make_mlp(seed=0), peer_b, PeerCE(), epochs=1, batch_size=32, progress=False,
-              run_dir=tmp_path / "b").fit(data)
+    with pytest.raises(Stopped):
+        Distiller(make_mlp(seed=0), peer_b, PeerCE(), epochs=2, batch_size=32, progress=False,
+                  run_dir=tmp_path / "b").fit(data, callbacks=[stop])
     peer_c = make_mlp(seed=5)
     resumed = Distiller(make_mlp(seed=0), peer_c, PeerCE(), epochs=2, batch_size=32,
                         progress=False, run_dir=tmp_path / "b")

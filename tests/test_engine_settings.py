@@ -37,6 +37,7 @@ PINNED = {
         "test_checkpoint.py::test_the_engine_checkpoints_every_n_steps_and_keeps_the_newest",
     "eval_every": "test_eval_every_sets_the_epochs_that_evaluate",
     "log_every": "test_log_every_sets_the_steps_that_are_logged",
+    "on_nonfinite": "test_nonfinite.py::test_skip_mode_skips_exactly_the_nonfinite_step",
     "progress": "test_progress_shows_or_hides_the_bar",
     "cpu": "test_cpu_keeps_the_run_off_the_gpu",
     "optimizer.name": "test_the_update_is_the_optimizer_the_settings_name",

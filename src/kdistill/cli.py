@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -81,7 +82,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("config", help="path to the YAML file")
     run.add_argument("--set", dest="overrides", action="append", default=[],
                      metavar="KEY=VALUE", help="override a field, e.g. trainer.epochs=3")
-    run.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    start = run.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true",
+                       help="continue the run in its folder from its newest intact checkpoint")
+    start.add_argument("--overwrite", action="store_true",
+                       help="replace an earlier run in the run's folder (once the new one has "
+                            "started)")
 
     check = commands.add_parser(
         "check", help="validate a YAML config: its data, models, taps and a trial step on a "
@@ -141,14 +147,17 @@ def _run(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     if args.command == "check":
-        from kdistill.run import preflight
+        from kdistill.run import code_running_models, preflight
 
         preflight(config)  # the data, the models, their taps and a trial step: no training
-        print(f"{args.config}: valid")
+        unbuilt = code_running_models(config)
+        note = (f" (not built, as building runs code from the model folder: "
+                f"{', '.join(unbuilt)})" if unbuilt else "")
+        print(f"{args.config}: valid{note}")
         return 0
     from kdistill.run import run
 
-    outcome = run(config, resume=args.resume)
+    outcome = run(config, resume=args.resume, overwrite=args.overwrite)
     if outcome.report is None:  # another process of a multi-process run reports
         return 0
     return _print_outcome(outcome.rows, config.name, outcome.report)
@@ -166,9 +175,24 @@ def _print_outcome(rows: Sequence[dict], title: str, report: object) -> int:
     return 0
 
 
+class _StderrHandler(logging.Handler):
+    """Prints kdistill's warnings (a damaged checkpoint skipped, settings changed on resume) as
+    ``kdistill: ...`` on the current ``sys.stderr``."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"kdistill: {self.format(record)}", file=sys.stderr)
+
+
+def _show_warnings() -> None:
+    logger = logging.getLogger("kdistill")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        logger.addHandler(_StderrHandler(logging.WARNING))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``kdistill`` console script."""
     args = _parser().parse_args(argv)
+    _show_warnings()
     try:
         if args.command == "recipes":
             return _recipes()

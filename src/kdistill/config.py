@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from kdistill.data import DATASETS
 from kdistill.data.builtin import csv_header, printable
 from kdistill.errors import KdistillError
-from kdistill.models.registry import MODEL_SIZES, MODELS
+from kdistill.models.registry import MODEL_FILE_CHECKS, MODEL_SIZES, MODELS
 from kdistill.names import unknown_name
 from kdistill.recipes import RECIPES, build_recipe
 from kdistill.settings import (
@@ -284,10 +284,11 @@ def _check_model(model: ModelConfig, path: str) -> list[str]:
         return problems
     options_model = _options_model(model.name, builder, accepted)
     try:
-        options_model.model_validate({**preset, **model.options})
+        options = options_model.model_validate({**preset, **model.options}).model_dump()
     except ValidationError as error:
         return format_validation_error(error, options_model, [*path.split("."), "options"])
-    return []
+    files = MODEL_FILE_CHECKS.get(model.name)
+    return files(options, f"{path}.options") if files else []
 
 
 def _recipe_problems(recipe: Mapping[str, Any], path: str) -> tuple[list[str], Any]:

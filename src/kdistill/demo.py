@@ -89,7 +89,8 @@ def run_demo(options: DemoOptions) -> DemoOutcome:
 
     Everything runs on ``options.threads`` torch threads (default 1: these models are so small
     that more threads only add overhead, and a shared machine's other processes make extra
-    threads wait); latency is measured on the same count.
+    threads wait); latency is measured on the same count. Each student's folder
+    (``<output>/<name>/<student>``) is replaced by the new demo's run.
     """
     with num_threads(options.threads):
         return _run_demo(options)
@@ -112,7 +113,8 @@ def _run_demo(options: DemoOptions) -> DemoOutcome:
             "eval_every": settings.eval_every * ce_epochs // settings.epochs}) \
             if name == "ce-steps" else settings
         result = Distiller(student, teacher, build_recipe(recipe, **params), trainer=trainer,
-                           run_dir=run_dir / name).fit(data.train, data.test)
+                           run_dir=run_dir / name).fit(data.train, data.test,
+                                                       overwrite=True)
         students[name], histories[name] = student, result.history
     rows, timing = compare({"teacher": teacher, **students}, data.test, batch_size=64,
                            threads=options.threads, repeats=10 if options.quick else 30)

@@ -14,6 +14,11 @@ class ModelCallError(KdistillError):
     """A model could not run on a batch (wrong input shape, missing keys, ...)."""
 
 
+class NonFiniteError(KdistillError):
+    """A training step's loss or gradients went non-finite (NaN or infinite); the run stopped
+    before applying that step's update."""
+
+
 def describe_batch(batch: Mapping[str, Any]) -> str:
     """``input [64, 1, 8, 8] float32, labels [64] int64`` for the tensors of a batch."""
     parts = []

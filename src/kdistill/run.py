@@ -7,18 +7,26 @@ import dataclasses
 import hashlib
 import inspect
 import json
+import logging
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import PartialState
+from pydantic import ValidationError
 from safetensors.torch import load_file
 from torch import nn
 
-from kdistill.checkpoint import atomic_save_tensors, atomic_write_text
+from kdistill.checkpoint import (
+    RunFolderError,
+    atomic_save_tensors,
+    atomic_write_text,
+    check_fresh_run_folder,
+    checkpoint_folders,
+)
 from kdistill.config import (
     ConfigError,
     DataConfig,
@@ -31,6 +39,7 @@ from kdistill.contexts import num_threads
 from kdistill.data import DATASETS, DataSplits, keep_labels, labeled_indices, load_dataset
 from kdistill.data.shifts import check_shifts
 from kdistill.engine import Distiller, FitResult, Phase, recipe_phases, wrap_student
+from kdistill.engine.state import RESUMABLE_SETTINGS, changed_fields, format_changes
 from kdistill.errors import KdistillError
 from kdistill.evaluate import benchmark_models, eval_batches, shifted_evaluation
 from kdistill.models import build_model, deployable
@@ -41,6 +50,14 @@ from kdistill.taps import TapError, resolve_module_taps
 from kdistill.teachers import FrozenTeacher, TeacherSource
 
 CACHE_ENV = "KDISTILL_CACHE"
+RUN_RECORD = "run.json"
+# Config fields a resume may change (prefixes of dotted paths): where the run is read from and
+# how it is shown, logged, checkpointed and finally compared, not what is trained.
+RESUMABLE_FIELDS = ("output_dir", "cpu_threads", "evaluation", "teacher.train.progress",
+                    *(f"trainer.{name}" for name in sorted(RESUMABLE_SETTINGS)))
+FRESH_HINT = "continue it with --resume or replace it with --overwrite"
+
+logger = logging.getLogger("kdistill")
 
 
 def cache_dir() -> Path:
@@ -134,6 +151,115 @@ def file_digest(path: str | Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def input_digests(config: RunConfig) -> dict[str, str]:
+    """SHA-256 of the user files a run reads (``data.path``, ``teacher.checkpoint``)."""
+    files = {"data.path": config.data.path,
+             "teacher.checkpoint": config.teacher.checkpoint if config.teacher else None}
+    return {key: file_digest(path) for key, path in files.items()
+            if path is not None and Path(path).is_file()}
+
+
+def resumable(path: str) -> bool:
+    """Whether a resume may change the config field at dotted ``path``."""
+    return any(path == field or path.startswith(f"{field}.") for field in RESUMABLE_FIELDS)
+
+
+@dataclass
+class RunFolder:
+    """The folder of a config run, checked before any work and written when the run starts.
+
+    ``config.json`` holds the config in use since the run's newest start; ``run.json`` holds
+    the digests of the files it reads and ``resumes``: for each resume, the step it continued
+    from and the settings it changed (old and new value), so every value used is on record.
+    """
+
+    path: Path
+    config: RunConfig
+    resume: bool
+    overwrite: bool = False
+    changes: list[tuple[str, Any, Any]] = field(default_factory=list)  # applied on resume
+    record: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, path: Path, config: RunConfig, *, resume: bool = False,
+             overwrite: bool = False) -> RunFolder:
+        """Check that ``config`` may start (or, with ``resume``, continue) a run in ``path``,
+        writing nothing: a new run needs an empty folder unless ``overwrite``; a resume needs
+        a checkpoint and may change only :data:`RESUMABLE_FIELDS` (each other change, and a
+        changed input file, is listed in a :class:`RunFolderError`)."""
+        if resume and overwrite:
+            raise RunFolderError(f"run folder {path}: --resume continues the run and "
+                                 "--overwrite replaces it; give one of them")
+        inputs = input_digests(config)
+        if not resume:
+            check_fresh_run_folder(path, overwrite=overwrite, hint=FRESH_HINT)
+            return cls(path, config, resume, overwrite,
+                       record={"format": 1, "inputs": inputs, "resumes": []})
+        saved_path = path / "config.json"
+        if not path.is_dir():
+            raise RunFolderError(f"nothing to resume: run folder {path} does not exist")
+        if not saved_path.is_file():
+            raise RunFolderError(f"nothing to resume in {path}: it holds no started run" if not
+                                 checkpoint_folders(path) else
+                                 f"cannot resume {path}: config.json is missing, so the run's "
+                                 "settings are unknown")
+        saved = _saved_config(saved_path)
+        record = _saved_record(path / RUN_RECORD)
+        changes = changed_fields(saved, config.model_dump(mode="json"))
+        fixed = [c for c in changes if not resumable(c[0])]
+        for key in sorted(set(record.get("inputs", {})) | set(inputs)):
+            before, after = record.get("inputs", {}).get(key), inputs.get(key)
+            if before is not None and before != after:
+                fixed.append((f"{key} (file content)", f"sha256:{before[:12]}",
+                              f"sha256:{after[:12]}" if after else None))
+        if fixed:
+            raise RunFolderError(
+                f"cannot resume {path}: settings differ from the run's config.json and cannot "
+                f"change mid-run ({format_changes(fixed)}); restore them, or start a new run "
+                "with another name or --overwrite")
+        if not checkpoint_folders(path):
+            raise RunFolderError(f"nothing to resume: no checkpoint in {path / 'checkpoints'} "
+                                 "(the run stopped before its first); start it again with "
+                                 "--overwrite")
+        record.setdefault("resumes", [])
+        record["inputs"] = inputs
+        return cls(path, config, resume, False,
+                   [c for c in changes if resumable(c[0])], record)
+
+    def started(self, step: int) -> None:
+        """Record the start (engine ``on_start``): ``run.json``, then ``config.json``."""
+        if self.resume:
+            self.record["resumes"].append(
+                {"step": step, "changed": {p: [old, new] for p, old, new in self.changes}})
+            if self.changes:
+                logger.warning("resuming %s at step %d with changed settings: %s (recorded in "
+                               "%s; config.json holds the new values)", self.path, step,
+                               format_changes(self.changes), RUN_RECORD)
+        atomic_write_text(self.path / RUN_RECORD, json.dumps(self.record, indent=2))
+        atomic_write_text(self.path / "config.json", self.config.model_dump_json(indent=2))
+
+
+def _saved_config(path: Path) -> Any:
+    """A run's saved config as JSON (with defaults filled in when it still validates)."""
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise RunFolderError(f"cannot resume: {path} is unreadable ({error})") from None
+    try:
+        return RunConfig.model_validate(raw).model_dump(mode="json")
+    except ValidationError:
+        return raw
+
+
+def _saved_record(path: Path) -> dict[str, Any]:
+    """``run.json`` of a run (empty when absent or unreadable: nothing recorded)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {"format": 1}
+    return record if isinstance(record, dict) else {"format": 1}
 
 
 def teacher_training(config: TeacherConfig, distilling: Recipe | None) -> dict[str, Any]:
@@ -299,25 +425,32 @@ def add_shift_accuracies(rows: list[dict[str, Any]], models: dict[str, nn.Module
         row["accuracy_shifted"] = sum(accuracies[shift] for shift in shifts) / len(shifts)
 
 
-def run(config: RunConfig, *, resume: bool = False) -> RunOutcome:
-    """Train the configured student and compare it with its teacher (if any)."""
+def run(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -> RunOutcome:
+    """Train the configured student and compare it with its teacher (if any). The run folder
+    (``output_dir/name``) must be empty unless ``resume`` continues its run or ``overwrite``
+    replaces it (see :class:`RunFolder`)."""
     check_before_work(config)
     with num_threads(config.cpu_threads):
-        return _run(config, resume)
+        return _run(config, resume, overwrite)
 
 
 def train_run(config: RunConfig, data: DataSplits, eval_data: Any = None, *,
-              run_dir: Path | None = None,
-              resume: bool = False) -> tuple[nn.Module | None, FitResult]:
+              run_dir: Path | None = None, resume: bool = False,
+              overwrite: bool = False) -> tuple[nn.Module | None, FitResult]:
     """Train ``config``'s student on ``data.train``, its teacher obtained as the recipe asks,
     with end-of-epoch evaluations (and ``keep_best``) on ``eval_data`` (default ``data.test``;
     e.g. a validation split of :func:`kdistill.data.holdout_split`).
 
     Every check that needs the data runs before a teacher is trained. With ``run_dir``, the
-    config is saved there as ``config.json`` and the engine writes its metrics log,
-    checkpoints and final student there (``resume`` continues from them). Returns the teacher
-    model (None without one) and the fit; ``deployable(fit.student)`` is the model to ship.
+    folder is checked first (:meth:`RunFolder.open`: empty unless ``resume`` or ``overwrite``;
+    a resume's config against the run's); once the run has started, the config is saved there
+    as ``config.json`` (and ``run.json``) and the engine writes its metrics log, checkpoints
+    and final student there. A run that fails before it starts writes nothing there. Returns
+    the teacher model (None without one) and the fit; ``deployable(fit.student)`` is the
+    model to ship.
     """
+    folder = RunFolder.open(run_dir, config, resume=resume, overwrite=overwrite) \
+        if run_dir is not None else None
     phases = build_phases(config)
     student = wrap_student(build_from(config.student, data, config.trainer.seed, "student"),
                            phases)
@@ -326,22 +459,23 @@ def train_run(config: RunConfig, data: DataSplits, eval_data: Any = None, *,
     for phase, where in zip(phases, sections, strict=True):
         check_task(phase.recipe, data, where)
         check_taps(student, phase.recipe.student_taps(), where, phase.name or "")
-    if run_dir is not None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.json", config.model_dump_json(indent=2))
     teacher, source = build_teacher(config, data, phases, sections)
     distiller = Distiller(student, source, phases=phases, trainer=config.trainer,
                           run_dir=run_dir)
     evaluation = data.test if eval_data is None else eval_data
-    return teacher, distiller.fit(data.train, evaluation, resume=resume)
+    return teacher, distiller.fit(data.train, evaluation, resume=resume, overwrite=overwrite,
+                                  on_start=folder.started if folder is not None else None)
 
 
-def _run(config: RunConfig, resume: bool) -> RunOutcome:
-    # Everything that can fail on the config alone fails before a teacher is trained.
+def _run(config: RunConfig, resume: bool, overwrite: bool) -> RunOutcome:
+    # Everything that can fail on the config alone fails before a teacher is trained; the run
+    # folder is checked first of all.
+    run_dir = Path(config.output_dir) / config.name
+    RunFolder.open(run_dir, config, resume=resume, overwrite=overwrite)
     data = build_data(config.data)
     check_shift_request(config, data)
-    run_dir = Path(config.output_dir) / config.name
-    teacher, result = train_run(config, data, run_dir=run_dir, resume=resume)
+    teacher, result = train_run(config, data, run_dir=run_dir, resume=resume,
+                                overwrite=overwrite)
     if not is_main_process():
         return RunOutcome(result, [], None)
     models = {"teacher": teacher} if teacher is not None else {}
@@ -349,8 +483,12 @@ def _run(config: RunConfig, resume: bool) -> RunOutcome:
     rows, load = compare(models, data.test, batch_size=config.evaluation.batch_size,
                          threads=config.evaluation.threads, repeats=config.evaluation.repeats)
     add_shift_accuracies(rows, models, data.test, config)
+    notes = load
+    if config.trainer.on_nonfinite == "skip" or result.skipped_steps():
+        notes += (f"\n\nSkipped training steps (non-finite loss or gradients, "
+                  f"trainer.on_nonfinite: skip): {result.skipped_steps()}.")
     report = write_report(run_dir, title=f"kdistill run: {config.name}", rows=rows,
-                          histories={"student": result.history}, notes=load,
+                          histories={"student": result.history}, notes=notes,
                           settings={"recipe": config.recipe or [
                                         {"phase": p.name, "epochs": p.epochs, **p.recipe}
                                         for p in config.phases or []],
@@ -366,30 +504,62 @@ def preflight(config: RunConfig) -> DataSplits:
     """Find, without training, the problems a run of ``config`` would meet before or in its
     first steps; raise a :class:`ConfigError` naming the config section.
 
-    Loads the data (every check of a data file), checks the shifts and mixed precision, builds
-    the student and the teacher's architecture (loading a teacher checkpoint, training
-    nothing), checks each phase's task and module taps on both, and then makes a trial: one
-    epoch of every phase over a few training samples (the teacher's training too), on these
-    freshly built models, with an evaluation on a few test samples. The trial finds what only
-    a forward pass shows: taps a model does not produce, shapes an adapter or a loss cannot
-    take, a batch a model cannot run on. Nothing is written to disk. Returns the data.
+    Loads the data (every check of a data file), checks the shifts, mixed precision, each
+    phase's task and the teacher's training recipe, builds the student and the teacher's
+    architecture (loading a teacher checkpoint, training nothing), checks their module taps,
+    and then makes a trial: one epoch of every phase over a few training samples (the
+    teacher's training too), on these freshly built models, with an evaluation on a few test
+    samples. The trial finds what only a forward pass shows: taps a model does not produce,
+    shapes an adapter or a loss cannot take, a batch a model cannot run on. Nothing is written
+    to disk. A model whose building would run code from its folder
+    (:func:`code_running_models`) is not built, and then there is no trial. Returns the data.
     """
     check_before_work(config)
+    unbuilt = code_running_models(config)
     with num_threads(config.cpu_threads):
         data = build_data(config.data)
         check_shift_request(config, data)
         phases = build_phases(config)
         sections = (["recipe"] * len(phases) if config.phases is None else
                     [f"phases.{i}.recipe" for i in range(len(phases))])
-        student = wrap_student(build_from(config.student, data, config.trainer.seed, "student"),
-                               phases)
         for phase, where in zip(phases, sections, strict=True):
             check_task(phase.recipe, data, where)
-            check_taps(student, phase.recipe.student_taps(), where, phase.name or "")
-        teacher = trial_teacher(config, data, phases, sections)
-        trial_fit(student, teacher, phases, config.trainer, data,
-                  "recipe" if config.phases is None else "phases")
+        users = [(p, where) for p, where in zip(phases, sections, strict=True)
+                 if p.recipe.uses_teacher]
+        recipe = users[0][0].recipe if users and config.teacher is not None else None
+        teacher_phases = teacher_training_phases(config, recipe, data)
+        student = None
+        if "student" not in unbuilt:
+            student = wrap_student(build_from(config.student, data, config.trainer.seed,
+                                              "student"), phases)
+            for phase, where in zip(phases, sections, strict=True):
+                check_taps(student, phase.recipe.student_taps(), where, phase.name or "")
+        teacher = None
+        if recipe is not None and "teacher.model" not in unbuilt:
+            teacher = trial_teacher(config, data, recipe, users, teacher_phases)
+        if student is not None and not unbuilt:
+            trial_fit(student, teacher, phases, config.trainer, data,
+                      "recipe" if config.phases is None else "phases")
     return data
+
+
+def code_running_models(config: RunConfig) -> list[str]:
+    """The model sections (``student``, ``teacher.model``) whose building would run code from
+    the model's folder: an ``hf`` model, or an ``oracle`` on an ``hf`` base, with
+    ``trust_remote_code: true``. ``kdistill check`` does not build them."""
+    sections = [("student", config.student)]
+    if config.teacher is not None:
+        sections.append(("teacher.model", config.teacher.model))
+    found = []
+    for where, model in sections:
+        options = model.options
+        if model.name == "oracle" and options.get("base") == "hf":
+            options = options.get("base_options") or {}
+        elif model.name != "hf":
+            continue
+        if options.get("trust_remote_code") is True:
+            found.append(where)
+    return found
 
 
 def check_before_work(config: RunConfig) -> None:
@@ -411,16 +581,34 @@ def check_precision(settings: TrainerSettings, where: str) -> None:
                           "silently train in fp32); use 'bf16' on CPU")
 
 
-def trial_teacher(config: RunConfig, data: DataSplits, phases: Sequence[Phase],
-                  sections: Sequence[str]) -> nn.Module | TeacherSource | None:
+def teacher_training_phases(config: RunConfig, distilling: Recipe | None,
+                            data: DataSplits) -> list[Phase] | None:
+    """The phases that would train the teacher for the first teacher-using recipe
+    ``distilling`` (None when no teacher is trained), its recipe checked as
+    :func:`obtain_teacher` checks it."""
+    if distilling is None or config.teacher is None or config.teacher.train is None \
+            or distilling.teacher_model == "fresh":
+        return None
+    spec = teacher_training(config.teacher, distilling)
+    trainer_recipe = build_recipe(spec.pop("name"), **spec)
+    if trainer_recipe.uses_teacher:
+        raise ConfigError(f"teacher.recipe: '{trainer_recipe.name}' distils from a teacher "
+                          "and cannot train the teacher itself")
+    check_task(trainer_recipe, data, "teacher.recipe")
+    try:
+        return recipe_phases(trainer_recipe, config.teacher.train.epochs)
+    except ValueError as error:
+        raise ConfigError(f"teacher.train.epochs: {error}") from None
+
+
+def trial_teacher(config: RunConfig, data: DataSplits, recipe: Recipe,
+                  users: Sequence[tuple[Phase, str]],
+                  teacher_phases: list[Phase] | None) -> nn.Module | TeacherSource:
     """The teacher a trial hands to the :class:`Distiller`, as :func:`build_teacher` would but
     untrained: the architecture (with the checkpoint's weights if one is given), its module
-    taps checked; a teacher the run would train gets a trial of its own training first."""
-    users = [(p, where) for p, where in zip(phases, sections, strict=True)
-             if p.recipe.uses_teacher]
-    if config.teacher is None or not users:
-        return None
-    recipe = users[0][0].recipe
+    taps checked for every teacher-using phase in ``users``; a teacher the run would train
+    (``teacher_phases``) gets a trial of its own training first."""
+    assert config.teacher is not None
     fresh = recipe.teacher_model == "fresh"
     train = config.teacher.train
     seed = config.trainer.seed + 1 if fresh else train.seed if train is not None else 0
@@ -431,17 +619,7 @@ def trial_teacher(config: RunConfig, data: DataSplits, phases: Sequence[Phase],
         check_taps(teacher, phase.recipe.teacher_taps(), where, phase.name or "")
     if fresh:
         return teacher
-    if train is not None:
-        spec = teacher_training(config.teacher, recipe)
-        trainer_recipe = build_recipe(spec.pop("name"), **spec)
-        if trainer_recipe.uses_teacher:
-            raise ConfigError(f"teacher.recipe: '{trainer_recipe.name}' distils from a teacher "
-                              "and cannot train the teacher itself")
-        check_task(trainer_recipe, data, "teacher.recipe")
-        try:
-            teacher_phases = recipe_phases(trainer_recipe, train.epochs)
-        except ValueError as error:
-            raise ConfigError(f"teacher.train.epochs: {error}") from None
+    if train is not None and teacher_phases is not None:
         full = data if config.data.labeled is None else \
             build_data(config.data.model_copy(update={"labeled": None}))
         trial_fit(teacher, None, teacher_phases, train, full, "teacher.train")

@@ -77,5 +77,8 @@ class TrainerSettings(Strict):
     keep_checkpoints: int = Field(default=2, ge=1)
     eval_every: int = Field(default=1, ge=1)  # epochs between evaluations and checkpoints
     log_every: int = Field(default=1, ge=1)
+    # A step whose loss or gradients are NaN/inf applies no update and either stops the run
+    # (NonFiniteError) or is skipped and logged (10 in a row stop the run); see engine/loop.py.
+    on_nonfinite: Literal["stop", "skip"] = "stop"
     progress: bool = True
     cpu: bool = False

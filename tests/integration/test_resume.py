@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from kdistill import Distiller
-from kdistill.checkpoint import latest_checkpoint, load_checkpoint
+from kdistill.checkpoint import RunFolderError, latest_checkpoint, load_checkpoint
 from kdistill.metrics_log import read_metrics
 from kdistill.recipes import build_recipe
 
@@ -206,25 +208,223 @@ def test_resume_errors(tmp_path, data, make_mlp):
     with pytest.raises(ValueError, match="resume needs a run directory"):
         Distiller(make_mlp(), make_mlp(seed=1), "hinton", epochs=1,
                   progress=False).fit(data, resume=True)
-    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+    with pytest.raises(RunFolderError, match="nothing to resume: no checkpoint in"):
         Distiller(make_mlp(), make_mlp(seed=1), "hinton", epochs=1, run_dir=tmp_path,
                   progress=False).fit(data, resume=True)
+    with pytest.raises(ValueError, match="give one of them"):
+        Distiller(make_mlp(), make_mlp(seed=1), "hinton", epochs=1, run_dir=tmp_path,
+                  progress=False).fit(data, resume=True, overwrite=True)
+    assert list(tmp_path.iterdir()) == []
 
 
-def test_a_fresh_run_replaces_an_earlier_run_in_the_same_folder(tmp_path, data, make_mlp):
+def folder_snapshot(run_dir: Path) -> dict[str, bytes]:
+    """Every file under ``run_dir`` and its bytes."""
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*"))
+            if p.is_file()}
+
+
+def test_a_fresh_run_refuses_an_earlier_runs_folder(tmp_path, data, make_mlp):
     teacher = make_mlp(seed=1)
     hinton_run(make_mlp(seed=0), teacher, tmp_path, epochs=3).fit(data)  # 18 steps
-    assert latest_checkpoint(tmp_path).name == "step-00000018"
+    before = folder_snapshot(tmp_path)
+    assert "student.safetensors" in before and "checkpoints/step-00000018/manifest.json" in before
+    with pytest.raises(RunFolderError, match=f"run folder {tmp_path} already holds a run "
+                       r"\(checkpoints, metrics.jsonl, student.safetensors\); pass "
+                       "resume=True to continue it or overwrite=True"):
+        hinton_run(make_mlp(seed=0), teacher, tmp_path, epochs=2).fit(data)
+    # The folder is checked before any start-up work (which here would fail differently).
+    from kdistill.data.base import ArrayDataset
+
+    unlabeled = ArrayDataset(data.inputs, torch.full_like(data.labels, -100))
+    with pytest.raises(RunFolderError, match="already holds a run"):
+        Distiller(make_mlp(seed=0), None, "ce", run_dir=tmp_path, epochs=2,
+                  progress=False).fit(unlabeled)
+    assert folder_snapshot(tmp_path) == before  # nothing removed, nothing added
+
+
+def test_overwrite_replaces_an_earlier_run_only_once_the_new_one_has_started(
+        tmp_path, data, make_mlp):
+    teacher = make_mlp(seed=1)
+    hinton_run(make_mlp(seed=0), teacher, tmp_path, epochs=3).fit(data)  # 18 steps
+    (tmp_path / "report.md").write_text("the earlier run's report")
+    before = folder_snapshot(tmp_path)
+    # A run that fails at start-up (here: a labels-only recipe on data without labels) leaves
+    # the earlier run alone, even with overwrite.
+    from kdistill.data.base import ArrayDataset
+
+    unlabeled = ArrayDataset(data.inputs, torch.full_like(data.labels, -100))
+    with pytest.raises(ValueError, match="trains on labelled samples only"):
+        Distiller(make_mlp(seed=0), None, "ce", run_dir=tmp_path, epochs=2,
+                  progress=False).fit(unlabeled, overwrite=True)
+    assert folder_snapshot(tmp_path) == before
     with pytest.raises(Killed):
         hinton_run(make_mlp(seed=0), teacher, tmp_path, epochs=2).fit(
-            data, callbacks=[kill_after(0, 1)])
-    # The second run's log and checkpoints only: resuming continues the second run.
+            data, overwrite=True, callbacks=[kill_after(0, 1)])
+    # Only the second run's files: no old report or student beside its partial results, and
+    # resuming continues the second run.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "metrics.jsonl"]
+    assert [p.name for p in tmp_path.parent.iterdir() if ".replaced-" in p.name] == []
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, 7))
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*")) == \
         ["step-00000006"]
     resumed = hinton_run(make_mlp(seed=0), teacher, tmp_path, epochs=2).fit(data, resume=True)
     assert [r["step"] for r in resumed.history if r["kind"] == "train"] == list(range(1, 13))
+
+
+# -- damaged checkpoints and changed settings -----------------------------------------------------
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+NEWEST = "step-00000006"
+HARMS: dict[str, Callable[[Path], Any]] = {  # done to the checkpoints folder after the kill
+    "truncated weights.safetensors": lambda root: truncate(root / NEWEST / "weights.safetensors"),
+    "truncated state.json": lambda root: truncate(root / NEWEST / "state.json"),
+    "newest folder deleted": lambda root: shutil.rmtree(root / NEWEST),
+    "latest pointer deleted": lambda root: (root / "latest").unlink(),
+    "pointer to another run": lambda root: (root / "latest").write_text(
+        "../../full/checkpoints/step-00000012"),
+}
+RESUMED_FROM = {"truncated weights.safetensors": 4, "truncated state.json": 4,
+                "newest folder deleted": 4, "latest pointer deleted": 6,
+                "pointer to another run": 6}
+
+
+@pytest.mark.parametrize("harm", HARMS)
+def test_resume_uses_the_newest_intact_checkpoint(tmp_path, data, make_mlp, harm, caplog):
+    # 96 samples in batches of 16: 6 steps per epoch; checkpoints at steps 2, 4 and 6.
+    teacher = make_mlp(seed=1, hidden=(32,))
+    settings = {"epochs": 2, "checkpoint_every": 2, "keep_checkpoints": 3}
+    full = make_mlp(seed=0, hidden=(32,), dropout=0.3)
+    hinton_run(full, teacher, tmp_path / "full", **settings).fit(data)
+    with pytest.raises(Killed):
+        hinton_run(make_mlp(seed=0, hidden=(32,), dropout=0.3), teacher, tmp_path / "run",
+                   **settings).fit(data, callbacks=[kill_after(0, 1)])
+    HARMS[harm](tmp_path / "run" / "checkpoints")
+    others = folder_snapshot(tmp_path / "full")
+
+    fresh, started = make_mlp(seed=5, hidden=(32,), dropout=0.3), []
+    with caplog.at_level("WARNING", logger="kdistill"):
+        hinton_run(fresh, teacher, tmp_path / "run", **settings).fit(
+            data, resume=True, on_start=started.append)
+    assert started == [RESUMED_FROM[harm]]
+    warnings = [r.getMessage() for r in caplog.records]
+    if harm.startswith("truncated"):
+        assert len(warnings) == 1
+        assert re.fullmatch(rf"checkpoint step-00000006 is damaged \({harm.split()[1]} has \d+ "
+                            r"bytes, \d+ were written\); resuming from step-00000004",
+                            warnings[0]), warnings
+    else:
+        assert warnings == []
+    assert_same_state(fresh, full)
+    assert_log_matches(tmp_path / "run", tmp_path / "full")
+    assert folder_snapshot(tmp_path / "full") == others  # the other run is untouched
+
+
+def test_resume_tidies_what_a_kill_left_and_counts_a_folder_moved_aside(tmp_path, data,
+                                                                        make_mlp):
+    teacher = make_mlp(seed=1, hidden=(32,))
+    settings = {"epochs": 2, "checkpoint_every": 4}
+    full = make_mlp(seed=0, hidden=(32,), dropout=0.3)
+    hinton_run(full, teacher, tmp_path / "full", **settings).fit(data)
+    with pytest.raises(Killed):
+        hinton_run(make_mlp(seed=0, hidden=(32,), dropout=0.3), teacher, tmp_path / "run",
+                   **settings).fit(data, callbacks=[kill_after(0, 1)])
+    run_dir, root = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    # A kill while re-saving step 6 (between its two renames), while writing step 8, while
+    # replacing the metrics log and while writing the student.
+    os.replace(root / "step-00000006", root / ".stale-step-00000006-999")
+    (root / ".step-00000008.tmp-999").mkdir()
+    (run_dir / ".metrics.jsonl.tmp-999").write_text("{")
+    (run_dir / ".student.safetensors.tmp-999").write_bytes(b"")
+    fresh, started = make_mlp(seed=5, hidden=(32,), dropout=0.3), []
+    hinton_run(fresh, teacher, run_dir, **settings).fit(data, resume=True,
+                                                        on_start=started.append)
+    assert started == [6]
+    assert_same_state(fresh, full)
+    assert_log_matches(run_dir, tmp_path / "full")
+    assert [p.name for p in run_dir.rglob(".*")] == []
+
+
+def test_a_new_fit_checks_its_folder_again_when_it_starts(tmp_path, data, make_mlp):
+    from kdistill.teachers import FrozenTeacher
+
+    class Intruder(FrozenTeacher):
+        """Another run's file appears while this one starts up (the teacher is bound)."""
+
+        def bind(self, *args: Any, **kwargs: Any) -> None:
+            (tmp_path / "intruder.txt").write_text("another run")
+            super().bind(*args, **kwargs)
+
+    with pytest.raises(RunFolderError, match=r"already holds a run \(intruder.txt\)"):
+        Distiller(make_mlp(), Intruder(make_mlp(seed=1)), "hinton", epochs=1,
+                  run_dir=tmp_path, progress=False).fit(data)
+    assert [p.name for p in tmp_path.iterdir()] == ["intruder.txt"]
+
+
+def test_every_checkpoint_damaged_is_a_clear_error(tmp_path, data, make_mlp):
+    teacher = make_mlp(seed=1)
+    with pytest.raises(Killed):
+        hinton_run(make_mlp(seed=0), teacher, tmp_path, checkpoint_every=4).fit(
+            data, callbacks=[kill_after(0, 1)])
+    for path in (tmp_path / "checkpoints").glob("step-*"):
+        truncate(path / "weights.safetensors")
+    before = folder_snapshot(tmp_path)
+    with pytest.raises(RunFolderError, match=(
+            f"nothing to resume in {tmp_path / 'checkpoints'}: every checkpoint is damaged "
+            r"\(step-00000006: weights.safetensors has \d+ bytes, \d+ were written; "
+            r"step-00000004: weights.safetensors has")):
+        hinton_run(make_mlp(seed=0), teacher, tmp_path, checkpoint_every=4).fit(data,
+                                                                               resume=True)
+    assert folder_snapshot(tmp_path) == before
+
+
+def test_resume_refuses_other_settings_or_models_and_writes_nothing(tmp_path, data, make_mlp):
+    teacher = make_mlp(seed=1)
+    with pytest.raises(Killed):
+        hinton_run(make_mlp(seed=0, hidden=(32,)), teacher, tmp_path).fit(
+            data, callbacks=[kill_after(0, 1)])
+    before = folder_snapshot(tmp_path)
+    with pytest.raises(RunFolderError, match=(
+            f"cannot resume {tmp_path}: step-00000006 was made by a fit with other settings "
+            r"\(trainer.optimizer.lr: 0.01 → 0.5\); a resume continues the same run")):
+        hinton_run(make_mlp(seed=0, hidden=(32,)), teacher, tmp_path,
+                   optimizer={"name": "adamw", "lr": 0.5, "weight_decay": 0.01}).fit(
+            data, resume=True)
+    with pytest.raises(RunFolderError, match=(
+            r"\(phases.0.epochs: 3 → 4; trainer.epochs: 3 → 4\)")):
+        hinton_run(make_mlp(seed=0, hidden=(32,)), teacher, tmp_path, epochs=4).fit(
+            data, resume=True)
+    with pytest.raises(RunFolderError, match=(
+            r"\(phases.0.params.temperature: 4.0 → 2.0\)")):
+        Distiller(make_mlp(seed=0, hidden=(32,)), teacher, build_recipe("hinton", temperature=2),
+                  run_dir=tmp_path, epochs=3, batch_size=16, progress=False,
+                  scheduler={"name": "cosine", "warmup_steps": 2},
+                  optimizer={"name": "adamw", "lr": 0.01, "weight_decay": 0.01}).fit(
+            data, resume=True)
+    with pytest.raises(RunFolderError, match=r"\(global_batch: 16 → 32; train_samples: 96 → "):
+        hinton_run(make_mlp(seed=0, hidden=(32,)), teacher, tmp_path, batch_size=32).fit(
+            data + data, resume=True)
+    with pytest.raises(RunFolderError, match=(
+            f"cannot resume {tmp_path}: step-00000006 holds other models than this run "
+            r"\(student.features.1.bias has shape \[32\] there, \[16\] here; ")):
+        hinton_run(make_mlp(seed=0, hidden=(16,)), teacher, tmp_path).fit(data, resume=True)
+    assert folder_snapshot(tmp_path) == before
+
+
+def test_resume_applies_logging_and_checkpoint_settings(tmp_path, data, make_mlp):
+    teacher = make_mlp(seed=1)
+    with pytest.raises(Killed):
+        hinton_run(make_mlp(seed=0), teacher, tmp_path).fit(data, callbacks=[kill_after(0, 1)])
+    resumed = hinton_run(make_mlp(seed=0), teacher, tmp_path, log_every=4, checkpoint_every=5,
+                         keep_checkpoints=5).fit(data, resume=True)
+    steps = [r["step"] for r in resumed.history if r["kind"] == "train"]
+    assert steps == [1, 2, 3, 4, 5, 6, 8, 12, 16]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*")) == [
+        "step-00000006", "step-00000010", "step-00000012", "step-00000015", "step-00000018"]
+    fit = load_checkpoint(tmp_path / "checkpoints" / "step-00000018").trainer["fit"]
+    assert "log_every" not in fit["trainer"] and fit["trainer"]["epochs"] == 3
 
 
 # -- a real kill of the command-line program ----------------------------------------------------

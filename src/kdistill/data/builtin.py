@@ -220,8 +220,9 @@ def load_npz(path: str | Path, test_fraction: float = 0.25, seed: int = 0,
     split_names = (f"{input_key}_train", f"{label_key}_train", f"{input_key}_test",
                    f"{label_key}_test")
     arrays = _read_npz(path, split_names, (input_key, label_key))
+    inputs = {input_key, split_names[0], split_names[2]}
     for key, array in arrays.items():
-        if key.startswith(input_key):
+        if key in inputs:
             _check_npz_inputs(path, key, array)
         else:
             _check_npz_labels(path, key, array)
@@ -239,8 +240,11 @@ def _read_npz(path: Path, split_names: tuple[str, ...],
     """The four split arrays of an .npz file, or its inputs and labels, read without ever
     unpickling; an unreadable file or a missing array is a ``ValueError`` naming the file."""
     with path.open("rb") as handle:
-        magic = handle.read(4)
-    if magic != b"PK\x03\x04":
+        magic = handle.read(6)
+    if magic == b"\x93NUMPY":
+        raise ValueError(f"{path}: a single .npy array, not an .npz archive of named arrays "
+                         "(save one with numpy.savez)")
+    if not magic.startswith(b"PK\x03\x04"):
         what = "the file is empty" if not magic else "it is not a zip archive"
         raise ValueError(f"{path}: not an .npz archive of plain numeric arrays ({what}; "
                          "write one with numpy.savez)")
@@ -259,10 +263,10 @@ def _read_npz(path: Path, split_names: tuple[str, ...],
                     arrays[key] = np.asarray(archive[key])
                 except ValueError as error:
                     if "allow_pickle" in str(error):
-                        raise ValueError(f"{path}: array '{key}' holds Python objects; not an "
-                                         ".npz archive of plain numeric arrays (numpy would "
-                                         "have to unpickle it, which kdistill never does)"
-                                         ) from None
+                        raise ValueError(f"{path}: not an .npz archive of plain numeric "
+                                         f"arrays: array '{key}' holds Python objects (numpy "
+                                         "would have to unpickle them, which kdistill never "
+                                         "does)") from None
                     raise ValueError(f"{path}: array '{key}' cannot be read ({error})") from None
             return arrays
     except (OSError, EOFError, zipfile.BadZipFile, KeyError) as error:

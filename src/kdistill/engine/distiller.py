@@ -10,9 +10,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from kdistill.checkpoint import check_fresh_run_folder
 from kdistill.engine.evaluation import Evaluator
 from kdistill.engine.loop import Callback, TrainingRun
 from kdistill.engine.phases import FitResult, Phase, recipe_phases, wrap_student
+from kdistill.engine.run_folder import FRESH_HINT, StartHook
 from kdistill.recipes.base import Recipe, build_recipe
 from kdistill.settings import TrainerSettings
 from kdistill.teachers import TeacherSource, as_source
@@ -67,14 +69,30 @@ class Distiller:
         return recipe_phases(recipe, self.settings.epochs)
 
     def fit(self, train: Dataset | DataLoader, eval: Dataset | DataLoader | None = None, *,
-            resume: bool = False, callbacks: Sequence[Callback] = ()) -> FitResult:
+            resume: bool = False, overwrite: bool = False, callbacks: Sequence[Callback] = (),
+            on_start: StartHook | None = None) -> FitResult:
         """Train through every phase; returns the student and the metrics history.
 
         ``callbacks`` receive each end-of-epoch record (every ``eval_every`` epochs and at the
-        end of each phase) after its checkpoint is written. ``resume=True`` continues from the
-        newest checkpoint in ``run_dir``; without it an earlier run's metrics and checkpoints
-        there are removed.
+        end of each phase) after its checkpoint is written. With a ``run_dir``:
+
+        * a new fit needs an empty (or absent) folder and raises
+          :class:`~kdistill.checkpoint.RunFolderError` otherwise; ``overwrite=True`` replaces
+          the folder's contents, but only once the run has started (every start-up step, such
+          as building the recipe's modules on a first batch, succeeded);
+        * ``resume=True`` continues from the newest intact checkpoint (damaged newer ones are
+          named in a warning and skipped), provided it was made by a fit with the same
+          settings but progress, logging and checkpoint frequency and retention;
+        * nothing is written into the folder before the run has started; then
+          ``on_start(step)`` is called with the step training starts from.
         """
+        if resume and overwrite:
+            raise ValueError("resume continues the run in run_dir and overwrite replaces it: "
+                             "give one of them")
+        if resume and self.run_dir is None:
+            raise ValueError("resume needs a run directory")
+        if not resume and self.run_dir is not None:
+            check_fresh_run_folder(self.run_dir, overwrite=overwrite, hint=FRESH_HINT)
         for phase in self.phases:
             if phase.keep_best and eval is None and self.evaluator is None:
                 raise ValueError(f"phase '{phase.name or phase.recipe.name}' keeps its best "
@@ -83,7 +101,7 @@ class Distiller:
         run = TrainingRun(self.student, self.teacher, self.phases, self.settings, self.run_dir,
                           self.evaluator, train, eval, callbacks)
         try:
-            return run.execute(resume)
+            return run.execute(resume, overwrite, on_start)
         finally:
             run.close()
 

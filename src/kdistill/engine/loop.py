@@ -16,15 +16,16 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from kdistill.batch import collate, to_device
 from kdistill.batching import epoch_global_batches
-from kdistill.checkpoint import Checkpoint, atomic_save_tensors, clear_checkpoints
-from kdistill.contexts import eval_mode
+from kdistill.checkpoint import Checkpoint
 from kdistill.data.base import IndexedDataset, labeled_indices
 from kdistill.engine.evaluation import EpochEvaluation, Evaluator
+from kdistill.engine.nonfinite import NonFiniteSteps
 from kdistill.engine.optim import build_optimizer, build_scheduler
 from kdistill.engine.phases import FitResult, Phase
-from kdistill.engine.state import RunState
+from kdistill.engine.run_folder import RunOpening, StartHook
+from kdistill.engine.state import RunState, fit_description
 from kdistill.engine.step import OptimizerStep
-from kdistill.engine.training_module import TrainingModule, call_model
+from kdistill.engine.training_module import TrainingModule, build_recipe_modules
 from kdistill.metrics_log import MetricsLog
 from kdistill.progress import TrainingProgress
 from kdistill.schedules import TrainState
@@ -33,6 +34,7 @@ from kdistill.taps import TapReader
 from kdistill.teachers import TeacherSource
 
 Callback = Callable[[dict[str, Any]], None]
+
 
 
 @dataclass
@@ -77,35 +79,47 @@ class TrainingRun:
         self.teacher = teacher
         main = self.accelerator.is_main_process
         self.state = RunState(student, phases, teacher, settings, run_dir, self.accelerator)
-        self.log = MetricsLog(run_dir / "metrics.jsonl" if run_dir and main else None)
+        self.state.description = fit_description(
+            settings, phases, self.micro_batch * settings.accumulation *
+            self.accelerator.num_processes, len(self.dataset))  # type: ignore[arg-type]
+        self.log = MetricsLog(None)  # the run folder's log once the run has started (begin)
+        self.opening = RunOpening(run_dir, main)
         self.progress = TrainingProgress(enabled=settings.progress and main)
         self.evaluation = EpochEvaluation(student, teacher, eval_data, evaluator,
                                           settings.batch_size, self.collate_fn,
                                           self.accelerator.device)
         self.optimizer_step = OptimizerStep(self.accelerator, self.dataset, self.collate_fn,
                                             teacher, settings)
+        self.nonfinite = NonFiniteSteps(settings.on_nonfinite)
 
-    def execute(self, resume: bool) -> FitResult:
-        """Train through every phase (from the newest checkpoint with ``resume``)."""
+    def execute(self, resume: bool, overwrite: bool = False,
+                on_start: StartHook | None = None) -> FitResult:
+        """Train through every phase (from the newest intact checkpoint with ``resume``).
+
+        Nothing is written into ``run_dir`` before the run has started (:meth:`begin`): the
+        checkpoint is loaded and checked, and the first phase to train is built, first."""
         start, checkpoint = {"phase": 0, "epoch": 0, "batch": 0}, None
         run_dir = self.run_dir
         if resume:
-            checkpoint, start = self.state.load_latest()
-            self.log.replace(self.state.history)
-        elif run_dir is not None and self.accelerator.is_main_process:
-            # A fresh run owns its folder: no metrics or checkpoints of an earlier run survive
-            # (a later resume would otherwise continue the earlier run).
-            self.log.replace([])
-            clear_checkpoints(run_dir)
-        self.accelerator.wait_for_everyone()
+            checkpoint, start = self.state.load_newest()
+            self.nonfinite.resume(self.state.history, self.state.global_step)
+        self.opening = RunOpening(run_dir, self.accelerator.is_main_process, resume, overwrite,
+                                  on_start)
         for index, phase in enumerate(self.phases):
             if index == start["phase"]:
                 self.run_phase(index, phase, checkpoint, start)
             elif index > start["phase"]:
                 self.run_phase(index, phase, None, {"epoch": 0, "batch": 0})
-        if run_dir is not None and self.accelerator.is_main_process:
-            atomic_save_tensors(self.student.state_dict(), run_dir / "student.safetensors")
+        self.begin()
+        self.state.save_student()
         return FitResult(self.student, self.state.history, run_dir, self.phases)
+
+    def begin(self) -> None:
+        """Take the run folder, once, after every start-up step has succeeded
+        (:meth:`RunOpening.begin`); the metrics log then writes there."""
+        if not self.opening.started:
+            self.log = self.opening.begin(self.state.history, self.state.global_step) or self.log
+            self.accelerator.wait_for_everyone()
 
     def run_phase(self, index: int, phase: Phase, checkpoint: Checkpoint | None,
                   start: Mapping[str, int]) -> None:
@@ -113,13 +127,14 @@ class TrainingRun:
         self.build_recipes(index)
         if checkpoint is None:
             self.state.best.reset()
-        self.bind_teacher(phase)
+        bind_teacher(self.teacher, phase, self.accelerator.device)
         reader = TapReader(self.student, phase.recipe.student_taps())
         try:
             training = self.phase_training(index, phase, reader)
             if checkpoint is not None:
                 self.state.restore(checkpoint, training.optimizer, training.scheduler)
             training.wrapped = self.accelerator.prepare_model(training.module)
+            self.begin()
             self.progress.start_phase(phase.name or phase.recipe.name,
                                       training.steps_per_epoch * phase.epochs,
                                       start["epoch"] * training.steps_per_epoch + start["batch"])
@@ -153,12 +168,15 @@ class TrainingRun:
         batches = self.global_batches(training.index, training.indices, epoch)
         for b in range(first_batch, len(batches)):
             state = training.train_state(epoch, b)
-            terms, lr = self.optimizer_step(training.wrapped, training.module, batches[b], state,
-                                            training.optimizer, training.scheduler)
-            if self.teacher is not None:
+            outcome = self.optimizer_step(training.wrapped, training.module, batches[b], state,
+                                          training.optimizer, training.scheduler)
+            if outcome.applied and self.teacher is not None:
                 self.teacher.after_step(self.student, state)
             self.state.global_step += 1
-            record = self.record_step(state, terms, lr)
+            record = self.record_step(state, outcome.terms, outcome.lr) if outcome.applied \
+                else self.nonfinite.handle(training.index, training.phase,
+                                           training.steps_per_epoch, state,
+                                           self.state.global_step, outcome, self.write)
             every = self.settings.checkpoint_every
             if every and self.state.global_step % every == 0:
                 self.state.save({"phase": training.index, "epoch": epoch, "batch": b + 1},
@@ -168,42 +186,28 @@ class TrainingRun:
 
     def build_recipes(self, upto: int) -> None:
         """Build the recipe modules (adapters) of every phase up to ``upto`` not built yet, each
-        on its own phase's taps: a resumed fit builds earlier phases' modules to load them."""
+        on its own phase's taps and the first training batch: a resumed fit builds earlier
+        phases' modules to load them."""
+        device = self.accelerator.device
         for index in range(upto + 1):
             if index not in self.state.built:
                 phase = self.phases[index]
-                self.bind_teacher(phase)
+                bind_teacher(self.teacher, phase, device)
+                first = to_device(self.collate_fn([self.dataset[i] for i in range(
+                    min(self.micro_batch, len(self.dataset)))]), device)
                 with TapReader(self.student, phase.recipe.student_taps()) as reader:
-                    self.build_recipe(index, phase, reader)
+                    build_recipe_modules(phase.recipe, reader, self.teacher, first,
+                                         [self.student, *filter(None, [self.peers()])], device)
+                self.state.built.add(index)
 
-    def build_recipe(self, index: int, phase: Phase, reader: TapReader) -> None:
-        """Build a recipe's shape-dependent modules on the first batch. The student (and
-        peers) run this forward in eval mode, so BatchNorm statistics do not absorb an extra
-        batch and dropout draws no random numbers."""
-        first = to_device(self.collate_fn([self.dataset[i] for i in
-                                           range(min(self.micro_batch, len(self.dataset)))]),
-                          self.accelerator.device)
-        with eval_mode(self.student, *filter(None, [self.peers()])), torch.no_grad():
-            teacher = call_model("teacher", self.teacher, first) \
-                if phase.recipe.uses_teacher else None
-            phase.recipe.build(call_model("student", reader, first), teacher)
-        phase.recipe.to(self.accelerator.device)
-        self.state.built.add(index)
-
-    def record_step(self, state: TrainState, terms: Mapping[str, torch.Tensor],
+    def record_step(self, state: TrainState, terms: Mapping[str, float],
                     lr: float) -> dict[str, Any]:
-        """The step's record: every term (mean over the global batch), the weighted total
-        ``loss`` and the learning rate the step used; logged every ``log_every`` steps."""
-        names = sorted(terms)
-        device = self.accelerator.device
-        values = torch.stack([torch.as_tensor(terms[n], dtype=torch.float64, device=device)
-                              for n in names]) if names else None
-        record: dict[str, Any] = {
-            "kind": "train", "phase": state.phase, "epoch": state.epoch,
-            "step": self.state.global_step, "lr": lr,
-            **dict(zip(names, self.accelerator.reduce(values, "sum").tolist() if names else [],
-                       strict=True)),
-        }
+        """The record of a step that was applied (which ends any run of skipped steps): every
+        term (mean over the global batch, all processes), the weighted total ``loss`` and the
+        learning rate the step used; logged every ``log_every`` steps."""
+        self.nonfinite.applied()
+        record: dict[str, Any] = {"kind": "train", "phase": state.phase, "epoch": state.epoch,
+                                  "step": self.state.global_step, "lr": lr, **terms}
         if self.state.global_step % self.settings.log_every == 0:
             self.write(record)
         return record
@@ -235,20 +239,14 @@ class TrainingRun:
         self.state.history.append(record)
 
     def global_batches(self, phase_index: int, indices: list[int], epoch: int) -> list[list[int]]:
-        global_batch = self.micro_batch * self.settings.accumulation * \
-            self.accelerator.num_processes
-        return epoch_global_batches(indices, global_batch,
-                                    self.settings.accumulation * self.accelerator.num_processes,
+        """This fit's global batches of one epoch (:func:`epoch_global_batches`)."""
+        shards = self.settings.accumulation * self.accelerator.num_processes
+        return epoch_global_batches(indices, self.micro_batch * shards, shards,
                                     self.settings.seed, phase_index, epoch)
 
     def peers(self) -> nn.Module | None:
         """The teacher source's trainable module (online peers), if any."""
         return self.teacher.trainable_module() if self.teacher is not None else None
-
-    def bind_teacher(self, phase: Phase) -> None:
-        """Bind the teacher to the phase's teacher taps plus ``logits`` (for agreement)."""
-        if self.teacher is not None:
-            self.teacher.bind(teacher_taps(phase), self.accelerator.device)
 
     def close(self) -> None:
         self.progress.stop()
@@ -290,10 +288,12 @@ def train_indices(dataset: Dataset, phase: Phase) -> list[int]:
     return indices
 
 
-def teacher_taps(phase: Phase) -> list[str]:
-    """The taps a phase reads from its teacher, plus ``logits`` (agreement in evaluations)."""
-    names = list(phase.recipe.teacher_taps())
-    return names if "logits" in names else [*names, "logits"]
+def bind_teacher(teacher: TeacherSource | None, phase: Phase, device: torch.device) -> None:
+    """Bind the teacher to the phase's teacher taps plus ``logits`` (agreement in
+    evaluations)."""
+    if teacher is not None:
+        names = list(phase.recipe.teacher_taps())
+        teacher.bind(names if "logits" in names else [*names, "logits"], device)
 
 
 def broadcast_buffers(models: Sequence[nn.Module]) -> None:

@@ -56,6 +56,11 @@ class FitResult:
         """The end-of-epoch evaluation records."""
         return [r for r in self.history if r.get("kind") == "eval"]
 
+    def skipped_steps(self) -> int:
+        """How many steps were skipped for a non-finite loss or gradient
+        (``on_nonfinite: skip``)."""
+        return sum(1 for r in self.history if r.get("kind") == "skipped_step")
+
 
 def wrap_student(student: nn.Module, phases: Sequence[Phase]) -> nn.Module:
     """The model to train: ``student`` as each phase's recipe wraps it (extra heads...)."""

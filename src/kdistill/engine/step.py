@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -19,6 +20,30 @@ from kdistill.settings import TrainerSettings
 from kdistill.teachers import TeacherSource
 
 
+@dataclass
+class StepOutcome:
+    """What one optimizer step did.
+
+    ``terms`` holds each term's mean over the global batch (all processes) and the weighted
+    total ``loss``; ``lr`` is the learning rate of the step. ``nonfinite_terms`` names the
+    terms that were NaN or infinite; ``nonfinite_gradients`` says the total gradient norm was,
+    and ``nonfinite_parameters`` names the parameters whose gradient holds a NaN or an infinity
+    (none when finite but huge gradients overflowed the norm). A step with a non-finite term
+    or gradient norm applied no update.
+    """
+
+    terms: dict[str, float]
+    lr: float
+    nonfinite_terms: list[str] = field(default_factory=list)
+    nonfinite_gradients: bool = False
+    nonfinite_parameters: list[str] = field(default_factory=list)
+
+    @property
+    def applied(self) -> bool:
+        """Whether the optimizer updated the weights (every term and gradient was finite)."""
+        return not (self.nonfinite_terms or self.nonfinite_gradients)
+
+
 @dataclass(eq=False)
 class OptimizerStep:
     """Runs one optimizer step of a global batch on this process.
@@ -30,10 +55,18 @@ class OptimizerStep:
     3. for every micro-batch: the recipe's ``prepare``, teacher taps, the training module's
        ``sum_k w_k * value_k * local_count_k / global_count_k`` backpropagated (gradients are
        synchronised across processes on the last micro-batch only);
-    4. unscales (fp16), clips, steps the optimizer and the LR schedule.
+    4. unscales (fp16) and checks in one test that every term and the total gradient norm are
+       finite, agreed across processes (one all-reduce of the term values and the norm, which
+       also gives the record its global means, and one transfer to the host);
+    5. clips, steps the optimizer and the LR schedule.
 
-    Returns each term's mean over the global batch (this process's share) and the learning
-    rate the update used.
+    A non-finite term or gradient applies no update: the gradients are dropped (with
+    ``on_nonfinite: skip`` the buffers, e.g. BatchNorm statistics, are put back as they were
+    before the step's forward passes) and the LR schedule still advances (like the recipes'
+    weight schedules it follows the position in the phase); what to do next is the loop's
+    decision (``TrainerSettings.on_nonfinite``).
+    Under fp16 loss scaling, gradients that overflow while every term is finite are left to
+    the gradient scaler, which skips that update and lowers its scale.
     """
 
     accelerator: Any
@@ -44,20 +77,61 @@ class OptimizerStep:
 
     def __call__(self, wrapped: nn.Module, module: TrainingModule, global_batch: list[int],
                  state: TrainState, optimizer: torch.optim.Optimizer,
-                 scheduler: torch.optim.lr_scheduler.LambdaLR
-                 ) -> tuple[dict[str, torch.Tensor], float]:
-        world = self.accelerator.num_processes
-        chunks = process_micro_batches(global_batch, world, self.accelerator.process_index,
-                                       self.settings.accumulation)
+                 scheduler: torch.optim.lr_scheduler.LambdaLR) -> StepOutcome:
+        chunks = process_micro_batches(global_batch, self.accelerator.num_processes,
+                                       self.accelerator.process_index, self.settings.accumulation)
         micro = [self.collate_fn([self.dataset[i] for i in chunk]) for chunk in chunks]
         scales = self.unit_scales(micro)
+        # A skipped step must leave no trace: keep the buffers (BatchNorm statistics) its
+        # forward passes update.
+        buffers = [b.detach().clone() for b in module.buffers()] \
+            if self.settings.on_nonfinite == "skip" else None
         reported: dict[str, torch.Tensor] = {}
         for j, batch in enumerate(micro):
             loss, terms = self.backward(wrapped, module, batch, state, scales[j],
                                         last=j == len(micro) - 1)
             for name, value in {**terms, TOTAL: loss.detach()}.items():
-                reported[name] = reported.get(name, 0.0) + value / world
-        return reported, self.update(module, optimizer, scheduler)
+                reported[name] = reported.get(name, 0.0) + value / self.accelerator.num_processes
+        scaler = self.accelerator.scaler  # fp16 on a GPU: backward scaled the loss
+        if scaler is not None:
+            scaler.unscale_(optimizer)  # true gradients for the check, clipping and the update
+        outcome = self.outcome(module, reported, float(optimizer.param_groups[0]["lr"]))
+        if outcome.applied:
+            self.update(module, optimizer)
+        else:
+            self.discard(module, optimizer, buffers)
+        scheduler.step()
+        return outcome
+
+    def outcome(self, module: TrainingModule, reported: Mapping[str, torch.Tensor],
+                lr: float) -> StepOutcome:
+        """The terms' global means and whether every term and the gradient norm are finite:
+        one all-reduce of the term values and the norm, agreed by every process."""
+        names = sorted(reported)
+        device = self.accelerator.device
+        norm = gradient_norm([p.grad for p in module.parameters() if p.grad is not None])
+        values = torch.stack([*(torch.as_tensor(reported[n], dtype=torch.float64, device=device)
+                                for n in names), norm.to(device, torch.float64)])
+        # Summed over processes: any process's NaN or inf makes the sum non-finite everywhere.
+        totals = self.accelerator.reduce(values, "sum").tolist()
+        outcome = StepOutcome(dict(zip(names, totals[:-1], strict=True)), lr)
+        outcome.nonfinite_terms = [n for n in names if not math.isfinite(outcome.terms[n])]
+        scaler = self.accelerator.scaler
+        if not math.isfinite(totals[-1]) and (scaler is None or outcome.nonfinite_terms):
+            outcome.nonfinite_gradients = True
+            outcome.nonfinite_parameters = nonfinite_gradients(module)
+        return outcome
+
+    def discard(self, module: TrainingModule, optimizer: torch.optim.Optimizer,
+                buffers: Sequence[torch.Tensor] | None) -> None:
+        """Drop a non-finite step: its gradients, and its buffer updates when kept."""
+        optimizer.zero_grad(set_to_none=True)
+        if buffers is not None:
+            with torch.no_grad():
+                for buffer, saved in zip(module.buffers(), buffers, strict=True):
+                    buffer.copy_(saved)
+        if self.accelerator.scaler is not None:
+            self.accelerator.scaler.update()  # ends this step's unscale; the scale drops
 
     def unit_scales(self, micro: Sequence[Mapping[str, Any]]) -> list[dict[str, float]]:
         """Per micro-batch and unit: local count / global count x processes (0 when the global
@@ -85,20 +159,29 @@ class OptimizerStep:
             self.accelerator.backward(loss)
         return loss, terms
 
-    def update(self, module: TrainingModule, optimizer: torch.optim.Optimizer,
-               scheduler: torch.optim.lr_scheduler.LambdaLR) -> float:
-        """Unscale (fp16), clip, step; returns the learning rate this update used."""
-        scaler = self.accelerator.scaler  # fp16 on a GPU: backward scaled the loss
-        if scaler is not None:
-            scaler.unscale_(optimizer)  # true gradients for clipping and the update
+    def update(self, module: TrainingModule, optimizer: torch.optim.Optimizer) -> None:
+        """Clip the (unscaled) gradients, step the optimizer and drop the gradients."""
         if self.settings.clip_grad_norm:
             torch.nn.utils.clip_grad_norm_(module.parameters(), self.settings.clip_grad_norm)
-        lr = float(optimizer.param_groups[0]["lr"])
+        scaler = self.accelerator.scaler
         if scaler is not None:
             scaler.step(optimizer)  # skipped when a gradient overflowed
             scaler.update()
         else:
             optimizer.step()
-        scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        return lr
+
+
+def gradient_norm(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The total L2 norm of ``grads`` (the norm gradient clipping computes), leaving them as they
+    are: one fused norm kernel over the list, then the norm of the per-tensor norms."""
+    if not grads:
+        return torch.zeros(())
+    norms = torch._foreach_norm(list(grads))
+    return torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
+
+
+def nonfinite_gradients(module: nn.Module) -> list[str]:
+    """The names of the parameters of ``module`` whose gradient holds a NaN or an infinity."""
+    return [name for name, p in module.named_parameters()
+            if p.grad is not None and not bool(torch.isfinite(p.grad).all())]

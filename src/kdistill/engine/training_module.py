@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from kdistill.contexts import eval_mode
 from kdistill.errors import KdistillError, ModelCallError, describe_batch
 from kdistill.recipes.base import Recipe
 from kdistill.schedules import TrainState
@@ -71,3 +72,15 @@ def call_model(role: str, forward: Callable[[Mapping[str, Any]], Taps],
     except (RuntimeError, TypeError, KeyError, IndexError, ValueError) as error:
         raise ModelCallError(f"the {role} cannot run on a training batch ({describe_batch(batch)})"
                              f": {type(error).__name__}: {error}") from error
+
+
+def build_recipe_modules(recipe: Recipe, reader: TapReader, teacher: TeacherSource | None,
+                         batch: Mapping[str, Any], models: Sequence[nn.Module],
+                         device: torch.device) -> None:
+    """Build a recipe's shape-dependent modules (adapters) on ``batch`` and move them to
+    ``device``. ``models`` (the student and any peers) run this forward in eval mode, so
+    BatchNorm statistics do not absorb an extra batch and dropout draws no random numbers."""
+    with eval_mode(*models), torch.no_grad():
+        teacher_taps = call_model("teacher", teacher, batch) if recipe.uses_teacher else None
+        recipe.build(call_model("student", reader, batch), teacher_taps)
+    recipe.to(device)

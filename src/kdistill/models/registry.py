@@ -6,14 +6,14 @@ Every builder takes the data's ``input_shape`` and ``num_classes`` plus its own 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, StrictBool
 from torch import nn
 
 from kdistill.models.cnn import CNN
-from kdistill.models.hf import load_hf_model
+from kdistill.models.hf import folder_problems, load_hf_model
 from kdistill.models.mlp import MLP
 from kdistill.models.oracle import LabelConditioned, LabelDropout
 from kdistill.models.tagger import Tagger
@@ -46,8 +46,16 @@ def _cnn(input_shape: Sequence[int], num_classes: int,
 
 
 def _hf(input_shape: Sequence[int], num_classes: int, path: str,
-        task: Literal["classification", "encoder"] = "classification") -> nn.Module:
-    return load_hf_model(path, task=task, num_labels=num_classes)  # type: ignore[arg-type]
+        task: Literal["classification", "encoder"] = "classification",
+        trust_remote_code: StrictBool = False) -> nn.Module:
+    """A transformers model from a local folder; ``trust_remote_code`` (off by default) lets
+    the folder's own Python code run (see :mod:`kdistill.models.hf`)."""
+    return load_hf_model(path, task=task, num_labels=num_classes,  # type: ignore[arg-type]
+                         trust_remote_code=trust_remote_code)
+
+
+def _hf_files(options: Mapping[str, Any], where: str) -> list[str]:
+    return folder_problems(options["path"], options.get("trust_remote_code", False), where)
 
 
 def _tagger(input_shape: Sequence[int], num_classes: int, vocab_size: Width = 100,
@@ -71,6 +79,10 @@ def build_oracle(input_shape: Sequence[int], num_classes: int, base: str = "cnn"
 
 MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": _mlp, "cnn": _cnn, "hf": _hf,
                                                "tagger": _tagger, "oracle": build_oracle}
+
+# Checks of the files a model's options name, run by config validation before anything is
+# built: (validated options, dotted path of the options) -> problems, each naming its field.
+MODEL_FILE_CHECKS: dict[str, Callable[[Mapping[str, Any], str], list[str]]] = {"hf": _hf_files}
 
 
 def model_options(name: str, size: str | None, options: dict[str, Any]) -> dict[str, Any]:
