@@ -41,8 +41,13 @@ def error_of(raw: Any) -> str:
 
 
 def problem_lines(message: str) -> list[str]:
-    """The per-field lines of a ConfigError message (after the 'invalid configuration' line)."""
-    return [line.strip() for line in message.splitlines()[1:]]
+    """The per-field problems of a ConfigError message: one problem is one line
+    (``source: field: message``); several follow an 'invalid configuration' line."""
+    lines = message.splitlines()
+    if len(lines) == 1:
+        return [lines[0].split(": ", 1)[1]]
+    assert lines[0].endswith(": invalid configuration")
+    return [line.strip() for line in lines[1:]]
 
 
 def test_base_config_is_valid() -> None:

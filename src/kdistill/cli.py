@@ -4,24 +4,77 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NoReturn
 
 from kdistill.errors import KdistillError
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (``kdistill demo: error: argument --labeled: ...``)
+    instead of the usage block followed by the error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _whole_number(low: int, high: Callable[[], int] | None = None) -> Callable[[str], int]:
+    """An argparse type: a whole number in low..high() (``high`` is called only when a value
+    is given, so ``--help`` imports nothing to know it)."""
+
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        top = high() if high is not None else None
+        if value < low or (top is not None and value > top):
+            bounds = f"at least {low}" if top is None else f"between {low} and {top}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {value}")
+        return value
+
+    return convert
+
+
+def _max_seed() -> int:
+    from kdistill.settings import MAX_SEED
+
+    return MAX_SEED
+
+
+def _max_threads() -> int:
+    from kdistill.settings import MAX_THREADS
+
+    return MAX_THREADS
+
+
+def _run_name(text: str) -> str:
+    """An argparse type: a run name, which names a folder (no path separators)."""
+    from kdistill.settings import RUN_NAME_PATTERN
+
+    if not re.match(RUN_NAME_PATTERN, text) or len(text) > 255:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a folder name: use letters, digits, "
+                                         "'.', '_' and '-', starting with a letter or digit")
+    return text
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="kdistill", description="Distil a large teacher model into a small, fast student.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo", help="run the embedded offline demo on digits")
     demo.add_argument("--quick", action="store_true", help="a reduced run (for tests)")
-    demo.add_argument("--labeled", type=int, default=50, help="labels the student sees")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--labeled", type=_whole_number(1), default=50,
+                      help="labels the student sees")
+    demo.add_argument("--seed", type=_whole_number(0, _max_seed), default=0)
     demo.add_argument("--output", default="runs", help="folder for run outputs")
-    demo.add_argument("--name", default="demo", help="run name (sub-folder of --output)")
-    demo.add_argument("--threads", type=int, default=1,
+    demo.add_argument("--name", type=_run_name, default="demo",
+                      help="run name (sub-folder of --output)")
+    demo.add_argument("--threads", type=_whole_number(1, _max_threads), default=1,
                       help="torch CPU threads for training and latency (default 1)")
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -36,7 +89,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="replace an earlier run in the run's folder (once the new one has "
                             "started)")
 
-    check = commands.add_parser("check", help="validate a YAML config without running it")
+    check = commands.add_parser(
+        "check", help="validate a YAML config: its data, models, taps and a trial step on a "
+                      "few samples, without training")
     check.add_argument("config")
     check.add_argument("--set", dest="overrides", action="append", default=[],
                        metavar="KEY=VALUE")
@@ -66,11 +121,23 @@ def _recipes() -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from kdistill.demo import DemoOptions, run_demo
+    from kdistill.config import ConfigError, folder_problem
+    from kdistill.demo import DEMO_RUNS, DemoOptions, run_demo
 
-    outcome = run_demo(DemoOptions(labeled=args.labeled, seed=args.seed, quick=args.quick,
-                                   output=args.output, name=args.name, threads=args.threads,
-                                   progress=not args.no_progress))
+    run_dir = Path(args.output) / args.name
+    for flag, path in [("--output", Path(args.output)), ("--name", run_dir),
+                       *(("--name", run_dir / name) for name, _, _ in DEMO_RUNS)]:
+        problem = folder_problem(path)
+        if problem is not None:
+            raise ConfigError(f"{flag}: {problem}")
+    try:
+        outcome = run_demo(DemoOptions(labeled=args.labeled, seed=args.seed, quick=args.quick,
+                                       output=args.output, name=args.name,
+                                       threads=args.threads, progress=not args.no_progress))
+    except ConfigError as error:  # the demo's data section is built from --labeled
+        if str(error).startswith("data.labeled:"):
+            raise ConfigError(f"--labeled:{str(error).removeprefix('data.labeled:')}") from None
+        raise
     return _print_outcome(outcome.rows, "teacher and students on the digits test set",
                           outcome.report)
 
@@ -80,7 +147,13 @@ def _run(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     if args.command == "check":
-        print(f"{args.config}: valid")
+        from kdistill.run import code_running_models, preflight
+
+        preflight(config)  # the data, the models, their taps and a trial step: no training
+        unbuilt = code_running_models(config)
+        note = (f" (not built, as building runs code from the model folder: "
+                f"{', '.join(unbuilt)})" if unbuilt else "")
+        print(f"{args.config}: valid{note}")
         return 0
     from kdistill.run import run
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import inspect
+import os
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -19,16 +20,20 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from kdistill.data import DATASETS
+from kdistill.data.builtin import csv_header, printable
 from kdistill.errors import KdistillError
 from kdistill.models.registry import MODEL_FILE_CHECKS, MODEL_SIZES, MODELS
 from kdistill.names import unknown_name
 from kdistill.recipes import RECIPES, build_recipe
 from kdistill.settings import (
     MAX_SEVERITY,
+    RUN_NAME_PATTERN,
     OptimizerSettings,
     SchedulerSettings,
+    Seed,
     Shift,
     Strict,
+    Threads,
     TrainerSettings,
 )
 
@@ -56,7 +61,7 @@ class DataConfig(Strict):
     label_column: str = "label"
     test_fraction: float = Field(default=0.25, gt=0, lt=1)
     labeled: int | None = Field(default=None, ge=1)
-    seed: int = 0
+    seed: Seed = 0
     options: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -105,7 +110,7 @@ class EvaluationConfig(Strict):
     images it also scores accuracy under (:mod:`kdistill.data.shifts`; none by default)."""
 
     batch_size: int = Field(default=64, ge=1)
-    threads: int = Field(default=2, ge=1)
+    threads: Threads = 2
     repeats: int = Field(default=20, ge=1)
     shifts: list[Shift] = Field(default_factory=list)
     shift_severity: float = Field(default=3.0, ge=0.0, le=MAX_SEVERITY)
@@ -118,9 +123,9 @@ class RunConfig(Strict):
     evaluation); unset keeps torch's default. Small models often train fastest on 1 thread.
     """
 
-    name: str = Field(default="run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    output_dir: str = "runs"
-    cpu_threads: int | None = Field(default=None, ge=1)
+    name: str = Field(default="run", pattern=RUN_NAME_PATTERN, max_length=255)
+    output_dir: str = Field(default="runs", min_length=1)
+    cpu_threads: Threads | None = None
     data: DataConfig = Field(default_factory=DataConfig)
     student: ModelConfig
     teacher: TeacherConfig | None = None
@@ -245,9 +250,8 @@ def _options_model(name: str, builder: Any, accepted: Sequence[str]) -> type[Bas
         default = parameters[key].default
         fields[key] = (hints.get(key, Any), ... if default is inspect.Parameter.empty
                        else default)
-    return create_model(f"{name}_options", __config__=ConfigDict(extra="forbid",
-                                                                 arbitrary_types_allowed=True),
-                        **fields)
+    return create_model(f"{name}_options", __config__=ConfigDict(
+        extra="forbid", arbitrary_types_allowed=True, strict=True, allow_inf_nan=False), **fields)
 
 
 def _check_model(model: ModelConfig, path: str) -> list[str]:
@@ -309,33 +313,101 @@ def _check_recipe(recipe: Mapping[str, Any], path: str) -> list[str]:
     return _recipe_problems(recipe, path)[0]
 
 
+FILE_DATASETS = ("npz", "csv")  # the data sets read from data.path
+
+
 def _check_data(data: DataConfig) -> list[str]:
     problems = _check_name("data set", data.name, list(DATASETS), "data.name")
     if problems:
         return problems
-    if data.name not in ("npz", "csv"):
+    problems = _check_data_options(data)
+    if data.name not in FILE_DATASETS:
         if data.path is not None:
             problems.append(f"data.path: data set '{data.name}' is built in and reads no file; "
                             "use name 'csv' or 'npz' for your own data")
         return problems
     if data.path is None:
-        return [f"data.path: data set '{data.name}' needs a file path"]
+        return [*problems, f"data.path: data set '{data.name}' needs a file path"]
     path = Path(data.path)
+    if path.is_dir():
+        return [*problems, f"data.path: {data.path} is a folder, not a file"]
     if not path.is_file():
-        return [f"data.path: file not found: {data.path}"]
+        return [*problems, f"data.path: file not found: {data.path}"]
     if data.name == "csv":
         problems += _check_csv_header(path, data.label_column)
     return problems
 
 
+def _check_data_options(data: DataConfig) -> list[str]:
+    """``data.options`` against the loader's keyword parameters (names and types), and the
+    ``data`` fields given explicitly that this data set would ignore."""
+    loader = DATASETS[data.name]
+    parameters = inspect.signature(loader).parameters
+    own = {"seed": "data.seed", "test_fraction": "data.test_fraction"}
+    if data.name in FILE_DATASETS:
+        own["path"] = "data.path"
+    if data.name == "csv":
+        own["label_column"] = "data.label_column"
+    accepted = [p for p in parameters if p not in own]
+    problems = []
+    for key in data.options:
+        if key in own and key in parameters:
+            problems.append(f"data.options.{key}: give it as {own[key]}, not as an option")
+        elif not accepted:
+            problems.append(f"data.options.{key}: data set '{data.name}' takes no options")
+        elif key not in accepted:
+            problems.append(f"data.options.{key}: "
+                            + unknown_name(f"{data.name} option", key, accepted))
+    if not problems:
+        model = _options_model(f"{data.name}_data", loader, accepted)
+        try:
+            model.model_validate(data.options)
+        except ValidationError as error:
+            problems += format_validation_error(error, model, ["data", "options"])
+    given = data.model_fields_set
+    if "test_fraction" in given and "test_fraction" not in parameters:
+        problems.append(f"data.test_fraction: data set '{data.name}' has its own test split; "
+                        "remove test_fraction")
+    if "label_column" in given and data.name != "csv":
+        problems.append(f"data.label_column: only a 'csv' data set has named columns, not "
+                        f"'{data.name}'; remove label_column")
+    return problems
+
+
+def folder_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be used as a folder to write into (it, or the nearest of its parents
+    that exists, is a file), or None when it can."""
+    for candidate in (path, *path.parents):
+        if os.path.lexists(candidate):
+            if os.path.isdir(candidate):
+                return None
+            if candidate == path:
+                return f"{path} is a file, not a folder"
+            return f"{candidate} is a file, so {path} cannot be a folder"
+    return None
+
+
+def check_output_folder(config: RunConfig) -> list[str]:
+    """A problem when the run's folder ``<output_dir>/<name>`` cannot be created because a file
+    is in the way (the output folder itself, one of its parents, or the run folder)."""
+    output = Path(config.output_dir)
+    problem = folder_problem(output)
+    if problem is not None:
+        return [f"output_dir: {problem}"]
+    problem = folder_problem(output / config.name)
+    if problem is not None:
+        return [f"name: {problem} (a run writes into <output_dir>/<name>)"]
+    return []
+
+
 def _check_csv_header(path: Path, label_column: str) -> list[str]:
     try:
-        with path.open(newline="") as handle:
-            header = next(csv.reader(handle), None)
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            header = csv_header(path, csv.reader(handle))
     except (OSError, UnicodeDecodeError, csv.Error) as error:
         return [f"data.path: cannot read {path} as CSV: {error}"]
-    if not header:
-        return [f"data.path: {path} is empty (a header row with column names is needed)"]
+    except ValueError as error:  # empty, or a blank or repeated column name
+        return [f"data.path: {error}"]
     if label_column not in header:
         return ["data.label_column: " + unknown_name(f"{path.name} column", label_column, header)]
     return []
@@ -344,7 +416,8 @@ def _check_csv_header(path: Path, label_column: str) -> list[str]:
 def check_registered(config: RunConfig) -> list[str]:
     """Problems with registered names, recipe parameters, tap names, files and the split of
     the budget into phases (empty when the config is fine)."""
-    problems = _check_data(config.data) + _check_model(config.student, "student")
+    problems = (check_output_folder(config) + _check_data(config.data)
+                + _check_model(config.student, "student"))
     if config.teacher is not None:
         problems += _check_model(config.teacher.model, "teacher.model")
         if config.teacher.checkpoint and not Path(config.teacher.checkpoint).is_file():
@@ -418,7 +491,10 @@ def _yaml_problem(error: yaml.YAMLError) -> str:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         context = f" ({error.context})" if error.context else ""
         return f"{problem}{context}{where}"
-    return str(error)
+    if isinstance(error, yaml.reader.ReaderError):
+        return (f"unacceptable character #x{error.character:04x} at position {error.position} "
+                "(YAML allows no control characters)")
+    return " ".join(str(error).split())
 
 
 def safe_load_yaml(text: str, source: str = "config") -> Any:
@@ -426,11 +502,19 @@ def safe_load_yaml(text: str, source: str = "config") -> Any:
     try:
         return yaml.load(text, Loader=_SafeUniqueLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as error:
-        raise ConfigError(f"{source}: not valid YAML: {_yaml_problem(error)}") from None
+        raise ConfigError(printable(f"{source}: not valid YAML: {_yaml_problem(error)}")
+                          ) from None
 
 
 def apply_override(raw: dict[str, Any], assignment: str) -> None:
     """Apply ``a.b.c=value`` (value parsed as YAML) to a raw config dict in place."""
+    try:
+        _apply_override(raw, assignment)
+    except ConfigError as error:  # a line break in the assignment must not split the message
+        raise ConfigError(printable(str(error))) from None
+
+
+def _apply_override(raw: dict[str, Any], assignment: str) -> None:
     if "=" not in assignment:
         raise ConfigError(f"--set {assignment}: expected KEY=VALUE, e.g. trainer.epochs=3")
     key, text = assignment.split("=", 1)
@@ -461,6 +545,15 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
         node[last] = value
 
 
+def invalid(source: str, problems: Sequence[str]) -> ConfigError:
+    """The error for a config with ``problems``: one line (``source: field: message``) for one
+    problem, a header line and an indented line per problem for several."""
+    problems = [printable(problem) for problem in problems]
+    if len(problems) == 1:
+        return ConfigError(f"{source}: {problems[0]}")
+    return ConfigError(f"{source}: invalid configuration\n  " + "\n  ".join(problems))
+
+
 def parse_config(raw: Any, source: str = "config") -> RunConfig:
     """Validate a raw mapping into a :class:`RunConfig`; raise :class:`ConfigError` listing
     every problem."""
@@ -470,11 +563,10 @@ def parse_config(raw: Any, source: str = "config") -> RunConfig:
     try:
         config = RunConfig.model_validate(raw)
     except ValidationError as error:
-        lines = format_validation_error(error, RunConfig)
-        raise ConfigError(f"{source}: invalid configuration\n  " + "\n  ".join(lines)) from None
+        raise invalid(source, format_validation_error(error, RunConfig)) from None
     problems = check_registered(config)
     if problems:
-        raise ConfigError(f"{source}: invalid configuration\n  " + "\n  ".join(problems))
+        raise invalid(source, problems)
     return config
 
 

@@ -3,12 +3,13 @@ phases, training, the final teacher-vs-student comparison and the report."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import inspect
 import json
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,16 +27,25 @@ from kdistill.checkpoint import (
     check_fresh_run_folder,
     checkpoint_folders,
 )
-from kdistill.config import ConfigError, DataConfig, ModelConfig, RunConfig, TeacherConfig
+from kdistill.config import (
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    RunConfig,
+    TeacherConfig,
+    check_output_folder,
+)
 from kdistill.contexts import num_threads
-from kdistill.data import DATASETS, DataSplits, keep_labels, load_dataset
+from kdistill.data import DATASETS, DataSplits, keep_labels, labeled_indices, load_dataset
 from kdistill.data.shifts import check_shifts
 from kdistill.engine import Distiller, FitResult, Phase, recipe_phases, wrap_student
 from kdistill.engine.state import RESUMABLE_SETTINGS, changed_fields, format_changes
+from kdistill.errors import KdistillError
 from kdistill.evaluate import benchmark_models, eval_batches, shifted_evaluation
 from kdistill.models import build_model, deployable
 from kdistill.recipes import RECIPES, Recipe, build_recipe
 from kdistill.report import write_report
+from kdistill.settings import TrainerSettings
 from kdistill.taps import TapError, resolve_module_taps
 from kdistill.teachers import FrozenTeacher, TeacherSource
 
@@ -419,6 +429,7 @@ def run(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -> 
     """Train the configured student and compare it with its teacher (if any). The run folder
     (``output_dir/name``) must be empty unless ``resume`` continues its run or ``overwrite``
     replaces it (see :class:`RunFolder`)."""
+    check_before_work(config)
     with num_threads(config.cpu_threads):
         return _run(config, resume, overwrite)
 
@@ -483,3 +494,159 @@ def _run(config: RunConfig, resume: bool, overwrite: bool) -> RunOutcome:
                                         for p in config.phases or []],
                                     "data": config.data.model_dump()})
     return RunOutcome(result, rows, report)
+
+
+# -- everything that can be known before training (``kdistill check``) ------------------------
+TRIAL_BATCH = 8  # the largest micro-batch of a trial step
+
+
+def preflight(config: RunConfig) -> DataSplits:
+    """Find, without training, the problems a run of ``config`` would meet before or in its
+    first steps; raise a :class:`ConfigError` naming the config section.
+
+    Loads the data (every check of a data file), checks the shifts, mixed precision, each
+    phase's task and the teacher's training recipe, builds the student and the teacher's
+    architecture (loading a teacher checkpoint, training nothing), checks their module taps,
+    and then makes a trial: one epoch of every phase over a few training samples (the
+    teacher's training too), on these freshly built models, with an evaluation on a few test
+    samples. The trial finds what only a forward pass shows: taps a model does not produce,
+    shapes an adapter or a loss cannot take, a batch a model cannot run on. Nothing is written
+    to disk. A model whose building would run code from its folder
+    (:func:`code_running_models`) is not built, and then there is no trial. Returns the data.
+    """
+    check_before_work(config)
+    unbuilt = code_running_models(config)
+    with num_threads(config.cpu_threads):
+        data = build_data(config.data)
+        check_shift_request(config, data)
+        phases = build_phases(config)
+        sections = (["recipe"] * len(phases) if config.phases is None else
+                    [f"phases.{i}.recipe" for i in range(len(phases))])
+        for phase, where in zip(phases, sections, strict=True):
+            check_task(phase.recipe, data, where)
+        users = [(p, where) for p, where in zip(phases, sections, strict=True)
+                 if p.recipe.uses_teacher]
+        recipe = users[0][0].recipe if users and config.teacher is not None else None
+        teacher_phases = teacher_training_phases(config, recipe, data)
+        student = None
+        if "student" not in unbuilt:
+            student = wrap_student(build_from(config.student, data, config.trainer.seed,
+                                              "student"), phases)
+            for phase, where in zip(phases, sections, strict=True):
+                check_taps(student, phase.recipe.student_taps(), where, phase.name or "")
+        teacher = None
+        if recipe is not None and "teacher.model" not in unbuilt:
+            teacher = trial_teacher(config, data, recipe, users, teacher_phases)
+        if student is not None and not unbuilt:
+            trial_fit(student, teacher, phases, config.trainer, data,
+                      "recipe" if config.phases is None else "phases")
+    return data
+
+
+def code_running_models(config: RunConfig) -> list[str]:
+    """The model sections (``student``, ``teacher.model``) whose building would run code from
+    the model's folder: an ``hf`` model, or an ``oracle`` on an ``hf`` base, with
+    ``trust_remote_code: true``. ``kdistill check`` does not build them."""
+    sections = [("student", config.student)]
+    if config.teacher is not None:
+        sections.append(("teacher.model", config.teacher.model))
+    found = []
+    for where, model in sections:
+        options = model.options
+        if model.name == "oracle" and options.get("base") == "hf":
+            options = options.get("base_options") or {}
+        elif model.name != "hf":
+            continue
+        if options.get("trust_remote_code") is True:
+            found.append(where)
+    return found
+
+
+def check_before_work(config: RunConfig) -> None:
+    """The checks of the machine a run needs before any work (loading data, training a
+    teacher): a file where the run folder goes, fp16 without a GPU."""
+    # load_config checks the run folder too; again here for a RunConfig made in Python.
+    problems = check_output_folder(config)
+    if problems:
+        raise ConfigError(problems[0])
+    check_precision(config.trainer, "trainer")
+    if config.teacher is not None and config.teacher.train is not None:
+        check_precision(config.teacher.train, "teacher.train")
+
+
+def check_precision(settings: TrainerSettings, where: str) -> None:
+    """Raise a :class:`ConfigError` for fp16 mixed precision without a GPU."""
+    if settings.mixed_precision == "fp16" and (settings.cpu or not torch.cuda.is_available()):
+        raise ConfigError(f"{where}.mixed_precision: 'fp16' needs a GPU (on CPU it would "
+                          "silently train in fp32); use 'bf16' on CPU")
+
+
+def teacher_training_phases(config: RunConfig, distilling: Recipe | None,
+                            data: DataSplits) -> list[Phase] | None:
+    """The phases that would train the teacher for the first teacher-using recipe
+    ``distilling`` (None when no teacher is trained), its recipe checked as
+    :func:`obtain_teacher` checks it."""
+    if distilling is None or config.teacher is None or config.teacher.train is None \
+            or distilling.teacher_model == "fresh":
+        return None
+    spec = teacher_training(config.teacher, distilling)
+    trainer_recipe = build_recipe(spec.pop("name"), **spec)
+    if trainer_recipe.uses_teacher:
+        raise ConfigError(f"teacher.recipe: '{trainer_recipe.name}' distils from a teacher "
+                          "and cannot train the teacher itself")
+    check_task(trainer_recipe, data, "teacher.recipe")
+    try:
+        return recipe_phases(trainer_recipe, config.teacher.train.epochs)
+    except ValueError as error:
+        raise ConfigError(f"teacher.train.epochs: {error}") from None
+
+
+def trial_teacher(config: RunConfig, data: DataSplits, recipe: Recipe,
+                  users: Sequence[tuple[Phase, str]],
+                  teacher_phases: list[Phase] | None) -> nn.Module | TeacherSource:
+    """The teacher a trial hands to the :class:`Distiller`, as :func:`build_teacher` would but
+    untrained: the architecture (with the checkpoint's weights if one is given), its module
+    taps checked for every teacher-using phase in ``users``; a teacher the run would train
+    (``teacher_phases``) gets a trial of its own training first."""
+    assert config.teacher is not None
+    fresh = recipe.teacher_model == "fresh"
+    train = config.teacher.train
+    seed = config.trainer.seed + 1 if fresh else train.seed if train is not None else 0
+    teacher = build_from(config.teacher.model, data, seed, "teacher.model")
+    if config.teacher.checkpoint is not None:
+        load_weights(teacher, Path(config.teacher.checkpoint), "teacher.checkpoint")
+    for phase, where in users:
+        check_taps(teacher, phase.recipe.teacher_taps(), where, phase.name or "")
+    if fresh:
+        return teacher
+    if train is not None and teacher_phases is not None:
+        full = data if config.data.labeled is None else \
+            build_data(config.data.model_copy(update={"labeled": None}))
+        trial_fit(teacher, None, teacher_phases, train, full, "teacher.train")
+    return FrozenTeacher(teacher, config.teacher.precision)
+
+
+def trial_fit(student: nn.Module, teacher: nn.Module | TeacherSource | None,
+              phases: Sequence[Phase], settings: TrainerSettings, data: DataSplits,
+              where: str) -> None:
+    """One epoch of each phase over a few training samples (labelled and unlabelled ones, at
+    most :data:`TRIAL_BATCH` per micro-batch) with an evaluation on a few test samples; a
+    failure is a one-line :class:`ConfigError` naming the section ``where``."""
+    batch = min(settings.batch_size, TRIAL_BATCH)
+    per_kind = batch * settings.accumulation
+    labeled = labeled_indices(data.train)
+    known = set(labeled)
+    unlabeled = [i for i in range(len(data.train)) if i not in known][:per_kind]
+    rows = sorted(labeled[:per_kind] + unlabeled)
+    train, test = data.train.select(rows), data.test.select(range(min(len(data.test), batch)))
+    trial = settings.model_copy(update={"epochs": 1, "batch_size": batch, "progress": False,
+                                        "checkpoint_every": None})
+    try:
+        Distiller(student, teacher, phases=[dataclasses.replace(p, epochs=1) for p in phases],
+                  trainer=trial).fit(train, test)
+    except ConfigError:
+        raise
+    except (KdistillError, ValueError, TypeError, RuntimeError, IndexError, KeyError) as error:
+        message = " ".join(str(error).split())
+        raise ConfigError(f"{where}: a trial step on {len(rows)} training samples failed: "
+                          f"{message}") from None

@@ -8,6 +8,19 @@ from pydantic import BaseModel, ConfigDict, Field
 
 Beta = Annotated[float, Field(ge=0, lt=1)]  # an AdamW moment decay
 
+# Seeds reach numpy's legacy seeding and scikit-learn's ``random_state`` (both 0 .. 2**32 - 1);
+# a larger or negative seed would pass validation and fail inside them.
+MAX_SEED = 2**32 - 1
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+
+# Thread counts reach torch and the BLAS libraries, which try to start that many threads (and
+# fail far from the config with 100,000). More threads than cores only slow these models down.
+MAX_THREADS = 1024
+Threads = Annotated[int, Field(ge=1, le=MAX_THREADS)]
+
+# A run's name is the name of its folder under the output folder: no path separators.
+RUN_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+
 # Distribution shifts of test images (kdistill.data.shifts) and their severity scale.
 Shift = Literal["noise", "blur", "contrast", "rotation"]
 SHIFTS: tuple[Shift, ...] = get_args(Shift)
@@ -15,9 +28,12 @@ MAX_SEVERITY = 5.0
 
 
 class Strict(BaseModel):
-    """Base for settings: unknown keys are errors, values are checked on assignment."""
+    """Base for settings: unknown keys are errors, values are checked on assignment, types are
+    strict (``epochs: true`` or ``epochs: 2.0`` is not an integer, ``progress: 1`` not a
+    boolean; an integer is a valid float) and floats must be finite (no ``.nan``/``.inf``)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True,
+                              allow_inf_nan=False)
 
 
 class OptimizerSettings(Strict):
@@ -27,7 +43,8 @@ class OptimizerSettings(Strict):
     lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
     momentum: float = Field(default=0.9, ge=0, lt=1)
-    betas: tuple[Beta, Beta] = (0.9, 0.999)
+    # A YAML list is a fine pair: only the container is lax, the two numbers stay strict.
+    betas: tuple[Beta, Beta] = Field(default=(0.9, 0.999), strict=False)
     nesterov: bool = False
 
 
@@ -55,7 +72,7 @@ class TrainerSettings(Strict):
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     clip_grad_norm: float | None = Field(default=None, gt=0)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    seed: int = 0
+    seed: Seed = 0
     checkpoint_every: int | None = Field(default=None, ge=1)
     keep_checkpoints: int = Field(default=2, ge=1)
     eval_every: int = Field(default=1, ge=1)  # epochs between evaluations and checkpoints

@@ -4,7 +4,7 @@ of :mod:`kdistill.batch` (samples are dicts with ``input``, ``labels`` and ``ind
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +36,11 @@ class ArrayDataset(Dataset):
     def with_labels(self, labels: torch.Tensor) -> ArrayDataset:
         """The same inputs with other labels (for example with most of them hidden)."""
         return ArrayDataset(self.inputs, labels)
+
+    def select(self, indices: Sequence[int]) -> ArrayDataset:
+        """The samples at ``indices``, in that order, as a data set of the same kind."""
+        rows = torch.as_tensor(list(indices), dtype=torch.long)
+        return ArrayDataset(self.inputs[rows], self.labels[rows])
 
 
 class IndexedDataset(Dataset):

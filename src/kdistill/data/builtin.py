@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import csv
 import inspect
+import math
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,6 +23,50 @@ from kdistill.data.images import FASHION_MNIST_DIR, read_fashion_mnist, read_mni
 from kdistill.data.regression import load_diabetes
 from kdistill.data.tagging import load_tagging
 from kdistill.names import unknown_name
+
+# Inputs become float32 tensors: a larger magnitude would silently turn into an infinity.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+# Labels are checked as floats before becoming int64; beyond 2**53 floats skip whole numbers.
+LARGEST_LABEL = 2**53
+
+
+def printable(text: str) -> str:
+    """``text`` with each unprintable character (a line break, a tab, a control character)
+    escaped as Python writes it, so an error about it stays on one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def value_problem(value: float) -> str | None:
+    """Why ``value`` cannot be an input (NaN, an infinity, or beyond float32's range), or
+    None when it can."""
+    if math.isnan(value) or math.isinf(value):
+        return f"{value} is not a finite number (NaN and infinities cannot be trained on)"
+    if abs(value) > FLOAT32_MAX:
+        return f"{value:g} is beyond the float32 range of the inputs (±{FLOAT32_MAX:.4g})"
+    return None
+
+
+def first_unfit(x: np.ndarray) -> tuple[tuple[int, ...], float] | None:
+    """The index and value of the first element of ``x`` that is not a finite float32 value,
+    or None when every element is one (integers and booleans always are)."""
+    if x.dtype.kind != "f" or x.size == 0:
+        return None
+    bad = ~np.isfinite(x)
+    bad |= np.abs(np.where(bad, 0, x)) > FLOAT32_MAX
+    if not bad.any():
+        return None
+    index = tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), x.shape))
+    return index, float(x[index])
+
+
+def position(index: tuple[int, ...]) -> str:
+    """An array position in words: ``row 3``, ``row 3, column 1`` or ``row 3, position
+    (0, 2, 1)`` (the row is the sample)."""
+    if len(index) == 1:
+        return f"row {index[0]}"
+    if len(index) == 2:
+        return f"row {index[0]}, column {index[1]}"
+    return f"row {index[0]}, position {index[1:]}"
 
 
 def integer_labels(name: str, y: np.ndarray, what: str = "labels") -> np.ndarray:
@@ -33,7 +79,9 @@ def integer_labels(name: str, y: np.ndarray, what: str = "labels") -> np.ndarray
         return y.astype(np.int64)
     if y.dtype.kind in "fb":
         y = y.astype(np.float64)
-        whole = np.isfinite(y) & (y == np.round(y))
+        finite = np.isfinite(y)
+        safe = np.where(finite, y, 0.0)
+        whole = finite & (safe == np.round(safe)) & (np.abs(safe) <= LARGEST_LABEL)
         if not whole.all():
             bad = np.unique(y[~whole])[:5].tolist()
             raise ValueError(f"data set '{name}': {what} must be integers 0..C-1, got {bad}")
@@ -48,6 +96,7 @@ def split_arrays(name: str, x: np.ndarray, y: np.ndarray, test_fraction: float,
     y = integer_labels(name, y)
     if len(x) != len(y):
         raise ValueError(f"data set '{name}': {len(x)} inputs but {len(y)} labels")
+    check_classes(name, np.unique(y), len(y))  # before the split, whose errors are obscure
     try:
         x_train, x_test, y_train, y_test = train_test_split(
             x, y, test_size=test_fraction, random_state=seed, stratify=y
@@ -82,10 +131,7 @@ def from_arrays(name: str, x_train: np.ndarray, y_train: np.ndarray, x_test: np.
         raise ValueError(f"data set '{name}': training inputs are shaped {x_train.shape[1:]} "
                          f"but test inputs {x_test.shape[1:]}")
     classes = np.unique(np.concatenate([y_train, y_test]))
-    if not np.array_equal(classes, np.arange(len(classes))):
-        raise ValueError(f"data set '{name}': labels must be the integers 0..C-1 with every "
-                         f"class present, got {classes[:10].tolist()}"
-                         + (" ..." if len(classes) > 10 else ""))
+    check_classes(name, classes, len(y_train) + len(y_test))
 
     def tensors(x: np.ndarray, y: np.ndarray) -> ArrayDataset:
         return ArrayDataset(torch.as_tensor(x, dtype=torch.float32),
@@ -93,6 +139,25 @@ def from_arrays(name: str, x_train: np.ndarray, y_train: np.ndarray, x_test: np.
 
     return DataSplits(Path(name).stem, tensors(x_train, y_train), tensors(x_test, y_test),
                       num_classes=len(classes), input_shape=tuple(x_train.shape[1:]))
+
+
+def check_classes(name: str, classes: np.ndarray, count: int) -> None:
+    """Refuse the sorted distinct labels ``classes`` of ``count`` samples unless they are the
+    integers 0..C-1 with C >= 2."""
+    if len(classes) < 2:
+        raise ValueError(f"data set '{name}': {one_class(classes, count)}")
+    if not np.array_equal(classes, np.arange(len(classes))):
+        raise ValueError(f"data set '{name}': labels must be the integers 0..C-1 with every "
+                         f"class present, got {classes[:10].tolist()}"
+                         + (" ..." if len(classes) > 10 else ""))
+
+
+def one_class(classes: np.ndarray, count: int) -> str:
+    """The problem of labels with fewer than two classes."""
+    if len(classes) == 0:
+        return "there are no labels"
+    return (f"all {count} labels are class {int(classes[0])}; classification needs at least 2 "
+            "classes (one would train a 1-output model whose score is not an accuracy)")
 
 
 def load_digits(test_fraction: float = 0.25, seed: int = 0) -> DataSplits:
@@ -143,67 +208,124 @@ def load_fashion_mnist(train_size: int | None = None, seed: int = 0,
 def load_npz(path: str | Path, test_fraction: float = 0.25, seed: int = 0,
              input_key: str = "x", label_key: str = "y") -> DataSplits:
     """A ``.npz`` file holding ``x``/``y`` (split here) or ``x_train``, ``y_train``,
-    ``x_test``, ``y_test`` (used as given). Key names can be changed."""
+    ``x_test``, ``y_test`` (used as given). Key names can be changed.
+
+    Every array is checked before use, and an error names the file, the array and, for a bad
+    value, its row and column: inputs must be numbers shaped [samples, features, ...] and
+    finite within float32's range; labels one integer per sample.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"npz data file not found: {path}")
     split_names = (f"{input_key}_train", f"{label_key}_train", f"{input_key}_test",
                    f"{label_key}_test")
+    arrays = _read_npz(path, split_names, (input_key, label_key))
+    inputs = {input_key, split_names[0], split_names[2]}
+    for key, array in arrays.items():
+        if key in inputs:
+            _check_npz_inputs(path, key, array)
+        else:
+            _check_npz_labels(path, key, array)
+    if len(arrays) == 4:
+        return from_arrays(str(path), *(arrays[k] for k in split_names))
+    x, y = arrays[input_key], arrays[label_key]
+    if len(x) != len(y):
+        raise ValueError(f"{path}: array '{input_key}' has {len(x)} rows but '{label_key}' has "
+                         f"{len(y)}; give one label per sample")
+    return split_arrays(str(path), x, y, test_fraction, seed)
+
+
+def _read_npz(path: Path, split_names: tuple[str, ...],
+              whole: tuple[str, str]) -> dict[str, np.ndarray]:
+    """The four split arrays of an .npz file, or its inputs and labels, read without ever
+    unpickling; an unreadable file or a missing array is a ``ValueError`` naming the file."""
+    with path.open("rb") as handle:
+        magic = handle.read(6)
+    if magic == b"\x93NUMPY":
+        raise ValueError(f"{path}: a single .npy array, not an .npz archive of named arrays "
+                         "(save one with numpy.savez)")
+    if not magic.startswith(b"PK\x03\x04"):
+        what = "the file is empty" if not magic else "it is not a zip archive"
+        raise ValueError(f"{path}: not an .npz archive of plain numeric arrays ({what}; "
+                         "write one with numpy.savez)")
     try:
-        loaded = np.load(path, allow_pickle=False)  # object arrays (pickles) are refused
-        if not isinstance(loaded, np.lib.npyio.NpzFile):
-            raise ValueError(f"{path}: a single .npy array, not an .npz archive of named arrays "
-                             "(save one with numpy.savez)")
-        with loaded as arrays:
-            keys = set(arrays.files)
-            if set(split_names) <= keys:
-                return from_arrays(str(path), *(arrays[k] for k in split_names))
-            missing = {input_key, label_key} - keys
+        with np.load(path, allow_pickle=False) as archive:
+            keys = set(archive.files)
+            names = split_names if set(split_names) <= keys else whole
+            missing = set(names) - keys
             if missing:
                 raise ValueError(f"{path}: missing array(s) {sorted(missing)}; found "
-                                 f"{sorted(keys)} (give '{input_key}' and '{label_key}', or "
+                                 f"{sorted(keys)} (give '{whole[0]}' and '{whole[1]}', or "
                                  f"{', '.join(repr(k) for k in split_names)})")
-            return split_arrays(str(path), arrays[input_key], arrays[label_key],
-                                test_fraction, seed)
-    except (OSError, EOFError, zipfile.BadZipFile) as error:
+            arrays = {}
+            for key in names:
+                try:
+                    arrays[key] = np.asarray(archive[key])
+                except ValueError as error:
+                    if "allow_pickle" in str(error):
+                        raise ValueError(f"{path}: not an .npz archive of plain numeric "
+                                         f"arrays: array '{key}' holds Python objects (numpy "
+                                         "would have to unpickle them, which kdistill never "
+                                         "does)") from None
+                    raise ValueError(f"{path}: array '{key}' cannot be read ({error})") from None
+            return arrays
+    except (OSError, EOFError, zipfile.BadZipFile, KeyError) as error:
         raise ValueError(f"{path}: not a readable .npz file ({error})") from None
-    except ValueError as error:
-        if "allow_pickle" in str(error):
-            raise ValueError(f"{path}: not an .npz archive of plain numeric arrays (numpy would "
-                             "have to unpickle it, which kdistill never does)") from None
-        if str(path) in str(error):
-            raise
-        raise ValueError(f"{path}: {error}") from None
+
+
+def _check_npz_inputs(path: Path, key: str, x: np.ndarray) -> None:
+    """Refuse an input array that is not numbers shaped [samples, features, ...] or holds a
+    value that is not a finite float32 (naming its row and column)."""
+    if x.dtype.kind not in "fiub":
+        raise ValueError(f"{path}: array '{key}' holds {x.dtype} values; inputs must be "
+                         "numbers (integers, floats or booleans)")
+    if x.ndim < 2 or 0 in x.shape:
+        raise ValueError(f"{path}: array '{key}' has shape {x.shape}; inputs need at least one "
+                         "sample and one feature: [samples, features, ...]")
+    unfit = first_unfit(x)
+    if unfit is not None:
+        index, value = unfit
+        raise ValueError(f"{path}: array '{key}', {position(index)}: {value_problem(value)}")
+
+
+def _check_npz_labels(path: Path, key: str, y: np.ndarray) -> None:
+    """Refuse a label array that is not one finite number per sample (naming the row)."""
+    if y.ndim != 1:
+        raise ValueError(f"{path}: array '{key}' has shape {y.shape}; labels must be one "
+                         "integer per sample, shape [samples]")
+    if y.dtype.kind == "f":
+        finite = np.isfinite(y)
+        if not finite.all():
+            row = int(np.argmin(finite))
+            raise ValueError(f"{path}: array '{key}', row {row}: {y[row]} is not a class "
+                             "label (labels must be integers 0..C-1)")
+    integer_labels(str(path), y, f"array '{key}'")
 
 
 def load_csv(path: str | Path, label_column: str = "label", test_fraction: float = 0.25,
              seed: int = 0) -> DataSplits:
-    """A CSV file with a header, numeric feature columns and an integer label column."""
+    """A CSV file with a header, numeric feature columns and an integer label column.
+
+    Refused with the file, line and column named: an empty file, a header with a blank or
+    repeated column name, a row with another number of cells than the header, a cell that is
+    not a number, NaN, an infinity or a value beyond float32's range, labels that are not
+    integers 0..C-1, or a single class.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"csv data file not found: {path}")
     try:
-        with path.open(newline="", encoding="utf-8") as handle:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
             reader = csv.reader(handle)
-            header = next(reader, None)
-            if header is None:
-                raise ValueError(f"{path}: the file is empty")
-            header = [name.strip() for name in header]
+            header = csv_header(path, reader)
             if label_column not in header:
-                raise ValueError(f"{path}: " + unknown_name("column", label_column, header))
+                raise ValueError(printable(f"{path}: "
+                                           + unknown_name("column", label_column, header)))
             if len(header) < 2:
                 raise ValueError(f"{path}: no feature columns besides '{label_column}'")
             label_at = header.index(label_column)
-            values: list[list[float]] = []
-            for row in reader:
-                if not any(cell.strip() for cell in row):
-                    continue  # blank line
-                line = reader.line_num
-                if len(row) != len(header):
-                    raise ValueError(f"{path}, line {line}: {len(row)} values for "
-                                     f"{len(header)} columns")
-                values.append([_number(path, line, header[i], cell) for i, cell in
-                               enumerate(row)])
+            values = [[_number(path, line, header[i], cell) for i, cell in enumerate(row)]
+                      for line, row in _csv_rows(path, reader, len(header))]
     except (UnicodeDecodeError, csv.Error) as error:
         raise ValueError(f"{path}: not a readable CSV text file ({error})") from None
     if not values:
@@ -212,15 +334,56 @@ def load_csv(path: str | Path, label_column: str = "label", test_fraction: float
     labels = table[:, label_at]
     features = np.delete(table, label_at, axis=1).astype(np.float32)
     labels = integer_labels(str(path), labels, f"column '{label_column}'")
+    classes = np.unique(labels)
+    if len(classes) < 2:
+        raise ValueError(f"{path}: column '{label_column}': {one_class(classes, len(labels))}")
     return split_arrays(str(path), features, labels, test_fraction, seed)
+
+
+def csv_header(path: Path, reader: Iterator[list[str]]) -> list[str]:
+    """The column names of a CSV file's first row (stripped), refusing an empty file and a
+    blank or repeated name."""
+    header = next(reader, None)
+    if header is None:
+        raise ValueError(f"{path}: the file is empty (a header row with column names is needed)")
+    if not any(name.strip() for name in header):
+        raise ValueError(f"{path}, line 1: the header row is blank (it must name the columns)")
+    header = [name.strip() for name in header]
+    seen: dict[str, int] = {}
+    for number, name in enumerate(header, start=1):
+        if not name:
+            raise ValueError(f"{path}, line 1: column {number} has no name")
+        if name in seen:
+            raise ValueError(printable(f"{path}, line 1: column '{name}' appears twice (columns "
+                                       f"{seen[name]} and {number}); column names must be "
+                                       "unique"))
+        seen[name] = number
+    return header
+
+
+def _csv_rows(path: Path, reader: Any, columns: int) -> Iterator[tuple[int, list[str]]]:
+    """(line number, cells) of every non-blank row, refusing a row with another number of
+    cells than the header has columns."""
+    for row in reader:
+        if not any(cell.strip() for cell in row):
+            continue  # blank line
+        line = reader.line_num
+        if len(row) != columns:
+            raise ValueError(f"{path}, line {line}: {len(row)} values for {columns} columns")
+        yield line, row
 
 
 def _number(path: Path, line: int, column: str, cell: str) -> float:
     try:
-        return float(cell)
+        value = float(cell)
     except ValueError:
-        raise ValueError(f"{path}, line {line}, column '{column}': {cell!r} is not a "
-                         "number (every column must be numeric)") from None
+        raise ValueError(printable(f"{path}, line {line}, column '{column}': {cell!r} is not "
+                                   "a number (every column must be numeric)")) from None
+    problem = value_problem(value)
+    if problem is not None:
+        raise ValueError(printable(f"{path}, line {line}, column '{column}': "
+                                   f"{cell.strip()!r}: {problem}"))
+    return value
 
 
 DATASETS: dict[str, Callable[..., DataSplits]] = {

@@ -28,6 +28,7 @@ to ``max_length`` with id 0, tag -100 and mask 0 (padding is always at the end).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,6 +63,11 @@ class TokenDataset(ArrayDataset):
     def with_labels(self, labels: torch.Tensor) -> TokenDataset:
         """The same sentences with other per-token labels."""
         return TokenDataset(self.inputs, labels, self.attention_mask)
+
+    def select(self, indices: Sequence[int]) -> TokenDataset:
+        """The sentences at ``indices``, in that order."""
+        rows = torch.as_tensor(list(indices), dtype=torch.long)
+        return TokenDataset(self.inputs[rows], self.labels[rows], self.attention_mask[rows])
 
 
 @dataclass
