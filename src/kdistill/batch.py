@@ -4,6 +4,11 @@ A sample is a dict with ``input`` (or model-specific keys such as ``input_ids``)
 ``index``, the sample's position in its data set, on which memory banks and caches key. A batch
 is the same dict with stacked tensors.
 
+Text samples keep their raw text as ``input``: a string, a ``(text, text_pair)`` tuple for
+sentence pairs, or a list of words for token classification. Each model tokenises the raw
+text itself, so a batch of text stays a list of those values; per-word labels of different
+lengths are padded with ``UNLABELED`` and an ``attention_mask`` marks the real words.
+
 Labels are integer class ids for classification, per token for token classification, and floats
 for regression. ``UNLABELED`` (-100, the value PyTorch's and Hugging Face's losses ignore) marks
 an integer label that is hidden or a padding token that has none; NaN marks a hidden regression
@@ -16,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import default_collate
 
 UNLABELED = -100
@@ -35,9 +41,38 @@ def hidden_like(labels: torch.Tensor) -> torch.Tensor:
     return torch.full_like(labels, float("nan") if labels.is_floating_point() else UNLABELED)
 
 
+def _is_raw_text(value: Any) -> bool:
+    return isinstance(value, str | tuple | list)
+
+
+def _pad_words(samples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+    """Per-word labels [B, W] padded with ``UNLABELED`` and the word mask [B, W]."""
+    labels = [torch.as_tensor(s["labels"]) for s in samples]
+    lengths = torch.tensor([len(words) for words in labels])
+    padded = pad_sequence(labels, batch_first=True, padding_value=UNLABELED)
+    mask = (torch.arange(padded.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)).long()
+    return {"labels": padded, "attention_mask": mask}
+
+
 def collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Stack a list of sample dicts into one batch dict (torch's default collation)."""
-    return default_collate(list(samples))
+    """Stack a list of sample dicts into one batch dict.
+
+    Tensors and numbers are stacked (torch's default collation). Raw text (strings, pairs,
+    word lists) stays a list with one entry per sample; with word lists, the per-word labels
+    are padded with ``UNLABELED`` and ``attention_mask`` [B, W] marks the real words.
+    """
+    samples = list(samples)
+    if not samples or not _is_raw_text(samples[0].get("input")):
+        return default_collate(samples)
+    batch: dict[str, Any] = {"input": [s["input"] for s in samples]}
+    rest = [{k: v for k, v in s.items() if k != "input"} for s in samples]
+    if isinstance(samples[0]["input"], list):
+        batch.update(_pad_words(samples))
+        rest = [{k: v for k, v in r.items() if k not in ("labels", "attention_mask")}
+                for r in rest]
+    if rest[0]:
+        batch.update(default_collate(rest))
+    return batch
 
 
 def to_device(batch: Mapping[str, Any], device: torch.device | str) -> dict[str, Any]:

@@ -117,8 +117,10 @@ def run_model(model: nn.Module, batch: Mapping[str, Any], *, hidden: bool = Fals
 
     Hugging Face style batches (with ``input_ids``) are passed as keyword arguments, asking for
     hidden states and attentions only when a tap needs them; any other model receives
-    ``batch["input"]`` positionally. A model that declares ``batch_inputs`` (a tuple of batch
-    keys, e.g. ``("labels",)`` for a teacher given privileged information) also receives each of
+    ``batch["input"]`` positionally (plus the two output flags when it declares
+    ``accepts_output_flags``, as text models do). A model that declares ``batch_inputs`` (a
+    tuple of batch keys, e.g. ``("labels",)`` for a teacher given privileged information) also
+    receives each of
     those keys as a keyword argument; no other model ever sees them.
     """
     extra = batch_inputs(model, batch)
@@ -131,6 +133,8 @@ def run_model(model: nn.Module, batch: Mapping[str, Any], *, hidden: bool = Fals
         return model(**kwargs, **extra)
     if "input" not in batch:
         raise TapError(f"batch has neither 'input' nor 'input_ids'; keys: {sorted(batch)}")
+    if getattr(model, "accepts_output_flags", False):  # e.g. a model that reads raw text
+        extra = {**extra, "output_hidden_states": hidden, "output_attentions": attentions}
     return model(batch["input"], **extra)
 
 
@@ -287,7 +291,10 @@ class TapReader:
         output = run_model(self.model, batch, hidden=self.wants_hidden,
                            attentions=self.wants_attentions)
         mask = batch.get("attention_mask")
-        values = {name: output_tap(output, name, mask) for name in self.output_names}
+        # A model that tokenises for itself reports its own tokens' mask for pooling.
+        own_mask = _field(output, "attention_mask") if isinstance(output, Mapping) else None
+        values = {name: output_tap(output, name, mask if own_mask is None else own_mask)
+                  for name in self.output_names}
         for tap in self.module_taps:
             if tap.name not in self._recorded:
                 raise TapError(f"tap '{tap.name}': module '{tap.path}' did not run in the "
