@@ -157,7 +157,7 @@ class TrainingRun:
         if steps_per_epoch == 0:
             raise ValueError(f"phase '{phase.name}': {len(indices)} training samples are too "
                              f"few for one global batch of this size")
-        optimizer = build_optimizer(module.parameters(), phase.optimizer or self.settings.optimizer)
+        optimizer = build_optimizer(module, phase.optimizer or self.settings.optimizer)
         scheduler = build_scheduler(optimizer, phase.scheduler or self.settings.scheduler,
                                     steps_per_epoch * phase.epochs)
         return PhaseTraining(index, phase, module, module, optimizer, scheduler, indices,

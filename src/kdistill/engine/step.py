@@ -162,7 +162,8 @@ class OptimizerStep:
     def update(self, module: TrainingModule, optimizer: torch.optim.Optimizer) -> None:
         """Clip the (unscaled) gradients, step the optimizer and drop the gradients."""
         if self.settings.clip_grad_norm:
-            torch.nn.utils.clip_grad_norm_(module.parameters(), self.settings.clip_grad_norm)
+            clip_gradients([p.grad for p in module.parameters() if p.grad is not None],
+                           self.settings.clip_grad_norm)
         scaler = self.accelerator.scaler
         if scaler is not None:
             scaler.step(optimizer)  # skipped when a gradient overflowed
@@ -172,16 +173,33 @@ class OptimizerStep:
         optimizer.zero_grad(set_to_none=True)
 
 
+def _entries(grad: torch.Tensor) -> torch.Tensor:
+    """The values of a gradient: itself, or for a sparse gradient (embeddings built with
+    ``sparse=True``) its coalesced values, so repeated rows are summed before any norm."""
+    return grad.coalesce().values() if grad.is_sparse else grad
+
+
 def gradient_norm(grads: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The total L2 norm of ``grads`` (the norm gradient clipping computes), leaving them as they
-    are: one fused norm kernel over the list, then the norm of the per-tensor norms."""
+    """The total L2 norm of ``grads`` (dense or sparse), leaving them as they are: one fused
+    norm kernel over the list, then the norm of the per-tensor norms."""
     if not grads:
         return torch.zeros(())
-    norms = torch._foreach_norm(list(grads))
+    norms = torch._foreach_norm([_entries(g) for g in grads])
     return torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
+
+
+def clip_gradients(grads: Sequence[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Scale ``grads`` in place by ``min(1, max_norm / (norm + 1e-6))`` so that their total
+    L2 norm is at most ``max_norm`` (what ``torch.nn.utils.clip_grad_norm_`` does, which
+    refuses sparse gradients); returns the norm before clipping."""
+    norm = gradient_norm(grads)
+    factor = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for grad in grads:
+        grad.mul_(factor.to(grad.device, grad.dtype))
+    return norm
 
 
 def nonfinite_gradients(module: nn.Module) -> list[str]:
     """The names of the parameters of ``module`` whose gradient holds a NaN or an infinity."""
     return [name for name, p in module.named_parameters()
-            if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+            if p.grad is not None and not bool(torch.isfinite(_entries(p.grad)).all())]
