@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 
-class _BiLSTM(nn.Module):
+class BiLSTM(nn.Module):
     """A bidirectional LSTM run on the valid prefix of each sequence only (packed), so padding
     never reaches the backward direction; output width ``2 * hidden``."""
 
@@ -77,7 +77,7 @@ class Tagger(nn.Module):
         self.pad_id = pad_id
         self.embedding = nn.Embedding(vocab_size, embed_dim, padding_idx=pad_id)
         if encoder == "lstm":
-            self.encoder: nn.Module = _BiLSTM(embed_dim, hidden, layers)
+            self.encoder: nn.Module = BiLSTM(embed_dim, hidden, layers)
         elif encoder == "conv":
             self.encoder = _Conv(embed_dim, hidden, layers, kernel_size)
         else:

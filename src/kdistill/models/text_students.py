@@ -1,0 +1,147 @@
+"""Text students of other architectures than the teacher's: each reads raw text through its
+own word tokenisation (:mod:`kdistill.models.vocabulary`), so logit-level distillation works
+from any teacher.
+
+:func:`build_text_student` makes one from the training texts (its vocabulary comes from
+them); :func:`save_text_student` and :func:`load_text_student` write and rebuild it without
+them. A saved student is a folder of ``student.json`` (architecture and network arguments),
+``weights.safetensors``, ``encoder.json`` and ``vocabulary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from kdistill.batch import Task
+from kdistill.checkpoint import atomic_save_tensors, atomic_write_text
+from kdistill.models.teacher_embeddings import fit_width, teacher_word_vectors
+from kdistill.models.text import TextModel
+from kdistill.models.text_encoders import (
+    NGramEncoder,
+    TextStudentEncoder,
+    WordEncoder,
+    load_encoder,
+)
+from kdistill.models.text_networks import NETWORKS
+from kdistill.models.vocabulary import (
+    PAD_ID,
+    NGramHasher,
+    TextStudentFileError,
+    Vocabulary,
+    read_json,
+)
+from kdistill.names import unknown_name
+
+STUDENT_FILE = "student.json"
+WEIGHTS_FILE = "weights.safetensors"
+SENTENCE_LEVEL = ("ngram", "cmow")  # one vector per text: no per-word outputs
+WORD_EMBEDDINGS = ("bilstm", "textcnn")  # an ``embedding`` of the vocabulary: init_from
+
+
+def build_text_student(architecture: str, num_classes: int, corpus: Sequence[str] | None,
+                       task: Task, *, max_vocab: int, min_count: int,
+                       max_length: int = 512, init_from: str | None = None,
+                       ngrams: Sequence[int] = (1, 2, 3), buckets: int = 1 << 16,
+                       **arguments: Any) -> TextModel:
+    """A :class:`TextModel` of the network ``architecture`` (:data:`NETWORKS`) with a
+    vocabulary of at most ``max_vocab`` tokens seen ``min_count`` times in ``corpus``.
+
+    ``arguments`` are the network's own (sizes, dropout); the n-gram student also takes
+    ``ngrams`` and ``buckets`` (:class:`NGramHasher`), the word students ``max_length``, and
+    ``bilstm``/``textcnn`` ``init_from`` (:mod:`kdistill.models.teacher_embeddings`).
+    ``task`` ``token_classification`` gives per-word logits; ``ngram`` and ``cmow`` are
+    sentence-level and refuse it.
+    """
+    if corpus is None:
+        raise ValueError(f"model '{architecture}' builds its vocabulary from the training "
+                         "texts: pass corpus=<the training texts> to build_model")
+    if task == "token_classification" and architecture in SENTENCE_LEVEL:
+        raise ValueError(f"model '{architecture}' is sentence-level (one vector per text) and "
+                         "cannot tag words (task token_classification); use 'bilstm' or "
+                         "'textcnn'")
+    if init_from is not None and architecture not in WORD_EMBEDDINGS:
+        raise ValueError(f"model '{architecture}': init_from sets word embeddings, which only "
+                         f"{' and '.join(WORD_EMBEDDINGS)} have")
+    vocabulary = Vocabulary.build(corpus, max_size=max_vocab, min_count=min_count)
+    encoder: TextStudentEncoder
+    if architecture == "ngram":
+        encoder = NGramEncoder(NGramHasher(vocabulary, ngrams, buckets))
+        network = NETWORKS[architecture](encoder.hasher.rows, num_classes, **arguments)
+    else:
+        encoder = WordEncoder(vocabulary, max_length,
+                              word_lists=architecture not in SENTENCE_LEVEL)
+        if architecture not in SENTENCE_LEVEL:
+            arguments["token_level"] = task == "token_classification"
+        network = NETWORKS[architecture](len(vocabulary), num_classes, **arguments)
+    if init_from is not None:
+        init_word_embeddings(network.embedding, vocabulary, Path(init_from))
+    return TextModel(encoder, network)
+
+
+def init_word_embeddings(embedding: nn.Module, vocabulary: Vocabulary, folder: Path) -> None:
+    """Set ``embedding.weight`` to the teacher's vectors of the vocabulary's words, fitted to
+    its width (:func:`fit_width`); the padding row stays zero."""
+    vectors = fit_width(teacher_word_vectors(folder, vocabulary.words),
+                        embedding.weight.shape[1])
+    vectors[PAD_ID] = 0.0
+    with torch.no_grad():
+        embedding.weight.copy_(vectors)
+
+
+def save_text_student(model: TextModel, folder: str | Path) -> None:
+    """Write ``model`` (built by :func:`build_text_student`) into ``folder``: each file
+    atomically, ``student.json`` last."""
+    folder = Path(folder)
+    names = {cls: name for name, cls in NETWORKS.items()}
+    network = model.model
+    if type(network) not in names or not isinstance(model.encoder, WordEncoder | NGramEncoder):
+        raise TypeError(f"save_text_student saves the text students ({', '.join(NETWORKS)}), "
+                        f"not a {type(network).__name__}")
+    folder.mkdir(parents=True, exist_ok=True)
+    model.encoder.save(folder)
+    atomic_save_tensors(network.state_dict(), folder / WEIGHTS_FILE)
+    atomic_write_text(folder / STUDENT_FILE,
+                      json.dumps({"architecture": names[type(network)],
+                                  "arguments": network.arguments}))
+
+
+def load_text_student(folder: str | Path) -> TextModel:
+    """Rebuild a text student written by :func:`save_text_student` (no training text
+    needed); :class:`TextStudentFileError` names a missing or unusable file."""
+    folder = Path(folder)
+    path = folder / STUDENT_FILE
+    spec = read_json(path, "text student")
+    if not isinstance(spec, dict) or not isinstance(spec.get("arguments"), dict):
+        raise TextStudentFileError(f"{path}: expected an object with 'architecture' and "
+                                   "'arguments'")
+    architecture = spec.get("architecture")
+    if architecture not in NETWORKS:
+        raise TextStudentFileError(f"{path}: "
+                                   + unknown_name("architecture", str(architecture), NETWORKS))
+    try:
+        network = NETWORKS[architecture](**spec["arguments"])
+    except (TypeError, ValueError) as error:
+        raise TextStudentFileError(f"{path}: bad arguments for '{architecture}': {error}") \
+            from None
+    encoder = load_encoder(folder)
+    rows = encoder.hasher.rows if isinstance(encoder, NGramEncoder) else len(encoder.vocabulary)
+    table = spec["arguments"].get("rows", spec["arguments"].get("vocab_size"))
+    if table != rows:
+        raise TextStudentFileError(f"{path}: '{architecture}' has {table} embedding rows but "
+                                   f"the saved encoder gives ids for {rows}")
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        raise TextStudentFileError(f"{weights} is missing: the folder holds no saved weights")
+    try:
+        network.load_state_dict(load_file(str(weights)))
+    except Exception as error:  # safetensors and load_state_dict raise several types
+        raise TextStudentFileError(f"{weights}: does not fit '{architecture}' as "
+                                   f"{STUDENT_FILE} describes it: {error}") from None
+    return TextModel(encoder, network)
