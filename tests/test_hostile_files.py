@@ -207,7 +207,7 @@ def test_trust_remote_code_reaches_every_from_pretrained(tmp_path: Path,
         monkeypatch.setattr(getattr(transformers, name), "from_pretrained", recorder(name))
     for trust in (False, True):
         for task in ("classification", "encoder"):
-            build_model("hf", (8,), 2, path=str(folder), task=task, trust_remote_code=trust)
+            build_model("hf", (8,), 2, path=str(folder), head=task, trust_remote_code=trust)
     assert [name for name, _ in calls] == ["AutoModelForSequenceClassification", "AutoModel"] * 2
     for (_, kwargs), trust in zip(calls, (False, False, True, True), strict=True):
         assert kwargs["trust_remote_code"] is trust  # always explicit: never None, never a prompt

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from kdistill.data import DATASETS
 from kdistill.data.builtin import csv_header, printable
 from kdistill.errors import KdistillError
-from kdistill.models.registry import MODEL_FILE_CHECKS, MODEL_SIZES, MODELS
+from kdistill.models.registry import CONTEXT_PARAMETERS, MODEL_FILE_CHECKS, MODEL_SIZES, MODELS
 from kdistill.names import unknown_name
 from kdistill.recipes import RECIPES, build_recipe
 from kdistill.settings import (
@@ -266,7 +266,7 @@ def _check_model(model: ModelConfig, path: str) -> list[str]:
                     "size presets, give its options instead"]
         return [f"{path}.size: {unknown_name(f'{model.name} size', model.size, sizes)}"]
     accepted = [p for p in inspect.signature(builder).parameters
-                if p not in ("input_shape", "num_classes")]
+                if p not in ("input_shape", "num_classes", *CONTEXT_PARAMETERS)]
     for key in model.options:
         if key not in accepted:
             problems.append(f"{path}.options.{key}: "

@@ -2,21 +2,36 @@
 
 Every builder takes the data's ``input_shape`` and ``num_classes`` plus its own options;
 ``size`` picks a preset and explicit options override it.
+
+The build context: a builder that needs more of the data declares keyword-only parameters
+named in :data:`CONTEXT_PARAMETERS`, and :func:`build_model` passes each of them to the
+builders that declare it (and to no other):
+
+* ``corpus`` (``Sequence[str]``): the training texts (word lists joined by spaces), for
+  builders that make a vocabulary from them; a builder given none raises a ``ValueError``;
+* ``task`` (``"classification"``, ``"regression"`` or ``"token_classification"``).
+
+They are not options: a config cannot set them (:mod:`kdistill.config` leaves them out of
+the options it validates, like ``input_shape`` and ``num_classes``).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, StrictBool
 from torch import nn
 
+from kdistill.batch import Task
 from kdistill.models.cnn import CNN
 from kdistill.models.hf import folder_problems, load_hf_model
 from kdistill.models.mlp import MLP
 from kdistill.models.oracle import LabelConditioned, LabelDropout
 from kdistill.models.tagger import Tagger
+from kdistill.models.text_students import build_text_student
 from kdistill.names import unknown_name
 
 MODEL_SIZES: dict[str, dict[str, dict[str, Any]]] = {
@@ -25,13 +40,26 @@ MODEL_SIZES: dict[str, dict[str, dict[str, Any]]] = {
             "base": {"channels": [32, 64, 128]}},
     "tagger": {"tiny": {"embed_dim": 16, "hidden": 16}, "small": {"embed_dim": 32, "hidden": 32},
                "base": {"embed_dim": 64, "hidden": 64, "layers": 2}},
+    "ngram": {"tiny": {"embed_dim": 16, "buckets": 1 << 10},
+              "small": {"embed_dim": 64, "buckets": 1 << 16},
+              "base": {"embed_dim": 128, "buckets": 1 << 18, "hidden": 128}},
+    "bilstm": {"tiny": {"embed_dim": 16, "hidden": 16}, "small": {"embed_dim": 64, "hidden": 64},
+               "base": {"embed_dim": 128, "hidden": 128, "layers": 2}},
+    "textcnn": {"tiny": {"embed_dim": 16, "channels": 8},
+                "small": {"embed_dim": 64, "channels": 32},
+                "base": {"embed_dim": 128, "channels": 100}},
+    "cmow": {"tiny": {"cbow_dim": 16, "matrix_dim": 4}, "small": {"cbow_dim": 64, "matrix_dim": 8},
+             "base": {"cbow_dim": 400, "matrix_dim": 20}},
 }
+CONTEXT_PARAMETERS = ("corpus", "task")
 
 
 # Option types with their limits: a config's model options are validated against these
 # annotations (kdistill.config) before anything is built.
 Width = Annotated[int, Field(ge=1)]
 Dropout = Annotated[float, Field(ge=0.0, lt=1.0)]
+Hidden = Annotated[int, Field(ge=0)]  # 0: no hidden layer
+VocabularySize = Annotated[int, Field(ge=4)]  # the 3 reserved tokens and at least one word
 
 
 def _mlp(input_shape: Sequence[int], num_classes: int, hidden: Sequence[Width],
@@ -46,11 +74,12 @@ def _cnn(input_shape: Sequence[int], num_classes: int,
 
 
 def _hf(input_shape: Sequence[int], num_classes: int, path: str,
-        task: Literal["classification", "encoder"] = "classification",
+        head: Literal["classification", "encoder"] = "classification",
         trust_remote_code: StrictBool = False) -> nn.Module:
-    """A transformers model from a local folder; ``trust_remote_code`` (off by default) lets
-    the folder's own Python code run (see :mod:`kdistill.models.hf`)."""
-    return load_hf_model(path, task=task, num_labels=num_classes,  # type: ignore[arg-type]
+    """A transformers model from a local folder, with a classification ``head`` or bare
+    (``encoder``); ``trust_remote_code`` (off by default) lets the folder's own Python code
+    run (see :mod:`kdistill.models.hf`)."""
+    return load_hf_model(path, task=head, num_labels=num_classes,  # type: ignore[arg-type]
                          trust_remote_code=trust_remote_code)
 
 
@@ -66,23 +95,89 @@ def _tagger(input_shape: Sequence[int], num_classes: int, vocab_size: Width = 10
                   kernel_size, dropout)
 
 
+# -- text students (kdistill.models.text_students): vocabulary from the build context's corpus
+NGramLengths = Annotated[Sequence[Annotated[int, Field(ge=1, le=6)]], Field(min_length=1)]
+
+
+def _ngram(input_shape: Sequence[int], num_classes: int, embed_dim: Width = 64,
+           buckets: Width = 1 << 16, ngrams: NGramLengths = (1, 2, 3), hidden: Hidden = 0,
+           dropout: Dropout = 0.0, max_vocab: VocabularySize = 50_000, min_count: Width = 1, *,
+           corpus: Sequence[str] | None = None, task: Task = "classification") -> nn.Module:
+    """The sparse n-gram averaging student (:class:`~kdistill.models.text_networks.NGramNet`):
+    words of the vocabulary and ``ngrams`` hashed into ``buckets``. Sentence-level."""
+    return build_text_student("ngram", num_classes, corpus, task, max_vocab=max_vocab,
+                              min_count=min_count, ngrams=ngrams, buckets=buckets,
+                              embed_dim=embed_dim, hidden=hidden, dropout=dropout)
+
+
+def _bilstm(input_shape: Sequence[int], num_classes: int, embed_dim: Width = 64,
+            hidden: Width = 64, layers: Width = 1, dropout: Dropout = 0.0,
+            max_vocab: VocabularySize = 50_000, min_count: Width = 1, max_length: Width = 512,
+            init_from: str | None = None, *, corpus: Sequence[str] | None = None,
+            task: Task = "classification") -> nn.Module:
+    """A BiLSTM student (:class:`~kdistill.models.text_networks.BiLSTMNet`), its word
+    embeddings optionally from the teacher folder ``init_from``."""
+    return build_text_student("bilstm", num_classes, corpus, task, max_vocab=max_vocab,
+                              min_count=min_count, max_length=max_length, init_from=init_from,
+                              embed_dim=embed_dim, hidden=hidden, layers=layers,
+                              dropout=dropout)
+
+
+def _textcnn(input_shape: Sequence[int], num_classes: int, embed_dim: Width = 64,
+             channels: Width = 32,
+             widths: Annotated[Sequence[Width], Field(min_length=1)] = (3, 4, 5),
+             dropout: Dropout = 0.0, max_vocab: VocabularySize = 50_000, min_count: Width = 1,
+             max_length: Width = 512, init_from: str | None = None, *,
+             corpus: Sequence[str] | None = None, task: Task = "classification") -> nn.Module:
+    """Kim's CNN student (:class:`~kdistill.models.text_networks.TextCNNNet`), its word
+    embeddings optionally from the teacher folder ``init_from``."""
+    return build_text_student("textcnn", num_classes, corpus, task, max_vocab=max_vocab,
+                              min_count=min_count, max_length=max_length, init_from=init_from,
+                              embed_dim=embed_dim, channels=channels, widths=widths,
+                              dropout=dropout)
+
+
+def _cmow(input_shape: Sequence[int], num_classes: int, cbow_dim: Width = 64,
+          matrix_dim: Width = 8, hidden: Hidden = 0, dropout: Dropout = 0.0,
+          max_vocab: VocabularySize = 50_000, min_count: Width = 1, max_length: Width = 512, *,
+          corpus: Sequence[str] | None = None, task: Task = "classification") -> nn.Module:
+    """The hybrid CBOW/CMOW student (:class:`~kdistill.models.text_networks.CMOWNet`).
+    Sentence-level."""
+    return build_text_student("cmow", num_classes, corpus, task, max_vocab=max_vocab,
+                              min_count=min_count, max_length=max_length, cbow_dim=cbow_dim,
+                              matrix_dim=matrix_dim, hidden=hidden, dropout=dropout)
+
+
+def _init_from_files(options: Mapping[str, Any], where: str) -> list[str]:
+    folder = options.get("init_from")
+    if folder is None or (Path(folder) / "model.safetensors").is_file():
+        return []
+    return [f"{where}.init_from: {folder} is not a Hugging Face folder with model.safetensors"]
+
+
 def build_oracle(input_shape: Sequence[int], num_classes: int, base: str = "cnn",
                  base_size: str | None = "small", base_options: dict[str, Any] | None = None,
-                 target: str = "head", label_dropout: LabelDropout = 0.5) -> nn.Module:
+                 target: str = "head", label_dropout: LabelDropout = 0.5, *,
+                 corpus: Sequence[str] | None = None,
+                 task: Task = "classification") -> nn.Module:
     """A registered model (``base``, ``base_size``, ``base_options``) wrapped in
-    :class:`LabelConditioned`: the model builder behind an ``oracle`` model in configs."""
+    :class:`LabelConditioned`: the model builder behind an ``oracle`` model in configs. The
+    build context goes on to ``base``."""
     if base == "oracle":
         raise ValueError("oracle: base must be another model than 'oracle'")
-    model = build_model(base, input_shape, num_classes, size=base_size, **(base_options or {}))
+    model = build_model(base, input_shape, num_classes, size=base_size, corpus=corpus,
+                        task=task, **(base_options or {}))
     return LabelConditioned(model, num_classes, target=target, label_dropout=label_dropout)
 
 
-MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": _mlp, "cnn": _cnn, "hf": _hf,
-                                               "tagger": _tagger, "oracle": build_oracle}
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "mlp": _mlp, "cnn": _cnn, "hf": _hf, "tagger": _tagger, "oracle": build_oracle,
+    "ngram": _ngram, "bilstm": _bilstm, "textcnn": _textcnn, "cmow": _cmow}
 
 # Checks of the files a model's options name, run by config validation before anything is
 # built: (validated options, dotted path of the options) -> problems, each naming its field.
-MODEL_FILE_CHECKS: dict[str, Callable[[Mapping[str, Any], str], list[str]]] = {"hf": _hf_files}
+MODEL_FILE_CHECKS: dict[str, Callable[[Mapping[str, Any], str], list[str]]] = {
+    "hf": _hf_files, "bilstm": _init_from_files, "textcnn": _init_from_files}
 
 
 def model_options(name: str, size: str | None, options: dict[str, Any]) -> dict[str, Any]:
@@ -95,7 +190,20 @@ def model_options(name: str, size: str | None, options: dict[str, Any]) -> dict[
     return {**(presets.get(size, {}) if size else {}), **options}
 
 
+def context_parameters(name: str) -> list[str]:
+    """The build-context parameters (:data:`CONTEXT_PARAMETERS`) the builder ``name``
+    declares."""
+    declared = inspect.signature(MODELS[name]).parameters
+    return [p for p in CONTEXT_PARAMETERS if p in declared]
+
+
 def build_model(name: str, input_shape: Sequence[int], num_classes: int, size: str | None = None,
+                *, corpus: Sequence[str] | None = None, task: Task = "classification",
                 **options: Any) -> nn.Module:
-    """Build a registered model for data of ``input_shape`` with ``num_classes`` classes."""
-    return MODELS[name](input_shape, num_classes, **model_options(name, size, options))
+    """Build a registered model for data of ``input_shape`` with ``num_classes`` classes;
+    ``corpus`` and ``task`` (the build context, see the module doc) reach only the builders
+    that declare them."""
+    options = model_options(name, size, options)
+    context = {"corpus": corpus, "task": task}
+    return MODELS[name](input_shape, num_classes,
+                        **{p: context[p] for p in context_parameters(name)}, **options)
