@@ -80,18 +80,29 @@ def sorted_names(names: set[str]) -> list[str]:
     return sorted(names)
 
 
-def check_value(value: Any, where: str, missing_allowed: bool) -> bool:
+def check_value(value: Any, missing_allowed: bool) -> bool:
     """Whether ``value`` is a label (False for a missing one when ``missing_allowed``);
-    a missing label otherwise, and a list or a mapping, are errors naming ``where``."""
+    a missing label otherwise, and a list or a mapping, are errors."""
     if value is None or (isinstance(value, str) and not value.strip()):
         if missing_allowed:
             return False
-        raise ValueError(f"{where}: the label is empty (every row needs one; give unlabelled "
-                         "texts with data.unlabeled)")
+        raise ValueError("the label is empty (every row needs one; give unlabelled texts with "
+                         "data.unlabeled)")
     if not isinstance(value, str | int | float):
-        raise ValueError(f"{where}: a label must be a name or a number, got a "
-                         f"{type(value).__name__}: {str(value)[:40]}")
+        raise ValueError(f"a label must be a name or a number, got a {type(value).__name__}: "
+                         f"{str(value)[:40]}")
     return True
+
+
+def located(values: Sequence[Any], where: Where, read: Callable[[Any], Any]) -> list[Any]:
+    """``read`` applied to every value; its error gains the value's place (``where``)."""
+    out = []
+    for i, value in enumerate(values):
+        try:
+            out.append(read(value))
+        except ValueError as error:
+            raise ValueError(f"{where(i)}: {error}") from None
+    return out
 
 
 @dataclass
@@ -111,39 +122,43 @@ class LabelCoder:
     def encode(self, values: Sequence[Any], where: Where,
                missing_allowed: bool = False) -> torch.Tensor:
         """The labels as int64 class ids ([N], ``UNLABELED`` for a missing label when
-        ``missing_allowed``) or float32 scores."""
+        ``missing_allowed``) or float32 scores; an error names the label's place."""
         if self.names is None:
-            return torch.tensor([self._score(v, where(i)) for i, v in enumerate(values)],
-                                dtype=torch.float32)
-        ids = [self._id(v, where(i)) if check_value(v, where(i), missing_allowed) else UNLABELED
-               for i, v in enumerate(values)]
-        return torch.tensor(ids, dtype=torch.long)
+            return torch.tensor(located(values, where, self._score), dtype=torch.float32)
+        ids = {name: i for i, name in enumerate(self.names)}
 
-    def _score(self, value: Any, where: str) -> float:
-        check_value(value, where, missing_allowed=False)
+        def read(value: Any) -> int:
+            return self._id(value, ids) if check_value(value, missing_allowed) else UNLABELED
+
+        return torch.tensor(located(values, where, read), dtype=torch.long)
+
+    @staticmethod
+    def _score(value: Any) -> float:
+        check_value(value, missing_allowed=False)
+        problem = (f"label {value!r} is not a number (label_type 'score' reads each label as a "
+                   "regression target)")
+        if isinstance(value, bool):
+            raise ValueError(problem)
         try:
             score = float(value)
         except ValueError:
-            raise ValueError(f"{where}: label {value!r} is not a number (label_type 'score' "
-                             "reads each label as a regression target)") from None
+            raise ValueError(problem) from None
         if not math.isfinite(score):
-            raise ValueError(f"{where}: label {value!r} is not a finite number")
+            raise ValueError(f"label {value!r} is not a finite number")
         return score
 
-    def _id(self, value: Any, where: str) -> int:
-        assert self.names is not None
+    def _id(self, value: Any, ids: dict[str, int]) -> int:
         if self.by_id:
             number = whole_number(value)
-            if number is not None and 0 <= number < len(self.names):
+            if number is not None and 0 <= number < len(ids):
                 return number
-            raise ValueError(f"{where}: label {label_name(value)!r} is not a class id of "
-                             f"{self.origin} (0..{len(self.names) - 1})")
+            raise ValueError(f"label {label_name(value)!r} is not a class id of {self.origin} "
+                             f"(0..{len(ids) - 1})")
         name = label_name(value)
-        try:
-            return self.names.index(name)
-        except ValueError:
-            raise ValueError(f"{where}: label {name!r} does not occur in {self.origin} "
-                             f"({_listed(self.names)})") from None
+        if name not in ids:
+            raise ValueError(f"label {name!r} does not occur in {self.origin} "
+                             f"({_listed(list(ids))})")
+        return ids[name]
 
 
 def fit_labels(values: Sequence[Any], where: Where, source: str,
@@ -157,7 +172,8 @@ def fit_labels(values: Sequence[Any], where: Where, source: str,
         if names is not None:
             raise ValueError("'labels' names classes; label_type 'score' has none")
         return LabelCoder(None, by_id=False, origin=source)
-    known = [v for i, v in enumerate(values) if check_value(v, where(i), missing_allowed)]
+    present = located(values, where, lambda v: check_value(v, missing_allowed))
+    known = [v for v, ok in zip(values, present, strict=True) if ok]
     if not known:
         raise ValueError(f"{source}: there are no labels")
     by_id = label_type == "class" and all(whole_number(v) is not None for v in known)

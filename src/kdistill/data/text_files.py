@@ -141,7 +141,7 @@ def json_objects(path: Path, handle: Any) -> Iterator[tuple[int, dict[str, Any]]
         if not raw.strip():
             continue
         try:
-            value = json.loads(raw)
+            value = json.loads(raw.rstrip("\r\n"))  # columns within the line
         except json.JSONDecodeError as error:
             raise ValueError(f"{path}, line {line}: not valid JSON ({error.msg} at column "
                              f"{error.colno}); a JSON lines file holds one object per "
