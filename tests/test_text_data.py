@@ -494,6 +494,18 @@ def test_malformed_lines_give_their_line_number(tmp_path: Path) -> None:
     tagged = write_jsonl(tmp_path / "t.jsonl", [{"tokens": ["a", "b"], "tags": ["O"]}])
     with pytest.raises(ValueError, match=rf"^{tagged}, line 1: 2 tokens but 1 tags$"):
         load_dataset("conll", path=str(tagged))
+    binary = tmp_path / "b.csv"
+    binary.write_bytes(b"text,label\n\xff\xfe,x\n")
+    with pytest.raises(ValueError, match=rf"^{binary}: not UTF-8 text \('utf-8' codec can't "):
+        load_dataset("text", path=str(binary))
+
+
+def test_files_datasets_cannot_parse_give_the_line(tmp_path: Path) -> None:
+    pytest.importorskip("datasets")
+    path = tmp_path / "d.csv"
+    path.write_text("text,label\na,x\nb,y,extra\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"^{path}: datasets cannot read it as csv: .*line 3"):
+        load_dataset("hf_dataset", path=str(path))
 
 
 @pytest.mark.parametrize(("name", "content", "message"), [

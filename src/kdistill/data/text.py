@@ -212,9 +212,9 @@ def text_splits(name: str, train: TextTable, test: TextTable | None, test_fracti
         train_set = train_set.with_labels(torch.as_tensor(y_train, dtype=torch.float32))
         test_set = test_set.with_labels(torch.as_tensor(y_test, dtype=torch.float32))
         scale = (float(mean), float(std))
-    return DataSplits(name, train_set, test_set, num_classes=len(coder.names or [None]),
-                      input_shape=(), task=coder.task, target_scale=scale,
-                      label_names=coder.names)
+    classes = 1 if coder.names is None else len(coder.names)  # one output for regression
+    return DataSplits(name, train_set, test_set, num_classes=classes, input_shape=(),
+                      task=coder.task, target_scale=scale, label_names=coder.names)
 
 
 def tag_splits(name: str, train: TagTable, test: TagTable | None, test_fraction: float,

@@ -20,9 +20,10 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from kdistill.data.base import DataSplits
 from kdistill.data.labels import LabelType
@@ -66,6 +67,19 @@ def table_format(path: Path) -> str:
     return kind
 
 
+@contextmanager
+def opened(path: Path, kind: str = "text") -> Iterator[TextIO]:
+    """``path`` opened as UTF-8 text (a byte order mark skipped, line ends kept); a decoding
+    or CSV error while reading it becomes a ``ValueError`` naming the file."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            yield handle
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text ({error})") from None
+    except csv.Error as error:
+        raise ValueError(f"{path}: not a readable {kind.upper()} file ({error})") from None
+
+
 def _csv_reader(handle: Any, kind: str) -> Any:
     if kind == "tsv":
         return csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
@@ -77,32 +91,22 @@ def text_file_columns(path: str | Path) -> list[str]:
     first object (to check the options naming columns before reading the whole file)."""
     path = existing_file(path)
     kind = table_format(path)
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as handle:
-            if kind == "jsonl":
-                return list(next(json_objects(path, handle))[1])
-            return csv_header(path, _csv_reader(handle, kind))
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{path}: not UTF-8 text ({error})") from None
-    except csv.Error as error:
-        raise ValueError(f"{path}: not a readable {kind.upper()} file ({error})") from None
+    with opened(path, kind) as handle:
+        if kind == "jsonl":
+            return list(next(json_objects(path, handle))[1])
+        return csv_header(path, _csv_reader(handle, kind))
 
 
 def read_text_table(path: str | Path, columns: TextColumns) -> TextTable:
     """The labelled texts of a CSV, TSV or JSON lines file."""
     path = existing_file(path)
     kind = table_format(path)
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as handle:
-            if kind == "jsonl":
-                rows = [(line, {k: obj[k] for k in _fields(path, line, obj, columns)})
-                        for line, obj in json_objects(path, handle)]
-            else:
-                rows = list(_csv_records(path, handle, kind, columns))
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{path}: not UTF-8 text ({error})") from None
-    except csv.Error as error:
-        raise ValueError(f"{path}: not a readable {kind.upper()} file ({error})") from None
+    with opened(path, kind) as handle:
+        if kind == "jsonl":
+            rows = [(line, {k: obj[k] for k in _fields(path, line, obj, columns)})
+                    for line, obj in json_objects(path, handle)]
+        else:
+            rows = list(_csv_records(path, handle, kind, columns))
     what = "field" if kind == "jsonl" else "column"
 
     def text(line: int, row: dict[str, Any], column: str) -> str:
@@ -180,23 +184,20 @@ def read_conll(path: str | Path, token_column: int = 0, tag_column: int = -1) ->
             table.lines.append([line for line, _ in sentence])
             sentence.clear()
 
-    try:
-        with path.open(encoding="utf-8-sig") as handle:
-            for line, raw in enumerate(handle, start=1):
-                fields = raw.split()
-                if not fields or fields[0].startswith("-DOCSTART-"):
-                    end_sentence()
-                    continue
-                if not width:
-                    width, first = len(fields), line
-                    _check_columns(path, line, width, token_column, tag_column)
-                elif len(fields) != width:
-                    raise ValueError(f"{path}, line {line}: {len(fields)} columns, but line "
-                                     f"{first} has {width} (each line holds a token and its "
-                                     "tags separated by whitespace)")
-                sentence.append((line, fields))
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{path}: not UTF-8 text ({error})") from None
+    with opened(path) as handle:
+        for line, raw in enumerate(handle, start=1):
+            fields = raw.split()
+            if not fields or fields[0].startswith("-DOCSTART-"):
+                end_sentence()
+                continue
+            if not width:
+                width, first = len(fields), line
+                _check_columns(path, line, width, token_column, tag_column)
+            elif len(fields) != width:
+                raise ValueError(f"{path}, line {line}: {len(fields)} columns, but line "
+                                 f"{first} has {width} (each line holds a token and its tags "
+                                 "separated by whitespace)")
+            sentence.append((line, fields))
     end_sentence()
     if not table.words:
         raise ValueError(f"{path}: the file is empty (no tagged sentences)")
@@ -221,26 +222,21 @@ def read_tagged_json(path: str | Path, tokens_field: str = "tokens",
     list of as many tags (names, ids, or null for a token without a tag)."""
     path = existing_file(path)
     table = TagTable(str(path), [], [], [])
-    try:
-        with path.open(encoding="utf-8-sig") as handle:
-            for line, obj in json_objects(path, handle):
-                where = f"{path}, line {line}"
-                for option, field in (("tokens_field", tokens_field), ("tags_field", tags_field)):
-                    if not isinstance(obj.get(field), list):
-                        raise ValueError(printable(
-                            f"{where}: field '{field}' ({option}) must be a list; fields "
-                            f"present: {', '.join(obj) or 'none'}"))
-                tokens, tags = obj[tokens_field], obj[tags_field]
-                if not tokens:
-                    raise ValueError(f"{where}: no tokens")
-                if len(tags) != len(tokens):
-                    raise ValueError(f"{where}: {len(tokens)} tokens but {len(tags)} tags")
-                table.words.append([text_value(t, where, f"token {i}")
-                                    for i, t in enumerate(tokens)])
-                table.tags.append(tags)
-                table.lines.append([line] * len(tags))
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{path}: not UTF-8 text ({error})") from None
+    with opened(path) as handle:
+        for line, obj in json_objects(path, handle):
+            where = f"{path}, line {line}"
+            for option, field in (("tokens_field", tokens_field), ("tags_field", tags_field)):
+                if not isinstance(obj.get(field), list):
+                    raise ValueError(printable(f"{where}: field '{field}' ({option}) must be a "
+                                               f"list; fields present: {', '.join(obj) or 'none'}"))
+            tokens, tags = obj[tokens_field], obj[tags_field]
+            if not tokens:
+                raise ValueError(f"{where}: no tokens")
+            if len(tags) != len(tokens):
+                raise ValueError(f"{where}: {len(tokens)} tokens but {len(tags)} tags")
+            table.words.append([text_value(t, where, f"token {i}") for i, t in enumerate(tokens)])
+            table.tags.append(tags)
+            table.lines.append([line] * len(tags))
     return table
 
 
@@ -248,11 +244,8 @@ def read_lines(path: str | Path) -> list[tuple[int, str]]:
     """(line, text) for every non-empty line of a plain text file, without the surrounding
     whitespace."""
     path = existing_file(path)
-    try:
-        with path.open(encoding="utf-8-sig") as handle:
-            lines = [(n, raw.strip()) for n, raw in enumerate(handle, start=1) if raw.strip()]
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{path}: not UTF-8 text ({error})") from None
+    with opened(path) as handle:
+        lines = [(n, raw.strip()) for n, raw in enumerate(handle, start=1) if raw.strip()]
     if not lines:
         raise ValueError(f"{path}: the file is empty (no lines of text)")
     return lines
