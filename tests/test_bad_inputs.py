@@ -158,8 +158,8 @@ def test_a_thread_count_beyond_the_limit_is_refused(tmp_path: Path,
      "data.test_fraction: data set 'fashion-mnist' has its own test split; remove "
      "test_fraction"),
     ({"name": "digits", "label_column": "y"},
-     "data.label_column: only a 'csv' data set has named columns, not 'digits'; remove "
-     "label_column"),
+     "data.label_column: only the data sets csv, text, hf_dataset have named columns, not "
+     "'digits'; remove label_column"),
 ])
 def test_data_options_are_checked_against_the_loader(tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str],

@@ -19,8 +19,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
-from kdistill.data import DATASETS
-from kdistill.data.builtin import csv_header, printable
+from kdistill.data import DATASETS, TEXT_DATASETS, UNLABELED_CORPORA
+from kdistill.data.tables import csv_header, printable
+from kdistill.data.text_files import text_file_columns
 from kdistill.errors import KdistillError
 from kdistill.models.registry import CONTEXT_PARAMETERS, MODEL_FILE_CHECKS, MODEL_SIZES, MODELS
 from kdistill.names import unknown_name
@@ -52,9 +53,12 @@ def _exactly_one(first: str, first_value: Any, second: str, second_value: Any,
 
 
 class DataConfig(Strict):
-    """Which data: a built-in set (``digits``, ``mnist5k``, ``fashion-mnist``, ``diabetes``...)
-    or a user file (``npz``, ``csv`` + ``path``); ``options`` are passed to the loader (e.g.
-    ``train_size`` for ``fashion-mnist``)."""
+    """Which data: a built-in set (``digits``, ``mnist5k``, ``fashion-mnist``, ``diabetes``,
+    ``rotten-tomatoes``...) or a user file (``npz``, ``csv``, ``text``, ``conll``,
+    ``hf_dataset`` + ``path``); ``options`` are passed to the loader (e.g. ``train_size`` for
+    ``fashion-mnist``, ``text_column`` for ``text``). ``unlabeled`` adds unlabelled transfer
+    text to a text data set's training split: plain text files (one text per line) or built-in
+    corpora (``guardian-headlines``), fed to the distillation terms only."""
 
     name: str = "digits"
     path: str | None = None
@@ -62,7 +66,13 @@ class DataConfig(Strict):
     test_fraction: float = Field(default=0.25, gt=0, lt=1)
     labeled: int | None = Field(default=None, ge=1)
     seed: Seed = 0
+    unlabeled: str | list[str] | None = None
     options: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def unlabeled_sources(self) -> list[str]:
+        """``unlabeled`` as a list (empty when there is none)."""
+        return [self.unlabeled] if isinstance(self.unlabeled, str) else list(self.unlabeled or [])
 
 
 class ModelConfig(Strict):
@@ -313,29 +323,61 @@ def _check_recipe(recipe: Mapping[str, Any], path: str) -> list[str]:
     return _recipe_problems(recipe, path)[0]
 
 
-FILE_DATASETS = ("npz", "csv")  # the data sets read from data.path
+FILE_DATASETS = ("npz", "csv", "text", "conll", "hf_dataset")  # read from data.path
+NAMED_COLUMNS = ("csv", "text", "hf_dataset")  # the data sets that take data.label_column
+FOLDER_DATASETS = ("hf_dataset",)  # data.path may be a folder
 
 
 def _check_data(data: DataConfig) -> list[str]:
     problems = _check_name("data set", data.name, list(DATASETS), "data.name")
     if problems:
         return problems
-    problems = _check_data_options(data)
+    problems = _check_data_options(data) + unlabeled_problems(data)
     if data.name not in FILE_DATASETS:
         if data.path is not None:
             problems.append(f"data.path: data set '{data.name}' is built in and reads no file; "
-                            "use name 'csv' or 'npz' for your own data")
+                            f"use one of {', '.join(FILE_DATASETS)} for your own data")
         return problems
     if data.path is None:
         return [*problems, f"data.path: data set '{data.name}' needs a file path"]
     path = Path(data.path)
-    if path.is_dir():
+    if path.is_dir() and data.name not in FOLDER_DATASETS:
         return [*problems, f"data.path: {data.path} is a folder, not a file"]
-    if not path.is_file():
+    if not path.exists():
         return [*problems, f"data.path: file not found: {data.path}"]
     if data.name == "csv":
         problems += _check_csv_header(path, data.label_column)
+    if data.name == "text" and not problems:
+        problems += _check_text_columns(path, data)
     return problems
+
+
+def unlabeled_problems(data: DataConfig) -> list[str]:
+    """``data.unlabeled`` given for a data set that is not text, or naming a file that does
+    not exist (and is not a built-in corpus)."""
+    sources = data.unlabeled_sources
+    if sources and data.name not in TEXT_DATASETS:
+        return [f"data.unlabeled: data set '{data.name}' is not text; unlabelled transfer texts "
+                f"go with a text data set ({', '.join(TEXT_DATASETS)})"]
+    return [f"data.unlabeled: file not found: {source} (give plain text files, one text per "
+            f"line, or a built-in corpus: {', '.join(UNLABELED_CORPORA)})"
+            for source in sources if source not in UNLABELED_CORPORA
+            and not Path(source).is_file()]
+
+
+def _check_text_columns(path: Path, data: DataConfig) -> list[str]:
+    """The columns a ``text`` data set reads, against its file's columns (a CSV or TSV
+    header, or the fields of the first JSON line)."""
+    try:
+        present = text_file_columns(path)
+    except (OSError, ValueError) as error:
+        return [f"data.path: {error}"]
+    defaults = inspect.signature(DATASETS[data.name]).parameters
+    wanted = {f"data.options.{key}": data.options.get(key, defaults[key].default)
+              for key in ("text_column", "pair_column")}
+    wanted["data.label_column"] = data.label_column
+    return [f"{field}: " + unknown_name(f"{path.name} column", column, present)
+            for field, column in wanted.items() if column is not None and column not in present]
 
 
 def _check_data_options(data: DataConfig) -> list[str]:
@@ -346,7 +388,7 @@ def _check_data_options(data: DataConfig) -> list[str]:
     own = {"seed": "data.seed", "test_fraction": "data.test_fraction"}
     if data.name in FILE_DATASETS:
         own["path"] = "data.path"
-    if data.name == "csv":
+    if data.name in NAMED_COLUMNS:
         own["label_column"] = "data.label_column"
     accepted = [p for p in parameters if p not in own]
     problems = []
@@ -368,9 +410,12 @@ def _check_data_options(data: DataConfig) -> list[str]:
     if "test_fraction" in given and "test_fraction" not in parameters:
         problems.append(f"data.test_fraction: data set '{data.name}' has its own test split; "
                         "remove test_fraction")
-    if "label_column" in given and data.name != "csv":
-        problems.append(f"data.label_column: only a 'csv' data set has named columns, not "
-                        f"'{data.name}'; remove label_column")
+    if "label_column" in given and data.name not in NAMED_COLUMNS:
+        problems.append(f"data.label_column: only the data sets {', '.join(NAMED_COLUMNS)} "
+                        f"have named columns, not '{data.name}'; remove label_column")
+    test_path = data.options.get("test_path")
+    if not problems and isinstance(test_path, str) and not Path(test_path).is_file():
+        problems.append(f"data.options.test_path: file not found: {test_path}")
     return problems
 
 

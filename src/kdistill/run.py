@@ -28,15 +28,25 @@ from kdistill.checkpoint import (
     checkpoint_folders,
 )
 from kdistill.config import (
+    FILE_DATASETS,
+    NAMED_COLUMNS,
     ConfigError,
     DataConfig,
     ModelConfig,
     RunConfig,
     TeacherConfig,
     check_output_folder,
+    unlabeled_problems,
 )
 from kdistill.contexts import num_threads
-from kdistill.data import DATASETS, DataSplits, keep_labels, labeled_indices, load_dataset
+from kdistill.data import (
+    DATASETS,
+    DataSplits,
+    add_unlabeled,
+    keep_labels,
+    labeled_indices,
+    load_dataset,
+)
 from kdistill.data.shifts import check_shifts
 from kdistill.engine import Distiller, FitResult, Phase, recipe_phases, wrap_student
 from kdistill.engine.state import RESUMABLE_SETTINGS, changed_fields, format_changes
@@ -66,13 +76,14 @@ def cache_dir() -> Path:
 
 
 def build_data(config: DataConfig) -> DataSplits:
-    """Load the data set; with ``labeled`` set, hide all but that many training labels."""
+    """Load the data set; with ``labeled`` set, hide all but that many training labels; with
+    ``unlabeled`` set, append those transfer texts to the training split (labels hidden)."""
     options: dict[str, Any] = {"seed": config.seed, **config.options}
     if "test_fraction" in loader_parameters(config.name):
         options["test_fraction"] = config.test_fraction
-    if config.name in ("npz", "csv"):
+    if config.name in FILE_DATASETS:
         options["path"] = config.path
-    if config.name == "csv":
+    if config.name in NAMED_COLUMNS:
         options["label_column"] = config.label_column
     try:
         data = load_dataset(config.name, **options)
@@ -85,6 +96,14 @@ def build_data(config: DataConfig) -> DataSplits:
                               f"has {len(data.train)} samples")
         data.train = data.train.with_labels(keep_labels(data.train.labels, config.labeled,
                                                         config.seed))
+    if config.unlabeled_sources:
+        problems = unlabeled_problems(config)
+        if problems:
+            raise ConfigError(problems[0])
+        try:
+            data.train = add_unlabeled(data.train, config.unlabeled_sources)
+        except (ValueError, OSError) as error:  # names the file and line
+            raise ConfigError(f"data.unlabeled: {error}") from None
     return data
 
 

@@ -8,17 +8,26 @@ from kdistill.data.base import (
     ArrayDataset,
     DataSplits,
     IndexedDataset,
+    LabeledDataset,
     holdout_split,
     keep_labels,
     labeled_indices,
 )
-from kdistill.data.builtin import DATASETS, load_dataset
+from kdistill.data.builtin import DATASETS, TEXT_DATASETS, load_dataset
+from kdistill.data.text import TextDataset, WordTagDataset
+from kdistill.data.text_corpora import UNLABELED_CORPORA, add_unlabeled
 
 __all__ = [
     "DATASETS",
+    "TEXT_DATASETS",
+    "UNLABELED_CORPORA",
     "ArrayDataset",
     "DataSplits",
     "IndexedDataset",
+    "LabeledDataset",
+    "TextDataset",
+    "WordTagDataset",
+    "add_unlabeled",
     "holdout_split",
     "keep_labels",
     "labeled_indices",

@@ -6,13 +6,29 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, Self, TypeVar
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from kdistill.batch import Task, hidden_like, label_mask
+
+
+class LabeledDataset(Protocol):
+    """What the label subsets and splits need of a data set: its ``labels`` (one entry per
+    sample, 1-D, or [N, L] per token) and the same samples with other labels or a subset."""
+
+    labels: torch.Tensor
+
+    def __len__(self) -> int: ...
+
+    def with_labels(self, labels: torch.Tensor) -> Self: ...
+
+    def select(self, indices: Sequence[int]) -> Self: ...
+
+
+Data = TypeVar("Data", bound=LabeledDataset)
 
 
 class ArrayDataset(Dataset):
@@ -115,9 +131,9 @@ def keep_labels(labels: torch.Tensor, count: int, seed: int) -> torch.Tensor:
     return hidden
 
 
-def holdout_split(dataset: ArrayDataset, size: int,
-                  seed: int) -> tuple[ArrayDataset, ArrayDataset]:
-    """Hold ``size`` samples of ``dataset`` out: returns (the rest, the held-out samples).
+def holdout_split(dataset: Data, size: int, seed: int) -> tuple[Data, Data]:
+    """Hold ``size`` samples of ``dataset`` out: returns (the rest, the held-out samples), each
+    a data set of the same kind (made with ``dataset.select``).
 
     With one integer label per sample the draw is stratified (each class keeps its share in
     both parts; hidden labels count as one more class); other labels are drawn uniformly. Both
@@ -133,9 +149,7 @@ def holdout_split(dataset: ArrayDataset, size: int,
                                       random_state=seed, stratify=stratify)
     except ValueError as error:  # too few samples, or a class too small to stratify
         raise ValueError(f"cannot hold {size} of {len(dataset)} samples out: {error}") from None
-    kept, held = torch.as_tensor(np.sort(kept)), torch.as_tensor(np.sort(held))
-    return (ArrayDataset(dataset.inputs[kept], labels[kept]),
-            ArrayDataset(dataset.inputs[held], labels[held]))
+    return dataset.select(np.sort(kept).tolist()), dataset.select(np.sort(held).tolist())
 
 
 @dataclass
@@ -145,13 +159,16 @@ class DataSplits:
     ``num_classes`` is the width of the model's output: the number of classes, 1 for
     regression. ``task`` says how to read the labels (integer classes, float targets, or integer
     classes per token). ``target_scale`` is ``(mean, std)`` of the raw training targets when
-    regression targets were standardised: raw target = label * std + mean.
+    regression targets were standardised: raw target = label * std + mean. ``label_names``
+    names the classes by id (``label_names[i]`` is class i) when the data has names for them.
+    ``input_shape`` is ``()`` for raw text.
     """
 
     name: str
-    train: ArrayDataset
-    test: ArrayDataset
+    train: LabeledDataset
+    test: LabeledDataset
     num_classes: int
     input_shape: tuple[int, ...]
     task: Task = "classification"
     target_scale: tuple[float, float] | None = None
+    label_names: list[str] | None = None

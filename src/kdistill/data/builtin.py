@@ -1,7 +1,9 @@
 """Built-in data sets (shipped with installed packages, no download) and user array files.
 
 Image sets (``digits``, ``mnist5k``, ``fashion-mnist``) give inputs [1, H, W] in [0, 1] and
-integer labels; ``diabetes`` is a regression set (see :mod:`kdistill.data.regression`).
+integer labels; ``diabetes`` is a regression set (see :mod:`kdistill.data.regression`). The
+text sets (``text``, ``conll``, ``hf_dataset``, ``rotten-tomatoes``) keep raw text as inputs
+(see :mod:`kdistill.data.text`).
 """
 
 from __future__ import annotations
@@ -10,9 +12,8 @@ import csv
 import inspect
 import math
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -21,19 +22,17 @@ from sklearn.model_selection import train_test_split
 from kdistill.data.base import ArrayDataset, DataSplits
 from kdistill.data.images import FASHION_MNIST_DIR, read_fashion_mnist, read_mnist5k
 from kdistill.data.regression import load_diabetes
+from kdistill.data.tables import csv_header, csv_rows, printable
 from kdistill.data.tagging import load_tagging
+from kdistill.data.text_corpora import load_rotten_tomatoes
+from kdistill.data.text_files import load_conll, load_text
+from kdistill.data.text_hf import load_hf_dataset
 from kdistill.names import unknown_name
 
 # Inputs become float32 tensors: a larger magnitude would silently turn into an infinity.
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 # Labels are checked as floats before becoming int64; beyond 2**53 floats skip whole numbers.
 LARGEST_LABEL = 2**53
-
-
-def printable(text: str) -> str:
-    """``text`` with each unprintable character (a line break, a tab, a control character)
-    escaped as Python writes it, so an error about it stays on one line."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def value_problem(value: float) -> str | None:
@@ -325,7 +324,7 @@ def load_csv(path: str | Path, label_column: str = "label", test_fraction: float
                 raise ValueError(f"{path}: no feature columns besides '{label_column}'")
             label_at = header.index(label_column)
             values = [[_number(path, line, header[i], cell) for i, cell in enumerate(row)]
-                      for line, row in _csv_rows(path, reader, len(header))]
+                      for line, row in csv_rows(path, reader, len(header))]
     except (UnicodeDecodeError, csv.Error) as error:
         raise ValueError(f"{path}: not a readable CSV text file ({error})") from None
     if not values:
@@ -338,39 +337,6 @@ def load_csv(path: str | Path, label_column: str = "label", test_fraction: float
     if len(classes) < 2:
         raise ValueError(f"{path}: column '{label_column}': {one_class(classes, len(labels))}")
     return split_arrays(str(path), features, labels, test_fraction, seed)
-
-
-def csv_header(path: Path, reader: Iterator[list[str]]) -> list[str]:
-    """The column names of a CSV file's first row (stripped), refusing an empty file and a
-    blank or repeated name."""
-    header = next(reader, None)
-    if header is None:
-        raise ValueError(f"{path}: the file is empty (a header row with column names is needed)")
-    if not any(name.strip() for name in header):
-        raise ValueError(f"{path}, line 1: the header row is blank (it must name the columns)")
-    header = [name.strip() for name in header]
-    seen: dict[str, int] = {}
-    for number, name in enumerate(header, start=1):
-        if not name:
-            raise ValueError(f"{path}, line 1: column {number} has no name")
-        if name in seen:
-            raise ValueError(printable(f"{path}, line 1: column '{name}' appears twice (columns "
-                                       f"{seen[name]} and {number}); column names must be "
-                                       "unique"))
-        seen[name] = number
-    return header
-
-
-def _csv_rows(path: Path, reader: Any, columns: int) -> Iterator[tuple[int, list[str]]]:
-    """(line number, cells) of every non-blank row, refusing a row with another number of
-    cells than the header has columns."""
-    for row in reader:
-        if not any(cell.strip() for cell in row):
-            continue  # blank line
-        line = reader.line_num
-        if len(row) != columns:
-            raise ValueError(f"{path}, line {line}: {len(row)} values for {columns} columns")
-        yield line, row
 
 
 def _number(path: Path, line: int, column: str, cell: str) -> float:
@@ -394,7 +360,13 @@ DATASETS: dict[str, Callable[..., DataSplits]] = {
     "tagging": load_tagging,
     "npz": load_npz,
     "csv": load_csv,
+    "text": load_text,
+    "conll": load_conll,
+    "hf_dataset": load_hf_dataset,
+    "rotten-tomatoes": load_rotten_tomatoes,
 }
+# The data sets of raw text (the ones that take unlabelled transfer text).
+TEXT_DATASETS = ("text", "conll", "hf_dataset", "rotten-tomatoes")
 
 
 def load_dataset(name: str, **options: object) -> DataSplits:
