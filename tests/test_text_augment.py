@@ -40,7 +40,7 @@ SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 GEOMETRY = [("[PAD]", 1, 1), ("[UNK]", 1, 1), ("[CLS]", 1, 1), ("[SEP]", 1, 1),
             ("[MASK]", 1, 1), ("cat", 0, 1), ("dog", 20, 0.1), ("car", 50, 5),
             ("bus", 100, 1), ("red", 200, 2), ("blue", 250, 1), ("##s", 1, 1), (",", 2, 1),
-            ("eos", 1, 1)]
+            ("eos", 1, 1), ("##y", 100, 1)]
 MLM_VOCAB = SPECIALS + ["the", "cat", "dog", "car", "sat", "on", "mat", "play", "##ing", ",",
                         "."]
 
@@ -116,8 +116,9 @@ def test_word_swap_keeps_length_and_multiset():
     words = [f"w{i}" for i in range(20)]
     swapped = word_swap(words, 3, random.Random(1))
     assert len(swapped) == 20 and Counter(swapped) == Counter(words) and swapped != words
-    once = word_swap(words, 1, random.Random(2))
-    assert sum(a != b for a, b in zip(words, once, strict=True)) == 2  # two distinct positions
+    for seed in range(200):  # one swap always exchanges two distinct positions
+        once = word_swap(words, 1, random.Random(seed))
+        assert sum(a != b for a, b in zip(words, once, strict=True)) == 2
     assert word_swap(words, 0, random.Random(0)) == words
     assert word_swap(["solo"], 5, random.Random(0)) == ["solo"]
     with pytest.raises(ValueError, match="n_swaps must be >= 0"):
@@ -148,6 +149,8 @@ def test_split_words_use_the_mean_of_their_pieces_and_unknown_words_have_none(ge
     # "cats" = cat + ##s: their mean lies at about 0.5 deg, nearest "cat" (not excluded: the
     # word is not that entry)
     assert geometry.neighbours(["cats"], k=2)["cats"] == ["cat", "dog"]
+    # "caty" = cat (0 deg) + ##y (100 deg): the mean points at 50 deg, where "car" is
+    assert geometry.neighbours(["caty"], k=1)["caty"] == ["car"]
     assert geometry.candidates(["zebra", ",", "42", "Cat"], k=2) == [[], [], [], ["dog", "car"]]
 
 
@@ -185,6 +188,22 @@ def test_from_folder_reads_the_embedding_matrix_from_safetensors(mlm_folder):
     assert torch.equal(neighbours.embeddings, expected)
     own = EmbeddingNeighbours(neighbours.tokenizer, expected)
     assert neighbours.neighbours(["cat", "mat"], 3) == own.neighbours(["cat", "mat"], 3)
+
+
+def test_sharded_weights_are_read_through_their_index(mlm_folder, tmp_path):
+    (tmp_path / "shard-1.safetensors").write_bytes((mlm_folder / "model.safetensors").read_bytes())
+    index = tmp_path / "model.safetensors.index.json"
+    name = "bert.embeddings.word_embeddings.weight"
+    index.write_text(json.dumps({"weight_map": {name: "shard-1.safetensors"}}))
+    assert torch.equal(read_word_embeddings(tmp_path), read_word_embeddings(mlm_folder))
+    index.write_text(json.dumps({"weight_map": {"head.weight": "shard-1.safetensors"}}))
+    with pytest.raises(KdistillError, match=r"expected one tensor named '\*word_embeddings\.weight'"
+                                            r" \(the input embeddings\), found none; tensors: "
+                                            r"head\.weight$"):
+        read_word_embeddings(tmp_path)
+    index.write_text("[]")
+    with pytest.raises(KdistillError, match="not a safetensors index with a 'weight_map'"):
+        read_word_embeddings(tmp_path)
 
 
 def test_unsafe_or_incomplete_folders_are_refused(mlm_folder, tmp_path):
@@ -238,6 +257,7 @@ def test_mlm_masks_each_word_in_context_batched(mlm_folder):
                                                      .manual_seed(3)))
     model.train()  # the replacer must switch to eval mode (dropout off)
     replacer = MaskedLMReplacement(model, tokenizer, batch_size=2)
+    assert not model.training
     words = ["the", "cat", "sat", "on", "the", "mat"]
     got = replacer.candidates(words, k=3)
     whole = [tokenizer.convert_tokens_to_ids(t) for t in ["the", "cat", "dog", "car", "sat",

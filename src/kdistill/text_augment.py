@@ -1,10 +1,10 @@
 """Augmented copies of raw training text, to enlarge the unlabelled transfer set of text KD.
 
 TinyBERT (Jiao et al. 2020, "TinyBERT: Distilling BERT for Natural Language Understanding",
-Sec. 3.3 and Alg. 1) distils on many more sentences than the training set holds: every word
-``w_i`` of a sentence gets K candidate replacements ``C_i`` once (from a masked language model
-when ``w_i`` is a single word piece, from the GloVe neighbours of ``w_i`` otherwise), then each
-of N copies replaces every word independently::
+Algorithm 1, data augmentation) distils on many more sentences than the training set holds:
+every word ``w_i`` of a sentence gets K candidate replacements ``C_i`` once (from a masked
+language model when ``w_i`` is a single word piece, from the GloVe neighbours of ``w_i``
+otherwise), then each of N copies replaces every word independently::
 
     w'_i = u_i ~ Uniform(C_i)  with probability p_t,   w'_i = w_i  otherwise
 
@@ -235,7 +235,7 @@ class EmbeddingNeighbours(_Replacer):
         if k < 1:
             raise ValueError(f"EmbeddingNeighbours: k must be >= 1, got {k}")
         words = set(words)
-        todo = [w for w in words if (w, k) not in self._cache]
+        todo = sorted(w for w in words if (w, k) not in self._cache)
         pieces = {w: self.word_pieces(w) for w in todo}
         known = [w for w in todo if pieces[w] is not None]
         for w in todo:
@@ -280,8 +280,9 @@ class MaskedLMReplacement(_Replacer):
             raise ValueError(f"MaskedLMReplacement: batch_size must be >= 1, got {batch_size}")
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.neighbours = neighbours or EmbeddingNeighbours(
-            tokenizer, model.get_input_embeddings().weight)
+        if neighbours is None:
+            neighbours = EmbeddingNeighbours(tokenizer, model.get_input_embeddings().weight)
+        self.neighbours = neighbours
         self.batch_size = batch_size
         positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         self.max_length = min(tokenizer.model_max_length, positions or tokenizer.model_max_length)
@@ -327,7 +328,8 @@ class MaskedLMReplacement(_Replacer):
             at = torch.tensor(positions[part])
             batch["input_ids"][torch.arange(n), at] = self.tokenizer.mask_token_id
             logits = self.model(**{key: v.to(device) for key, v in batch.items()}).logits
-            scores = logits[torch.arange(n), at.to(device)].float().cpu()[:, self._candidate_ids]
+            masked = logits[torch.arange(n, device=device), at.to(device)].float().cpu()
+            scores = masked[:, self._candidate_ids]
             scores[self._candidate_ids[None, :] == originals[part, None]] = float("-inf")
             depth = min(k, len(self.neighbours.candidate_ids) - 1)
             for row in scores.topk(depth, dim=1).indices.tolist():
@@ -370,7 +372,7 @@ def _weight_files(folder: Path) -> dict[str, Path]:
     single, index = (folder / name for name in SAFETENSORS_WEIGHTS)
     if single.is_file():
         with safe_open(single, framework="pt") as weights:
-            return {name: single for name in weights.keys()}  # noqa: SIM118 (not a dict)
+            return dict.fromkeys(weights.keys(), single)
     try:
         shards = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         return {str(name): folder / str(file) for name, file in shards.items()}
