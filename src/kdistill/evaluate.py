@@ -144,7 +144,7 @@ def _batch_size(batch: Mapping[str, Any]) -> int:
     key = "input_ids" if "input_ids" in batch else "input"
     if key not in batch:
         raise ValueError(f"batch has neither 'input' nor 'input_ids'; keys: {sorted(batch)}")
-    return int(batch[key].shape[0])
+    return len(batch[key])  # a tensor's first dimension, or the number of raw texts
 
 
 def _synchronize(device: torch.device) -> None:

@@ -112,6 +112,13 @@ def loader_parameters(name: str) -> set[str]:
     return set(inspect.signature(DATASETS[name]).parameters) if name in DATASETS else set()
 
 
+def training_texts(data: DataSplits) -> list[str] | None:
+    """The raw training texts (labelled and transfer) that text models build vocabularies
+    from; None for data that is not text."""
+    texts = getattr(data.train, "texts", None)
+    return texts() if callable(texts) else None
+
+
 def build_from(config: ModelConfig, data: DataSplits, seed: int,
                where: str = "model") -> nn.Module:
     """A registered model for ``data``, initialised from ``seed``; a model that cannot be built
@@ -119,7 +126,7 @@ def build_from(config: ModelConfig, data: DataSplits, seed: int,
     torch.manual_seed(seed)
     try:
         return build_model(config.name, data.input_shape, data.num_classes, size=config.size,
-                           **config.options)
+                           corpus=training_texts(data), task=data.task, **config.options)
     except (ValueError, TypeError, OSError) as error:
         raise ConfigError(f"{where}: cannot build model '{config.name}' for data of shape "
                           f"{tuple(data.input_shape)} with {data.num_classes} classes: "
@@ -172,12 +179,22 @@ def file_digest(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def input_digests(config: RunConfig) -> dict[str, str]:
-    """SHA-256 of the user files a run reads (``data.path``, ``teacher.checkpoint``)."""
-    files = {"data.path": config.data.path,
-             "teacher.checkpoint": config.teacher.checkpoint if config.teacher else None}
+def data_digests(data: DataConfig) -> dict[str, str]:
+    """SHA-256 of the data files ``data`` reads: ``path``, ``options.test_path`` and each
+    ``unlabeled`` file (built-in names are not files)."""
+    files = {"data.path": data.path, "data.options.test_path": data.options.get("test_path"),
+             **{f"data.unlabeled.{i}": source for i, source in enumerate(data.unlabeled_sources)}}
     return {key: file_digest(path) for key, path in files.items()
-            if path is not None and Path(path).is_file()}
+            if isinstance(path, str) and Path(path).is_file()}
+
+
+def input_digests(config: RunConfig) -> dict[str, str]:
+    """SHA-256 of the user files a run reads: the data files and ``teacher.checkpoint``."""
+    checkpoint = config.teacher.checkpoint if config.teacher else None
+    digests = data_digests(config.data)
+    if checkpoint is not None and Path(checkpoint).is_file():
+        digests["teacher.checkpoint"] = file_digest(checkpoint)
+    return digests
 
 
 def resumable(path: str) -> bool:
@@ -294,15 +311,14 @@ def teacher_key(config: TeacherConfig, data: DataConfig,
                 recipe: dict[str, Any] | None = None) -> str:
     """A hash of everything that determines a trained teacher: its model, training recipe and
     settings (not the progress display), the data settings (not ``labeled``: the teacher sees
-    every label) and, for a user data file, the file's content (so an edited file trains
-    anew)."""
+    every label) and the content of the data files (so an edited file trains anew)."""
     assert config.train is not None
     recipe = recipe or {"name": "ce"}
     content = {"model": config.model.model_dump(),
                "train": config.train.model_dump(exclude={"progress"}),
                **({"recipe": recipe} if recipe != {"name": "ce"} else {}),
                "data": data.model_dump(exclude={"labeled"}),
-               "data_file": file_digest(data.path) if data.path else None, "format": 2}
+               "data_files": data_digests(data), "format": 3}
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -325,7 +341,7 @@ def obtain_teacher(config: TeacherConfig, data_config: DataConfig, data: DataSpl
     model = build_from(config.model, data, config.train.seed, "teacher.model")
     if path.is_file():
         return load_weights(model, path, "teacher cache"), {"source": str(path), "cached": True}
-    full = build_data(data_config.model_copy(update={"labeled": None}))
+    full = build_data(data_config.model_copy(update={"labeled": None, "unlabeled": None}))
     settings = config.train.model_copy(update={"progress": progress})
     spec = dict(recipe)
     trainer_recipe = build_recipe(spec.pop("name"), **spec)
