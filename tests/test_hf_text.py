@@ -9,15 +9,20 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers
 from torch import nn
 
+from kdistill.config import ModelConfig, RunConfig, TeacherConfig, check_registered
+from kdistill.engine import Distiller
 from kdistill.errors import KdistillError
 from kdistill.models import build_model
 from kdistill.models.hf import UnsafeModelFolder, load_tokenizer, tokenizer_problems
-from kdistill.models.hf_student import student_from_teacher
+from kdistill.models.hf_student import build_hf_student, student_from_teacher
 from kdistill.models.hf_text import HFTextEncoder, build_hf_text, export_pretrained
 from kdistill.models.text import WORD_STARTS, TextModel, check_same_tokens
+from kdistill.recipes.base import build_recipe
+from kdistill.settings import TrainerSettings
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat", "on", "mat",
          "play", "##ing", "##ed", "dog", "a", "big", "red", "ran", "to", "it"]
@@ -309,3 +314,53 @@ def test_token_level_taps_are_refused_across_tokenisers(tmp_path: Path):
                                          r"tokenise differently"):
         check_same_tokens(other, teacher, ["logits", "hidden.-1"])
     check_same_tokens(other, teacher, ["logits", "pooled"])  # logit-level terms stay allowed
+
+
+# --- configs: kdistill check ------------------------------------------------------------------
+
+def test_check_names_the_option_of_a_folder_that_cannot_load(tmp_path: Path):
+    folder = save_bert(tmp_path / "bert")
+    (folder / "tokenizer.json").unlink()
+    (folder / "tokenizer_config.json").unlink()
+
+    def problems(student: dict) -> list[str]:
+        config = RunConfig(output_dir=str(tmp_path / "runs"), student=ModelConfig(**student),
+                           teacher=TeacherConfig(model=ModelConfig(name="mlp", size="tiny"),
+                                                 train=TrainerSettings(epochs=1)),
+                           recipe={"name": "hinton"})
+        return check_registered(config)
+
+    assert problems({"name": "hf_text", "options": {"path": str(folder)}}) == [
+        f"student.options.path: no Hugging Face tokenizer at {folder} (tokenizer.json and "
+        "tokenizer_config.json missing)"]
+    assert problems({"name": "hf_student", "options": {"teacher": str(tmp_path / "none"),
+                                                       "layers": [0]}}) == [
+        f"student.options.teacher: no Hugging Face model folder at {tmp_path / 'none'} "
+        "(config.json missing)"]
+    save_tokenizer(folder)
+    assert problems({"name": "hf_student", "options": {"teacher": str(folder),
+                                                       "layers": "every_other"}}) == []
+
+
+# --- the engine on raw text -------------------------------------------------------------------
+
+def test_the_engine_distils_a_tagger_word_by_word(tmp_path: Path):
+    folder = save_bert(tmp_path / "teacher", labels=4, head=transformers.BertForTokenClassification)
+    teacher = build_hf_text((), 4, str(folder), task="token_classification")
+    student = build_hf_student((), 4, str(folder), layers=[1], task="token_classification")
+    words = [["the", "playing", "cat"], ["a", "dog"], ["it", "played", "on", "the", "mat"]]
+    labels = [[0, 1, 2], [3, -100], [1, 1, -100, 0, 2]]
+    data = [{"input": w, "labels": torch.tensor(y)} for w, y in zip(words, labels, strict=True)]
+    with torch.no_grad():
+        z_s, z_t = student(words)["logits"], teacher(words)["logits"]
+    history = Distiller(student, teacher, build_recipe("hinton", temperature=2.0, alpha=0.5),
+                        epochs=1, batch_size=3, cpu=True, progress=False).fit(data).history
+    # By hand: KL per real word (10 words), cross-entropy per labelled word (8).
+    real = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]).bool()
+    targets = torch.tensor([[0, 1, 2, -100, -100], [3, -100, -100, -100, -100],
+                            [1, 1, -100, 0, 2]])
+    kl = F.kl_div(F.log_softmax(z_s / 2, -1), F.log_softmax(z_t / 2, -1), log_target=True,
+                  reduction="none").sum(-1)
+    ce = F.cross_entropy(z_s[targets != -100], targets[targets != -100])
+    assert history[0]["kd"] == pytest.approx(4 * float(kl[real].sum()) / 10, rel=1e-5)
+    assert history[0]["ce"] == pytest.approx(float(ce), rel=1e-5)

@@ -23,7 +23,7 @@ it, so the command line does not pay for it.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -75,7 +75,7 @@ class RawTextTeacher(TeacherSource):
     def static(self) -> bool:
         return self.source.static
 
-    def bind(self, tap_names: Any, device: torch.device) -> None:
+    def bind(self, tap_names: Iterable[str], device: torch.device) -> None:
         self.source.bind(tap_names, device)
 
     def close(self) -> None:
