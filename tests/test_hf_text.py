@@ -17,7 +17,12 @@ from kdistill.config import ModelConfig, RunConfig, TeacherConfig, check_registe
 from kdistill.engine import Distiller
 from kdistill.errors import KdistillError
 from kdistill.models import build_model
-from kdistill.models.hf import UnsafeModelFolder, load_tokenizer, tokenizer_problems
+from kdistill.models.hf import (
+    UnsafeModelFolder,
+    folder_problems,
+    load_tokenizer,
+    tokenizer_problems,
+)
 from kdistill.models.hf_student import build_hf_student, student_from_teacher
 from kdistill.models.hf_text import HFTextEncoder, build_hf_text, export_pretrained
 from kdistill.models.text import WORD_STARTS, TextModel, check_same_tokens
@@ -177,7 +182,7 @@ def test_folders_only_never_a_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
 
 def test_a_tokenizer_with_its_own_code_is_refused(tmp_path: Path):
-    folder = save_tokenizer(tmp_path / "tokenizer")
+    folder = save_bert(tmp_path / "bert")
     config = json.loads((folder / "tokenizer_config.json").read_text())
     config["auto_map"] = {"AutoTokenizer": ["tokenization_x.XTokenizer", None]}
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
@@ -188,8 +193,9 @@ def test_a_tokenizer_with_its_own_code_is_refused(tmp_path: Path):
         "['tokenization_x.XTokenizer', None]); kdistill runs code from a model folder only "
         "when asked: read that code, then set student.options.trust_remote_code: true"]
     with pytest.raises(UnsafeModelFolder, match="tokenizer_config.json auto_map"):
-        HFTextEncoder.from_folder(folder)
+        build_model("hf_text", (), 3, path=str(folder))
     assert tokenizer_problems(folder, trust_remote_code=True) == []
+    assert folder_problems(folder) == []  # the network alone (model "hf") runs no code
 
 
 # --- students from a teacher ------------------------------------------------------------------

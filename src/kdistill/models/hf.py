@@ -35,8 +35,10 @@ if TYPE_CHECKING:  # transformers is imported where it is used: it takes seconds
     from transformers import PreTrainedTokenizerBase
 
 SAFETENSORS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
-# The JSON files whose auto_map makes transformers import code from the folder.
-CODE_CONFIGS = ("config.json", "tokenizer_config.json")
+# The JSON files whose auto_map makes transformers import code from the folder: a model's
+# (config.json) and a tokenizer's (tokenizer_config.json, and config.json's AutoTokenizer).
+MODEL_CONFIGS = ("config.json",)
+TOKENIZER_CONFIGS = ("config.json", "tokenizer_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 HFTask = Literal["classification", "regression", "token_classification", "encoder"]
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -71,14 +73,14 @@ def _read_config(path: Path) -> dict[str, Any]:
     return config
 
 
-def custom_code(folder: str | Path) -> list[str]:
-    """What in the Hugging Face model or tokenizer ``folder`` transformers would import and
-    run: ``auto_map`` entries of ``config.json`` and ``tokenizer_config.json``, Python files,
-    an attention kernel named by a hub repository. Empty for a folder of plain configuration,
-    vocabulary and weights."""
+def custom_code(folder: str | Path, configs: tuple[str, ...] = MODEL_CONFIGS) -> list[str]:
+    """What in the Hugging Face model ``folder`` transformers would import and run:
+    ``auto_map`` entries of its ``configs`` (``config.json``; :data:`TOKENIZER_CONFIGS` for
+    loading its tokenizer), Python files, an attention kernel named by a hub repository. Empty
+    for a folder of plain configuration, vocabulary and weights."""
     folder = Path(folder)
     found = []
-    for name in CODE_CONFIGS:
+    for name in configs:
         if (folder / name).exists():
             found.extend(_code_in_json(name, _read_config(folder / name)))
     python = sorted(p.name for p in folder.glob("*.py"))
@@ -106,10 +108,11 @@ def pickle_weights(folder: str | Path) -> list[str]:
                   if p.is_file() and p.name.endswith(PICKLE_SUFFIXES))
 
 
-def _code_problems(folder: Path, trust_remote_code: bool, where: str) -> list[str]:
+def _code_problems(folder: Path, trust_remote_code: bool, where: str,
+                   configs: tuple[str, ...]) -> list[str]:
     """The refusal of a folder's custom code unless ``trust_remote_code`` is really true;
     :class:`UnsafeModelFolder` for an unreadable configuration."""
-    code = custom_code(folder)
+    code = custom_code(folder, configs)
     if code and trust_remote_code is not True:  # only a real True lets code run, not "false"
         return [f"{where}.trust_remote_code: {folder} holds custom code that transformers would "
                 f"import and run ({'; '.join(code)}); kdistill runs code from a model folder "
@@ -128,7 +131,7 @@ def folder_problems(path: str | Path, trust_remote_code: bool = False,
         return [f"{where}.{field}: no Hugging Face model folder at {folder} (config.json "
                 "missing)"]
     try:
-        problems = _code_problems(folder, trust_remote_code, where)
+        problems = _code_problems(folder, trust_remote_code, where, MODEL_CONFIGS)
     except UnsafeModelFolder as error:
         return [f"{where}.{field}: {error}"]
     if not any((folder / name).is_file() for name in SAFETENSORS_WEIGHTS):
@@ -155,7 +158,7 @@ def tokenizer_problems(path: str | Path, trust_remote_code: bool = False,
         return [f"{where}.{field}: no Hugging Face tokenizer at {folder} "
                 f"({' and '.join(TOKENIZER_FILES)} missing)"]
     try:
-        return _code_problems(folder, trust_remote_code, where)
+        return _code_problems(folder, trust_remote_code, where, TOKENIZER_CONFIGS)
     except UnsafeModelFolder as error:
         return [f"{where}.{field}: {error}"]
 
