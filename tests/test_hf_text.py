@@ -175,7 +175,7 @@ def test_folders_only_never_a_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError,
                        match=r"no Hugging Face model folder at bert-base-uncased \(config.json "
-                             r"missing\)"):
+                             r"missing\); kdistill loads local folders only, never from a hub"):
         build_model("hf_text", (), 2, path="bert-base-uncased")
     with pytest.raises(UnsafeModelFolder, match="no Hugging Face tokenizer at bert-base-uncased"):
         load_tokenizer("bert-base-uncased")
@@ -338,11 +338,11 @@ def test_check_names_the_option_of_a_folder_that_cannot_load(tmp_path: Path):
 
     assert problems({"name": "hf_text", "options": {"path": str(folder)}}) == [
         f"student.options.path: no Hugging Face tokenizer at {folder} (tokenizer.json and "
-        "tokenizer_config.json missing)"]
+        "tokenizer_config.json missing); kdistill loads local folders only, never from a hub"]
     assert problems({"name": "hf_student", "options": {"teacher": str(tmp_path / "none"),
                                                        "layers": [0]}}) == [
         f"student.options.teacher: no Hugging Face model folder at {tmp_path / 'none'} "
-        "(config.json missing)"]
+        "(config.json missing); kdistill loads local folders only, never from a hub"]
     save_tokenizer(folder)
     assert problems({"name": "hf_student", "options": {"teacher": str(folder),
                                                        "layers": "every_other"}}) == []

@@ -40,6 +40,8 @@ SAFETENSORS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 MODEL_CONFIGS = ("config.json",)
 TOKENIZER_CONFIGS = ("config.json", "tokenizer_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+# Said when a folder is missing: the path may be a hub name, which kdistill never downloads.
+LOCAL_ONLY = "; kdistill loads local folders only, never from a hub"
 HFTask = Literal["classification", "regression", "token_classification", "encoder"]
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # Config keys whose value, when it names a hub repository ("org/name"), makes transformers
@@ -129,7 +131,7 @@ def folder_problems(path: str | Path, trust_remote_code: bool = False,
     folder = Path(path)
     if not (folder / "config.json").is_file():
         return [f"{where}.{field}: no Hugging Face model folder at {folder} (config.json "
-                "missing)"]
+                f"missing){LOCAL_ONLY}"]
     try:
         problems = _code_problems(folder, trust_remote_code, where, MODEL_CONFIGS)
     except UnsafeModelFolder as error:
@@ -156,7 +158,7 @@ def tokenizer_problems(path: str | Path, trust_remote_code: bool = False,
     folder = Path(path)
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         return [f"{where}.{field}: no Hugging Face tokenizer at {folder} "
-                f"({' and '.join(TOKENIZER_FILES)} missing)"]
+                f"({' and '.join(TOKENIZER_FILES)} missing){LOCAL_ONLY}"]
     try:
         return _code_problems(folder, trust_remote_code, where, TOKENIZER_CONFIGS)
     except UnsafeModelFolder as error:
@@ -206,7 +208,8 @@ def load_hf_model(path: str | Path, task: HFTask = "classification",
     _check_trust_flag(trust_remote_code)
     folder = Path(path)
     if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"no Hugging Face model folder at {folder} (config.json missing)")
+        raise FileNotFoundError(f"no Hugging Face model folder at {folder} (config.json "
+                                f"missing){LOCAL_ONLY}")
     problems = folder_problems(folder, trust_remote_code)
     if problems:
         raise UnsafeModelFolder("; ".join(problems))
