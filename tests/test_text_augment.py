@@ -82,7 +82,7 @@ def mlm_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def settings(**values) -> TextAugmentSettings:
-    return TextAugmentSettings(**values)
+    return TextAugmentSettings(**{"model": "teacher-folder", **values})
 
 
 # ----------------------------------------------------------------------------------- words
@@ -279,8 +279,10 @@ def test_mlm_masks_each_word_in_context_batched(mlm_folder):
 
 
 def test_settings_defaults_are_tinyberts_and_fields_are_checked():
-    default = TextAugmentSettings()
+    default = TextAugmentSettings(model="teacher-folder")
     assert (default.copies, default.p_replace, default.k) == (20, 0.4, 15)
+    with pytest.raises(ValidationError, match="set 'model' to a local model folder"):
+        TextAugmentSettings()
     with pytest.raises(ValidationError, match="p_replace"):
         TextAugmentSettings(p_replace=1.5)
     with pytest.raises(ValidationError, match="copies"):

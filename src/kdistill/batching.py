@@ -50,3 +50,12 @@ def unit_counts(batch: Mapping[str, Any]) -> dict[str, float]:
     else:
         tokens = pairs = examples
     return {"examples": examples, "labeled": labeled, "tokens": tokens, "token_pairs": pairs}
+
+
+def unit_scales(local: Mapping[str, float], totals: Mapping[str, float],
+                processes: int) -> dict[str, float]:
+    """Each unit's weight for one micro-batch whose counts are ``local``, in a global batch
+    whose counts (all micro-batches, all processes) are ``totals``: local / total x processes,
+    so that the sum over micro-batches of the averaged gradients of the processes is the
+    gradient of the mean over the global batch; 0 for a unit the global batch lacks."""
+    return {u: (local[u] / totals[u] * processes) if totals[u] else 0.0 for u in local}

@@ -96,8 +96,50 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--set", dest="overrides", action="append", default=[],
                        metavar="KEY=VALUE")
 
+    predict = commands.add_parser(
+        "predict", help="label texts with the student of a finished text run")
+    predict.add_argument("run_dir", help="the run's folder (output_dir/name)")
+    predict.add_argument("texts", nargs="*", help="texts to label")
+    predict.add_argument("--file", help="a UTF-8 file of texts, one per non-empty line")
+    predict.add_argument("--json", action="store_true",
+                         help="one JSON object per text, with every class probability")
+
     commands.add_parser("recipes", help="list the registered recipes")
     return parser
+
+
+def _read_texts(args: argparse.Namespace) -> list[str]:
+    texts = list(args.texts)
+    if args.file is not None:
+        try:
+            lines = Path(args.file).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as error:
+            raise KdistillError(f"--file: cannot read {args.file}: {error}") from None
+        texts += [line for line in lines if line.strip()]
+    if not texts:
+        raise KdistillError("predict: give texts as arguments or a file of texts with --file")
+    return texts
+
+
+def _predict(args: argparse.Namespace) -> int:
+    import json
+    from dataclasses import asdict
+
+    from kdistill.models.export import load_run_student
+    from kdistill.predict import predict_texts
+
+    model, meaning = load_run_student(args.run_dir)
+    for prediction in predict_texts(model, _read_texts(args), meaning):
+        if args.json:
+            print(json.dumps(asdict(prediction)))
+            continue
+        label = prediction.label
+        shown = " ".join(label) if isinstance(label, list) else (
+            f"{label:.4g}" if isinstance(label, float) else label)
+        confidence = (f"\t{max(prediction.probabilities.values()):.3f}"
+                      if prediction.probabilities else "")
+        print(f"{shown}{confidence}\t{prediction.text}")
+    return 0
 
 
 def _recipes() -> int:
@@ -198,6 +240,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _recipes()
         if args.command == "demo":
             return _demo(args)
+        if args.command == "predict":
+            return _predict(args)
         return _run(args)
     except (KdistillError, FileNotFoundError) as error:
         print(f"kdistill: error: {error}", file=sys.stderr)

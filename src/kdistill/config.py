@@ -37,6 +37,7 @@ from kdistill.settings import (
     Threads,
     TrainerSettings,
 )
+from kdistill.text_augment import TextAugmentSettings
 
 
 class ConfigError(KdistillError):
@@ -58,7 +59,9 @@ class DataConfig(Strict):
     ``hf_dataset`` + ``path``); ``options`` are passed to the loader (e.g. ``train_size`` for
     ``fashion-mnist``, ``text_column`` for ``text``). ``unlabeled`` adds unlabelled transfer
     text to a text data set's training split: plain text files (one text per line) or built-in
-    corpora (``guardian-headlines``), fed to the distillation terms only."""
+    corpora (``guardian-headlines``), fed to the distillation terms only. ``augment`` adds
+    augmented copies of the training texts to that transfer set (TinyBERT-style word
+    replacement, word dropout and swaps; see :class:`TextAugmentSettings`)."""
 
     name: str = "digits"
     path: str | None = None
@@ -67,6 +70,7 @@ class DataConfig(Strict):
     labeled: int | None = Field(default=None, ge=1)
     seed: Seed = 0
     unlabeled: str | list[str] | None = None
+    augment: TextAugmentSettings | None = None
     options: dict[str, Any] = Field(default_factory=dict)
 
     @property

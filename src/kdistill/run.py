@@ -42,6 +42,8 @@ from kdistill.contexts import num_threads
 from kdistill.data import (
     DATASETS,
     DataSplits,
+    TextDataset,
+    WordTagDataset,
     add_unlabeled,
     keep_labels,
     labeled_indices,
@@ -53,11 +55,14 @@ from kdistill.engine.state import RESUMABLE_SETTINGS, changed_fields, format_cha
 from kdistill.errors import KdistillError
 from kdistill.evaluate import benchmark_models, eval_batches, shifted_evaluation
 from kdistill.models import build_model, deployable
+from kdistill.models.export import OutputMeaning, export_run_student
+from kdistill.models.text import TextModel, check_same_tokens
 from kdistill.recipes import RECIPES, Recipe, build_recipe
 from kdistill.report import write_report
 from kdistill.settings import TrainerSettings
 from kdistill.taps import TapError, resolve_module_taps
 from kdistill.teachers import FrozenTeacher, TeacherSource
+from kdistill.text_augment import TextAugmentSettings, augment_corpus, augment_tagged
 
 CACHE_ENV = "KDISTILL_CACHE"
 RUN_RECORD = "run.json"
@@ -104,7 +109,25 @@ def build_data(config: DataConfig) -> DataSplits:
             data.train = add_unlabeled(data.train, config.unlabeled_sources)
         except (ValueError, OSError) as error:  # names the file and line
             raise ConfigError(f"data.unlabeled: {error}") from None
+    if config.augment is not None:
+        data.train = add_augmented(data.train, config.augment, data.name)
     return data
+
+
+def add_augmented(train: Any, settings: TextAugmentSettings, name: str) -> Any:
+    """``train`` followed by augmented copies of its texts, as unlabelled transfer rows."""
+    if isinstance(train, WordTagDataset):
+        samples = [(words, train.labels[i, :len(words)].tolist())
+                   for i, words in enumerate(train.words)]
+        tagged = augment_tagged(samples, settings, settings.replacer())
+        return train.with_unlabeled([words for words, _ in tagged])
+    if not isinstance(train, TextDataset):
+        raise ConfigError(f"data.augment: data set '{name}' is not text; augmentation builds "
+                          "a text transfer set")
+    if train.pairs is not None:
+        raise ConfigError("data.augment: sentence pairs are not augmented (a replaced word may "
+                          "change how the pair relates); remove data.augment")
+    return train.with_unlabeled(augment_corpus(train.raw, settings, settings.replacer()))
 
 
 def loader_parameters(name: str) -> set[str]:
@@ -150,6 +173,16 @@ def check_task(recipe: Recipe, data: DataSplits, where: str) -> None:
         fitting = sorted(name for name, entry in RECIPES.items() if entry.cls.task == wanted)
         raise ConfigError(f"{where}: '{recipe.name}' is a {recipe.task} recipe but data set "
                           f"'{data.name}' is a {data.task} task; recipes for it: {fitting}")
+
+
+def check_tokenisations(student: nn.Module, teacher: nn.Module, recipe: Recipe,
+                        where: str) -> None:
+    """Raise a :class:`ConfigError` when ``recipe`` compares the tokens of text models that
+    tokenise differently (see :func:`kdistill.models.text.check_same_tokens`)."""
+    try:
+        check_same_tokens(student, teacher, [*recipe.student_taps(), *recipe.teacher_taps()])
+    except ValueError as error:
+        raise ConfigError(f"{where}: {error}") from None
 
 
 def load_weights(model: nn.Module, path: Path, what: str) -> nn.Module:
@@ -341,7 +374,8 @@ def obtain_teacher(config: TeacherConfig, data_config: DataConfig, data: DataSpl
     model = build_from(config.model, data, config.train.seed, "teacher.model")
     if path.is_file():
         return load_weights(model, path, "teacher cache"), {"source": str(path), "cached": True}
-    full = build_data(data_config.model_copy(update={"labeled": None, "unlabeled": None}))
+    full = build_data(data_config.model_copy(update={"labeled": None, "unlabeled": None,
+                                                  "augment": None}))
     settings = config.train.model_copy(update={"progress": progress})
     spec = dict(recipe)
     trainer_recipe = build_recipe(spec.pop("name"), **spec)
@@ -495,6 +529,9 @@ def train_run(config: RunConfig, data: DataSplits, eval_data: Any = None, *,
         check_task(phase.recipe, data, where)
         check_taps(student, phase.recipe.student_taps(), where, phase.name or "")
     teacher, source = build_teacher(config, data, phases, sections)
+    if teacher is not None:
+        for phase, where in zip(phases, sections, strict=True):
+            check_tokenisations(student, teacher, phase.recipe, where)
     distiller = Distiller(student, source, phases=phases, trainer=config.trainer,
                           run_dir=run_dir)
     evaluation = data.test if eval_data is None else eval_data
@@ -515,6 +552,9 @@ def _run(config: RunConfig, resume: bool, overwrite: bool) -> RunOutcome:
         return RunOutcome(result, [], None)
     models = {"teacher": teacher} if teacher is not None else {}
     models["student"] = deployable(result.student)
+    if isinstance(models["student"], TextModel):
+        export_run_student(models["student"], run_dir,
+                           OutputMeaning(data.task, data.label_names, data.target_scale))
     rows, load = compare(models, data.test, batch_size=config.evaluation.batch_size,
                          threads=config.evaluation.threads, repeats=config.evaluation.repeats)
     add_shift_accuracies(rows, models, data.test, config)

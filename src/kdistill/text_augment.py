@@ -417,7 +417,9 @@ class TextAugmentSettings(Strict):
     probability ``p_replace`` (p_t) by one of its ``k`` candidates (K) from ``method``
     (``embedding``: :class:`EmbeddingNeighbours`, ``mlm``: :class:`MaskedLMReplacement`,
     ``none``: no replacement), then ``n_swaps`` random swaps and a word dropout of rate
-    ``p_dropout`` (EDA). ``seed`` makes the copies reproducible.
+    ``p_dropout`` (EDA). ``seed`` makes the copies reproducible. ``model`` is the local
+    model folder (usually the teacher's) whose word embeddings or masked-LM head give the
+    candidates; only ``method: none`` does without it.
     """
 
     copies: int = Field(default=20, ge=1, le=1000)
@@ -427,6 +429,7 @@ class TextAugmentSettings(Strict):
     n_swaps: int = Field(default=0, ge=0)
     method: Method = "embedding"
     seed: Seed = 0
+    model: str | None = None
 
     @property
     def replaces(self) -> bool:
@@ -437,7 +440,17 @@ class TextAugmentSettings(Strict):
         if not (self.replaces or self.p_dropout > 0 or self.n_swaps > 0):
             raise ValueError("these settings change no word (method none or p_replace 0, "
                              "p_dropout 0, n_swaps 0): set at least one of them")
+        if self.replaces and self.model is None:
+            raise ValueError(f"method '{self.method}' takes its candidates from a model: set "
+                             "'model' to a local model folder (e.g. the teacher's)")
         return self
+
+    def replacer(self) -> WordReplacer | None:
+        """The word replacer these settings ask for (None when no word is replaced)."""
+        if not self.replaces:
+            return None
+        assert self.model is not None
+        return load_replacer(self.method, self.model, "data.augment.model")
 
 
 def _augmented(sentences: Sequence[Sequence[str]], settings: TextAugmentSettings,

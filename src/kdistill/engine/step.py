@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from kdistill.batch import to_device
-from kdistill.batching import process_micro_batches, unit_counts
+from kdistill.batching import process_micro_batches, unit_counts, unit_scales
 from kdistill.engine.training_module import TOTAL, TrainingModule
 from kdistill.schedules import TrainState
 from kdistill.settings import TrainerSettings
@@ -136,15 +136,9 @@ class OptimizerStep:
     def unit_scales(self, micro: Sequence[Mapping[str, Any]]) -> list[dict[str, float]]:
         """Per micro-batch and unit: local count / global count x processes (0 when the global
         batch holds no unit of that kind)."""
-        local = [unit_counts(batch) for batch in micro]
-        units = sorted(local[0])
-        totals = torch.tensor([[sum(c[u] for c in local) for u in units]], dtype=torch.float64,
-                              device=self.accelerator.device)
-        counts = dict(zip(units, self.accelerator.reduce(totals, "sum")[0].tolist(),
-                          strict=True))
-        world = self.accelerator.num_processes
-        return [{u: (c[u] / counts[u] * world) if counts[u] else 0.0 for u in units}
-                for c in local]
+        totals = global_unit_counts(micro, self.accelerator)
+        return [unit_scales(unit_counts(batch), totals, self.accelerator.num_processes)
+                for batch in micro]
 
     def backward(self, wrapped: nn.Module, module: TrainingModule, batch: Mapping[str, Any],
                  state: TrainState, scales: Mapping[str, float], last: bool
@@ -177,6 +171,16 @@ def _entries(grad: torch.Tensor) -> torch.Tensor:
     """The values of a gradient: itself, or for a sparse gradient (embeddings built with
     ``sparse=True``) its coalesced values, so repeated rows are summed before any norm."""
     return grad.coalesce().values() if grad.is_sparse else grad
+
+
+def global_unit_counts(micro: Sequence[Mapping[str, Any]], accelerator: Any) -> dict[str, float]:
+    """Each loss unit's count (:func:`~kdistill.batching.unit_counts`) over this process's
+    ``micro``-batches of a global batch and those of every other process (one all-reduce)."""
+    local = [unit_counts(batch) for batch in micro]
+    units = sorted(local[0])
+    totals = torch.tensor([[sum(c[u] for c in local) for u in units]], dtype=torch.float64,
+                          device=accelerator.device)
+    return dict(zip(units, accelerator.reduce(totals, "sum")[0].tolist(), strict=True))
 
 
 def gradient_norm(grads: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -14,6 +14,10 @@ sees the folder:
   pickles. Weights are read only from safetensors (``use_safetensors=True``, whatever
   ``trust_remote_code`` says); a folder with only pickled weights is refused with how to
   convert it.
+
+Tokenizers follow the same rule: a ``tokenizer_config.json`` whose ``auto_map`` names a
+tokenizer class of the folder's own is custom code, refused unless ``trust_remote_code``
+(:func:`tokenizer_problems`, :func:`load_tokenizer`).
 """
 
 from __future__ import annotations
@@ -21,13 +25,24 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from torch import nn
 
 from kdistill.errors import KdistillError
 
+if TYPE_CHECKING:  # transformers is imported where it is used: it takes seconds to import
+    from transformers import PreTrainedTokenizerBase
+
 SAFETENSORS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+# The JSON files whose auto_map makes transformers import code from the folder: a model's
+# (config.json) and a tokenizer's (tokenizer_config.json, and config.json's AutoTokenizer).
+MODEL_CONFIGS = ("config.json",)
+TOKENIZER_CONFIGS = ("config.json", "tokenizer_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+# Said when a folder is missing: the path may be a hub name, which kdistill never downloads.
+LOCAL_ONLY = "; kdistill loads local folders only, never from a hub"
+HFTask = Literal["classification", "regression", "token_classification", "encoder"]
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # Config keys whose value, when it names a hub repository ("org/name"), makes transformers
 # fetch and run a compiled attention kernel (with the `kernels` package installed).
@@ -50,33 +65,42 @@ def _walk(value: Any, where: str = "") -> Iterator[tuple[str, str, Any]]:
             yield from _walk(item, f"{where}.{i}")
 
 
-def _read_config(folder: Path) -> dict[str, Any]:
+def _read_config(path: Path) -> dict[str, Any]:
     try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UnsafeModelFolder(f"{folder / 'config.json'}: not a readable JSON file "
-                                f"({error})") from None
+        raise UnsafeModelFolder(f"{path}: not a readable JSON file ({error})") from None
     if not isinstance(config, dict):
-        raise UnsafeModelFolder(f"{folder / 'config.json'}: not a JSON object")
+        raise UnsafeModelFolder(f"{path}: not a JSON object")
     return config
 
 
-def custom_code(folder: str | Path) -> list[str]:
-    """What in the Hugging Face model ``folder`` transformers would import and run: ``auto_map``
-    entries of ``config.json``, Python files, an attention kernel named by a hub repository.
-    Empty for a folder of plain configuration and weights."""
+def custom_code(folder: str | Path, configs: tuple[str, ...] = MODEL_CONFIGS) -> list[str]:
+    """What in the Hugging Face model ``folder`` transformers would import and run:
+    ``auto_map`` entries of its ``configs`` (``config.json``; :data:`TOKENIZER_CONFIGS` for
+    loading its tokenizer), Python files, an attention kernel named by a hub repository. Empty
+    for a folder of plain configuration, vocabulary and weights."""
     folder = Path(folder)
     found = []
-    for where, key, value in _walk(_read_config(folder)):
-        if key == "auto_map":
-            shown = (", ".join(f"{k} -> {v}" for k, v in value.items())
-                     if isinstance(value, dict) else json.dumps(value))
-            found.append(f"config.json {where}: {shown}")
-        elif key in KERNEL_KEYS and isinstance(value, str) and "/" in value:
-            found.append(f"config.json {where}: hub kernel '{value}'")
+    for name in configs:
+        if (folder / name).exists():
+            found.extend(_code_in_json(name, _read_config(folder / name)))
     python = sorted(p.name for p in folder.glob("*.py"))
     if python:
         found.append(f"Python files {', '.join(python)}")
+    return found
+
+
+def _code_in_json(name: str, config: dict[str, Any]) -> list[str]:
+    """The ``auto_map`` entries and hub kernels anywhere in the JSON file ``name``."""
+    found = []
+    for where, key, value in _walk(config):
+        if key == "auto_map":
+            shown = (", ".join(f"{k} -> {v}" for k, v in value.items())
+                     if isinstance(value, dict) else json.dumps(value))
+            found.append(f"{name} {where}: {shown}")
+        elif key in KERNEL_KEYS and isinstance(value, str) and "/" in value:
+            found.append(f"{name} {where}: hub kernel '{value}'")
     return found
 
 
@@ -86,68 +110,127 @@ def pickle_weights(folder: str | Path) -> list[str]:
                   if p.is_file() and p.name.endswith(PICKLE_SUFFIXES))
 
 
+def _code_problems(folder: Path, trust_remote_code: bool, where: str,
+                   configs: tuple[str, ...]) -> list[str]:
+    """The refusal of a folder's custom code unless ``trust_remote_code`` is really true;
+    :class:`UnsafeModelFolder` for an unreadable configuration."""
+    code = custom_code(folder, configs)
+    if code and trust_remote_code is not True:  # only a real True lets code run, not "false"
+        return [f"{where}.trust_remote_code: {folder} holds custom code that transformers would "
+                f"import and run ({'; '.join(code)}); kdistill runs code from a model folder "
+                f"only when asked: read that code, then set {where}.trust_remote_code: true"]
+    return []
+
+
 def folder_problems(path: str | Path, trust_remote_code: bool = False,
-                    where: str = "options") -> list[str]:
+                    where: str = "options", field: str = "path") -> list[str]:
     """Why the model folder ``path`` cannot be loaded safely, each message starting with the
-    config field to change (``<where>.path`` or ``<where>.trust_remote_code``); empty when it
-    can. Nothing in the folder is imported or unpickled."""
+    config field to change (``<where>.<field>``, the option naming the folder, or
+    ``<where>.trust_remote_code``); empty when it can. Nothing in the folder is imported or
+    unpickled."""
     folder = Path(path)
     if not (folder / "config.json").is_file():
-        return [f"{where}.path: no Hugging Face model folder at {folder} (config.json missing)"]
+        return [f"{where}.{field}: no Hugging Face model folder at {folder} (config.json "
+                f"missing){LOCAL_ONLY}"]
     try:
-        code = custom_code(folder)
+        problems = _code_problems(folder, trust_remote_code, where, MODEL_CONFIGS)
     except UnsafeModelFolder as error:
-        return [f"{where}.path: {error}"]
-    problems = []
-    if code and trust_remote_code is not True:  # only a real True lets code run, not "false"
-        problems.append(
-            f"{where}.trust_remote_code: {folder} holds custom code that transformers would "
-            f"import and run ({'; '.join(code)}); kdistill runs code from a model folder only "
-            f"when asked: read that code, then set {where}.trust_remote_code: true")
+        return [f"{where}.{field}: {error}"]
     if not any((folder / name).is_file() for name in SAFETENSORS_WEIGHTS):
         pickles = pickle_weights(folder)
         if pickles:
             problems.append(
-                f"{where}.path: {folder} has its weights only as pickle ({', '.join(pickles)}), "
-                "which kdistill never loads (unpickling a file can run any code); convert them "
-                "once, in a session where you trust the file: load the model with the "
-                "transformers class it was saved from and call save_pretrained(folder), which "
-                "writes model.safetensors")
+                f"{where}.{field}: {folder} has its weights only as pickle "
+                f"({', '.join(pickles)}), which kdistill never loads (unpickling a file can run "
+                "any code); convert them once, in a session where you trust the file: load the "
+                "model with the transformers class it was saved from and call "
+                "save_pretrained(folder), which writes model.safetensors")
         else:
-            problems.append(f"{where}.path: {folder} has no weights (model.safetensors "
+            problems.append(f"{where}.{field}: {folder} has no weights (model.safetensors "
                             "missing)")
     return problems
 
 
-def load_hf_model(path: str | Path, task: Literal["classification", "encoder"] = "classification",
+def tokenizer_problems(path: str | Path, trust_remote_code: bool = False,
+                       where: str = "options", field: str = "path") -> list[str]:
+    """Why the tokenizer of the folder ``path`` cannot be loaded safely, each message naming
+    the config field to change; empty when it can. Nothing in the folder is imported."""
+    folder = Path(path)
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        return [f"{where}.{field}: no Hugging Face tokenizer at {folder} "
+                f"({' and '.join(TOKENIZER_FILES)} missing){LOCAL_ONLY}"]
+    try:
+        return _code_problems(folder, trust_remote_code, where, TOKENIZER_CONFIGS)
+    except UnsafeModelFolder as error:
+        return [f"{where}.{field}: {error}"]
+
+
+def _check_trust_flag(trust_remote_code: Any) -> None:
+    if not isinstance(trust_remote_code, bool):
+        raise KdistillError(f"trust_remote_code: expected true or false, got "
+                            f"{trust_remote_code!r}")
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """Load the fast (Rust ``tokenizers``) tokenizer of the local folder ``path``.
+
+    The same rules as for models: local files only, custom tokenizer code refused unless
+    ``trust_remote_code`` is true (:class:`UnsafeModelFolder`), stdin never read. A tokenizer
+    without a fast version is refused: kdistill needs its word alignment (``word_ids``).
+    """
+    _check_trust_flag(trust_remote_code)
+    problems = tokenizer_problems(path, trust_remote_code)
+    if problems:
+        raise UnsafeModelFolder("; ".join(problems))
+    # Deferred: transformers takes seconds to import and only Hugging Face models need it.
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(Path(path), local_files_only=True,
+                                              trust_remote_code=trust_remote_code)
+    if not tokenizer.is_fast:
+        raise KdistillError(f"{path}: {type(tokenizer).__name__} is not a fast tokenizer; "
+                            "kdistill needs one (tokenizer.json) to align words and tokens")
+    return tokenizer
+
+
+def load_hf_model(path: str | Path, task: HFTask = "classification",
                   num_labels: int | None = None, trust_remote_code: bool = False) -> nn.Module:
     """Load a transformers model from the local folder ``path`` (``local_files_only=True``,
     weights from safetensors only).
 
     ``classification`` gives ``AutoModelForSequenceClassification`` (a new head when
-    ``num_labels`` differs from the checkpoint's); ``encoder`` gives the bare ``AutoModel``.
-    A folder with custom code is refused unless ``trust_remote_code`` is true, and one with
-    only pickled weights always (:class:`UnsafeModelFolder`); stdin is never read.
+    ``num_labels`` differs from the checkpoint's), ``regression`` the same with one output
+    (``problem_type`` regression), ``token_classification`` ``AutoModelForTokenClassification``
+    and ``encoder`` the bare ``AutoModel``. A folder with custom code is refused unless
+    ``trust_remote_code`` is true, and one with only pickled weights always
+    (:class:`UnsafeModelFolder`); stdin is never read.
     """
-    if not isinstance(trust_remote_code, bool):
-        raise KdistillError(f"trust_remote_code: expected true or false, got "
-                            f"{trust_remote_code!r}")
+    _check_trust_flag(trust_remote_code)
     folder = Path(path)
     if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"no Hugging Face model folder at {folder} (config.json missing)")
+        raise FileNotFoundError(f"no Hugging Face model folder at {folder} (config.json "
+                                f"missing){LOCAL_ONLY}")
     problems = folder_problems(folder, trust_remote_code)
     if problems:
         raise UnsafeModelFolder("; ".join(problems))
     # Deferred: transformers takes seconds to import and only Hugging Face models need it.
-    from transformers import AutoModel, AutoModelForSequenceClassification
+    from transformers import (
+        AutoModel,
+        AutoModelForSequenceClassification,
+        AutoModelForTokenClassification,
+    )
 
     # Explicit flags, so transformers never falls back to asking on stdin or to unpickling.
     safe: dict[str, Any] = {"local_files_only": True, "use_safetensors": True,
                             "trust_remote_code": trust_remote_code}
     if task == "encoder":
         return AutoModel.from_pretrained(folder, **safe)
+    if task == "regression":
+        num_labels, safe["problem_type"] = 1, "regression"
     # A different label count needs a fresh classifier: without ignore_mismatched_sizes
     # transformers refuses to load a checkpoint whose head has another shape.
     extra = ({"num_labels": num_labels, "ignore_mismatched_sizes": True}
              if num_labels is not None else {})
-    return AutoModelForSequenceClassification.from_pretrained(folder, **safe, **extra)
+    auto = (AutoModelForTokenClassification if task == "token_classification"
+            else AutoModelForSequenceClassification)
+    return auto.from_pretrained(folder, **safe, **extra)

@@ -28,6 +28,8 @@ from torch import nn
 from kdistill.batch import Task
 from kdistill.models.cnn import CNN
 from kdistill.models.hf import folder_problems, load_hf_model
+from kdistill.models.hf_student import build_hf_student, hf_student_files
+from kdistill.models.hf_text import build_hf_text, hf_text_files
 from kdistill.models.mlp import MLP
 from kdistill.models.oracle import LabelConditioned, LabelDropout
 from kdistill.models.tagger import Tagger
@@ -172,12 +174,14 @@ def build_oracle(input_shape: Sequence[int], num_classes: int, base: str = "cnn"
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "mlp": _mlp, "cnn": _cnn, "hf": _hf, "tagger": _tagger, "oracle": build_oracle,
-    "ngram": _ngram, "bilstm": _bilstm, "textcnn": _textcnn, "cmow": _cmow}
+    "ngram": _ngram, "bilstm": _bilstm, "textcnn": _textcnn, "cmow": _cmow,
+    "hf_text": build_hf_text, "hf_student": build_hf_student}
 
 # Checks of the files a model's options name, run by config validation before anything is
 # built: (validated options, dotted path of the options) -> problems, each naming its field.
 MODEL_FILE_CHECKS: dict[str, Callable[[Mapping[str, Any], str], list[str]]] = {
-    "hf": _hf_files, "bilstm": _init_from_files, "textcnn": _init_from_files}
+    "hf": _hf_files, "bilstm": _init_from_files, "textcnn": _init_from_files,
+    "hf_text": hf_text_files, "hf_student": hf_student_files}
 
 
 def model_options(name: str, size: str | None, options: dict[str, Any]) -> dict[str, Any]:
