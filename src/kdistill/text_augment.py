@@ -33,7 +33,6 @@ code from the folder is run.
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from abc import ABC, abstractmethod
@@ -44,11 +43,11 @@ from typing import Any, Literal, Protocol, TypeVar
 import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
-from safetensors import safe_open
 from torch import Tensor, nn
 
 from kdistill.errors import KdistillError
-from kdistill.models.hf import SAFETENSORS_WEIGHTS, UnsafeModelFolder, folder_problems
+from kdistill.models.hf import UnsafeModelFolder, folder_problems, load_tokenizer, model_folder
+from kdistill.models.hf_weights import read_word_embeddings
 from kdistill.progress import TrainingProgress
 from kdistill.settings import Seed, Strict
 
@@ -58,7 +57,6 @@ WORD_PATTERN = re.compile(r"\w+(?:['’]\w+)*|[^\w\s]")
 CLOSING = frozenset(".,;:!?)]}")  # attached to the word before
 OPENING = frozenset("([{")  # attached to the word after
 #: The name, in a safetensors file, of a transformer's input embedding matrix ends with this.
-EMBEDDING_SUFFIX = "word_embeddings.weight"
 
 Tag = TypeVar("Tag")
 Method = Literal["embedding", "mlm", "none"]
@@ -357,44 +355,7 @@ def check_folder(path: str | Path, where: str) -> Path:
     problems = folder_problems(path, trust_remote_code=False, where=where)
     if problems:
         raise UnsafeModelFolder("; ".join(problems))
-    return Path(path)
-
-
-def load_tokenizer(folder: Path) -> Any:
-    """The tokenizer saved in ``folder`` (local files only, no code from the folder)."""
-    from transformers import AutoTokenizer  # deferred: a slow import
-
-    return AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
-
-
-def _weight_files(folder: Path) -> dict[str, Path]:
-    """{tensor name: safetensors file} of ``folder`` without reading any tensor."""
-    single, index = (folder / name for name in SAFETENSORS_WEIGHTS)
-    if single.is_file():
-        with safe_open(single, framework="pt") as weights:
-            return dict.fromkeys(weights.keys(), single)
-    try:
-        shards = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        return {str(name): folder / str(file) for name, file in shards.items()}
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError,
-            AttributeError) as error:
-        raise KdistillError(f"{index}: not a safetensors index with a 'weight_map' "
-                            f"({error!r})") from None
-
-
-def read_word_embeddings(folder: str | Path) -> Tensor:
-    """The input embedding matrix [V, D] of a Hugging Face model folder: the one tensor whose
-    name ends with ``word_embeddings.weight``, read with safetensors (never unpickled)."""
-    folder = Path(folder)
-    files = _weight_files(folder)
-    names = [name for name in files if name.endswith(EMBEDDING_SUFFIX)]
-    if len(names) != 1:
-        shown = ", ".join(sorted(files)[:10]) + (" ..." if len(files) > 10 else "")
-        found = "none" if not names else ", ".join(names)
-        raise KdistillError(f"{folder}: expected one tensor named '*{EMBEDDING_SUFFIX}' (the "
-                            f"input embeddings), found {found}; tensors: {shown}")
-    with safe_open(files[names[0]], framework="pt") as weights:
-        return weights.get_tensor(names[0])
+    return model_folder(path)
 
 
 def load_replacer(method: Method, path: str | Path,

