@@ -699,3 +699,24 @@ def test_cpu_threads_setting() -> None:
     assert problem_lines(error_of(base_config(cpu_threads=0))) == [
         "cpu_threads: Input should be greater than or equal to 1 (got 0)"]
     assert parse_config(base_config(cpu_threads=1)).cpu_threads == 1
+
+
+def test_every_text_example_is_valid_where_its_model_is_installed() -> None:
+    """The text examples name the all-MiniLM-L6-v2 package; without it the one problem is
+    the install command (checked in test_hf_text), never another field."""
+    from kdistill.models.hf import INSTALLED_MODELS, model_folder
+
+    paths = sorted((EXAMPLES / "text").glob("*.yaml"))
+    assert len(paths) == 5
+    try:
+        model_folder("all-MiniLM-L6-v2")
+    except FileNotFoundError:
+        install = INSTALLED_MODELS["all-MiniLM-L6-v2"].install
+        for path in paths:
+            with pytest.raises(ConfigError) as caught:
+                load_config(path)
+            assert all(install in line for line in str(caught.value).splitlines()[1:])
+        return
+    for path in paths:
+        config = load_config(path)
+        assert config.name == f"text-{path.stem}" and config.data.name == "rotten-tomatoes"

@@ -375,8 +375,8 @@ def test_config_validation_leaves_the_context_out_of_the_options() -> None:
                                             "task")))]
     assert _check_model(ModelConfig(name="bilstm", size="tiny",
                                     options={"init_from": "/nowhere"}), "student") == [
-        "student.options.init_from: /nowhere is not a Hugging Face folder with "
-        "model.safetensors"]
+        "student.options.init_from: no Hugging Face model folder at /nowhere (config.json "
+        "missing); kdistill loads local folders only, never from a hub"]
 
 
 # -- training -----------------------------------------------------------------------------

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, StrictBool
@@ -27,7 +26,7 @@ from torch import nn
 
 from kdistill.batch import Task
 from kdistill.models.cnn import CNN
-from kdistill.models.hf import folder_problems, load_hf_model
+from kdistill.models.hf import folder_problems, load_hf_model, tokenizer_problems
 from kdistill.models.hf_student import build_hf_student, hf_student_files
 from kdistill.models.hf_text import build_hf_text, hf_text_files
 from kdistill.models.mlp import MLP
@@ -152,9 +151,10 @@ def _cmow(input_shape: Sequence[int], num_classes: int, cbow_dim: Width = 64,
 
 def _init_from_files(options: Mapping[str, Any], where: str) -> list[str]:
     folder = options.get("init_from")
-    if folder is None or (Path(folder) / "model.safetensors").is_file():
+    if folder is None:
         return []
-    return [f"{where}.init_from: {folder} is not a Hugging Face folder with model.safetensors"]
+    return (folder_problems(folder, where=where, field="init_from")
+            or tokenizer_problems(folder, where=where, field="init_from"))
 
 
 def build_oracle(input_shape: Sequence[int], num_classes: int, base: str = "cnn",
