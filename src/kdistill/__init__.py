@@ -22,9 +22,11 @@ _LAZY = {
     "EnsembleTeacher": ("kdistill.teachers", "EnsembleTeacher"),
     "EMATeacher": ("kdistill.teachers", "EMATeacher"),
     "TrainerSettings": ("kdistill.settings", "TrainerSettings"),
+    "TeacherCache": ("kdistill.cache", "TeacherCache"),
+    "CachedTeacher": ("kdistill.cache", "CachedTeacher"),
 }
 _SUBMODULES = {"losses", "recipes", "models", "data", "evaluate", "report", "schedules",
-               "teachers", "taps", "engine", "config"}
+               "teachers", "taps", "engine", "config", "cache"}
 
 __all__ = sorted([*_LAZY, *_SUBMODULES, "__version__"])
 

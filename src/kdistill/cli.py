@@ -8,9 +8,12 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from kdistill.errors import KdistillError
+
+if TYPE_CHECKING:
+    from kdistill.config import RunConfig
 
 
 class _Parser(argparse.ArgumentParser):
@@ -95,6 +98,13 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("config")
     check.add_argument("--set", dest="overrides", action="append", default=[],
                        metavar="KEY=VALUE")
+
+    cache = commands.add_parser(
+        "cache", help="run a config's frozen teacher once over its training data and store "
+                      "what the recipe reads (teacher.cache), without training the student")
+    cache.add_argument("config")
+    cache.add_argument("--set", dest="overrides", action="append", default=[],
+                       metavar="KEY=VALUE", help="override a field, e.g. teacher.cache=PATH")
 
     predict = commands.add_parser(
         "predict", help="label texts with the student of a finished text run")
@@ -197,12 +207,27 @@ def _run(args: argparse.Namespace) -> int:
                 f"{', '.join(unbuilt)})" if unbuilt else "")
         print(f"{args.config}: valid{note}")
         return 0
+    if args.command == "cache":
+        return _cache(config)
     from kdistill.run import run
 
     outcome = run(config, resume=args.resume, overwrite=args.overwrite)
     if outcome.report is None:  # another process of a multi-process run reports
         return 0
     return _print_outcome(outcome.rows, config.name, outcome.report)
+
+
+def _cache(config: RunConfig) -> int:
+    """Build (or reuse) the teacher cache of a config; print its size and build time."""
+    from kdistill.run import build_teacher_cache
+
+    cache = build_teacher_cache(config)
+    timing = ("reused: it matches the teacher, data and taps" if cache.build_seconds is None
+              else f"built in {cache.build_seconds:.1f} s")
+    print(f"teacher cache {cache.path}: {cache.rows} samples, {cache.nbytes / 1e6:.2f} MB "
+          f"({cache.nbytes} bytes) in {len(cache.shards)} shard(s), {cache.spec.storage()}; "
+          f"{timing}")
+    return 0
 
 
 def _print_outcome(rows: Sequence[dict], title: str, report: object) -> int:

@@ -87,17 +87,38 @@ class ModelConfig(Strict):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
+class CacheConfig(Strict):
+    """A teacher-signal cache (``teacher.cache``; :mod:`kdistill.cache`): the teacher runs once
+    over the training split (transfer rows too) and the student reads its taps from the folder
+    ``path``, built on first use and reused while it matches the teacher, data and taps.
+    ``dtype`` stores float taps in fp32, fp16 or bf16; ``top_k`` stores the logits as their k
+    largest values plus the tail's mass; ``batch_size`` is the teacher's batch while
+    building. ``teacher.cache: PATH`` is short for ``{path: PATH}``."""
+
+    path: str = Field(min_length=1)
+    dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+    top_k: int | None = Field(default=None, ge=1)
+    batch_size: int = Field(default=64, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _path_alone(cls, value: Any) -> Any:
+        return {"path": value} if isinstance(value, str) else value
+
+
 class TeacherConfig(Strict):
     """The teacher: a model loaded from ``checkpoint`` (safetensors) or trained with ``train``
     on every training label (cached on disk) by ``recipe`` (default: the distillation recipe's
     ``teacher_recipe``, plain cross-entropy for most). A recipe whose peers train online
-    (``teacher_model: fresh``) takes the model freshly initialised: give neither."""
+    (``teacher_model: fresh``) takes the model freshly initialised: give neither. ``cache``
+    runs the frozen teacher once and trains the student from its stored answers."""
 
     model: ModelConfig
     checkpoint: str | None = None
     train: TrainerSettings | None = None
     recipe: dict[str, Any] | None = None
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    cache: CacheConfig | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> TeacherConfig:

@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 from torch import nn
 
+from kdistill.cache import CachedTeacher, CacheError, TeacherCache
 from kdistill.checkpoint import (
     RunFolderError,
     atomic_save_tensors,
@@ -57,7 +58,7 @@ from kdistill.evaluate import benchmark_models, eval_batches, shifted_evaluation
 from kdistill.models import build_model, deployable
 from kdistill.models.export import OutputMeaning, export_run_student
 from kdistill.models.text import TextModel, check_same_tokens
-from kdistill.recipes import RECIPES, Recipe, build_recipe
+from kdistill.recipes import RECIPES, Recipe, build_recipe, cache_refusal
 from kdistill.report import write_report
 from kdistill.settings import TrainerSettings
 from kdistill.taps import TapError, resolve_module_taps
@@ -415,6 +416,7 @@ def build_teacher(config: RunConfig, data: DataSplits, phases: list[Phase],
     from the student)."""
     users = [(p, where) for p, where in zip(phases, sections, strict=True)
              if p.recipe.uses_teacher]
+    check_teacher_cache(config, users)
     if config.teacher is None or not users:
         return None, None
     recipe = users[0][0].recipe
@@ -431,7 +433,58 @@ def build_teacher(config: RunConfig, data: DataSplits, phases: list[Phase],
         handed = FrozenTeacher(teacher, config.teacher.precision)
     for phase, where in users:
         check_taps(teacher, phase.recipe.teacher_taps(), where, phase.name or "")
+    if config.teacher.cache is not None:
+        assert isinstance(handed, FrozenTeacher)  # check_teacher_cache refused the others
+        handed = CachedTeacher(teacher_cache(config, data, users, handed), live=handed)
     return teacher, handed
+
+
+# -- the teacher-signal cache (``teacher.cache``) ---------------------------------------------
+def check_teacher_cache(config: RunConfig, users: Sequence[tuple[Phase, str]]) -> None:
+    """Refuse ``teacher.cache``, before any teacher work, when no phase reads a teacher or a
+    phase's teacher taps can change during the run (:func:`cache_refusal`)."""
+    if config.teacher is None or config.teacher.cache is None:
+        return
+    if not users:
+        raise ConfigError("teacher.cache: no phase reads a teacher, so there is nothing to "
+                          "cache; remove teacher.cache")
+    refusal = cache_refusal(phase.recipe for phase, _ in users)
+    if refusal is not None:
+        raise ConfigError(f"teacher.cache: {refusal}; remove teacher.cache")
+
+
+def teacher_cache(config: RunConfig, data: DataSplits, users: Sequence[tuple[Phase, str]],
+                  teacher: FrozenTeacher) -> TeacherCache:
+    """The cache at ``teacher.cache`` of ``teacher`` on the training split (transfer rows too),
+    holding every teacher tap of the phases in ``users``: reused when it matches, built (or
+    its unfinished build finished) otherwise."""
+    assert config.teacher is not None and config.teacher.cache is not None
+    settings = config.teacher.cache
+    taps = [tap for phase, _ in users for tap in phase.recipe.teacher_taps()]
+    try:
+        return TeacherCache.build(teacher, data.train, list(dict.fromkeys(taps)),
+                                  Path(settings.path), batch_size=settings.batch_size,
+                                  dtype=settings.dtype, top_k=settings.top_k,
+                                  progress=config.trainer.progress)
+    except CacheError as error:
+        raise ConfigError(f"teacher.cache: {error}") from None
+
+
+def build_teacher_cache(config: RunConfig) -> TeacherCache:
+    """``kdistill cache``: the run's teacher cache (``teacher.cache``), built as
+    :func:`train_run` would build it (the same data and teacher), without training."""
+    if config.teacher is None or config.teacher.cache is None:
+        raise ConfigError("teacher.cache: not set; name the folder to build, e.g. "
+                          "--set teacher.cache=cache/teacher")
+    check_before_work(config)
+    with num_threads(config.cpu_threads):
+        data = build_data(config.data)
+        phases = build_phases(config)
+        sections = (["recipe"] * len(phases) if config.phases is None else
+                    [f"phases.{i}.recipe" for i in range(len(phases))])
+        _, source = build_teacher(config, data, phases, sections)
+    assert isinstance(source, CachedTeacher)
+    return source.cache
 
 
 @dataclass
@@ -601,6 +654,7 @@ def preflight(config: RunConfig) -> DataSplits:
             check_task(phase.recipe, data, where)
         users = [(p, where) for p, where in zip(phases, sections, strict=True)
                  if p.recipe.uses_teacher]
+        check_teacher_cache(config, users)
         recipe = users[0][0].recipe if users and config.teacher is not None else None
         teacher_phases = teacher_training_phases(config, recipe, data)
         student = None

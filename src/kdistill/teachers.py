@@ -39,6 +39,20 @@ class TeacherSource:
     def static(self) -> bool:
         return False
 
+    @property
+    def answers_by_index(self) -> bool:
+        """Whether the source answers a batch from rows stored under the samples' ``index``
+        (a teacher cache) instead of running a model on the batch: then it knows the training
+        samples only, as they were stored, and serves only recipes whose teacher reads them
+        unchanged (:meth:`kdistill.recipes.base.Recipe.teacher_signal_varies`)."""
+        return False
+
+    def evaluation_source(self) -> TeacherSource | None:
+        """The source to ask about samples outside the training data (the end-of-epoch
+        evaluation's agreement with the teacher): this source itself, except for one that
+        :attr:`answers_by_index`, which hands over its live teacher (``None`` without one)."""
+        return self
+
     def trainable_module(self) -> nn.Module | None:
         """The module whose parameters train with the student (``None``: a frozen source)."""
         return None

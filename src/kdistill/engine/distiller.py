@@ -15,7 +15,7 @@ from kdistill.engine.evaluation import Evaluator
 from kdistill.engine.loop import Callback, TrainingRun
 from kdistill.engine.phases import FitResult, Phase, recipe_phases, wrap_student
 from kdistill.engine.run_folder import FRESH_HINT, StartHook
-from kdistill.recipes.base import Recipe, build_recipe
+from kdistill.recipes.base import Recipe, build_recipe, cache_refusal
 from kdistill.settings import TrainerSettings
 from kdistill.teachers import TeacherSource, as_source
 
@@ -51,6 +51,10 @@ class Distiller:
         for phase in self.phases:
             if phase.recipe.uses_teacher and self.teacher is None:
                 raise ValueError(f"recipe '{phase.recipe.name}' needs a teacher, none was given")
+        if self.teacher is not None and self.teacher.answers_by_index:
+            refusal = cache_refusal(phase.recipe for phase in self.phases)
+            if refusal is not None:
+                raise ValueError(refusal)
 
     def _source_of(self, teacher: nn.Module | TeacherSource | None) -> TeacherSource | None:
         if isinstance(teacher, TeacherSource):

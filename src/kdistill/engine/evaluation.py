@@ -22,6 +22,8 @@ class EpochEvaluation:
     with agreement against the teacher), or a user's ``evaluator(student, teacher)``.
 
     The evaluation batches are made once per fit; a static (frozen) teacher's answers too.
+    The teacher is asked through :meth:`TeacherSource.evaluation_source` (a teacher cache knows
+    the training samples only and hands over its live teacher, if it has one).
     """
 
     student: nn.Module
@@ -45,8 +47,9 @@ class EpochEvaluation:
         if self.batches is None:
             self.batches = eval_batches(self.data, self.batch_size, self.collate_fn)
         teacher_logits = self.teacher_logits
-        if teacher_logits is None and self.teacher is not None:
-            teacher_logits = predict_source(self.teacher, self.batches, self.device).logits
-            if self.teacher.static:  # a frozen teacher's answers are computed once per fit
+        source = self.teacher.evaluation_source() if self.teacher is not None else None
+        if teacher_logits is None and source is not None:
+            teacher_logits = predict_source(source, self.batches, self.device).logits
+            if source.static:  # a frozen teacher's answers are computed once per fit
                 self.teacher_logits = teacher_logits
         return evaluate_model(self.student, self.batches, self.device, teacher_logits)

@@ -1,7 +1,9 @@
 """Distillation losses: pure functions of tensors, each returning a scalar tensor.
 
 Families:
-    logits.py     kd, soft_ce, dkd (+ dkd_parts), logit_mse, cross_entropy
+    logits.py     kd, soft_ce, dkd (+ dkd_parts), logit_mse, cross_entropy, topk_kl
+    topk.py       TopKLogits: a teacher cache's top-k logits plus a tail bucket, read by kd
+                  and forward_kl
     features.py   hidden_mse, cosine, attention_mse, attention_transfer
     relations.py  rkd_distance, rkd_angle, pkt
     sequence.py   forward_kl, reverse_kl, generalized_jsd, tvd (token level, masked, with an
@@ -12,7 +14,7 @@ Each function's docstring gives its equation, the paper it comes from and its re
 """
 
 from .features import attention_mse, attention_transfer, cosine, hidden_mse
-from .logits import cross_entropy, dkd, dkd_parts, kd, logit_mse, soft_ce
+from .logits import cross_entropy, dkd, dkd_parts, kd, logit_mse, soft_ce, topk_kl
 from .registry import (
     ALIASES,
     LOSSES,
@@ -33,11 +35,14 @@ from .sequence import (
     reverse_kl,
     tvd,
 )
+from .topk import TopKLogits, TopKLogitsError
 
 __all__ = [
     "ALIASES",
     "LOSSES",
     "LossSpec",
+    "TopKLogits",
+    "TopKLogitsError",
     "UnknownLossError",
     "attention_mse",
     "attention_transfer",
@@ -62,5 +67,6 @@ __all__ = [
     "rkd_angle",
     "rkd_distance",
     "soft_ce",
+    "topk_kl",
     "tvd",
 ]

@@ -17,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["cross_entropy", "dkd", "dkd_parts", "kd", "logit_mse", "soft_ce"]
+from .topk import TopKLogits
+
+__all__ = ["cross_entropy", "dkd", "dkd_parts", "kd", "logit_mse", "soft_ce", "topk_kl"]
 
 _REDUCTIONS = ("batchmean", "mean")
 
@@ -99,6 +101,39 @@ def _reduce_rows(fn: str, total: Tensor, x: Tensor, reduction: str) -> Tensor:
     raise ValueError(f"{fn}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
 
 
+def topk_kl(student_logits: Tensor, teacher: TopKLogits, temperature: float = 1.0) -> Tensor:
+    """KL from top-k teacher logits to the student over k + 1 buckets, for every row: ``[...]``.
+
+    The teacher's kept classes ``K`` (``|K| = k``) and one tail bucket for the other ``n = C - k``
+    classes (see :class:`~kdistill.losses.topk.TopKLogits`). The student's full distribution
+    ``q = softmax(z_s / T)`` is summed to the same buckets, ``Q_i = q_i`` (``i`` in ``K``) and
+    ``Q_tail = sum_{j not in K} q_j``; the teacher's bucket probabilities are
+    ``P = softmax([z_K / T, log n + (t - log n) / T])`` with ``t = log sum_{j not in K}
+    exp(z_j)``. Then::
+
+        KL_k = sum_{i in K} P_i log(P_i / Q_i) + P_tail log(P_tail / Q_tail)
+
+    At ``T = 1``, ``P_i = p_i`` and ``P_tail = 1 - sum_K p_i`` exactly, and by the chain rule of
+    KL, ``KL(p || q) = KL_k + P_tail KL(p | tail || q | tail)``: the bucket KL misses only the
+    divergence inside the tail, weighted by the tail's mass. At ``T != 1`` the tempered tail
+    needs the tail's logits, which are not kept: they are taken as equal (the tail's mass spread
+    evenly over its ``n`` classes, the maximum-entropy guess), which is exact for a flat tail
+    and, for ``T > 1``, over-weights the tail (``x -> x^(1/T)`` is concave, so by Jensen the
+    true ``sum_tail p_j^(1/T)`` is at most ``n (P_tail / n)^(1/T)``); for ``T < 1`` it
+    under-weights it.
+
+    Paper: G. Hinton, O. Vinyals, J. Dean (2015), "Distilling the Knowledge in a Neural
+    Network" (the KL), here on the support a teacher cache keeps.
+    """
+    _check_same_shape("topk_kl", student_logits, teacher)  # type: ignore[arg-type]
+    _check_temperature("topk_kl", temperature)
+    log_q = F.log_softmax(_as_float(student_logits) / temperature, dim=-1)
+    kept = log_q.gather(-1, teacher.indices)
+    tail = torch.logsumexp(log_q.scatter(-1, teacher.indices, float("-inf")), dim=-1)
+    log_q_buckets = torch.cat([kept, tail.unsqueeze(-1)], dim=-1)
+    return _kl_last_dim(teacher.bucket_log_probs(temperature), log_q_buckets)
+
+
 def _log_probs(fn: str, student_logits: Tensor, teacher_logits: Tensor,
                temperature: float) -> tuple[Tensor, Tensor]:
     """Checked ``log softmax(z / T)`` of the student's and the teacher's logits."""
@@ -132,12 +167,16 @@ def kd(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0,
 
     Args:
         student_logits: ``[..., C]`` student logits.
-        teacher_logits: ``[..., C]`` teacher logits, same shape.
+        teacher_logits: ``[..., C]`` teacher logits, same shape, or the teacher's
+            :class:`~kdistill.losses.topk.TopKLogits` (then the KL is :func:`topk_kl`'s).
         temperature: softening temperature ``T > 0``.
         reduction: ``"batchmean"`` or ``"mean"``.
     """
-    log_ps, log_pt = _log_probs("kd", student_logits, teacher_logits, temperature)
-    total = _kl_last_dim(log_pt, log_ps).sum()
+    if isinstance(teacher_logits, TopKLogits):
+        total = topk_kl(student_logits, teacher_logits, temperature).sum()
+    else:
+        log_ps, log_pt = _log_probs("kd", student_logits, teacher_logits, temperature)
+        total = _kl_last_dim(log_pt, log_ps).sum()
     return temperature**2 * _reduce_rows("kd", total, student_logits, reduction)
 
 

@@ -26,7 +26,15 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from .logits import _check_same_shape, _kl_last_dim, _log_probs, _valid_mask, _zero_invalid
+from .logits import (
+    _check_same_shape,
+    _kl_last_dim,
+    _log_probs,
+    _valid_mask,
+    _zero_invalid,
+    topk_kl,
+)
+from .topk import TopKLogits
 
 __all__ = [
     "forward_kl",
@@ -68,9 +76,9 @@ def _token_average(
         count: Tensor | int = max(values.numel(), 1)
     else:
         valid = _valid_mask(fn, mask, student_logits.shape[:-1], "logits")
-        values = per_token(
-            _zero_invalid(student_logits, valid), _zero_invalid(teacher_logits, valid)
-        )
+        teacher = (teacher_logits.where_valid(valid) if isinstance(teacher_logits, TopKLogits)
+                   else _zero_invalid(teacher_logits, valid))
+        values = per_token(_zero_invalid(student_logits, valid), teacher)
         values = torch.where(valid, values, torch.zeros_like(values))
         count = valid.sum().clamp_min(1)
     total = values.sum()
@@ -83,7 +91,11 @@ def _token_average(
 def per_token_forward_kl(
     student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0
 ) -> Tensor:
-    """``KL(p_t || p_s)`` for every position, shape ``[...]`` (see :func:`forward_kl`)."""
+    """``KL(p_t || p_s)`` for every position, shape ``[...]`` (see :func:`forward_kl`); for
+    top-k teacher logits (:class:`~kdistill.losses.topk.TopKLogits`) the bucket KL of
+    :func:`~kdistill.losses.logits.topk_kl`."""
+    if isinstance(teacher_logits, TopKLogits):
+        return topk_kl(student_logits, teacher_logits, temperature)
     log_ps, log_pt = _log_probs("forward_kl", student_logits, teacher_logits, temperature)
     return _kl_last_dim(log_pt, log_ps)
 
@@ -97,6 +109,10 @@ def forward_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | No
         L = (1 / n) sum_{valid tokens} sum_v p_t(v) log(p_t(v) / p_s(v))
 
     Paper: Y. Kim, A. M. Rush (2016), "Sequence-Level Knowledge Distillation" (word-level KD).
+
+    The teacher's logits may be top-k logits from a teacher cache
+    (:class:`~kdistill.losses.topk.TopKLogits`): the KL is then over the kept classes plus one
+    tail bucket (:func:`~kdistill.losses.logits.topk_kl`).
 
     Reduction: sum over valid tokens divided by their count, or by ``normalizer``.
     """

@@ -66,7 +66,9 @@ class TextModel(nn.Module):
         self.encoder = encoder
         self.model = model
         accepted = inspect.signature(model.forward).parameters
-        self._flags = [f for f in OUTPUT_FLAGS if f in accepted]
+        # transformers 5 networks take the output flags through **kwargs.
+        any_keyword = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+        self._flags = [f for f in OUTPUT_FLAGS if f in accepted or any_keyword]
 
     @property
     def tokenisation(self) -> str:

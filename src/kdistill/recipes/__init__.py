@@ -26,8 +26,10 @@ from kdistill.recipes.base import (
     RecipeParams,
     Term,
     build_recipe,
+    cache_refusal,
     get_recipe,
     register,
 )
 
-__all__ = ["RECIPES", "Recipe", "RecipeParams", "Term", "build_recipe", "get_recipe", "register"]
+__all__ = ["RECIPES", "Recipe", "RecipeParams", "Term", "build_recipe", "cache_refusal",
+           "get_recipe", "register"]

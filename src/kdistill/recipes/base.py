@@ -9,7 +9,7 @@ by its ``unit``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -83,7 +83,11 @@ class Recipe(nn.Module):
       ``mse`` are minimised, other metrics maximised);
     * ``teacher_recipe``: ``(recipe name, parameters)`` with which a config run trains the
       teacher when the config asks it to train one (default plain cross-entropy);
-    * ``task``: ``classification`` (also per token) or ``regression``.
+    * ``task``: ``classification`` (also per token) or ``regression``;
+    * ``teacher_input_change``: how :meth:`prepare` changes what the teacher reads (augmented or
+      noisy copies), ``None`` when the teacher reads every sample as stored. With a frozen
+      (``trained``) teacher that reads the samples as stored, the teacher's taps of a sample
+      never change, so a teacher cache can answer them (:meth:`teacher_signal_varies`).
     """
 
     name: ClassVar[str]
@@ -96,6 +100,7 @@ class Recipe(nn.Module):
     keep_best: ClassVar[str | None] = None
     teacher_recipe: ClassVar[tuple[str, dict[str, Any]]] = ("ce", {})
     task: ClassVar[Literal["classification", "regression"]] = "classification"
+    teacher_input_change: ClassVar[str | None] = None
 
     def __init__(self, params: RecipeParams | None = None, **overrides: Any):
         super().__init__()
@@ -109,6 +114,20 @@ class Recipe(nn.Module):
     def teacher_taps(self) -> list[str]:
         """Taps read from the teacher source."""
         return ["logits"] if self.uses_teacher else []
+
+    def teacher_signal_varies(self) -> str | None:
+        """Why the teacher taps this recipe reads for a sample can change during a run, or
+        ``None`` when they cannot: its teacher is frozen and reads the sample as stored. Only
+        then can a teacher cache (:mod:`kdistill.cache`) stand in for the teacher."""
+        if not self.uses_teacher:
+            return None
+        if self.teacher_model == "fresh":
+            return "its teachers are peers that train with the student"
+        if self.teacher_model == "none":
+            return "its teacher is made from the student and changes with every step"
+        if self.teacher_input_change is not None:
+            return f"its teacher reads {self.teacher_input_change}"
+        return None
 
     def wrap_student(self, student: nn.Module) -> nn.Module:
         """The model to train in place of ``student`` (e.g. with extra heads); called once
@@ -142,6 +161,17 @@ class Recipe(nn.Module):
     def phases(self, epochs: int) -> list[tuple[Recipe, int]]:
         """How this method splits a budget of ``epochs`` into (recipe, epochs) phases."""
         return [(self, epochs)]
+
+
+def cache_refusal(recipes: Iterable[Recipe]) -> str | None:
+    """Why a teacher cache cannot serve one of ``recipes`` (the first reason found, naming the
+    recipe), or ``None`` when it can serve them all (see :meth:`Recipe.teacher_signal_varies`)."""
+    for recipe in recipes:
+        reason = recipe.teacher_signal_varies()
+        if reason is not None:
+            return (f"recipe '{recipe.name}' cannot read a teacher cache: {reason}, so the "
+                    "teacher must run live")
+    return None
 
 
 @dataclass(frozen=True)

@@ -80,6 +80,7 @@ class Denoise(Recipe):
     paper = ("Fang, Zhou, Liu, Zhang, Song, Chen 2024, On-the-fly Denoising for Data "
              "Augmentation in Natural Language Understanding")
     Params = DenoiseParams
+    teacher_input_change = "augmented copies of each batch"
 
     def augment(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         """One augmented copy of ``batch`` (labels still as they were)."""

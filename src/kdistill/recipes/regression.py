@@ -100,6 +100,11 @@ class RegressionKD(Recipe):
     Params = RegressionKDParams
     task = "regression"
     teacher_recipe = ("mse", {})
+    teacher_input_change = "noisy copies of each input"
+
+    def teacher_signal_varies(self) -> str | None:
+        """Without noisy copies (``copies: 0``) the teacher reads the samples as stored."""
+        return super().teacher_signal_varies() if self.params.copies else None
 
     def prepare(self, batch: dict[str, Any], student: Callable[[Mapping[str, Any]], Taps],
                 state: TrainState) -> dict[str, Any]:

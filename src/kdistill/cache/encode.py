@@ -1,0 +1,200 @@
+"""What a cache stores for each tap, and how the stored rows become taps again.
+
+Per tap ``name``, a shard holds:
+
+* dense taps: the tensor itself, ``name`` ``[rows, ...]``, float tensors in the cache's dtype;
+* top-k logits: ``name.topk.values`` ``[rows, ..., k]`` (the cache's dtype),
+  ``name.topk.indices`` (int32) and ``name.topk.tail`` (float32), see
+  :class:`kdistill.losses.TopKLogits`;
+* for a tap with a sequence dimension (dim 1) whose length varies from batch to batch (text
+  padded per batch), ``name.length`` (int32): each row's length. Rows are padded with zeros to
+  the shard's longest, and positions past a row's length hold zeros.
+
+A row's length comes from a mask. Per-sample and per-word taps (``logits``) follow the batch's
+``attention_mask`` (layout ``batch``): the cache answers them as long as the asking batch's
+mask. A model that tokenises the raw text itself reports its tokens' mask; its token-level taps
+(hidden states, embeddings, module outputs) follow that (layout ``tokens``) and are answered as
+long as the longest row asked, which is how the model pads a batch. Where the live teacher
+computes values for padding positions, the cache gives zeros; every masked loss ignores them.
+A tap whose shape varies with no mask to explain it (attention maps of varying length) cannot
+be cached.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kdistill.cache.format import DTYPES, CacheError, HiddenSlice
+from kdistill.losses import TopKLogits
+
+LENGTH = ".length"
+TOPK = (".topk.values", ".topk.indices", ".topk.tail")
+BATCH, TOKENS = "batch", "tokens"
+
+
+@dataclass(frozen=True)
+class TapStorage:
+    """How one tap is stored: ``top_k`` (logits only), the float ``dtype``, a hidden slice."""
+
+    name: str
+    dtype: str
+    top_k: int | None = None
+    slice: HiddenSlice | None = None
+
+
+@dataclass(frozen=True)
+class TapLayout:
+    """What a built tap looks like: its sequence ``layout`` (``batch``, ``tokens`` or ``None``
+    for a fixed shape) and, for top-k logits, the number of classes."""
+
+    layout: str | None
+    classes: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"layout": self.layout, "classes": self.classes}
+
+
+def prefix_lengths(mask: Tensor, tap: str) -> Tensor:
+    """The length of every row of a ``[B, T]`` mask that marks a prefix of each row."""
+    valid = mask.bool()
+    lengths = valid.sum(dim=1)
+    if not torch.equal(valid, torch.arange(valid.shape[1], device=valid.device) <
+                       lengths.unsqueeze(1)):
+        raise CacheError(f"tap '{tap}': the attention mask does not mark a prefix of each row "
+                         "(padding on the left?); the cache stores rows padded on the right")
+    return lengths
+
+
+def sequence_of(name: str, value: Tensor, batch_mask: Tensor | None,
+                token_mask: Tensor | None) -> tuple[str | None, Tensor | None]:
+    """The layout and row lengths of tap ``name``'s ``value`` in one batch (see the module
+    notes): ``(None, None)`` for a tap without a masked sequence dimension."""
+    if value.dim() < 3:
+        return None, None
+    layout, mask = ((BATCH, batch_mask) if name == "logits" or token_mask is None
+                    else (TOKENS, token_mask))
+    if mask is None or tuple(mask.shape) != tuple(value.shape[:2]):
+        return None, None
+    return layout, prefix_lengths(mask, name)
+
+
+def _sliced(value: Tensor, lengths: Tensor | None, cut: HiddenSlice,
+            name: str) -> Tensor:
+    if cut.positions is not None:
+        if value.dim() < 3:
+            raise CacheError(f"tap '{name}' has no positions (shape {list(value.shape)}); "
+                             "slice it by width only")
+        shortest = int(lengths.min()) if lengths is not None else value.shape[1]
+        if max(cut.positions) >= shortest:
+            raise CacheError(f"tap '{name}': slice position {max(cut.positions)} is past the "
+                             f"end of a row of {shortest} positions")
+        value = value[:, list(cut.positions)]
+    if cut.width is not None:
+        if cut.width > value.shape[-1]:
+            raise CacheError(f"tap '{name}': slice width {cut.width} exceeds its "
+                             f"{value.shape[-1]} features")
+        value = value[..., :cut.width]
+    return value
+
+
+def _zero_padding(value: Tensor, lengths: Tensor) -> Tensor:
+    """``value`` with the positions past each row's length set to zero."""
+    valid = torch.arange(value.shape[1], device=value.device) < lengths.unsqueeze(1)
+    return torch.where(valid.view(*valid.shape, *[1] * (value.dim() - 2)), value,
+                       torch.zeros((), dtype=value.dtype, device=value.device))
+
+
+def encode_tap(storage: TapStorage, value: Tensor, batch_mask: Tensor | None,
+               token_mask: Tensor | None) -> tuple[dict[str, Tensor], TapLayout]:
+    """The tensors to store for one batch of a tap (on the CPU), and the tap's layout."""
+    name = storage.name
+    layout, lengths = sequence_of(name, value, batch_mask, token_mask)
+    if storage.slice is not None:
+        value = _sliced(value, lengths, storage.slice, name)
+        if storage.slice.positions is not None:
+            layout, lengths = None, None
+    if lengths is not None:
+        value = _zero_padding(value, lengths)
+    dtype = DTYPES[storage.dtype]
+    stored: dict[str, Tensor] = {}
+    classes = None
+    if storage.top_k is not None:
+        classes = value.shape[-1]
+        if storage.top_k >= classes:
+            raise CacheError(f"tap '{name}': top_k {storage.top_k} keeps all {classes} classes; "
+                             "store dense logits (no top_k) instead")
+        values, indices = value.float().topk(storage.top_k, dim=-1)
+        tail = value.float().scatter(-1, indices, float("-inf")).logsumexp(dim=-1)
+        if lengths is not None:
+            tail = _zero_padding(tail.unsqueeze(-1), lengths).squeeze(-1)
+            indices = _zero_padding(indices, lengths)
+        stored.update(zip(TOPK, (values.to(dtype), indices.int(), tail.float()), strict=True))
+    else:
+        stored[""] = value.to(dtype) if value.is_floating_point() else value
+    if lengths is not None:
+        stored[LENGTH] = lengths.int()
+    return {name + suffix: t.cpu() for suffix, t in stored.items()}, TapLayout(layout, classes)
+
+
+def assemble(parts: Sequence[Mapping[str, Tensor]], padded: Collection[str]) -> dict[str, Tensor]:
+    """One shard's tensors from its batches' ``parts``: rows concatenated, the ``padded`` ones
+    (the tensors of sequence taps) padded with zeros along dim 1 to the shard's longest first."""
+    shard: dict[str, Tensor] = {}
+    for key in parts[0]:
+        pieces = [part[key] for part in parts]
+        if key in padded:
+            longest = max(p.shape[1] for p in pieces)
+            pieces = [pad_to(p, longest) for p in pieces]
+        if len({p.shape[1:] for p in pieces}) > 1:
+            shapes = sorted({tuple(p.shape[1:]) for p in pieces})
+            raise CacheError(f"tap '{key}' has rows of shapes {shapes} in different batches and "
+                             "no attention mask tells each row's length; it cannot be cached")
+        shard[key] = torch.cat(pieces)
+    return shard
+
+
+def pad_to(value: Tensor, length: int) -> Tensor:
+    """Rows ``[B, T, ...]`` padded with zeros, or cut, along dim 1 to ``length`` (only padding
+    is ever cut: the rows' lengths are checked first)."""
+    if value.shape[1] >= length:
+        return value[:, :length]
+    padding = [0, 0] * (value.dim() - 2) + [0, length - value.shape[1]]
+    return F.pad(value, padding)
+
+
+# -- reading ----------------------------------------------------------------------------------
+def value_keys(name: str, top_k: bool) -> list[str]:
+    """The stored tensors of tap ``name``'s values (its lengths aside)."""
+    return [name + suffix for suffix in TOPK] if top_k else [name]
+
+
+def answer_length(name: str, layout: str, lengths: Tensor, batch: Mapping[str, Any]) -> int:
+    """How long the sequence dimension of tap ``name`` is in the answer to ``batch``: the
+    batch's mask's for ``batch`` layout, the longest row's for ``tokens`` layout."""
+    if layout == TOKENS:
+        return int(lengths.max()) if len(lengths) else 0
+    mask = batch.get("attention_mask")
+    if not isinstance(mask, Tensor):
+        raise CacheError(f"tap '{name}' follows the batch's attention_mask, and this batch has "
+                         f"none (keys: {sorted(batch)})")
+    if len(lengths) and int(lengths.max()) > mask.shape[1]:
+        raise CacheError(f"tap '{name}': a cached row has {int(lengths.max())} positions, the "
+                         f"batch's attention_mask only {mask.shape[1]}")
+    return mask.shape[1]
+
+
+def as_taps(tensors: Mapping[str, Tensor], name: str, classes: int | None,
+            device: Any) -> Tensor | TopKLogits:
+    """The tap ``name`` from its gathered tensors, on ``device``: float32 for the losses, or
+    :class:`TopKLogits` for top-k logits."""
+    if classes is None:
+        value = tensors[name].to(device)
+        return value.float() if value.is_floating_point() else value
+    values, indices, tail = (tensors[name + suffix].to(device) for suffix in TOPK)
+    return TopKLogits(values.float(), indices.long(), tail.float(), classes)
