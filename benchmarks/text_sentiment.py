@@ -57,6 +57,7 @@ OUTPUT = ROOT / "benchmarks" / "results" / "text_sentiment.json"
 PAGE = ROOT / "docs" / "text.md"
 QUICK_OUTPUT = ROOT / "runs" / "text-sentiment-quick"
 THREADS = 2  # training threads; timing uses one
+RESULTS_MARKERS = ("<!-- results: benchmarks/text_sentiment.py -->", "<!-- /results -->")
 
 
 def variant_config(kind: str, variant: str, seed: int, quick: bool) -> RunConfig:
@@ -136,14 +137,25 @@ def main() -> None:
                 write(output, results)
     results["timing"] = timing(deployed, data[False])
     write(output, results)
-    page = report(results)
-    atomic_write_text(output.with_suffix(".md") if args.quick else PAGE, page)
-    print(page)
+    tables = report(results)
+    page = output.with_suffix(".md") if args.quick else PAGE
+    atomic_write_text(page, with_results(page.read_text() if page.is_file() else "", tables))
+    print(tables)
 
 
 def write(path: Path, results: Mapping[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(results, indent=1, default=str) + "\n")
+
+
+def with_results(page: str, tables: str) -> str:
+    """``page`` with the text between its results markers replaced by ``tables`` (the rest of
+    the page, written by hand, is kept); a page without markers gets them at its end."""
+    start, end = RESULTS_MARKERS
+    if start in page and end in page:
+        return page[:page.index(start)] + f"{start}\n{tables}{end}" + page[page.index(end)
+                                                                            + len(end):]
+    return f"{page}{start}\n{tables}{end}\n"
 
 
 def report(results: Mapping[str, Any]) -> str:
@@ -170,8 +182,10 @@ def report(results: Mapping[str, Any]) -> str:
     cost = markdown_grid(["model", "params", "MB", "ex/s at 1", "speed-up at 1", "ex/s at 64",
                           "speed-up at 64"], cost_rows)
     load = ", ".join(f"{v:.2f}" for v in results["timing"]["load_average"])
-    return (f"# Text: Rotten Tomatoes sentiment\n\nTeacher accuracy {100 * teacher:.2f}%.\n\n"
-            f"{quality}\n\n{cost}\n\nLoad average while timing (1, 5, 15 min): {load}.\n")
+    minutes = results["teacher"]["seconds"] / 60
+    return (f"Teacher: {100 * teacher:.2f}% test accuracy ({results['teacher']['source']}, "
+            f"obtained in {minutes:.1f} min).\n\n{quality}\n\n{cost}\n\n"
+            f"Load average of the machine while timing (1, 5, 15 min): {load}.\n")
 
 
 if __name__ == "__main__":

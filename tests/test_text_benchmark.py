@@ -1,0 +1,37 @@
+"""The text benchmark's protocol pieces that need no real model: the configs it trains and
+the page it rewrites."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import text_sentiment as ts  # noqa: E402
+
+from kdistill.models.hf import model_folder  # noqa: E402
+
+
+def test_the_results_replace_only_the_text_between_the_markers() -> None:
+    start, end = ts.RESULTS_MARKERS
+    page = f"# Text\n\nwritten by hand\n\n{start}\nold table\n{end}\n\n## What it says\nmore\n"
+    assert ts.with_results(page, "new table\n") == (
+        f"# Text\n\nwritten by hand\n\n{start}\nnew table\n{end}\n\n## What it says\nmore\n")
+    assert ts.with_results("", "table\n") == f"{start}\ntable\n{end}\n"
+
+
+def test_each_variant_changes_only_the_recipe_the_transfer_set_and_the_seed() -> None:
+    try:
+        model_folder("all-MiniLM-L6-v2")
+    except FileNotFoundError:
+        pytest.skip("the text examples name all-MiniLM-L6-v2, which is not installed here")
+    hinton = ts.variant_config("ngram", "hinton", 2, quick=False)
+    ce = ts.variant_config("ngram", "ce", 2, quick=False)
+    augmented = ts.variant_config("ngram", "hinton+aug", 2, quick=False)
+    assert hinton.recipe["name"] == "hinton" and ce.recipe == {"name": "ce"}
+    assert hinton.trainer.seed == ce.trainer.seed == 2
+    assert hinton.data.augment is None and augmented.data.augment.copies == ts.AUGMENT["copies"]
+    assert augmented.recipe == hinton.recipe and augmented.student == hinton.student
+    assert hinton.teacher.cache is not None and hinton.teacher == ce.teacher
