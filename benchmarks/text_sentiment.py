@@ -18,11 +18,16 @@ Protocol:
   only), ``hinton`` (the example's recipe) and ``hinton+aug`` (plus the augmented transfer set:
   ``AUGMENT`` copies of each training text, words replaced by their neighbours in the teacher's
   embedding space), seeds 0, 1, 2 (initialisation and data order);
-* the teacher's answers come from its cache (``teacher.cache``), built once over the training
-  texts and the augmented ones, so a student trains at its own speed;
-* speed: after training, the teacher and one student of each kind (seed 0, ``hinton``) are
-  timed side by side in alternating rounds at batch 1 and 64 on one thread (tokenisation
-  included: each model reads raw text), with the machine's load average beside the figures.
+* the teacher's answers come from its caches (``teacher.cache``), one over the training texts
+  and one over them plus the augmented texts, each built once, so a student trains at its own
+  speed;
+* the augmented variant trains on the plain training set plus ``AUGMENT["copies"]`` copies of
+  it for the example's epochs divided by (copies + 1), so every variant makes about the same
+  number of optimizer steps;
+* speed: after training, the teacher and one student of each kind (seed 0, ``hinton``,
+  exported next to the results and loaded back) are timed side by side in alternating rounds
+  at batch 1 and 64 on one thread (tokenisation included: each model reads raw text), with the
+  machine's load average beside the figures.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from kdistill.contexts import num_threads
 from kdistill.data import DataSplits
 from kdistill.evaluate import benchmark_models, classification_metrics, eval_batches, predict
 from kdistill.models import deployable
+from kdistill.models.export import export_text_model, load_exported
 from kdistill.report import markdown_grid, mean_std
 from kdistill.run import build_data, cache_dir, obtain_teacher, teacher_training, train_run
 
@@ -61,16 +67,21 @@ RESULTS_MARKERS = ("<!-- results: benchmarks/text_sentiment.py -->", "<!-- /resu
 
 
 def variant_config(kind: str, variant: str, seed: int, quick: bool) -> RunConfig:
-    """The example of ``kind`` with the variant's recipe and transfer set, and ``seed``."""
-    overrides = [f"trainer.seed={seed}", "trainer.progress=false",
-                 f"teacher.cache={cache_dir() / 'text-sentiment-teacher'}"]
+    """The example of ``kind`` with the variant's recipe, transfer set and teacher cache (one
+    per transfer set: a cache answers for the data it was built on), and ``seed``."""
+    overrides = [f"trainer.seed={seed}", "trainer.progress=false"]
+    if quick:
+        overrides += ["trainer.epochs=1", "data.test_fraction=0.95"]
+    cache = "text-sentiment-teacher" + ("-quick" if quick else "")
     if variant == "ce":
         overrides.append("recipe={name: ce}")
     if variant == "hinton+aug":
-        overrides.append("data.augment=" + json.dumps(AUGMENT))
-    if quick:
-        overrides += ["trainer.epochs=1", "data.test_fraction=0.95",
-                      "teacher.cache=" + str(cache_dir() / "text-sentiment-quick-teacher")]
+        epochs = 1 if quick else load_config(EXAMPLES / f"{kind}.yaml").trainer.epochs
+        overrides += ["data.augment=" + json.dumps(AUGMENT),
+                      f"trainer.epochs={max(1, round(epochs / (AUGMENT['copies'] + 1)))}"]
+        cache += "-augmented"
+    if variant != "ce":
+        overrides.append(f"teacher.cache={cache_dir() / cache}")
     return load_config(EXAMPLES / f"{kind}.yaml", overrides)
 
 
@@ -107,10 +118,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
     parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
+    parser.add_argument("--fresh", action="store_true",
+                        help="train every run again (default: keep the runs already saved)")
     args = parser.parse_args()
     seeds = [0] if args.quick else args.seeds
     output = QUICK_OUTPUT.with_suffix(".json") if args.quick else OUTPUT
-    results: dict[str, Any] = {"protocol": __doc__, "runs": []}
+    results = saved_results(output, args.fresh)
     first = variant_config(args.kinds[0], "hinton", 0, args.quick)
     data = {False: build_data(first.data)}
     teacher_started = time.perf_counter()
@@ -120,27 +133,42 @@ def main() -> None:
     results["teacher"] = {"accuracy": accuracy(teacher, data[False]), **origin,
                           "seconds": time.perf_counter() - teacher_started}
     print(f"teacher: {results['teacher']}")
-    deployed: dict[str, nn.Module] = {"teacher": teacher}
+    students = output.with_suffix("")  # the seed-0 hinton student of each kind, exported
     for kind in args.kinds:
         for variant in VARIANTS:
             for seed in seeds:
+                if any(r["kind"] == kind and r["variant"] == variant and r["seed"] == seed
+                       for r in results["runs"]):
+                    continue
                 config = variant_config(kind, variant, seed, args.quick)
                 augmented = config.data.augment is not None
                 if augmented not in data:
                     data[augmented] = build_data(config.data)
                 student, figures = train_one(config, data[augmented])
                 if variant == "hinton" and seed == seeds[0]:
-                    deployed[kind] = student
+                    export_text_model(student, students / kind, data[False].label_names)
                 run = {"kind": kind, "variant": variant, "seed": seed, **figures}
                 results["runs"].append(run)
                 print(run)
                 write(output, results)
+    deployed = {"teacher": teacher, **{kind: load_exported(students / kind)
+                                       for kind in args.kinds}}
     results["timing"] = timing(deployed, data[False])
     write(output, results)
     tables = report(results)
     page = output.with_suffix(".md") if args.quick else PAGE
     atomic_write_text(page, with_results(page.read_text() if page.is_file() else "", tables))
     print(tables)
+
+
+def saved_results(path: Path, fresh: bool) -> dict[str, Any]:
+    """The runs saved by an earlier, interrupted run of the same protocol (none when
+    ``fresh``, or when the protocol changed)."""
+    if not fresh and path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("protocol") == __doc__:
+            return {"protocol": __doc__, "runs": saved.get("runs", [])}
+    return {"protocol": __doc__, "runs": []}
 
 
 def write(path: Path, results: Mapping[str, Any]) -> None:

@@ -34,4 +34,7 @@ def test_each_variant_changes_only_the_recipe_the_transfer_set_and_the_seed() ->
     assert hinton.trainer.seed == ce.trainer.seed == 2
     assert hinton.data.augment is None and augmented.data.augment.copies == ts.AUGMENT["copies"]
     assert augmented.recipe == hinton.recipe and augmented.student == hinton.student
-    assert hinton.teacher.cache is not None and hinton.teacher == ce.teacher
+    assert ce.teacher.cache is None  # nothing to cache for labels alone
+    assert hinton.teacher.cache.path != augmented.teacher.cache.path  # one per transfer set
+    assert hinton.teacher.model_copy(update={"cache": None}) == ce.teacher
+    assert augmented.trainer.epochs == 1  # 5 epochs / (4 copies + 1): the same steps
