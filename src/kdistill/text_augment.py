@@ -138,6 +138,11 @@ class WordReplacer(Protocol):
         """Up to ``k`` replacements for each word of ``words`` (empty: leave the word)."""
         ...
 
+    def prepare(self, sentences: Sequence[Sequence[str]], k: int) -> None:
+        """Work out at once what does not depend on a word's context, for every word of
+        ``sentences`` (called before a corpus is augmented)."""
+        ...
+
 
 class _Replacer(ABC):
     """``replace`` for a class with ``candidates``."""
@@ -145,6 +150,10 @@ class _Replacer(ABC):
     @abstractmethod
     def candidates(self, words: Sequence[str], k: int) -> list[list[str]]:
         """Up to ``k`` replacements for each word of ``words`` (empty: leave the word)."""
+
+    @abstractmethod
+    def prepare(self, sentences: Sequence[Sequence[str]], k: int) -> None:
+        """Work out at once what does not depend on a word's context (see WordReplacer)."""
 
     def replace(self, words: Sequence[str], p: float, k: int,
                 rng: random.Random) -> list[str]:
@@ -253,6 +262,11 @@ class EmbeddingNeighbours(_Replacer):
         found = self.neighbours(words, k)
         return [list(found[w]) for w in words]
 
+    def prepare(self, sentences: Sequence[Sequence[str]], k: int) -> None:
+        """The neighbours of every word of ``sentences`` in one chunked pass (a corpus's
+        thousands of distinct words cost one matrix product, not one per sentence)."""
+        self.neighbours({w for words in sentences for w in words}, k)
+
 
 # --------------------------------------------------------------------------- masked language model
 
@@ -333,6 +347,10 @@ class MaskedLMReplacement(_Replacer):
             for row in scores.topk(depth, dim=1).indices.tolist():
                 found.append([self.neighbours.candidate_tokens[j] for j in row])
         return found
+
+    def prepare(self, sentences: Sequence[Sequence[str]], k: int) -> None:
+        """The embedding neighbours the words of several pieces fall back on, all at once."""
+        self.neighbours.prepare(sentences, k)
 
     def candidates(self, words: Sequence[str], k: int) -> list[list[str]]:
         if k < 1:
@@ -423,6 +441,8 @@ def _augmented(sentences: Sequence[Sequence[str]], settings: TextAugmentSettings
     elif replacer is None:
         raise KdistillError(f"data.augment.method: '{settings.method}' needs a word replacer "
                             "(see load_replacer); none was given")
+    if replacer is not None:
+        replacer.prepare(sentences, settings.k)
     rng = random.Random(settings.seed)
     seen = {tuple(words) for words in sentences}
     bar = TrainingProgress(enabled=progress)
