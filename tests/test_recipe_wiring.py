@@ -182,22 +182,33 @@ def test_denoise_augments_with_every_parameter_it_was_given(kind, batch, params,
         assert not same(got, {**batch, **other}), f"{name} makes no difference on this batch"
 
 
-def test_denoise_sample_terms_ignore_the_attention_mask_of_a_text_batch() -> None:
+# Recipes whose terms read sample or token logits, with the parameters they run with here.
+LOGIT_RECIPES = [("ce", {}), ("hinton", {"temperature": 2.0}), ("oracle", {}), ("daft", {}),
+                 ("dkd", {}), ("annealing", {}), ("continuation", {}), ("mean_teacher", {}),
+                 ("atsen", {"threshold": 0.5}), ("denoise", {"temperature": 2.0})]
+
+
+@pytest.mark.parametrize(("name", "params"), LOGIT_RECIPES, ids=[r[0] for r in LOGIT_RECIPES])
+def test_sample_logits_terms_ignore_the_attention_mask_of_a_text_batch(name, params) -> None:
     """Sequence-classification logits [B, C] of a token batch: the mask is for the tokens, the
-    terms average over samples all the same."""
+    terms average over samples all the same (unit ``examples``, never ``tokens``)."""
     batch = token_batch()
-    stacked = stack_views({CLEAN: batch, FIRST: batch, SECOND: batch}, unlabeled=(1, 2))
-    student = Taps({"logits": seeded(18, 4, seed=4, scale=2.0)})
-    teacher = Taps({"logits": seeded(18, 4, seed=5, scale=2.0)})
-    recipe = Denoise(temperature=2.0)
-    with_mask = recipe.terms(student, teacher, stacked, STATE)
-    unmasked = {k: v for k, v in stacked.items() if k != "attention_mask"}
-    without = recipe.terms(student, teacher, unmasked, STATE)
+    if name == "denoise":  # its terms read the rows its prepare stacks
+        batch = stack_views({CLEAN: batch, FIRST: batch, SECOND: batch}, unlabeled=(1, 2))
+    rows = len(batch["labels"])
+    student = Taps({"logits": seeded(rows, 3, seed=4, scale=2.0)})
+    peers = tuple(Taps({"logits": seeded(rows, 3, seed=s, scale=3.0)}) for s in (5, 6, 7))
+    teacher = peers[0].with_members(peers)  # atsen reads three members, the others the logits
+    state = TrainState(epoch=2, step=5, epoch_progress=2.5, steps_per_epoch=2, total_steps=8)
+    recipe = build_recipe(name, **params)
+    unmasked = {k: v for k, v in batch.items() if k != "attention_mask"}
+    with_mask = recipe.terms(student, teacher, batch, state)
+    without = recipe.terms(student, teacher, unmasked, state)
     assert with_mask.keys() == without.keys()
-    for name, term in with_mask.items():
-        assert torch.equal(term.value, without[name].value), name
-        assert (term.weight, term.unit) == (without[name].weight, without[name].unit)
-    assert with_mask["soft"].unit == "examples"
+    for term, value in with_mask.items():
+        assert torch.equal(value.value, without[term].value), term
+        assert (value.weight, value.unit) == (without[term].weight, without[term].unit), term
+        assert value.unit != "tokens", term
 
 
 # --------------------------------------------------------------------------- adversarial
