@@ -99,6 +99,14 @@ def test_shape_dependent_state_does_not_exist_before_the_first_batch() -> None:
     assert list(build_recipe("composite", terms=[{"loss": "logit_mse"}]).parameters()) == []
 
 
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_a_recipe_reads_teacher_taps_exactly_when_it_uses_a_teacher(name) -> None:
+    params = {"terms": [{"loss": "ce"}]} if name == "composite" else {}
+    recipe = build_recipe(name, **params)
+    assert bool(recipe.teacher_taps()) == recipe.uses_teacher
+    assert recipe.student_taps()  # every recipe reads the student
+
+
 class OwnHead(nn.Module):
     """A student whose head is not an ``nn.Linear``: new heads need their size given."""
 
