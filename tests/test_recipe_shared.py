@@ -84,6 +84,21 @@ def test_a_one_view_stack_marks_every_row_with_that_view() -> None:
     assert all(torch.equal(out[k], batch[k]) for k in ("input", "labels", "index"))
 
 
+def test_stack_views_concatenates_per_sample_tensors_only() -> None:
+    """Rows are counted on the first 1-D-or-more tensor of ``index``/``labels``/``input``/
+    ``input_ids``; a 0-d tensor or a non-tensor value (raw texts, a name) comes from the first
+    view even when its length equals the number of rows."""
+    first = {"labels": torch.tensor([1, 2, 0]), "texts": ["a", "b", "c"], "name": "abc",
+             "step": torch.tensor(7)}
+    second = {"labels": torch.tensor([2, 2, 1]), "texts": ["x", "y", "z"], "name": "xyz",
+              "step": torch.tensor(8)}
+    out = stack_views({ORIGINAL: first, 1: second})
+    assert out["labels"].tolist() == [1, 2, 0, 2, 2, 1]
+    assert out[VIEW].tolist() == [0, 0, 0, 1, 1, 1]
+    assert out["texts"] == ["a", "b", "c"] and out["name"] == "abc"
+    assert out["step"].dim() == 0 and out["step"].item() == 7
+
+
 def test_stack_views_errors_name_the_problem() -> None:
     with pytest.raises(ValueError, match="at least one view"):
         stack_views({})
