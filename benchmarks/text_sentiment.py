@@ -54,12 +54,12 @@ from kdistill.data.text_corpora import ROTTEN_TOMATOES_FILE, read_bz2_csv, scatt
 from kdistill.evaluate import benchmark_models, classification_metrics, eval_batches, predict
 from kdistill.models import deployable
 from kdistill.models.export import export_text_model, load_exported
-from kdistill.report import markdown_grid, mean_std
+from kdistill.report import markdown_grid, mean_std, mean_std_text
 from kdistill.run import build_data, cache_dir, obtain_teacher, teacher_training, train_run
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "text"
-KINDS = ("transformer", "ngram", "bilstm", "textcnn", "cmow")
+KINDS = ("ngram", "cmow", "textcnn", "bilstm", "transformer")  # fastest first
 VARIANTS = ("ce", "hinton", "hinton+aug")
 SEEDS = (0, 1, 2)
 AUGMENT = {"copies": 4, "p_replace": 0.4, "k": 15, "method": "embedding",
@@ -116,13 +116,15 @@ def accuracy(model: nn.Module, data: DataSplits) -> float:
 
 
 def train_one(config: RunConfig, data: DataSplits) -> tuple[nn.Module, dict[str, Any]]:
-    """Train one student; its test accuracy, size and training time."""
+    """Train one student; its test accuracy and training time (with the machine's load
+    average at the end: other work on the machine lengthens it)."""
     started = time.perf_counter()
     with num_threads(THREADS):
         _, fit = train_run(config, data)
     seconds = time.perf_counter() - started
     student = deployable(fit.student)
-    return student, {"accuracy": accuracy(student, data), "train_seconds": seconds}
+    return student, {"accuracy": accuracy(student, data), "train_seconds": seconds,
+                     "load_average": os.getloadavg()}
 
 
 def timing(models: Mapping[str, nn.Module], data: DataSplits,
@@ -222,7 +224,7 @@ def report(results: Mapping[str, Any]) -> str:
                 continue
             mean, std = mean_std([r["accuracy"] for r in runs])
             seconds, _ = mean_std([r["train_seconds"] for r in runs])
-            rows.append([kind, variant, f"{100 * mean:.2f} ± {100 * std:.2f}",
+            rows.append([kind, variant, mean_std_text(mean, std),
                          f"{100 * mean / teacher:.1f}%", str(len(runs)), f"{seconds:.0f}"])
     quality = markdown_grid(["student", "recipe", "accuracy %", "of teacher", "seeds",
                              "train s"], rows)
