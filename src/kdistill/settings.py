@@ -18,6 +18,9 @@ Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 MAX_THREADS = 1024
 Threads = Annotated[int, Field(ge=1, le=MAX_THREADS)]
 
+# Data-loading worker processes: each is a fork of the trainer holding a copy of its state.
+MAX_WORKERS = 256
+
 # A run's name is the name of its folder under the output folder: no path separators.
 RUN_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 
@@ -63,6 +66,16 @@ class TrainerSettings(Strict):
 
     ``batch_size`` is the micro-batch one process sees; the global batch of one optimizer step
     is ``batch_size * accumulation * processes``.
+
+    Data loading (:mod:`kdistill.engine.feed`): ``workers`` processes read and collate
+    micro-batches ahead of training, each ``prefetch`` micro-batches ahead (0 workers: the
+    training process loads each micro-batch when its step starts). Which samples form which
+    batch is drawn in the training process, so these settings change speed, never the batches.
+
+    A training stream (an ``IterableDataset``) is read from its start each epoch, through a
+    seeded buffer of ``shuffle_buffer`` samples (0: the stream's own order); an epoch is
+    ``steps_per_epoch`` optimizer steps, which a stream without a length, or a labelled-only
+    recipe on a stream, needs (with a length, an epoch is one pass over it, as for a data set).
     """
 
     epochs: int = Field(default=10, ge=1)
@@ -82,3 +95,7 @@ class TrainerSettings(Strict):
     on_nonfinite: Literal["stop", "skip"] = "stop"
     progress: bool = True
     cpu: bool = False
+    workers: int = Field(default=0, ge=0, le=MAX_WORKERS)
+    prefetch: int = Field(default=2, ge=1)
+    shuffle_buffer: int = Field(default=0, ge=0)
+    steps_per_epoch: int | None = Field(default=None, ge=1)

@@ -4,13 +4,13 @@ of :mod:`kdistill.batch` (samples are dicts with ``input``, ``labels`` and ``ind
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, Self, TypeVar
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset
 
 from kdistill.batch import Task, hidden_like, label_mask
 
@@ -59,12 +59,28 @@ class ArrayDataset(Dataset):
         return ArrayDataset(self.inputs[rows], self.labels[rows])
 
 
-class IndexedDataset(Dataset):
-    """Wraps any data set so each item is a dict carrying its ``index``.
+def as_sample(item: Any, i: int) -> dict[str, Any]:
+    """Item ``i`` of a data set as a sample dict carrying its ``index`` (``i`` unless it has
+    one): a dict gains an ``index``; an ``(input, label)`` pair becomes
+    ``{"input", "labels", "index"}``; a lone tensor becomes ``{"input", "index"}``."""
+    if isinstance(item, Mapping):
+        sample = dict(item)
+    elif isinstance(item, tuple | list) and len(item) == 2:
+        sample = {"input": item[0], "labels": torch.as_tensor(item[1])}
+    elif isinstance(item, torch.Tensor):
+        sample = {"input": item}
+    else:
+        raise TypeError(
+            f"data set item {i} is a {type(item).__name__}; expected a dict, an "
+            "(input, label) pair or a tensor"
+        )
+    sample.setdefault("index", torch.tensor(i))
+    return sample
 
-    Items that are dicts gain an ``index``; ``(input, label)`` pairs become
-    ``{"input", "labels", "index"}``; a lone tensor becomes ``{"input", "index"}``.
-    """
+
+class IndexedDataset(Dataset):
+    """Wraps any data set so each item is a sample dict carrying its ``index`` (its position,
+    unless it has one; see :func:`as_sample`)."""
 
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
@@ -73,20 +89,34 @@ class IndexedDataset(Dataset):
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        item = self.dataset[i]
-        if isinstance(item, Mapping):
-            sample = dict(item)
-        elif isinstance(item, tuple | list) and len(item) == 2:
-            sample = {"input": item[0], "labels": torch.as_tensor(item[1])}
-        elif isinstance(item, torch.Tensor):
-            sample = {"input": item}
-        else:
-            raise TypeError(
-                f"data set item {i} is a {type(item).__name__}; expected a dict, an "
-                "(input, label) pair or a tensor"
-            )
-        sample.setdefault("index", torch.tensor(i))
-        return sample
+        return as_sample(self.dataset[i], i)
+
+
+class IndexedStream(IterableDataset):
+    """Wraps an iterable data set (a stream) so each item is a sample dict carrying its
+    ``index``: its position in the stream, unless it has one (see :func:`as_sample`).
+
+    Iterating it iterates the stream from its start; ``length`` is the stream's length, or
+    ``None`` when it has none."""
+
+    def __init__(self, stream: Iterable[Any]):
+        self.stream = stream
+
+    @property
+    def length(self) -> int | None:
+        try:
+            return len(self.stream)  # type: ignore[arg-type]
+        except TypeError:  # no __len__, or one that says it has none
+            return None
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for i, item in enumerate(self.stream):
+            yield as_sample(item, i)
+
+
+def has_label(sample: Mapping[str, Any]) -> bool:
+    """Whether a sample has a known label (one known token label, for per-token labels)."""
+    return bool(label_mask(torch.as_tensor(sample["labels"])).any())
 
 
 def labeled_indices(dataset: Dataset) -> list[int]:
@@ -95,7 +125,7 @@ def labeled_indices(dataset: Dataset) -> list[int]:
     labels = getattr(dataset, "labels", None)
     if labels is None:
         return [i for i in range(len(dataset))  # type: ignore[arg-type]
-                if bool(label_mask(torch.as_tensor(dataset[i]["labels"])).any())]
+                if has_label(dataset[i])]
     known = label_mask(torch.as_tensor(labels))
     return torch.nonzero(known.reshape(len(known), -1).any(dim=1)).flatten().tolist()
 

@@ -77,6 +77,10 @@ class Distiller:
             on_start: StartHook | None = None) -> FitResult:
         """Train through every phase; returns the student and the metrics history.
 
+        ``train`` is a data set, a stream (an ``IterableDataset``) or a ``DataLoader`` of
+        either (its data set, ``collate_fn`` and ``batch_size`` are used): see
+        :mod:`kdistill.engine.feed` for how batches are drawn and loaded.
+
         ``callbacks`` receive each end-of-epoch record (every ``eval_every`` epochs and at the
         end of each phase) after its checkpoint is written. With a ``run_dir``:
 
@@ -86,7 +90,8 @@ class Distiller:
           as building the recipe's modules on a first batch, succeeded);
         * ``resume=True`` continues from the newest intact checkpoint (damaged newer ones are
           named in a warning and skipped), provided it was made by a fit with the same
-          settings but progress, logging and checkpoint frequency and retention;
+          settings but progress, logging, checkpoint frequency and retention, and data-loading
+          workers and prefetch;
         * nothing is written into the folder before the run has started; then
           ``on_start(step)`` is called with the step training starts from.
         """

@@ -12,13 +12,12 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset
 
-from kdistill.batch import collate, to_device
-from kdistill.batching import epoch_global_batches
+from kdistill.batch import to_device
 from kdistill.checkpoint import Checkpoint
-from kdistill.data.base import IndexedDataset, labeled_indices
 from kdistill.engine.evaluation import EpochEvaluation, Evaluator
+from kdistill.engine.feed import Cut, PhaseFeed, PhaseSchedule, TrainingSet
 from kdistill.engine.nonfinite import NonFiniteSteps
 from kdistill.engine.optim import build_optimizer, build_scheduler
 from kdistill.engine.phases import FitResult, Phase
@@ -36,11 +35,10 @@ from kdistill.teachers import TeacherSource
 Callback = Callable[[dict[str, Any]], None]
 
 
-
 @dataclass
 class PhaseTraining:
     """What one phase trains with: its module (wrapped for data parallelism), optimizer, LR
-    schedule, training samples and steps per epoch."""
+    schedule, and how it reads the training data (steps per epoch, loaders)."""
 
     index: int
     phase: Phase
@@ -48,8 +46,11 @@ class PhaseTraining:
     wrapped: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
-    indices: list[int]
-    steps_per_epoch: int
+    schedule: PhaseSchedule
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.schedule.cut.steps_per_epoch
 
     def train_state(self, epoch: int, batch: int) -> TrainState:
         """The state of the step that trains ``batch`` of ``epoch``."""
@@ -70,8 +71,8 @@ class TrainingRun:
                  evaluator: Evaluator | None, train: Dataset | DataLoader,
                  eval_data: Dataset | DataLoader | None, callbacks: Sequence[Callback]):
         self.phases, self.settings, self.run_dir = phases, settings, run_dir
-        self.dataset, self.collate_fn, loader_batch = as_dataset(train)
-        self.micro_batch = loader_batch or settings.batch_size
+        self.data = TrainingSet(train, settings)
+        self.micro_batch = self.data.batch_size or settings.batch_size
         self.callbacks = callbacks
         self.accelerator = make_accelerator(settings)
         set_seed(settings.seed)
@@ -81,15 +82,14 @@ class TrainingRun:
         self.state = RunState(student, phases, teacher, settings, run_dir, self.accelerator)
         self.state.description = fit_description(
             settings, phases, self.micro_batch * settings.accumulation *
-            self.accelerator.num_processes, len(self.dataset))  # type: ignore[arg-type]
+            self.accelerator.num_processes, self.data.length)
         self.log = MetricsLog(None)  # the run folder's log once the run has started (begin)
         self.opening = RunOpening(run_dir, main)
         self.progress = TrainingProgress(enabled=settings.progress and main)
         self.evaluation = EpochEvaluation(student, teacher, eval_data, evaluator,
-                                          settings.batch_size, self.collate_fn,
+                                          settings.batch_size, self.data.collate_fn,
                                           self.accelerator.device)
-        self.optimizer_step = OptimizerStep(self.accelerator, self.dataset, self.collate_fn,
-                                            teacher, settings)
+        self.optimizer_step = OptimizerStep(self.accelerator, teacher, settings)
         self.nonfinite = NonFiniteSteps(settings.on_nonfinite)
 
     def execute(self, resume: bool, overwrite: bool = False,
@@ -129,6 +129,7 @@ class TrainingRun:
             self.state.best.reset()
         bind_teacher(self.teacher, phase, self.accelerator.device)
         reader = TapReader(self.student, phase.recipe.student_taps())
+        feed: PhaseFeed | None = None
         try:
             training = self.phase_training(index, phase, reader)
             if checkpoint is not None:
@@ -138,12 +139,16 @@ class TrainingRun:
             self.progress.start_phase(phase.name or phase.recipe.name,
                                       training.steps_per_epoch * phase.epochs,
                                       start["epoch"] * training.steps_per_epoch + start["batch"])
+            feed = training.schedule.feed((start["epoch"], start["batch"]))
             for epoch in range(start["epoch"], phase.epochs):
-                self.run_epoch(training, epoch, start["batch"] if epoch == start["epoch"] else 0)
+                self.run_epoch(training, feed, epoch,
+                               start["batch"] if epoch == start["epoch"] else 0)
             restored = self.state.best.restore(index, phase, self.student, self.state.global_step)
             if restored is not None:
                 self.write(restored)
         finally:
+            if feed is not None:
+                feed.close()
             reader.close()
             self.accelerator.free_memory()
 
@@ -152,24 +157,22 @@ class TrainingRun:
         trainable = self.teacher if self.peers() is not None else None
         module = TrainingModule(self.student, phase.recipe, reader, trainable)
         module.train()
-        indices = train_indices(self.dataset, phase)
-        steps_per_epoch = len(self.global_batches(index, indices, 0))
-        if steps_per_epoch == 0:
-            raise ValueError(f"phase '{phase.name}': {len(indices)} training samples are too "
-                             f"few for one global batch of this size")
+        accelerator = self.accelerator
+        schedule = self.data.schedule(phase, Cut(
+            self.micro_batch, self.settings.accumulation, accelerator.num_processes,
+            accelerator.process_index, self.settings.seed, index, phase.epochs))
         optimizer = build_optimizer(module, phase.optimizer or self.settings.optimizer)
         scheduler = build_scheduler(optimizer, phase.scheduler or self.settings.scheduler,
-                                    steps_per_epoch * phase.epochs)
-        return PhaseTraining(index, phase, module, module, optimizer, scheduler, indices,
-                             steps_per_epoch)
+                                    schedule.cut.steps_per_epoch * phase.epochs)
+        return PhaseTraining(index, phase, module, module, optimizer, scheduler, schedule)
 
-    def run_epoch(self, training: PhaseTraining, epoch: int, first_batch: int) -> None:
+    def run_epoch(self, training: PhaseTraining, feed: PhaseFeed, epoch: int,
+                  first_batch: int) -> None:
         """Train the batches of ``epoch`` from ``first_batch`` on, then evaluate."""
-        batches = self.global_batches(training.index, training.indices, epoch)
-        for b in range(first_batch, len(batches)):
+        for b in range(first_batch, training.steps_per_epoch):
             state = training.train_state(epoch, b)
-            outcome = self.optimizer_step(training.wrapped, training.module, batches[b], state,
-                                          training.optimizer, training.scheduler)
+            outcome = self.optimizer_step(training.wrapped, training.module, feed.step(epoch, b),
+                                          state, training.optimizer, training.scheduler)
             if outcome.applied and self.teacher is not None:
                 self.teacher.after_step(self.student, state)
             self.state.global_step += 1
@@ -193,8 +196,8 @@ class TrainingRun:
             if index not in self.state.built:
                 phase = self.phases[index]
                 bind_teacher(self.teacher, phase, device)
-                first = to_device(self.collate_fn([self.dataset[i] for i in range(
-                    min(self.micro_batch, len(self.dataset)))]), device)
+                first = to_device(self.data.collate_fn(
+                    self.data.first_samples(self.micro_batch)), device)
                 with TapReader(self.student, phase.recipe.student_taps()) as reader:
                     build_recipe_modules(phase.recipe, reader, self.teacher, first,
                                          [self.student, *filter(None, [self.peers()])], device)
@@ -238,12 +241,6 @@ class TrainingRun:
         self.log.write(record)
         self.state.history.append(record)
 
-    def global_batches(self, phase_index: int, indices: list[int], epoch: int) -> list[list[int]]:
-        """This fit's global batches of one epoch (:func:`epoch_global_batches`)."""
-        shards = self.settings.accumulation * self.accelerator.num_processes
-        return epoch_global_batches(indices, self.micro_batch * shards, shards,
-                                    self.settings.seed, phase_index, epoch)
-
     def peers(self) -> nn.Module | None:
         """The teacher source's trainable module (online peers), if any."""
         return self.teacher.trainable_module() if self.teacher is not None else None
@@ -266,26 +263,6 @@ def make_accelerator(settings: TrainerSettings) -> Accelerator:
                        mixed_precision=settings.mixed_precision,
                        kwargs_handlers=[DistributedDataParallelKwargs(
                            find_unused_parameters=True)])
-
-
-def as_dataset(data: Dataset | DataLoader) -> tuple[Dataset, Callable, int | None]:
-    """The indexed data set, collate function and batch size (a loader's) to train from."""
-    if isinstance(data, DataLoader):
-        collate_fn = data.collate_fn if data.collate_fn is not default_collate else collate
-        return IndexedDataset(data.dataset), collate_fn, data.batch_size
-    return IndexedDataset(data), collate, None
-
-
-def train_indices(dataset: Dataset, phase: Phase) -> list[int]:
-    """The samples a phase trains on: all of them, or the labelled ones for a recipe that
-    trains on labelled samples only."""
-    if phase.recipe.uses_unlabeled:
-        return list(range(len(dataset)))  # type: ignore[arg-type]
-    indices = labeled_indices(dataset)
-    if not indices:
-        raise ValueError(f"recipe '{phase.recipe.name}' trains on labelled samples only and "
-                         "the training data has none")
-    return indices
 
 
 def bind_teacher(teacher: TeacherSource | None, phase: Phase, device: torch.device) -> None:

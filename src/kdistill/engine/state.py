@@ -35,9 +35,10 @@ from kdistill.teachers import TeacherSource
 
 POSITION = ("phase", "epoch", "batch")  # where a checkpoint resumes: the next batch to train
 
-# Trainer settings a resume may change: they decide what is logged, shown and kept on disk,
-# not what is trained. Any other change (a new field too) is refused.
-RESUMABLE_SETTINGS = frozenset({"progress", "log_every", "checkpoint_every", "keep_checkpoints"})
+# Trainer settings a resume may change: they decide what is logged, shown and kept on disk and
+# how fast data is loaded, not what is trained. Any other change (a new field too) is refused.
+RESUMABLE_SETTINGS = frozenset({"progress", "log_every", "checkpoint_every", "keep_checkpoints",
+                                "workers", "prefetch"})
 
 logger = logging.getLogger("kdistill")
 
@@ -45,10 +46,11 @@ _ABSENT = object()
 
 
 def fit_description(settings: TrainerSettings, phases: Sequence[Phase], global_batch: int,
-                    train_samples: int) -> dict[str, Any]:
+                    train_samples: int | None) -> dict[str, Any]:
     """What decides the weights a fit ends with, as JSON: the trainer settings (but
     :data:`RESUMABLE_SETTINGS`), each phase (recipe, parameters, epochs, optimizer, schedule,
-    ``keep_best``), the global batch size and the number of training samples."""
+    ``keep_best``), the global batch size and the number of training samples (``None`` for a
+    stream without a length)."""
     def dumped(value: Any) -> Any:
         return value.model_dump(mode="json") if value is not None else None
 

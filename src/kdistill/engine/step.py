@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 
 from kdistill.batch import to_device
-from kdistill.batching import process_micro_batches, unit_counts, unit_scales
+from kdistill.batching import unit_counts, unit_scales
 from kdistill.engine.training_module import TOTAL, TrainingModule
 from kdistill.schedules import TrainState
 from kdistill.settings import TrainerSettings
@@ -48,8 +47,9 @@ class StepOutcome:
 class OptimizerStep:
     """Runs one optimizer step of a global batch on this process.
 
-    1. takes this process's micro-batches of the global batch
-       (:func:`~kdistill.batching.process_micro_batches`);
+    1. receives this process's micro-batches of the global batch
+       (:func:`~kdistill.batching.process_micro_batches`), collated by the phase's loader
+       (:mod:`kdistill.engine.feed`);
     2. counts each loss unit (examples, labelled examples, tokens, token pairs) over the whole
        global batch, across processes;
     3. for every micro-batch: the recipe's ``prepare``, teacher taps, the training module's
@@ -70,17 +70,13 @@ class OptimizerStep:
     """
 
     accelerator: Any
-    dataset: Dataset
-    collate_fn: Callable
     teacher: TeacherSource | None
     settings: TrainerSettings
 
-    def __call__(self, wrapped: nn.Module, module: TrainingModule, global_batch: list[int],
-                 state: TrainState, optimizer: torch.optim.Optimizer,
+    def __call__(self, wrapped: nn.Module, module: TrainingModule,
+                 micro: Sequence[Mapping[str, Any]], state: TrainState,
+                 optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LambdaLR) -> StepOutcome:
-        chunks = process_micro_batches(global_batch, self.accelerator.num_processes,
-                                       self.accelerator.process_index, self.settings.accumulation)
-        micro = [self.collate_fn([self.dataset[i] for i in chunk]) for chunk in chunks]
         scales = self.unit_scales(micro)
         # A skipped step must leave no trace: keep the buffers (BatchNorm statistics) its
         # forward passes update.
