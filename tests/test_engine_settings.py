@@ -40,6 +40,11 @@ PINNED = {
     "on_nonfinite": "test_nonfinite.py::test_skip_mode_skips_exactly_the_nonfinite_step",
     "progress": "test_progress_shows_or_hides_the_bar",
     "cpu": "test_cpu_keeps_the_run_off_the_gpu",
+    "workers": "test_engine_loader.py::test_workers_load_the_batches_and_never_change_them",
+    "prefetch": "test_engine_loader.py::test_prefetch_sets_how_far_workers_load_ahead",
+    "shuffle_buffer":
+        "test_engine_loader.py::test_the_shuffle_buffer_shuffles_a_stream_locally_by_seed",
+    "steps_per_epoch": "test_engine_loader.py::test_steps_per_epoch_sets_a_streams_epoch",
     "optimizer.name": "test_the_update_is_the_optimizer_the_settings_name",
     "optimizer.lr": "test_the_update_is_the_optimizer_the_settings_name",
     "optimizer.weight_decay": "test_the_update_is_the_optimizer_the_settings_name",
