@@ -5,6 +5,8 @@ phases (each a recipe, a number of epochs and optionally its own optimizer and L
 Per optimizer step it
 
 1. takes this process's micro-batches of the next global batch (:mod:`kdistill.batching`),
+   loaded ahead by the phase's DataLoader (:mod:`kdistill.engine.feed`: workers, prefetch,
+   training streams),
 2. counts each loss unit (examples, labelled examples, tokens) over the whole global batch,
 3. for every micro-batch: teacher taps, student taps, the recipe's terms, and
    ``sum_k w_k * value_k * local_count_k / global_count_k`` backpropagated (gradients are
