@@ -5,13 +5,18 @@ import torch
 from torch import nn
 
 from kdistill.evaluate import (
+    Predictions,
     benchmark_models,
     classification_metrics,
     count_parameters,
+    eval_batches,
+    evaluate_model,
     expected_calibration_error,
     measure_latency,
     predict,
+    predict_source,
     size_on_disk,
+    task_metrics,
 )
 
 
@@ -293,3 +298,219 @@ def test_benchmark_rows_against_hand_values_and_their_rendering(clock):
                             reference="student", latency_batch=BATCH, threads=1, repeats=5)
     assert [row["speedup"] for row in rows] == pytest.approx([1 / 3, 1.0])
     assert all(row["agreement"] is None and row["accuracy_share"] is None for row in rows)
+
+
+# --------------------------------------------------------------------------- timing protocol
+# With the fake clock, the number of forward passes tells warm-up, calibration and timed
+# passes apart: ``warmup`` untimed passes, one calibration pass, then ``repeats`` samples of as
+# many back-to-back passes as fill MIN_SAMPLE_MS (5 ms).
+
+
+def passes(clock: FakeClock, cost_ms: float, start: float) -> int:
+    return round((clock.now - start) * 1000 / cost_ms)
+
+
+@pytest.mark.parametrize(("cost_ms", "loops"), [(0.6, 9), (2.0, 3), (6.0, 1)])
+def test_latency_runs_warmup_calibration_and_enough_passes_per_sample(clock, cost_ms, loops):
+    model = FixedLogits(STUDENT_PROBS, clock, cost_ms=cost_ms)
+    start = clock.now
+    latency = measure_latency(model, BATCH, threads=1, repeats=4, warmup=2)
+    assert passes(clock, cost_ms, start) == 2 + 1 + 4 * loops
+    assert latency.median_batch_ms == pytest.approx(cost_ms)
+    start = clock.now
+    default = measure_latency(model, BATCH)  # 3 warm-up passes, 20 samples, 2 threads
+    assert passes(clock, cost_ms, start) == 3 + 1 + 20 * loops
+    assert (default.batch_size, default.threads) == (5, 2)
+
+
+def test_benchmark_rows_report_size_threads_and_default_timing(clock):
+    teacher = FixedLogits(TEACHER_PROBS, clock, cost_ms=6.0)
+    student = FixedLogits(STUDENT_PROBS, clock, cost_ms=6.0)
+    start = clock.now
+    rows = benchmark_models({"teacher": teacher, "student": student}, [BATCH],
+                            reference="teacher", latency_batch=BATCH)
+    # Per model: one pass of predict, 3 warm-up passes, 1 calibration pass, 20 samples of 1.
+    assert passes(clock, 6.0, start) == 2 * (1 + 3 + 1 + 20)
+    for row, model in zip(rows, (teacher, student), strict=True):
+        assert row["size_mb"] == size_on_disk(model) / 1_000_000
+        assert (row["threads"], row["batch_size"]) == (2, 5)
+    rows = benchmark_models({"student": student}, [BATCH], reference="student",
+                            latency_batch=BATCH, threads=1, repeats=2)
+    assert rows[0]["threads"] == 1
+
+
+def test_benchmark_models_rejects_an_unknown_teacher():
+    with pytest.raises(ValueError) as error:
+        benchmark_models({"a": nn.Linear(2, 2)}, [], reference="a", teacher_logits_from="b",
+                         latency_batch={"input": torch.zeros(1, 2)})
+    assert str(error.value) == "teacher_logits_from 'b' is not among the models: ['a']"
+
+
+class TokenIds(nn.Module):
+    """A Hugging Face style model: keyword ``input_ids``, one logit row per token."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(10, 3)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.embedding(input_ids) * attention_mask[..., None]
+
+
+def test_the_latency_batch_size_of_a_token_batch_is_its_number_of_sequences():
+    batch = {"input_ids": torch.zeros(7, 4, dtype=torch.long),
+             "attention_mask": torch.ones(7, 4, dtype=torch.long)}
+    latency = measure_latency(TokenIds(), batch, threads=1, repeats=1, warmup=0)
+    assert latency.batch_size == 7
+    assert latency.per_example_ms == pytest.approx(latency.median_batch_ms / 7)
+
+
+def test_timings_on_a_gpu_wait_for_its_queued_work(monkeypatch):
+    import kdistill.evaluate
+
+    waited: list[torch.device] = []
+    monkeypatch.setattr(torch.cuda, "synchronize", waited.append)
+    kdistill.evaluate._synchronize(torch.device("cpu"))
+    assert waited == []
+    kdistill.evaluate._synchronize(torch.device("cuda", 1))
+    assert waited == [torch.device("cuda", 1)]
+
+
+# --------------------------------------------------------------------------- ECE bins and errors
+# Two predictions: confidence 0.86 (right) and 0.87 (wrong). With 15 bins they fall into
+# (12/15, 13/15] and (13/15, 14/15]: ECE = (0.14 + 0.87) / 2; with 16 bins (or one) they share
+# a bin: |0.14 - 0.87| / 2.
+TWO_PROBS = torch.tensor([[0.86, 0.14], [0.87, 0.13]], dtype=torch.float64)
+TWO_LABELS = torch.tensor([0, 1])
+APART, TOGETHER = (0.14 + 0.87) / 2, abs(0.14 - 0.87) / 2
+
+
+def test_ece_uses_15_bins_unless_told():
+    assert expected_calibration_error(TWO_PROBS, TWO_LABELS) == pytest.approx(APART)
+    assert expected_calibration_error(TWO_PROBS, TWO_LABELS, n_bins=16) == pytest.approx(TOGETHER)
+    assert expected_calibration_error(TWO_PROBS, TWO_LABELS, n_bins=1) == pytest.approx(TOGETHER)
+    assert expected_calibration_error(TWO_PROBS[:1], TWO_LABELS[:1]) == pytest.approx(0.14)
+    logits = TWO_PROBS.log().float()
+    assert classification_metrics(logits, TWO_LABELS)["ece"] == pytest.approx(APART)
+    assert classification_metrics(logits, TWO_LABELS, n_bins=16)["ece"] == \
+        pytest.approx(TOGETHER)
+    predictions = Predictions(logits, TWO_LABELS)
+    assert task_metrics(predictions)["ece"] == pytest.approx(APART)
+    assert task_metrics(predictions, n_bins=16)["ece"] == pytest.approx(TOGETHER)
+
+
+def test_a_confidence_on_a_bin_edge_belongs_to_the_bin_that_ends_there():
+    # Ten bins: 0.7 (right) ends (0.6, 0.7]; 0.75 (wrong) is in (0.7, 0.8]. In float64 the edge
+    # 0.7 must not be rounded to float32 (0.69999999), which would move 0.7 up a bin.
+    probs = torch.tensor([[0.7, 0.3], [0.25, 0.75]], dtype=torch.float64)
+    labels = torch.tensor([0, 0])
+    assert expected_calibration_error(probs, labels, n_bins=10) == pytest.approx((0.3 + 0.75) / 2)
+
+
+@pytest.mark.parametrize(("probs", "labels", "n_bins", "message"), [
+    (TWO_PROBS, TWO_LABELS, 0, "n_bins must be at least 1, got 0"),
+    (TWO_PROBS, torch.tensor([0, 1, 1]), 15,
+     "expected probs [N, C] and labels [N], got probs (2, 2) and labels (3,)"),
+    (torch.tensor([0.5, 0.5]), TWO_LABELS, 15,
+     "expected probs [N, C] and labels [N], got probs (2,) and labels (2,)"),
+    (torch.zeros(0, 3), torch.zeros(0, dtype=torch.long), 15,
+     "expected_calibration_error needs at least one prediction"),
+])
+def test_ece_errors(probs, labels, n_bins, message):
+    with pytest.raises(ValueError) as error:
+        expected_calibration_error(probs, labels, n_bins)
+    assert str(error.value) == message
+
+
+def test_all_unlabelled_rows_give_exactly_the_three_label_metrics_as_nan():
+    metrics = classification_metrics(torch.eye(2), torch.tensor([-100, -100]))
+    assert set(metrics) == {"accuracy", "macro_f1", "ece"}
+    assert all(math.isnan(value) for value in metrics.values())
+
+
+# ------------------------------------------------------------------------- predict: errors, devices
+@pytest.mark.parametrize(("batches", "message"), [
+    ([], "predict received no batches"),
+    ([{"input": torch.zeros(2, 3), "labels": torch.zeros(3, dtype=torch.long)}],
+     "labels of shape (3,) do not match outputs of shape (2, 3): expected labels (2,)"),
+    ([{"input": torch.zeros(2, 4, 3), "labels": torch.zeros(2, 4, dtype=torch.long),
+       "attention_mask": torch.ones(2, 3)}],
+     "attention_mask of shape (2, 3) does not match token logits of shape (2, 4, 3)"),
+    ([{"input": torch.zeros(2, 3)}, {"input": torch.zeros(2, 4)}],
+     "batches gave outputs of different shapes: [(2, 3), (2, 4)]"),
+    ([{"input": torch.zeros(2, 3)}, {"input": torch.zeros(1, 5, 3)}],
+     "batches gave outputs of different shapes: [(2, 3), (1, 5, 3)]"),
+])
+def test_predict_errors_name_the_shapes(batches, message):
+    with pytest.raises(ValueError) as error:
+        predict(Identity(), batches)
+    assert str(error.value) == message
+
+
+def test_a_classification_batch_may_carry_a_token_attention_mask():
+    batch = {"input": torch.eye(2), "labels": torch.tensor([0, 1]),
+             "attention_mask": torch.ones(2, 5)}  # a text classifier's batch
+    result = predict(Identity(), [batch])
+    assert result.mask is None and result.labels.tolist() == [0, 1]
+
+
+class DeviceProbe(nn.Module):
+    """Records the device (and thread count) of each forward's input; its one parameter lives
+    on ``device``, its outputs on the CPU."""
+
+    def __init__(self, device: str = "cpu") -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1, device=device))
+        self.seen: list[tuple[torch.device, int]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append((x.device, torch.get_num_threads()))
+        return torch.zeros(len(x), 3)
+
+
+def test_predict_moves_the_batches_to_the_device_asked_or_the_models():
+    batches = [{"input": torch.zeros(2, 4)}]
+    meta, cpu = torch.device("meta"), torch.device("cpu")
+    model = DeviceProbe()
+    predict(model, batches)
+    predict(model, batches, "meta")
+    evaluate_model(model, batches, "meta")
+    assert [device for device, _ in model.seen] == [cpu, meta, meta]
+    on_meta = DeviceProbe("meta")
+    predict(on_meta, batches)
+    assert on_meta.seen[0][0] == meta
+
+    def source(batch):
+        on_meta.seen.append((batch["input"].device, 0))
+        return {"logits": torch.zeros(2, 3)}
+
+    predict_source(source, batches, meta)
+    assert on_meta.seen[-1][0] == meta
+
+
+def test_latency_is_timed_on_the_models_device_with_the_threads_asked():
+    model = DeviceProbe("meta")
+    measure_latency(model, {"input": torch.zeros(2, 4)}, threads=2, repeats=1, warmup=1)
+    assert set(model.seen) == {(torch.device("meta"), 2)}
+
+
+@pytest.mark.parametrize(("repeats", "warmup"), [(0, 3), (20, -1)])
+def test_latency_needs_a_timed_pass_and_no_negative_warmup(repeats, warmup):
+    with pytest.raises(ValueError) as error:
+        measure_latency(nn.Linear(2, 2), {"input": torch.zeros(1, 2)}, repeats=repeats,
+                        warmup=warmup)
+    assert str(error.value) == f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}"
+
+
+def test_evaluation_batches_of_a_loader_are_the_loaders_own():
+    from torch.utils.data import DataLoader
+
+    from kdistill.data.base import ArrayDataset
+
+    data = ArrayDataset(torch.arange(10.0).reshape(5, 2), torch.tensor([0, 1, 0, 1, 0]))
+    loader = DataLoader(data, batch_size=2)
+    batches = eval_batches(loader, batch_size=99)
+    assert [len(b["labels"]) for b in batches] == [2, 2, 1]
+    assert torch.equal(batches[2]["input"], data.inputs[4:])
+    own = eval_batches(data, batch_size=3)
+    assert [b["index"].tolist() for b in own] == [[0, 1, 2], [3, 4]]

@@ -334,3 +334,71 @@ def test_benchmark_models_gives_per_token_rows():
     assert student["agreement"] == pytest.approx(2 / 5)
     assert student["accuracy_share"] == pytest.approx((2 / 4) / (3 / 4))
     assert "mse" not in student and student["params"] == 3
+
+
+@pytest.mark.parametrize(("outputs", "labels", "teacher", "message"), [
+    (torch.zeros(3, 2), torch.zeros(3), None, "outputs of shape (3, 2): expected [N] or [N, 1]"),
+    (torch.zeros(4), torch.zeros(3), None, "labels of shape (3,): expected [4] or [4, 1]"),
+    (torch.zeros(4), torch.zeros(4), torch.zeros(1),
+     "teacher outputs of shape (1,): expected [4] or [4, 1]"),
+])
+def test_regression_shape_errors_in_full(outputs, labels, teacher, message):
+    with pytest.raises(ValueError) as error:
+        regression_metrics(outputs, labels, teacher)
+    assert str(error.value) == message
+
+
+def test_regression_metrics_of_one_and_two_pairs():
+    one = regression_metrics(torch.tensor([2.0, 5.0]), torch.tensor([1.0, math.nan]),
+                             torch.tensor([0.0, 5.0]))
+    assert one["mse"] == 1.0 and math.isnan(one["pearson"]) and math.isnan(one["spearman"])
+    assert one["mse_teacher"] == 2.0 and one["pearson_teacher"] == pytest.approx(1.0)
+    two = regression_metrics(torch.tensor([1.0, 3.0]), torch.tensor([2.0, 0.0]))
+    assert two["mse"] == 5.0
+    assert two["pearson"] == pytest.approx(-1.0) and two["spearman"] == pytest.approx(-1.0)
+
+
+def test_only_the_undefined_correlation_of_a_constant_side_is_silenced():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        constant = regression_metrics(torch.ones(3), torch.tensor([0.0, 1.0, 2.0]))
+    assert math.isnan(constant["pearson"])
+    with pytest.warns(RuntimeWarning):  # an infinite score is a problem worth a warning
+        infinite = regression_metrics(torch.tensor([1.0, 2.0, math.inf]),
+                                      torch.tensor([1.0, 2.0, 3.0]))
+    assert infinite["mse"] == math.inf and math.isnan(infinite["pearson"])
+
+
+@pytest.mark.parametrize(("shape", "task"), [
+    ((4,), "regression"), ((4, 1), "regression"), ((4, 2), "classification"),
+    ((2, 5, 3), "token_classification")])
+def test_the_task_follows_the_output_shape(shape, task):
+    assert task_of(torch.zeros(shape)) == task
+
+
+def test_an_output_shape_of_no_task_is_an_error():
+    with pytest.raises(ValueError) as error:
+        task_of(torch.zeros(2, 3, 4, 5))
+    assert str(error.value) == ("model outputs of shape (2, 3, 4, 5) fit no task: expected "
+                                "[batch] or [batch, 1] scores, [batch, classes] or "
+                                "[batch, tokens, classes] logits")
+
+
+def test_labels_of_one_column_are_read_as_one_score_per_sample_for_regression_only():
+    regression = predict(Echo(), [{"input": torch.tensor([1.0, 2.0, 3.0]),
+                                   "labels": torch.tensor([[1.5], [2.0], [math.nan]])}])
+    assert regression.labels.shape == (3,)
+    assert np.array_equal(regression.labels.numpy(), np.array([1.5, 2.0, np.nan], np.float32),
+                          equal_nan=True)
+    tokens = predict(Echo(), [{"input": torch.zeros(2, 1, 3), "labels": torch.tensor([[2], [0]])}])
+    assert tokens.labels.tolist() == [[2], [0]] and tokens.task == "token_classification"
+
+
+def test_token_metrics_without_teacher_have_no_agreement():
+    with_teacher = classification_metrics(TOKEN_LOGITS, TOKEN_LABELS, TEACHER_TOKEN_LOGITS,
+                                          mask=TOKEN_MASK)
+    alone = classification_metrics(TOKEN_LOGITS, TOKEN_LABELS, mask=TOKEN_MASK)
+    assert "agreement" not in alone
+    assert alone == {k: v for k, v in with_teacher.items() if k != "agreement"}

@@ -112,3 +112,34 @@ def test_shifted_evaluation_scores_each_model_on_the_shifted_images(make_mlp) ->
             expected = (predicted == labels).double().mean().item()
             assert result[name][shift] == pytest.approx(expected)
     assert result["student"]["noise"] < 1.0
+
+
+def test_shifted_evaluation_defaults_to_seed_0_and_the_data_range(make_mlp, monkeypatch) -> None:
+    import kdistill.evaluate
+
+    torch.manual_seed(0)
+    x = torch.rand(60, 1, 8, 8) * 0.8 + 0.1  # values in [0.1, 0.9]
+    student = make_mlp(seed=1)
+    data = ArrayDataset(x, student(x).argmax(dim=1))
+
+    def accuracy(seed: int, value_range: tuple[float, float]) -> float:
+        with torch.no_grad():
+            shifted = shift_images(x, "noise", 5.0, seed=seed, value_range=value_range)
+            return (student(shifted).argmax(dim=1) == data.labels).double().mean().item()
+
+    own = (float(x.min()), float(x.max()))
+    assert len({accuracy(0, own), accuracy(1, own), accuracy(0, (0.0, 1.0))}) == 3
+    devices: list[object] = []
+
+    def predict(model, batches, device=None):
+        devices.append(device)
+        return real_predict(model, batches, device)
+
+    real_predict = kdistill.evaluate.predict
+    monkeypatch.setattr(kdistill.evaluate, "predict", predict)
+    result = shifted_evaluation({"s": student}, data, ["noise"], 5.0, batch_size=16)
+    assert result == {"s": {"noise": pytest.approx(accuracy(0, own))}}
+    result = shifted_evaluation({"s": student}, data, ["noise"], 5.0, batch_size=16,
+                                device="cpu", value_range=(0.0, 1.0))
+    assert result == {"s": {"noise": pytest.approx(accuracy(0, (0.0, 1.0)))}}
+    assert devices == [None, "cpu"]

@@ -26,11 +26,6 @@ class BestWeights:
         """Forget the best of an earlier phase."""
         self.record, self.weights = None, None
 
-    def load(self, record: dict[str, Any] | None,
-             weights: Mapping[str, torch.Tensor] | None) -> None:
-        """Restore what a checkpoint saved."""
-        self.record, self.weights = record, (dict(weights) if weights else None)
-
     def track(self, index: int, phase: Phase, evaluation: Mapping[str, Any],
               student: nn.Module) -> None:
         """Remember the student's weights when ``evaluation`` is the phase's best so far."""
