@@ -120,7 +120,7 @@ class Accelerator:
 
 
 def optimizer_step(scaler: Scaler | None = None) -> OptimizerStep:
-    return OptimizerStep(Accelerator(scaler), [], list, None, TrainerSettings(progress=False))
+    return OptimizerStep(Accelerator(scaler), None, TrainerSettings(progress=False))
 
 
 def test_a_dropped_step_leaves_no_gradient_and_puts_the_buffers_back():
