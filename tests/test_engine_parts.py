@@ -17,12 +17,15 @@ from kdistill.engine.best import BestWeights
 from kdistill.engine.loop import broadcast_buffers
 from kdistill.engine.nonfinite import check_finite_weights, nonfinite_message
 from kdistill.engine.optim import CombinedOptimizer
-from kdistill.engine.phases import Phase
+from kdistill.engine.phases import Phase, recipe_phases
 from kdistill.engine.step import OptimizerStep, StepOutcome, clip_gradients
+from kdistill.engine.training_module import TrainingModule
 from kdistill.errors import NonFiniteError
 from kdistill.recipes import build_recipe
+from kdistill.recipes.base import Recipe, Term
 from kdistill.schedules import TrainState
 from kdistill.settings import TrainerSettings
+from kdistill.taps import TapReader
 
 
 def linear(seed: int) -> nn.Linear:
@@ -246,3 +249,317 @@ def test_an_evaluator_is_given_the_student_and_the_teacher_source(digits_subset,
     assert seen == [(distiller.student, distiller.teacher)] * 2
     assert distiller.teacher is not None
     assert [r["eval_accuracy"] for r in result.evaluations()] == [0.5, 0.5]
+
+
+# -- optimizers and schedules from settings -------------------------------------------------------
+class Mixed(nn.Module):
+    """Dense layers, a frozen one, and sparse embeddings (one shared, one frozen)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dense = nn.Linear(3, 2)
+        self.frozen = nn.Linear(2, 2).requires_grad_(False)
+        self.table = nn.Embedding(5, 3, sparse=True)
+        self.bag = nn.EmbeddingBag(4, 3, sparse=True)
+        self.again = self.table  # the same embedding twice: its weight counts once
+        self.fixed = nn.Embedding(3, 3, sparse=True).requires_grad_(False)
+        self.plain = nn.Embedding(3, 3)  # dense gradients
+
+
+def group_ids(optimizer: torch.optim.Optimizer) -> list[int]:
+    return [id(p) for g in optimizer.param_groups for p in g["params"]]
+
+
+def test_dense_optimizers_take_every_trainable_parameter_with_their_settings():
+    from kdistill.engine.optim import build_optimizer
+    from kdistill.settings import OptimizerSettings
+
+    model = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 2).requires_grad_(False), nn.Linear(2, 1))
+    trainable = [id(p) for p in model.parameters() if p.requires_grad]
+    adamw = build_optimizer(model, OptimizerSettings(lr=0.02, betas=(0.8, 0.9),
+                                                     weight_decay=0.3))
+    assert type(adamw) is torch.optim.AdamW and group_ids(adamw) == trainable
+    group = adamw.param_groups[0]
+    assert (group["lr"], group["betas"], group["weight_decay"]) == (0.02, (0.8, 0.9), 0.3)
+    sgd = build_optimizer(model, OptimizerSettings(name="sgd", lr=0.5, momentum=0.7,
+                                                   weight_decay=0.1, nesterov=True))
+    assert type(sgd) is torch.optim.SGD and group_ids(sgd) == trainable
+    group = sgd.param_groups[0]
+    assert (group["lr"], group["momentum"], group["weight_decay"], group["nesterov"]) == \
+        (0.5, 0.7, 0.1, True)
+
+
+def test_sparse_embeddings_get_a_sparse_adam_beside_the_dense_optimizer():
+    from kdistill.engine.optim import build_optimizer, sparse_parameters
+    from kdistill.settings import OptimizerSettings
+
+    model = Mixed()
+    assert [id(p) for p in sparse_parameters(model)] == [
+        id(model.table.weight), id(model.bag.weight), id(model.fixed.weight)]
+    combined = build_optimizer(model, OptimizerSettings(name="sgd", lr=0.3, weight_decay=0.2,
+                                                        betas=(0.7, 0.8)))
+    assert isinstance(combined, CombinedOptimizer)
+    dense, sparse = combined.optimizers
+    assert type(dense) is torch.optim.SGD and type(sparse) is torch.optim.SparseAdam
+    assert group_ids(dense) == [id(p) for p in (model.dense.weight, model.dense.bias,
+                                                model.plain.weight)]
+    assert group_ids(sparse) == [id(model.table.weight), id(model.bag.weight)]
+    assert (sparse.param_groups[0]["lr"], sparse.param_groups[0]["betas"]) == (0.3, (0.7, 0.8))
+    only_sparse = nn.Embedding(4, 2, sparse=True)
+    alone = build_optimizer(only_sparse, OptimizerSettings(lr=0.1))
+    assert type(alone) is torch.optim.SparseAdam and group_ids(alone) == [id(only_sparse.weight)]
+
+
+@pytest.mark.parametrize("settings", [
+    {"name": "cosine", "warmup_steps": 3, "min_ratio": 0.1},
+    {"name": "step", "warmup_steps": 1, "step_size": 2, "gamma": 0.5},
+    {"name": "linear", "min_ratio": 0.2}])
+def test_the_schedule_multiplies_the_learning_rate_step_by_step(settings):
+    from kdistill.engine.optim import build_scheduler
+    from kdistill.schedules import lr_multiplier
+    from kdistill.settings import SchedulerSettings
+
+    scheduler_settings = SchedulerSettings(**settings)
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=2.0)
+    scheduler = build_scheduler(optimizer, scheduler_settings, total_steps=10)
+    lrs = []
+    for _ in range(10):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    s = scheduler_settings
+    assert lrs == pytest.approx([2.0 * lr_multiplier(s.name, i, 10, s.warmup_steps, s.min_ratio,
+                                                     s.step_size, s.gamma) for i in range(10)])
+    assert len(set(lrs)) > 2
+
+
+def test_recipe_phases_are_named_by_position_and_recipe_and_keep_its_best():
+    class KeepsBest(type(build_recipe("ce"))):
+        keep_best = "accuracy"
+
+    phases = recipe_phases(build_recipe("annealing"), 5)
+    assert [p.name for p in phases] == [f"{i}-{p.recipe.name}" for i, p in enumerate(phases)]
+    assert [p.name for p in phases][0].startswith("0-") and len(phases) == 2
+    assert Phase(KeepsBest(), 1).keep_best == "accuracy"
+    assert Phase(KeepsBest(), 1, keep_best="ece").keep_best == "ece"
+    assert Phase(build_recipe("ce"), 1).keep_best is None
+
+
+def test_best_weights_are_restored_only_with_a_record_and_weights():
+    phase = Phase(build_recipe("ce"), 1, keep_best="accuracy")
+    best = BestWeights()
+    best.record = {"phase": 0, "epoch": 1, "score": 1.0}  # e.g. read from a checkpoint
+    assert best.restore(0, phase, linear(0), step=3) is None
+    best.record, best.weights = None, linear(1).state_dict()
+    assert best.restore(0, phase, linear(0), step=3) is None
+
+
+# -- the end-of-epoch evaluation -----------------------------------------------------------------
+class Probe(nn.Module):
+    """Records the device of each input and answers zeros on the CPU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[torch.device] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x.device)
+        return torch.zeros(len(x), 3)
+
+
+class ProbeSource:
+    """A teacher source answering zeros; counts its calls."""
+
+    def __init__(self, static: bool) -> None:
+        self.static, self.model = static, Probe()
+
+    def trainable_module(self) -> None:
+        return None
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return {"logits": self.model(batch["input"])}
+
+
+def test_the_epoch_evaluation_batches_the_data_with_the_fits_collate_on_its_device():
+    from kdistill.engine.evaluation import EpochEvaluation
+
+    collated: list[int] = []
+
+    def collate(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        collated.append(len(items))  # keeps only the inputs: nothing else goes to the device
+        return {"input": torch.stack([item["input"] for item in items])}
+
+    data = [torch.zeros(4)] * 5
+    for static, calls in ((True, 3), (False, 6)):
+        student, teacher = Probe(), ProbeSource(static)
+        evaluation = EpochEvaluation(student, teacher, data, None, 2, collate,
+                                     torch.device("meta"))
+        assert evaluation.available
+        first, second = evaluation(), evaluation()
+        assert set(first) == {"accuracy", "macro_f1", "ece", "agreement"}  # no labels: NaN
+        assert first["agreement"] == second["agreement"] == 1.0
+        assert student.seen == [torch.device("meta")] * 6  # 3 batches, twice
+        assert teacher.model.seen == [torch.device("meta")] * calls  # a static one once per fit
+    assert collated == [2, 2, 1, 2, 2, 1]  # batches made once per fit
+    assert not EpochEvaluation(Probe(), None, None, None, 2, collate, torch.device("cpu")).available
+
+
+# -- the training module -------------------------------------------------------------------------
+class FixedTerms(Recipe):
+    """Terms with hand-set values, weights and units (the student's logits keep them in the
+    graph)."""
+
+    name = "fixed-terms"
+    uses_teacher = False
+
+    def __init__(self, terms: dict[str, tuple[float, float, str]]) -> None:
+        super().__init__()
+        self.fixed = terms
+        self.seen_states: list[TrainState] = []
+
+    def terms(self, student, teacher, batch, state):
+        self.seen_states.append(state)
+        anchor = student["logits"].sum() * 0
+        return {name: Term(anchor + value, weight=weight, unit=unit)
+                for name, (value, weight, unit) in self.fixed.items()}
+
+
+def training_module(terms: dict[str, tuple[float, float, str]]) -> TrainingModule:
+    student = linear(0)
+    return TrainingModule(student, FixedTerms(terms), TapReader(student, ["logits"]))
+
+
+BATCH = {"input": torch.ones(4, 3)}
+
+
+def test_the_training_module_weighs_and_scales_each_term():
+    module = training_module({"ce": (2.0, 0.25, "labeled"), "kd": (3.0, 0.5, "examples")})
+    state = TrainState(epoch=1, step=5)
+    total, reported = module(BATCH, None, state, {"labeled": 0.5, "examples": 2.0})
+    assert total.item() == 2.0 * 0.25 * 0.5 + 3.0 * 0.5 * 2.0
+    assert {k: v.item() for k, v in reported.items()} == {"ce": 1.0, "kd": 6.0}
+    assert module.recipe.seen_states == [state]
+    total, reported = module(BATCH, None, state, {"labeled": 0.0, "examples": 2.0})
+    assert total.item() == 3.0
+    assert {k: v.item() for k, v in reported.items()} == {"ce": 0.0, "kd": 6.0}
+
+
+def test_a_micro_batch_without_any_unit_gives_a_zero_loss_with_zero_gradients():
+    module = training_module({"ce": (2.0, 1.0, "labeled")})
+    total, reported = module(BATCH, None, TrainState(), {"labeled": 0.0})
+    assert total.item() == 0.0 and reported["ce"].item() == 0.0
+    total.backward()
+    assert all(p.grad is not None and not p.grad.any() for p in module.parameters())
+
+
+def test_a_term_may_not_be_named_like_the_total():
+    module = training_module({"loss": (1.0, 1.0, "examples")})
+    with pytest.raises(ValueError) as error:
+        module(BATCH, None, TrainState(), {"examples": 1.0})
+    assert str(error.value) == ("recipe 'fixed-terms': a loss term cannot be named 'loss', the "
+                                "engine logs the weighted total under that name")
+
+
+def test_a_trainable_source_joins_the_module_only_for_a_recipe_that_uses_a_teacher():
+    from kdistill.teachers import PeerTeacher
+
+    student, peer = linear(0), linear(1)
+    source = PeerTeacher([peer])
+    without = TrainingModule(student, build_recipe("ce"), TapReader(student, ["logits"]),
+                             source)
+    assert without.source is None and without.peers is None
+    assert [id(p) for p in without.parameters()] == [id(p) for p in student.parameters()]
+    with_peers = TrainingModule(student, build_recipe("hinton"), TapReader(student, ["logits"]),
+                                source)
+    assert with_peers.source is source and with_peers.peers is source.trainable_module()
+    assert {id(p) for p in with_peers.parameters()} >= {id(p) for p in peer.parameters()}
+    alone = TrainingModule(student, build_recipe("hinton"), TapReader(student, ["logits"]))
+    assert alone.source is None and alone.peers is None
+
+
+def test_a_model_that_cannot_take_the_batch_is_named_with_the_batch_shapes():
+    from kdistill.engine.training_module import call_model
+    from kdistill.errors import ModelCallError
+
+    def failing(batch):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    batch = {"input": torch.zeros(2, 5), "labels": torch.zeros(2, dtype=torch.long)}
+    with pytest.raises(ModelCallError) as error:
+        call_model("teacher", failing, batch)
+    assert str(error.value) == ("the teacher cannot run on a training batch (input [2, 5] "
+                                "float32, labels [2] int64): RuntimeError: mat1 and mat2 "
+                                "shapes cannot be multiplied")
+
+
+def test_recipe_modules_are_built_in_eval_mode_and_moved_to_the_device():
+    from kdistill.engine.training_module import build_recipe_modules
+
+    class Adapter(Recipe):
+        name = "adapter"
+
+        def build(self, student, teacher):
+            self.modes = (student["logits"].requires_grad, teacher["logits"].shape)
+            self.adapter = nn.Linear(student["logits"].shape[1], 3)
+
+    student, recipe = nn.Sequential(nn.Linear(3, 2), nn.Dropout(0.5)).train(), Adapter()
+
+    def teacher(batch):
+        return {"logits": torch.zeros(len(batch["input"]), 5)}
+
+    build_recipe_modules(recipe, TapReader(student, ["logits"]), teacher, BATCH, [student],
+                         torch.device("meta"))
+    assert recipe.modes == (False, (4, 5))  # no gradients, the teacher's taps
+    assert recipe.adapter.weight.device == torch.device("meta")
+    assert student.training and student[1].training  # modes restored
+
+
+# -- the run folder ------------------------------------------------------------------------------
+def test_a_new_run_takes_an_empty_folder_once_it_starts(tmp_path):
+    from kdistill.checkpoint import RunFolderError
+    from kdistill.engine.run_folder import RunOpening
+    from kdistill.metrics_log import read_metrics
+
+    started: list[int] = []
+    history = [{"kind": "train", "step": 1, "loss": 0.5}]
+    opening = RunOpening(tmp_path / "run", True, on_start=started.append)
+    log = opening.begin(history, 7)
+    assert opening.started and started == [7]
+    assert read_metrics(tmp_path / "run" / "metrics.jsonl") == history
+    log.write({"kind": "train", "step": 2, "loss": 0.25})
+    assert len(read_metrics(tmp_path / "run" / "metrics.jsonl")) == 2
+
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "other.txt").write_text("another run")
+    with pytest.raises(RunFolderError) as error:
+        RunOpening(tmp_path / "taken", True).begin([], 0)
+    assert str(error.value) == (f"run folder {tmp_path / 'taken'} already holds a run "
+                                "(other.txt); pass resume=True to continue it or "
+                                "overwrite=True to replace it")
+    replaced = RunOpening(tmp_path / "taken", True, overwrite=True)
+    replaced.begin(history, 1)
+    assert sorted(p.name for p in (tmp_path / "taken").iterdir()) == ["metrics.jsonl"]
+
+
+def test_only_the_main_process_takes_the_folder(tmp_path):
+    from kdistill.engine.run_folder import RunOpening
+
+    started: list[int] = []
+    other = RunOpening(tmp_path / "run", False, on_start=started.append)
+    assert other.begin([], 3) is None and other.started
+    no_folder = RunOpening(None, True, on_start=started.append)
+    assert no_folder.begin([], 3) is None
+    assert not (tmp_path / "run").exists() and started == []
+
+
+def test_a_resumed_run_tidies_its_folder_and_keeps_the_history(tmp_path):
+    from kdistill.engine.run_folder import RunOpening
+    from kdistill.metrics_log import read_metrics
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "metrics.jsonl").write_text('{"kind": "train", "step": 1}\n{"kind": "tr')
+    (tmp_path / ".metrics.jsonl.tmp-99").write_text("{")  # a kill while replacing the log
+    history = [{"kind": "train", "step": 1}]
+    RunOpening(tmp_path, True, resume=True).begin(history, 1)
+    assert read_metrics(tmp_path / "metrics.jsonl") == history
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "metrics.jsonl"]
