@@ -376,6 +376,9 @@ class ProbeSource:
     def trainable_module(self) -> None:
         return None
 
+    def evaluation_source(self) -> ProbeSource:
+        return self
+
     def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         return {"logits": self.model(batch["input"])}
 
