@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -89,6 +90,38 @@ def test_frozen_teacher_reduced_precision_returns_float32_close_to_fp32() -> Non
             torch.testing.assert_close(low[name], exact[name], rtol=3e-2, atol=3e-2)
             # The forward really ran in reduced precision.
             assert not torch.equal(low[name], exact[name]), (precision, name)
+
+
+def test_frozen_teacher_compile_keeps_taps_hooks_and_weights() -> None:
+    model = _mlp(0)
+    weights = copy.deepcopy(model.state_dict())
+    eager = _bound(copy.deepcopy(model), ["logits", "module:2"])
+    teacher = FrozenTeacher(model, compile=True)
+    teacher.bind(["logits", "module:2"], CPU)
+    batch = _batch()
+    compiled, exact = teacher(batch), eager(batch)
+    for name in ("logits", "module:2"):  # module taps still come from hooks
+        torch.testing.assert_close(compiled[name], exact[name], rtol=1e-5, atol=1e-6)
+    assert model._compiled_call_impl is not None  # the forward really is compiled
+    compiled_forward = model._compiled_call_impl
+    teacher.bind(["logits"], CPU)  # binding again keeps the compiled forward
+    assert model._compiled_call_impl is compiled_forward
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, weights[name]), name
+    assert FrozenTeacher(_mlp(0)).compile is False
+
+
+def test_the_run_hands_over_the_teachers_precision_and_compile(tmp_path: Path) -> None:
+    from test_teacher_cache import digits_config
+
+    from kdistill.run import build_data, build_phases, build_teacher
+
+    config = digits_config(tmp_path, {"name": "hinton"}, None)
+    assert config.teacher is not None
+    config.teacher.precision, config.teacher.compile = "bf16", True
+    _, source = build_teacher(config, build_data(config.data), build_phases(config), ["recipe"])
+    assert isinstance(source, FrozenTeacher)
+    assert (source.precision, source.compile) == ("bf16", True)
 
 
 def test_frozen_teacher_rejects_an_unknown_precision() -> None:

@@ -111,13 +111,16 @@ class TeacherConfig(Strict):
     on every training label (cached on disk) by ``recipe`` (default: the distillation recipe's
     ``teacher_recipe``, plain cross-entropy for most). A recipe whose peers train online
     (``teacher_model: fresh``) takes the model freshly initialised: give neither. ``cache``
-    runs the frozen teacher once and trains the student from its stored answers."""
+    runs the frozen teacher once and trains the student from its stored answers. A frozen
+    teacher runs its forward in ``precision`` (autocast; taps come back in float32) and, with
+    ``compile``, through ``torch.compile`` (see :class:`kdistill.teachers.FrozenTeacher`)."""
 
     model: ModelConfig
     checkpoint: str | None = None
     train: TrainerSettings | None = None
     recipe: dict[str, Any] | None = None
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    compile: bool = False
     cache: CacheConfig | None = None
 
     @model_validator(mode="after")

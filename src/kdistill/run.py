@@ -430,7 +430,7 @@ def build_teacher(config: RunConfig, data: DataSplits, phases: list[Phase],
         teacher, _ = obtain_teacher(config.teacher, config.data, data,
                                     progress=config.trainer.progress,
                                     recipe=teacher_training(config.teacher, recipe))
-        handed = FrozenTeacher(teacher, config.teacher.precision)
+        handed = FrozenTeacher(teacher, config.teacher.precision, config.teacher.compile)
     for phase, where in users:
         check_taps(teacher, phase.recipe.teacher_taps(), where, phase.name or "")
     if config.teacher.cache is not None:
@@ -752,7 +752,7 @@ def trial_teacher(config: RunConfig, data: DataSplits, recipe: Recipe,
         full = data if config.data.labeled is None else \
             build_data(config.data.model_copy(update={"labeled": None}))
         trial_fit(teacher, None, teacher_phases, train, full, "teacher.train")
-    return FrozenTeacher(teacher, config.teacher.precision)
+    return FrozenTeacher(teacher, config.teacher.precision, config.teacher.compile)
 
 
 def trial_fit(student: nn.Module, teacher: nn.Module | TeacherSource | None,

@@ -87,18 +87,24 @@ class FrozenTeacher(TeacherSource):
 
     Its parameters have ``requires_grad=False`` and it is never wrapped for distributed
     training: each process holds a full copy. ``precision`` ``bf16``/``fp16`` runs the forward
-    under autocast and returns float32 taps.
+    under autocast and returns float32 taps. ``compile`` compiles the model's forward in place
+    (``nn.Module.compile``, hooks and weights untouched) when the source is first bound: the
+    first batches pay the compilation (tens of seconds on a CPU, again for each new input
+    shape); ``docs/performance.md`` says when either pays off.
     """
 
     @property
     def static(self) -> bool:
         return True
 
-    def __init__(self, model: nn.Module, precision: Literal["fp32", "bf16", "fp16"] = "fp32"):
+    def __init__(self, model: nn.Module, precision: Literal["fp32", "bf16", "fp16"] = "fp32",
+                 compile: bool = False):
         if precision not in PRECISIONS:
             raise ValueError(unknown_name("teacher precision", precision, PRECISIONS))
         self.model = _frozen(model)
         self.precision = precision
+        self.compile = compile
+        self.compiled = False
         self.reader: TapReader | None = None
         self.device = torch.device("cpu")
 
@@ -107,6 +113,9 @@ class FrozenTeacher(TeacherSource):
         self.device = device
         self.model.to(device)
         _frozen(self.model)
+        if self.compile and not self.compiled:
+            self.model.compile()
+            self.compiled = True
         self.reader = TapReader(self.model, tap_names)
 
     def __call__(self, batch: Mapping[str, Any]) -> Taps:
