@@ -63,7 +63,7 @@ def as_sample(item: Any, i: int) -> dict[str, Any]:
     """Item ``i`` of a data set as a sample dict carrying its ``index`` (``i`` unless it has
     one): a dict gains an ``index``; an ``(input, label)`` pair becomes
     ``{"input", "labels", "index"}``; a lone tensor becomes ``{"input", "index"}``."""
-    if isinstance(item, Mapping):
+    if isinstance(item, dict | Mapping):  # a plain dict first: the abc check is slow
         sample = dict(item)
     elif isinstance(item, tuple | list) and len(item) == 2:
         sample = {"input": item[0], "labels": torch.as_tensor(item[1])}
@@ -74,7 +74,8 @@ def as_sample(item: Any, i: int) -> dict[str, Any]:
             f"data set item {i} is a {type(item).__name__}; expected a dict, an "
             "(input, label) pair or a tensor"
         )
-    sample.setdefault("index", torch.tensor(i))
+    if "index" not in sample:  # not setdefault: it would build the tensor every time
+        sample["index"] = torch.tensor(i)
     return sample
 
 
