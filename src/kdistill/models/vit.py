@@ -8,7 +8,6 @@ transformers & distillation through attention" (the distillation token).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -82,7 +81,7 @@ class ViT(nn.Module):
         sequence = torch.cat([*(t.expand(len(x), -1, -1) for t in leading), patches], dim=1)
         return self.norm(self.blocks(sequence + self.pos_embed))
 
-    def forward(self, x: Tensor) -> Any:
+    def forward(self, x: Tensor) -> Tensor | dict[str, Tensor]:
         out = self.tokens(x)
         z_cls = self.head(self.features(out[:, 0]))
         if self.dist_head is None or self.dist_features is None:
