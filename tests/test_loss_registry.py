@@ -144,7 +144,7 @@ def test_loss_params_lists_hyper_parameters_only() -> None:
     assert list(L.loss_params("dkd")) == ["alpha", "beta", "temperature"]
     assert list(L.loss_params("generalized_jsd")) == ["beta", "temperature"]
     assert list(L.loss_params("forward_kl")) == ["temperature"]
-    assert list(L.loss_params("ce")) == ["ignore_index"]
+    assert list(L.loss_params("ce")) == ["ignore_index", "label_smoothing"]
     assert list(L.loss_params("hidden_mse")) == []
     assert list(L.loss_params("attention_mse")) == ["average_heads"]
     param = L.loss_params("kd")["temperature"]

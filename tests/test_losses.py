@@ -249,6 +249,24 @@ def test_cross_entropy_matches_reference_and_ignores() -> None:
     ))
 
 
+def test_cross_entropy_label_smoothing_against_the_smoothed_target() -> None:
+    """Target (1 - e) onehot + e / C, ignored rows skipped: the mean over labelled rows of
+    -sum_c target_c log p_c, computed row by row."""
+    logits = rand(2, 3, 5, seed=26)
+    labels = torch.tensor([[4, -100, 0], [2, 2, -100]])
+    e, expected, n = 0.3, 0.0, 0
+    for z, y in zip(rows(logits), labels.flatten().tolist(), strict=True):
+        if y == -100:
+            continue
+        p = softmax(z)
+        expected -= sum(((1 - e) * (c == y) + e / 5) * math.log(p[c]) for c in range(5))
+        n += 1
+    assert close(L.cross_entropy(logits, labels, label_smoothing=e), expected / n)
+    with pytest.raises(ValueError, match=r"^cross_entropy: label_smoothing must be in \[0, 1\), "
+                                         "got 1.0$"):
+        L.cross_entropy(logits, labels, label_smoothing=1.0)
+
+
 def test_cross_entropy_without_labelled_rows_is_connected_zero() -> None:
     logits = rand(3, 4).requires_grad_(True)
     value = L.cross_entropy(logits, torch.full((3,), -100))

@@ -213,7 +213,8 @@ def test_deit_terms(mode: str, reduction: str, unlabeled: str) -> None:
     hidden and its CE averages over every sample; skip: over labelled samples only."""
     alpha, temperature = 0.35, 2.5
     recipe = build_recipe("deit", mode=mode, alpha=alpha, temperature=temperature,
-                          reduction=reduction, unlabeled=unlabeled)
+                          reduction=reduction, unlabeled=unlabeled,
+                          label_smoothing=0.0)  # smoothing: tests/test_recipe_deit.py
     z_cls, z_dist = HEADS
     teacher_top = Z_T.argmax(-1)
     assert (teacher_top != LABELS)[LABELLED].any()  # hard targets are not the labels

@@ -119,8 +119,8 @@ def test_deit_hard_target_is_the_teacher_class_of_every_token() -> None:
     """Heads [2, B, L, C]: the targets are per token (the values only; the units of token terms
     are not DeiT's documented use)."""
     heads = torch.stack([Z3, seeded(2, 3, 4, seed=18, scale=2.0)])
-    terms = DeiT(alpha=0.3).terms(Taps({"heads": heads}), Taps({"logits": T3}),
-                                  {"labels": TOKEN_LABELS}, TrainState())
+    terms = DeiT(alpha=0.3, label_smoothing=0.0).terms(
+        Taps({"heads": heads}), Taps({"logits": T3}), {"labels": TOKEN_LABELS}, TrainState())
     hard = T3.argmax(dim=-1)
     filled = torch.where(TOKEN_LABELS >= 0, TOKEN_LABELS, hard)
     assert terms["ce"].value.item() == pytest.approx(maths.ce(heads[0], filled), rel=1e-5)

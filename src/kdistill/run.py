@@ -51,7 +51,7 @@ from kdistill.data import (
     load_dataset,
 )
 from kdistill.data.shifts import check_shifts
-from kdistill.engine import Distiller, FitResult, Phase, recipe_phases, wrap_student
+from kdistill.engine import Distiller, FitResult, Phase, recipe_phases
 from kdistill.engine.state import RESUMABLE_SETTINGS, changed_fields, format_changes
 from kdistill.errors import KdistillError
 from kdistill.evaluate import benchmark_models, eval_batches, shifted_evaluation
@@ -155,6 +155,19 @@ def build_from(config: ModelConfig, data: DataSplits, seed: int,
         raise ConfigError(f"{where}: cannot build model '{config.name}' for data of shape "
                           f"{tuple(data.input_shape)} with {data.num_classes} classes: "
                           f"{error}") from None
+
+
+def build_student(config: RunConfig, data: DataSplits, phases: Sequence[Phase],
+                  sections: Sequence[str]) -> nn.Module:
+    """The student built for ``data`` and wrapped by each phase's recipe (extra heads...); a
+    recipe that cannot wrap it is a :class:`ConfigError` naming the recipe's section."""
+    student = build_from(config.student, data, config.trainer.seed, "student")
+    for phase, where in zip(phases, sections, strict=True):
+        try:
+            student = phase.recipe.wrap_student(student)
+        except ValueError as error:
+            raise ConfigError(f"{where}: {error}") from None
+    return student
 
 
 def check_taps(model: nn.Module, taps: Iterable[str], where: str, phase: str) -> None:
@@ -574,10 +587,9 @@ def train_run(config: RunConfig, data: DataSplits, eval_data: Any = None, *,
     folder = RunFolder.open(run_dir, config, resume=resume, overwrite=overwrite) \
         if run_dir is not None else None
     phases = build_phases(config)
-    student = wrap_student(build_from(config.student, data, config.trainer.seed, "student"),
-                           phases)
     sections = (["recipe"] * len(phases) if config.phases is None else
                 [f"phases.{i}.recipe" for i in range(len(phases))])
+    student = build_student(config, data, phases, sections)
     for phase, where in zip(phases, sections, strict=True):
         check_task(phase.recipe, data, where)
         check_taps(student, phase.recipe.student_taps(), where, phase.name or "")
@@ -659,8 +671,7 @@ def preflight(config: RunConfig) -> DataSplits:
         teacher_phases = teacher_training_phases(config, recipe, data)
         student = None
         if "student" not in unbuilt:
-            student = wrap_student(build_from(config.student, data, config.trainer.seed,
-                                              "student"), phases)
+            student = build_student(config, data, phases, sections)
             for phase, where in zip(phases, sections, strict=True):
                 check_taps(student, phase.recipe.student_taps(), where, phase.name or "")
         teacher = None

@@ -37,6 +37,7 @@ CASES: dict[str, tuple[list[str], list[set[str]]]] = {
     "continuation": (["trainer.epochs=2", "recipe.anneal_epochs=1", "recipe.t_max=1"],
                      [{"ce", "hinge"}]),
     "deit": (["trainer.epochs=2"], [{"ce", "distill"}]),
+    "deit_vit": (["trainer.epochs=2"], [{"ce", "distill"}]),
     "okdhp": (["trainer.epochs=10", "trainer.eval_every=1"], [{"ce", "ce_ensemble", "kl"}]),
     "dml": (["trainer.epochs=10", "trainer.eval_every=1"],
             [{"ce", "kl", "peer1_ce", "peer1_kl"}]),
@@ -101,7 +102,8 @@ def check_outcome(outcome: RunOutcome, config: RunConfig) -> list[dict[str, Any]
 def test_every_recipe_has_an_example() -> None:
     from kdistill.recipes import RECIPES
 
-    assert {p.stem for p in EXAMPLES.glob("*.yaml")} == {*RECIPES, "phases"}
+    # Beside one example per recipe: phases, and deit with the paper's distillation token.
+    assert {p.stem for p in EXAMPLES.glob("*.yaml")} == {*RECIPES, "phases", "deit_vit"}
     assert set(CASES) == {p.stem for p in EXAMPLES.glob("*.yaml")}
 
 

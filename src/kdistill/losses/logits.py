@@ -315,7 +315,8 @@ def logit_mse(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
     return F.mse_loss(_as_float(student_logits), _as_float(teacher_logits))
 
 
-def cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
+def cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = -100,
+                  label_smoothing: float = 0.0) -> Tensor:
     """Cross-entropy of the student's logits against hard labels (no teacher).
 
     Equation::
@@ -325,6 +326,10 @@ def cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> T
     The standard supervised term of most distillation objectives (Hinton et al. 2015, "Distilling
     the Knowledge in a Neural Network", uses it next to the soft targets).
 
+    Label smoothing ``e`` (Szegedy et al. 2016, "Rethinking the Inception Architecture for
+    Computer Vision") replaces the one-hot target by ``(1 - e) onehot(y_r) + e / C`` over the
+    ``C`` classes, so a row costs ``(1 - e) (-log p_r[y_r]) + (e / C) sum_c (-log p_r[c])``.
+
     Reduction: mean over labelled rows; rows whose label equals ``ignore_index`` are skipped
     and their logits (even NaN garbage) receive exactly zero gradient. With no labelled row the
     result is a zero that is still connected to ``logits`` in the autograd graph.
@@ -333,7 +338,11 @@ def cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> T
         logits: ``[..., C]`` logits.
         labels: integer labels with the logits' leading shape ``[...]``.
         ignore_index: label value marking rows to skip.
+        label_smoothing: ``e`` in [0, 1); 0 gives the plain cross-entropy.
     """
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"cross_entropy: label_smoothing must be in [0, 1), got "
+                         f"{label_smoothing!r}")
     if labels.shape != logits.shape[:-1]:
         raise ValueError(
             f"cross_entropy: labels shape {_shape(labels)} does not match the logits' leading "
@@ -344,6 +353,7 @@ def cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> T
     valid = flat_labels != ignore_index
     flat = _zero_invalid(_as_float(logits).reshape(-1, num_classes), valid)
     safe_labels = torch.where(valid, flat_labels, torch.zeros_like(flat_labels))
-    per_row = F.cross_entropy(flat, safe_labels, reduction="none")
+    per_row = F.cross_entropy(flat, safe_labels, reduction="none",
+                              label_smoothing=label_smoothing)
     total = torch.where(valid, per_row, torch.zeros_like(per_row)).sum()
     return total / valid.sum().clamp_min(1)

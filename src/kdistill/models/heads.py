@@ -6,9 +6,11 @@ features of the reference models) through a forward hook that lives only for tha
 applies each extra head to it. The student's own output is head 0, so the stacked heads have
 shape ``[k, B, ..., C]``.
 
-* :class:`TwoHeadStudent` - a class head (the student's own) and a distillation head, as the
-  distillation token of DeiT (Touvron et al. 2021). The inference prediction averages the two
-  heads' probabilities; :meth:`TwoHeadStudent.export` gives it as a plain model.
+* :class:`TwoHeadStudent` - a class head (the student's own) and a distillation head on shared
+  features: DeiT's (Touvron et al. 2021) fallback for students without a distillation token
+  (not the paper's token, which :class:`~kdistill.models.vit.ViT` has). The inference
+  prediction averages the two heads' probabilities; :meth:`TwoHeadStudent.export` gives it as
+  a plain model.
 * :class:`MultiBranchStudent` - a shared trunk and ``k`` branches, as the multi-branch network of
   OKDHP (Li et al. 2021). Branch 0 is the student's own head and the deployed branch;
   :meth:`MultiBranchStudent.export` returns the student itself (trunk + branch 0).
@@ -123,12 +125,14 @@ class AveragedHeads(ExtraHeads):
 
 
 class TwoHeadStudent(AveragedHeads):
-    """A student with a second, distillation head (DeiT's distillation token for any model).
+    """A student with a distillation head on shared features (not the paper's token).
 
     Touvron et al. (2021), "Training data-efficient image transformers & distillation through
-    attention". The class head is the student's own ``head``; the distillation head is a new
-    layer of the same shape on the penultimate features (``features``), so for a transformer it
-    reads the same token as the class head rather than a separate distillation token.
+    attention", distil through a separate distillation token
+    (:class:`~kdistill.models.vit.ViT`); this wrapper is the fallback that fits any student.
+    The class head is the student's own ``head``; the distillation head is a new layer of the
+    same shape on the penultimate features (``features``), so for a transformer it reads the
+    same token as the class head rather than a separate distillation token.
     ``forward`` returns ``{"logits": log((softmax(z_cls) + softmax(z_dist)) / 2), "heads":
     stack([z_cls, z_dist])}``; :meth:`export` returns the averaged prediction as a plain model.
     """

@@ -33,12 +33,16 @@ from kdistill.models.mlp import MLP
 from kdistill.models.oracle import LabelConditioned, LabelDropout
 from kdistill.models.tagger import Tagger
 from kdistill.models.text_students import build_text_student
+from kdistill.models.vit import ViT
 from kdistill.names import unknown_name
 
 MODEL_SIZES: dict[str, dict[str, dict[str, Any]]] = {
     "mlp": {"tiny": {"hidden": [16]}, "small": {"hidden": [64]}, "base": {"hidden": [256, 256]}},
     "cnn": {"tiny": {"channels": [8, 16]}, "small": {"channels": [16, 32]},
             "base": {"channels": [32, 64, 128]}},
+    "vit": {"tiny": {"dim": 32, "depth": 2, "heads": 2},
+            "small": {"dim": 64, "depth": 4, "heads": 4},
+            "base": {"dim": 128, "depth": 6, "heads": 4}},
     "tagger": {"tiny": {"embed_dim": 16, "hidden": 16}, "small": {"embed_dim": 32, "hidden": 32},
                "base": {"embed_dim": 64, "hidden": 64, "layers": 2}},
     "ngram": {"tiny": {"embed_dim": 16, "buckets": 1 << 10},
@@ -72,6 +76,15 @@ def _cnn(input_shape: Sequence[int], num_classes: int,
          channels: Annotated[Sequence[Width], Field(min_length=1)],
          dropout: Dropout = 0.0) -> nn.Module:
     return CNN(input_shape, num_classes, channels, dropout)
+
+
+def _vit(input_shape: Sequence[int], num_classes: int, patch_size: Width = 4, dim: Width = 64,
+         depth: Width = 4, heads: Width = 4, mlp_ratio: Width = 4, dropout: Dropout = 0.0,
+         distillation_token: StrictBool = True) -> nn.Module:
+    """A small vision transformer (:class:`~kdistill.models.vit.ViT`), by default with DeiT's
+    distillation token and head beside the class token and head."""
+    return ViT(input_shape, num_classes, patch_size, dim, depth, heads, mlp_ratio, dropout,
+               distillation_token)
 
 
 def _hf(input_shape: Sequence[int], num_classes: int, path: str,
@@ -173,7 +186,7 @@ def build_oracle(input_shape: Sequence[int], num_classes: int, base: str = "cnn"
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
-    "mlp": _mlp, "cnn": _cnn, "hf": _hf, "tagger": _tagger, "oracle": build_oracle,
+    "mlp": _mlp, "cnn": _cnn, "vit": _vit, "hf": _hf, "tagger": _tagger, "oracle": build_oracle,
     "ngram": _ngram, "bilstm": _bilstm, "textcnn": _textcnn, "cmow": _cmow,
     "hf_text": build_hf_text, "hf_student": build_hf_student}
 
