@@ -12,8 +12,8 @@ process only (transformers, which probes for torchvision, never sees it).
 
 The loop is torchdistill's own: ``get_distillation_box`` with its ``KDLoss`` (T=4, alpha=0.9,
 batchmean: the loss of ``throughput.py``'s ``hand_kd``) under ``WeightedSumLoss``, SGD
-(lr 0.01), the frozen teacher (``requires_grad: False``), and its training step as its image
-classification example writes it: ``pre_epoch_process``, then for each batch
+(lr 0.01, momentum 0.9), the frozen teacher (``requires_grad: False``), and its training step
+as its image classification example writes it: ``pre_epoch_process``, then for each batch
 ``loss = box.forward_process(sample_batch, targets, supp_dict)`` and
 ``box.post_forward_process(loss=loss)``.
 Prints one JSON line: the round's median step (after ``--warmup`` steps).
@@ -32,7 +32,7 @@ import types
 from typing import Any
 
 import torch
-from throughput import LR, PAIRS, StepClock
+from throughput import LR, MOMENTUM, PAIRS, StepClock
 from torch.utils.data import RandomSampler, TensorDataset
 
 
@@ -78,7 +78,7 @@ def train_config(batch: int) -> dict[str, Any]:
                         "requires_grad": False, "frozen_modules": []},
             "student": {"forward_proc": "forward_batch_only", "sequential": [],
                         "requires_grad": True, "frozen_modules": []},
-            "optimizer": {"key": "SGD", "kwargs": {"lr": LR}},
+            "optimizer": {"key": "SGD", "kwargs": {"lr": LR, "momentum": MOMENTUM}},
             "criterion": {"key": "WeightedSumLoss",
                           "kwargs": {"sub_terms": {"kd": {"criterion": kd, "weight": 1.0}}}}}
 
