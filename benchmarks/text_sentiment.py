@@ -44,6 +44,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from pages import write_results
 from torch import nn
 
 from kdistill.checkpoint import atomic_write_text
@@ -68,9 +69,6 @@ OUTPUT = ROOT / "benchmarks" / "results" / "text_sentiment.json"
 PAGE = ROOT / "docs" / "text.md"
 QUICK_OUTPUT = ROOT / "runs" / "text-sentiment-quick"
 THREADS = 2  # training threads by default (``--threads``); timing uses one
-RESULTS_MARKERS = ("<!-- results: benchmarks/text_sentiment.py -->", "<!-- /results -->")
-
-
 def variant_config(kind: str, variant: str, seed: int, quick: bool) -> RunConfig:
     """The example of ``kind`` with the variant's recipe, transfer set and teacher cache (one
     per transfer set: a cache answers for the data it was built on), and ``seed``."""
@@ -190,7 +188,7 @@ def main() -> None:
     write(output, results)
     tables = report(results)
     page = output.with_suffix(".md") if args.quick else PAGE
-    atomic_write_text(page, with_results(page.read_text() if page.is_file() else "", tables))
+    write_results(page, tables, Path(__file__).name)
     print(tables)
 
 
@@ -208,16 +206,6 @@ def saved_results(path: Path, fresh: bool) -> dict[str, Any]:
 def write(path: Path, results: Mapping[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(results, indent=1, default=str) + "\n")
-
-
-def with_results(page: str, tables: str) -> str:
-    """``page`` with the text between its results markers replaced by ``tables`` (the rest of
-    the page, written by hand, is kept); a page without markers gets them at its end."""
-    start, end = RESULTS_MARKERS
-    if start in page and end in page:
-        return page[:page.index(start)] + f"{start}\n{tables}{end}" + page[page.index(end)
-                                                                            + len(end):]
-    return f"{page}{start}\n{tables}{end}\n"
 
 
 def report(results: Mapping[str, Any]) -> str:

@@ -39,7 +39,8 @@ The machine's load average is saved beside every round.
 Also measured: each cache's build time and size per 1,000 samples (and a 32,000-class teacher:
 dense logits against top-32 plus the tail), and the peak resident memory of cached training
 at 1x and 10x the data (fresh processes). Results are printed and saved to
-``benchmarks/results/throughput.json``; ``docs/performance.md`` quotes them.
+``benchmarks/results/throughput.json`` and into the results section of ``docs/performance.md``
+(``--quick``: ``runs/throughput-quick.{json,md}``).
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from pages import write_results
 from streaming_memory import AnonPeak, Enough, status
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -71,9 +73,11 @@ from kdistill.cache import CachedTeacher, TeacherCache
 from kdistill.checkpoint import atomic_write_text
 from kdistill.data.base import ArrayDataset
 from kdistill.models.cnn import CNN
+from kdistill.report import markdown_grid
 from kdistill.teachers import FrozenTeacher
 
 OUTPUT = Path(__file__).parent / "results" / "throughput.json"
+PAGE = Path(__file__).parent.parent / "docs" / "performance.md"
 TEMPERATURE, ALPHA = 4.0, 0.9  # kdistill's hinton defaults
 LR, MOMENTUM = 0.01, 0.9  # SGD, as kdistill's optimizer "sgd" (no scheduler)
 TOP_K = 5
@@ -384,6 +388,76 @@ def memory_at(samples: int, steps: int) -> dict[str, Any]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+# --------------------------------------------------------------------------- the page
+
+
+def load_text(rounds: list[dict[str, Any]]) -> str:
+    """The range of the 1-minute load average over the rounds."""
+    loads = [r["load_average"][0] for r in rounds] + [r["load_average_end"][0] for r in rounds]
+    return f"{min(loads):.2f}-{max(loads):.2f}"
+
+
+def target_rows(results: dict[str, Any]) -> list[list[str]]:
+    """The issue's targets, each with the figure measured and whether it is met."""
+    rows = []
+
+    def row(what: str, value: float, goal: str, met: bool) -> None:
+        rows.append([what, f"{value:.2f}x", goal, "met" if met else "**not met**"])
+
+    for name in ("cnn", "mlp"):
+        if name in results["pairs"]:
+            figures = results["pairs"][name]
+            cached = figures["over_student_alone"]["cached_fp32"]
+            row(f"{name}: cached (fp32) step / student-alone step", cached, "<= 1.10x",
+                cached <= 1.10)
+            if "cached_fp32_speedup_over_torchdistill" in figures:
+                speedup = figures["cached_fp32_speedup_over_torchdistill"]
+                row(f"{name}: cached steps/s / torchdistill steps/s", speedup, ">= 3x",
+                    speedup >= 3)
+    for name, figures in results["pairs"].items():
+        live = figures["live_over_hand_kd"]
+        row(f"{name}: kdistill live step / hand KD step", live, "<= 1.05x", live <= 1.05)
+    sizes = results["large_vocabulary"]["bytes_per_1k_samples"]
+    row("32,000 classes: dense fp32 / top-32 (fp16) + tail", sizes["dense_fp32_over_top32_fp16"],
+        ">= 20x", sizes["dense_fp32_over_top32_fp16"] >= 20)
+    return rows
+
+
+def report(results: dict[str, Any]) -> str:
+    """The results section of ``docs/performance.md``."""
+    parts = [f"Command: `{results['command']}` (torch {results['torch']}, {results['cpus']} "
+             f"CPUs, one thread; {results['rounds']} rounds of {results['steps']} timed steps "
+             f"after {results['warmup']} warm-up steps; {results['seconds'] / 60:.0f} min).\n"]
+    parts.append(markdown_grid(["target", "measured", "goal", ""], target_rows(results)))
+    for name, figures in results["pairs"].items():
+        rows = [[config, f"{seconds * 1e3:.2f}", f"{1 / seconds:.2f}",
+                 f"{figures['over_student_alone'][config]:.2f}x"]
+                for config, seconds in figures["median_step_s"].items()]
+        parts.append(f"**{name}** (teacher {figures['teacher_params']:,} parameters, student "
+                     f"{figures['student_params']:,}, batch {figures['batch']}; load average "
+                     f"{load_text(figures['rounds'])} during the rounds)\n\n"
+                     + markdown_grid(["configuration", "ms / step", "steps / s",
+                                      "of student alone"], rows))
+    build_rows = [[name, fmt, f"{b['seconds']:.2f}", f"{b['bytes_per_1k_samples'] / 1e3:.1f}"]
+                  for name, figures in results["pairs"].items()
+                  for fmt, b in figures["cache_build"].items()]
+    parts.append("Cache builds (over each pair's timing set):\n\n" + markdown_grid(
+        ["pair", "format", "build s", "kB per 1k samples"], build_rows))
+    sizes = results["large_vocabulary"]["bytes_per_1k_samples"]
+    parts.append("A 32,000-class teacher's logits, per 1,000 samples: " + ", ".join(
+        f"{name} {sizes[name] / 1e6:.2f} MB" for name in
+        ("dense_fp32", "dense_fp16", "top32_fp32", "top32_fp16")) + ".")
+    memory_rows = [[f"{m['samples']:,}", f"{m['cache_bytes'] / 1e6:.1f}",
+                    f"{m['build_seconds']:.1f}", f"{m['peak_rss_mb']:.0f}",
+                    f"{m['peak_anon_mb']:.0f}", f"{m['load_average'][0]:.2f}"]
+                   for m in results["cached_memory"]]
+    parts.append(f"Cached training of the MLP pair, {results['cached_memory'][0]['steps']} steps "
+                 "over 1x and 10x the samples (a fresh process each):\n\n" + markdown_grid(
+                     ["samples", "cache MB", "build s", "peak RSS MB", "peak anonymous MB",
+                      "load"], memory_rows))
+    return "\n\n".join(parts) + "\n"
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -425,6 +499,8 @@ def main() -> None:
         "seconds": time.perf_counter() - started})
     args.output.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.output, json.dumps(results, indent=2))
+    write_results(args.output.with_suffix(".md") if args.quick else PAGE, report(results),
+                  Path(__file__).name)
     for name, figures in results["pairs"].items():
         print(f"{name}: " + ", ".join(f"{k} {v:.2f}x" for k, v in
                                       figures["over_student_alone"].items()))

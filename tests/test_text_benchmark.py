@@ -10,16 +10,24 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import text_sentiment as ts  # noqa: E402
+from pages import results_markers, with_results, write_results  # noqa: E402
 
 from kdistill.models.hf import model_folder  # noqa: E402
 
 
-def test_the_results_replace_only_the_text_between_the_markers() -> None:
-    start, end = ts.RESULTS_MARKERS
+def test_the_results_replace_only_the_text_between_the_markers(tmp_path: Path) -> None:
+    start, end = results_markers("text_sentiment.py")
+    assert start == "<!-- results: benchmarks/text_sentiment.py -->"
     page = f"# Text\n\nwritten by hand\n\n{start}\nold table\n{end}\n\n## What it says\nmore\n"
-    assert ts.with_results(page, "new table\n") == (
+    assert with_results(page, "new table\n", "text_sentiment.py") == (
         f"# Text\n\nwritten by hand\n\n{start}\nnew table\n{end}\n\n## What it says\nmore\n")
-    assert ts.with_results("", "table\n") == f"{start}\ntable\n{end}\n"
+    assert with_results("", "table\n", "text_sentiment.py") == f"{start}\ntable\n{end}\n"
+    other = results_markers("other.py")[0]  # another script's results go after the page
+    assert with_results(page, "x\n", "other.py") == f"{page}{other}\nx\n{end}\n"
+    path = tmp_path / "page.md"
+    write_results(path, "first\n", "a.py")
+    write_results(path, "second\n", "a.py")
+    assert path.read_text() == f"{results_markers('a.py')[0]}\nsecond\n{end}\n"
 
 
 def test_each_variant_changes_only_the_recipe_the_transfer_set_and_the_seed() -> None:

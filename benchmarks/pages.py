@@ -1,0 +1,28 @@
+"""Docs pages that quote a benchmark: its script rewrites only the text between its markers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kdistill.checkpoint import atomic_write_text
+
+
+def results_markers(script: str) -> tuple[str, str]:
+    """The comments around the part of a page that ``script`` writes."""
+    return f"<!-- results: benchmarks/{script} -->", "<!-- /results -->"
+
+
+def with_results(page: str, tables: str, script: str) -> str:
+    """``page`` with the text between ``script``'s markers replaced by ``tables`` (the rest of
+    the page, written by hand, is kept); a page without markers gets them at its end."""
+    start, end = results_markers(script)
+    if start in page and end in page:
+        return page[:page.index(start)] + f"{start}\n{tables}{end}" + page[page.index(end)
+                                                                            + len(end):]
+    return f"{page}{start}\n{tables}{end}\n"
+
+
+def write_results(path: Path, tables: str, script: str) -> None:
+    """Put ``tables`` between ``script``'s markers in the page at ``path`` (atomically)."""
+    atomic_write_text(path, with_results(path.read_text() if path.is_file() else "", tables,
+                                         script))
