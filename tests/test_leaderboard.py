@@ -150,6 +150,24 @@ def test_the_daft_teacher_is_the_shared_cnn_finetuned(monkeypatch: pytest.Monkey
     assert {run.teacher_key for run in runs if run.record["entry"] == "daft"} == {daft.key}
 
 
+def test_daft_shift_benchmark_compares_the_teachers(monkeypatch: pytest.MonkeyPatch) -> None:
+    import daft_shifts
+
+    monkeypatch.setattr(lb, "leaderboard_data",
+                        lambda config: (SimpleNamespace(train=range(3250)), None))
+    made = daft_shifts.configs(1)
+    assert list(made) == ["ce", "hinton", "daft", "daft-scratch"]
+    assert {c.trainer.seed for c in made.values()} == {1}
+    scratch, daft = made["daft-scratch"].teacher, made["daft"].teacher
+    assert scratch.recipe == daft_shifts.SCRATCH and scratch.finetune is None
+    assert daft.recipe is None and daft.finetune is not None
+    assert scratch.model_dump(exclude={"recipe", "finetune"}) == daft.model_dump(
+        exclude={"recipe", "finetune"})
+    assert made["daft-scratch"].recipe == made["daft"].recipe
+    assert [daft_shifts.teacher_name(c) for c in made.values()] == [
+        "none", "cnn", "cnn (ce, adversarially fine-tuned)", "cnn (adversarial)"]
+
+
 def test_validation_split_is_stratified_held_out_and_labels_are_hidden() -> None:
     splits, validation = lb.leaderboard_data(DataConfig(name="digits", labeled=30),
                                              validation=100)
