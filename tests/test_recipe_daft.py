@@ -273,6 +273,8 @@ def test_daft_teacher_is_the_standard_one_then_finetuned() -> None:
     assert kdrun.teacher_finetuning(scratch, DAFT()) is None
     assert kdrun.teacher_finetuning(SMALL_TEACHER, Hinton()) is None
     assert kdrun.teacher_finetuning(explicit, Hinton()) is tuned
+    loaded = TeacherConfig(model=SMALL_TEACHER.model, checkpoint="teacher.safetensors")
+    assert kdrun.teacher_finetuning(loaded, DAFT()) is None  # used as it is
     standard = kdrun.teacher_key(SMALL_TEACHER, DIGITS)
     assert kdrun.teacher_key(SMALL_TEACHER, DIGITS, {"name": "ce"}, None) == standard
     keys = {kdrun.teacher_key(SMALL_TEACHER, DIGITS, {"name": "ce"}, finetune)

@@ -347,8 +347,9 @@ def teacher_finetuning(config: TeacherConfig,
                        distilling: Recipe | None) -> FinetuneConfig | None:
     """The adversarial fine-tuning of the trained teacher: ``teacher.finetune`` if given; else,
     when ``teacher.recipe`` is not given either, the default fine-tuning if the distilling
-    recipe's ``teacher_finetune`` asks for it (``daft``); else none."""
-    if config.finetune is not None or config.recipe is not None:
+    recipe's ``teacher_finetune`` asks for it (``daft``); else, and for a teacher loaded from
+    ``teacher.checkpoint`` (used as it is), none."""
+    if config.train is None or config.finetune is not None or config.recipe is not None:
         return config.finetune
     return FinetuneConfig() if distilling is not None and distilling.teacher_finetune else None
 
@@ -484,8 +485,9 @@ def build_teacher(config: RunConfig, data: DataSplits, phases: list[Phase],
     else:
         training = teacher_training(config.teacher, recipe)
         finetune = teacher_finetuning(config.teacher, recipe)
-        logger.info("teacher: trained by %s%s", training, "" if finetune is None else
-                    f", then fine-tuned adversarially ({finetune.model_dump()})")
+        if config.teacher.train is not None:
+            logger.info("teacher: trained by %s%s", training, "" if finetune is None else
+                        f", then fine-tuned adversarially ({finetune.model_dump()})")
         teacher, _ = obtain_teacher(config.teacher, config.data, data,
                                     progress=config.trainer.progress, recipe=training,
                                     finetune=finetune)
