@@ -15,7 +15,9 @@ example fixes a longer phase), writes ``runs/leaderboard-quick.{md,json}``. Prot
   training label and cached, shared by every recipe that distils a trained teacher. A recipe
   whose example trains its teacher otherwise (``teacher.recipe``, ``teacher_recipe``) or wraps
   it (the oracle's label-conditioned model wraps the same CNN) gets its own, trained the same
-  way; online teachers (``teacher_model = "fresh"``) start as a fresh model of the same CNN;
+  way; one fine-tuned adversarially (``teacher.finetune``, ``daft``'s default) starts from the
+  shared CNN; online teachers (``teacher_model = "fresh"``) start as a fresh model of the same
+  CNN;
 * student: the MLP ``tiny`` (with the example's options, e.g. denoise's dropout), 20 epochs,
   batch 64, AdamW lr 0.01, cosine schedule, evaluated every epoch, seeds 0, 1, 2 (initialisation
   and data order). Recipes that train on labelled samples only get as many optimizer steps as
@@ -169,7 +171,8 @@ def run_config(row: Row, setting: str, seed: int, quick: bool, train_size: int) 
     return config.model_copy(update={"teacher": TeacherConfig(
         model=protocol_teacher(source.teacher.model),
         train=budget(quick, weight_decay=1e-4) if trained else None,
-        recipe=source.teacher.recipe if trained else None)})
+        recipe=source.teacher.recipe if trained else None,
+        finetune=source.teacher.finetune if trained else None)})
 
 
 _DATA: dict[str, tuple[DataSplits, ArrayDataset]] = {}
@@ -192,12 +195,13 @@ def leaderboard_data(config: DataConfig,
 
 @dataclasses.dataclass(frozen=True)
 class TeacherJob:
-    """Obtain a trained teacher (``recipe`` trains it) under its cache ``key``; ``record``
-    starts its entry in the report."""
+    """Obtain a trained teacher (``recipe`` trains it, ``finetune`` then fine-tunes it) under
+    its cache ``key``; ``record`` starts its entry in the report."""
 
     key: str
     teacher: TeacherConfig
     recipe: dict[str, Any]
+    finetune: kdconfig.FinetuneConfig | None
     record: dict[str, Any]
 
 
@@ -212,14 +216,19 @@ class RunJob:
 
 
 def teacher_job(teacher: TeacherConfig, user: Recipe | None, name: str | None = None) -> TeacherJob:
-    """``teacher`` trained as ``user`` asks (:func:`kdistill.run.teacher_training`); its name
-    is the model's plus any training recipe but ``ce``, unless given."""
+    """``teacher`` trained as ``user`` asks (:func:`kdistill.run.teacher_training`,
+    :func:`kdistill.run.teacher_finetuning`); its name is the model's plus any training recipe
+    but ``ce`` and any adversarial fine-tuning, unless given."""
     recipe = kdrun.teacher_training(teacher, user)
-    key, params = kdrun.teacher_key(teacher, data_config("all"), recipe), dict(recipe)
+    finetune = kdrun.teacher_finetuning(teacher, user)
+    key, params = kdrun.teacher_key(teacher, data_config("all"), recipe, finetune), dict(recipe)
     model, trainer = teacher.model.name, params.pop("name")
-    return TeacherJob(key, teacher, recipe, {
+    if finetune is not None:
+        trainer += ", adversarially fine-tuned"
+    return TeacherJob(key, teacher, recipe, finetune, {
         "name": name or model + ("" if trainer == "ce" else f" ({trainer})"), "key": key,
-        "model": model, "recipe": trainer, "recipe_params": params})
+        "model": model, "recipe": trainer, "recipe_params": params,
+        "finetune": finetune.model_dump(mode="json") if finetune is not None else None})
 
 
 def timed(work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -239,7 +248,8 @@ def obtain_teacher(job: TeacherJob) -> dict[str, Any]:
     def work() -> dict[str, Any]:
         splits, _ = leaderboard_data(data_config("all"))
         model, info = kdrun.obtain_teacher(job.teacher, data_config("all"), splits,
-                                           progress=False, recipe=job.recipe)
+                                           progress=False, recipe=job.recipe,
+                                           finetune=job.finetune)
         logits = predict(model, [{**batch, "labels": hidden_like(batch["labels"])}
                                  for batch in eval_batches(splits.test, EVAL_BATCH)]).logits
         metrics = classification_metrics(logits, splits.test.labels)
@@ -337,16 +347,20 @@ class Benchmark:
         self.report.save()
 
     def execute(self) -> None:
-        """The teachers first, then every run whose teacher is there, the rows slowest in the
-        previous report first."""
+        """The teachers first (the fine-tuned ones once those they start from are cached),
+        then every run whose teacher is there, the rows slowest in the previous report
+        first."""
         logits: dict[str, torch.Tensor | None] = {}
         with ProcessPoolExecutor(self.args.workers, multiprocessing.get_context("spawn"),
                                  initializer=torch.set_num_threads, initargs=(1,)) as pool:
-            teachers = [(job, pool.submit(obtain_teacher, job)) for job in self.teachers.values()]
-            for job, future in teachers:
-                outcome = collect(future)
-                logits[job.key] = outcome.pop("logits", None)
-                self.record(job, outcome)
+            for finetuned in (False, True):
+                teachers = [(job, pool.submit(obtain_teacher, job))
+                            for job in self.teachers.values()
+                            if (job.finetune is not None) == finetuned]
+                for job, future in teachers:
+                    outcome = collect(future)
+                    logits[job.key] = outcome.pop("logits", None)
+                    self.record(job, outcome)
             shared, futures = logits[next(iter(self.teachers))], {}
             for job in sorted(self.runs, key=lambda j: -self.expected.get(j.record["entry"], 0)):
                 try:

@@ -97,7 +97,8 @@ def test_teachers_are_the_protocol_cnn_as_each_recipe_needs_it() -> None:
     oracle = config("oracle").teacher.model  # the label-conditioned model wraps the CNN
     assert oracle.name == "oracle" and oracle.options["base_options"] == lb.TEACHER.options
     assert oracle.options["base"] == "cnn" and oracle.options["base_size"] is None
-    assert config("daft").teacher.recipe["name"] == "adversarial"  # from examples/daft.yaml
+    daft = config("daft").teacher  # from examples/daft.yaml: the standard CNN, fine-tuned
+    assert daft.recipe is None and daft.finetune is not None and daft.finetune.epochs == 3
 
 
 def test_budgets_are_step_matched_only_for_labels_only_rows() -> None:
@@ -131,6 +132,40 @@ def test_plan_shares_one_teacher_and_records_each_row(monkeypatch: pytest.Monkey
         "all": 20, "few": 510}
     assert setups["dml"]["note"] == "step-matched in `few`" and setups["hinton"]["note"] == ""
     assert setups["hinton"]["params"] == {"temperature": 4.0, "alpha": 0.9}
+
+
+def test_the_daft_teacher_is_the_shared_cnn_finetuned(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kdistill.run import teacher_key
+
+    monkeypatch.setattr(lb, "leaderboard_data",
+                        lambda config: (SimpleNamespace(train=range(3250)), None))
+    args = argparse.Namespace(quick=False, seeds=[0], settings=["all"])
+    runs, teachers, setups = lb.plan(lb.leaderboard_rows(["daft"]), args)
+    shared, daft = teachers.values()
+    assert shared.finetune is None and daft.finetune is not None
+    assert teacher_key(daft.teacher, lb.data_config("all"), daft.recipe) == shared.key
+    assert daft.key != shared.key and daft.recipe == {"name": "ce"}
+    assert daft.record["name"] == setups["daft"]["teacher"] == "cnn (ce, adversarially fine-tuned)"
+    assert daft.record["finetune"]["epochs"] == 3
+    assert {run.teacher_key for run in runs if run.record["entry"] == "daft"} == {daft.key}
+
+
+def test_daft_shift_benchmark_compares_the_teachers(monkeypatch: pytest.MonkeyPatch) -> None:
+    import daft_shifts
+
+    monkeypatch.setattr(lb, "leaderboard_data",
+                        lambda config: (SimpleNamespace(train=range(3250)), None))
+    made = daft_shifts.configs(1)
+    assert list(made) == ["ce", "hinton", "daft", "daft-scratch"]
+    assert {c.trainer.seed for c in made.values()} == {1}
+    scratch, daft = made["daft-scratch"].teacher, made["daft"].teacher
+    assert scratch.recipe == daft_shifts.SCRATCH and scratch.finetune is None
+    assert daft.recipe is None and daft.finetune is not None
+    assert scratch.model_dump(exclude={"recipe", "finetune"}) == daft.model_dump(
+        exclude={"recipe", "finetune"})
+    assert made["daft-scratch"].recipe == made["daft"].recipe
+    assert [daft_shifts.teacher_name(c) for c in made.values()] == [
+        "none", "cnn", "cnn (ce, adversarially fine-tuned)", "cnn (adversarial)"]
 
 
 def test_validation_split_is_stratified_held_out_and_labels_are_hidden() -> None:

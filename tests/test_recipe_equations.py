@@ -133,14 +133,13 @@ def test_kd_terms_on_token_logits(name: str, temperature: float, alpha: float) -
                         "kd": (kd, alpha, "tokens")})
 
 
-def test_daft_student_sees_the_clean_batch_and_its_teacher_trains_adversarially() -> None:
+def test_daft_student_sees_the_clean_batch_and_its_teacher_is_finetuned() -> None:
     recipe = build_recipe("daft", temperature=3.2, alpha=0.6)
     batch = {"input": seeded(6, 4, seed=7), "labels": LABELS}
     prepared = recipe.prepare(batch, lambda b: logits_taps(Z_S), at(0, 0, 4, 3))
     assert prepared.keys() == batch.keys()
     assert all(torch.equal(prepared[k], batch[k]) for k in batch)
-    assert recipe.teacher_recipe == ("adversarial",
-                                     {"epsilon": 0.1, "steps": 5, "clean_weight": 0.5})
+    assert recipe.teacher_recipe == ("ce", {}) and recipe.teacher_finetune
 
 
 # ---------------------------------------------------------------------------------------- dkd

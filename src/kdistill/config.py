@@ -26,6 +26,7 @@ from kdistill.errors import KdistillError
 from kdistill.models.registry import CONTEXT_PARAMETERS, MODEL_FILE_CHECKS, MODEL_SIZES, MODELS
 from kdistill.names import unknown_name
 from kdistill.recipes import RECIPES, build_recipe
+from kdistill.recipes.adversarial_training import AdversarialFinetune, AdversarialFinetuneParams
 from kdistill.settings import (
     MAX_SEVERITY,
     RUN_NAME_PATTERN,
@@ -106,10 +107,41 @@ class CacheConfig(Strict):
         return {"path": value} if isinstance(value, str) else value
 
 
+class FinetuneConfig(AdversarialFinetuneParams):
+    """Adversarial fine-tuning of the trained teacher (``teacher.finetune``; DAFT, Nasery et
+    al. 2022): once trained (``teacher.train``, ``teacher.recipe``), the teacher trains
+    ``epochs`` more epochs on the objective of
+    :class:`~kdistill.recipes.adversarial_training.AdversarialFinetune`, whose parameters are
+    the other fields (PGD: ``epsilon``, ``steps``, ``step_size``, ``random_start``,
+    ``value_range``; the clean cross-entropy's ``clean_weight``; the feature anchor to the
+    standard model, ``anchor_weight`` and ``anchor_tap``), with the settings of
+    ``teacher.train`` except the learning rate, multiplied by ``lr_factor``. Defaults: 3
+    epochs, a tenth of the learning rate, epsilon 0.1 in 5 steps, ``clean_weight`` 0.5,
+    ``anchor_weight`` 1 on ``module:features``. The fine-tuned teacher is cached under its own
+    key; the teacher it starts from is the one ``teacher.train`` gives alone (cached and
+    shared)."""
+
+    epochs: int = Field(default=3, ge=1, strict=True)
+    lr_factor: float = Field(default=0.1, gt=0, le=1, strict=True)
+
+    def objective(self) -> AdversarialFinetune:
+        """The fine-tuning objective with this section's parameters."""
+        return AdversarialFinetune(**self.model_dump(exclude={"epochs", "lr_factor"}))
+
+    def settings(self, train: TrainerSettings) -> TrainerSettings:
+        """``train`` (the teacher's training settings) for the fine-tuning: ``epochs`` epochs
+        at ``lr_factor`` times its learning rate."""
+        optimizer = train.optimizer.model_copy(update={"lr": train.optimizer.lr * self.lr_factor})
+        return train.model_copy(update={"epochs": self.epochs, "optimizer": optimizer})
+
+
 class TeacherConfig(Strict):
     """The teacher: a model loaded from ``checkpoint`` (safetensors) or trained with ``train``
-    on every training label (cached on disk) by ``recipe`` (default: the distillation recipe's
-    ``teacher_recipe``, plain cross-entropy for most). A recipe whose peers train online
+    on every training label (cached on disk) by ``recipe`` and then, with ``finetune``,
+    fine-tuned adversarially (:class:`FinetuneConfig`). When neither ``recipe`` nor
+    ``finetune`` is given, the distillation recipe says how: its ``teacher_recipe`` (plain
+    cross-entropy for most), followed by the default fine-tuning when its
+    ``teacher_finetune`` is set (``daft``). A recipe whose peers train online
     (``teacher_model: fresh``) takes the model freshly initialised: give neither. ``cache``
     runs the frozen teacher once and trains the student from its stored answers. A frozen
     teacher runs its forward in ``precision`` (autocast; taps come back in float32) and, with
@@ -119,6 +151,7 @@ class TeacherConfig(Strict):
     checkpoint: str | None = None
     train: TrainerSettings | None = None
     recipe: dict[str, Any] | None = None
+    finetune: FinetuneConfig | None = None
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     compile: bool = False
     cache: CacheConfig | None = None
@@ -130,6 +163,9 @@ class TeacherConfig(Strict):
                              "from 'checkpoint' or train the teacher with 'train')")
         if self.recipe is not None and self.train is None:
             raise ValueError("'recipe' says how to train the teacher and needs 'train'")
+        if self.finetune is not None and self.train is None:
+            raise ValueError("'finetune' fine-tunes the teacher that 'train' trains and needs "
+                             "'train'")
         return self
 
 

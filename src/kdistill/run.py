@@ -3,6 +3,7 @@ phases, training, the final teacher-vs-student comparison and the report."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import inspect
@@ -33,6 +34,7 @@ from kdistill.config import (
     NAMED_COLUMNS,
     ConfigError,
     DataConfig,
+    FinetuneConfig,
     ModelConfig,
     RunConfig,
     TeacherConfig,
@@ -354,26 +356,43 @@ def teacher_training(config: TeacherConfig, distilling: Recipe | None) -> dict[s
     return {"name": name, **params}
 
 
-def teacher_key(config: TeacherConfig, data: DataConfig,
-                recipe: dict[str, Any] | None = None) -> str:
+def teacher_finetuning(config: TeacherConfig,
+                       distilling: Recipe | None) -> FinetuneConfig | None:
+    """The adversarial fine-tuning of the trained teacher: ``teacher.finetune`` if given; else,
+    when ``teacher.recipe`` is not given either, the default fine-tuning if the distilling
+    recipe's ``teacher_finetune`` asks for it (``daft``); else, and for a teacher loaded from
+    ``teacher.checkpoint`` (used as it is), none."""
+    if config.train is None or config.finetune is not None or config.recipe is not None:
+        return config.finetune
+    return FinetuneConfig() if distilling is not None and distilling.teacher_finetune else None
+
+
+def teacher_key(config: TeacherConfig, data: DataConfig, recipe: dict[str, Any] | None = None,
+                finetune: FinetuneConfig | None = None) -> str:
     """A hash of everything that determines a trained teacher: its model, training recipe and
-    settings (not the progress display), the data settings (not ``labeled``: the teacher sees
-    every label) and the content of the data files (so an edited file trains anew)."""
+    settings (not the progress display), its fine-tuning (``finetune``: a fine-tuned teacher
+    never shares the key of the teacher it starts from), the data settings (not ``labeled``:
+    the teacher sees every label) and the content of the data files (so an edited file trains
+    anew)."""
     assert config.train is not None
     recipe = recipe or {"name": "ce"}
     content = {"model": config.model.model_dump(),
                "train": config.train.model_dump(exclude={"progress"}),
                **({"recipe": recipe} if recipe != {"name": "ce"} else {}),
+               **({"finetune": finetune.model_dump(mode="json")} if finetune is not None
+                  else {}),
                "data": data.model_dump(exclude={"labeled"}),
                "data_files": data_digests(data), "format": 3}
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def obtain_teacher(config: TeacherConfig, data_config: DataConfig, data: DataSplits,
-                   *, progress: bool = True,
-                   recipe: dict[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+                   *, progress: bool = True, recipe: dict[str, Any] | None = None,
+                   finetune: FinetuneConfig | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """The teacher from its checkpoint, from the cache, or trained now (then cached) with
-    ``recipe`` (see :func:`teacher_training`; default cross-entropy).
+    ``recipe`` (see :func:`teacher_training`; default cross-entropy) and then, with
+    ``finetune`` (see :func:`teacher_finetuning`), fine-tuned adversarially
+    (:func:`finetune_teacher`) from the teacher obtained without it (cached under its own key).
 
     A trained teacher sees every label of the training split (its own data set is loaded again
     without ``labeled``): it stands for a model that already exists.
@@ -384,13 +403,24 @@ def obtain_teacher(config: TeacherConfig, data_config: DataConfig, data: DataSpl
             {"source": config.checkpoint}
     assert config.train is not None
     recipe = recipe or {"name": "ce"}
-    path = cache_dir() / "teachers" / f"{teacher_key(config, data_config, recipe)}.safetensors"
+    key = teacher_key(config, data_config, recipe, finetune)
+    path = cache_dir() / "teachers" / f"{key}.safetensors"
     model = build_from(config.model, data, config.train.seed, "teacher.model")
     if path.is_file():
         return load_weights(model, path, "teacher cache"), {"source": str(path), "cached": True}
     full = build_data(data_config.model_copy(update={"labeled": None, "unlabeled": None,
                                                   "augment": None}))
     settings = config.train.model_copy(update={"progress": progress})
+    if finetune is not None:
+        check_finetune(finetune, model, full)
+        model, start = obtain_teacher(config, data_config, data, progress=progress,
+                                      recipe=recipe)
+        logger.info("fine-tuning the teacher (%s) adversarially for %d epoch(s) "
+                    "(teacher.finetune)", start["source"], finetune.epochs)
+        finetune_teacher(model, finetune, settings, full.train)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_save_tensors(model.state_dict(), path)
+        return model, {"source": str(path), "cached": False, "finetuned_from": start["source"]}
     spec = dict(recipe)
     trainer_recipe = build_recipe(spec.pop("name"), **spec)
     if trainer_recipe.uses_teacher:
@@ -401,6 +431,32 @@ def obtain_teacher(config: TeacherConfig, data_config: DataConfig, data: DataSpl
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_save_tensors(model.state_dict(), path)
     return model, {"source": str(path), "cached": False}
+
+
+def check_finetune(finetune: FinetuneConfig, model: nn.Module, data: DataSplits) -> None:
+    """Raise a :class:`ConfigError` naming ``teacher.finetune`` when the fine-tuning cannot
+    run on ``model`` and ``data`` (checked before the teacher it starts from is trained): its
+    ``anchor_tap`` must name a submodule of the model and the training inputs must be float
+    (PGD perturbs them)."""
+    try:
+        resolve_module_taps(model, [finetune.anchor_tap])
+    except TapError as error:
+        raise ConfigError(f"teacher.finetune.anchor_tap: {error}") from None
+    inputs = getattr(data.train, "inputs", None)
+    if not isinstance(inputs, torch.Tensor) or not inputs.is_floating_point():
+        raise ConfigError(f"teacher.finetune: adversarial fine-tuning perturbs float inputs "
+                          f"(images, feature vectors); data set '{data.name}' has none")
+
+
+def finetune_teacher(model: nn.Module, finetune: FinetuneConfig, settings: TrainerSettings,
+                     train: Any) -> None:
+    """Fine-tune the trained ``model`` in place on ``train``: ``finetune``'s objective
+    (:class:`~kdistill.recipes.adversarial_training.AdversarialFinetune`), its teacher a frozen
+    copy of the model as it is now (the standard model whose features it stays near), with the
+    teacher's training ``settings`` at ``finetune.lr_factor`` times the learning rate for
+    ``finetune.epochs`` epochs."""
+    standard = FrozenTeacher(copy.deepcopy(model))
+    Distiller(model, standard, finetune.objective(), trainer=finetune.settings(settings)).fit(train)
 
 
 def build_phases(config: RunConfig) -> list[Phase]:
@@ -440,9 +496,14 @@ def build_teacher(config: RunConfig, data: DataSplits, phases: list[Phase],
             load_weights(teacher, Path(config.teacher.checkpoint), "teacher.checkpoint")
         handed: nn.Module | TeacherSource = teacher
     else:
+        training = teacher_training(config.teacher, recipe)
+        finetune = teacher_finetuning(config.teacher, recipe)
+        if config.teacher.train is not None:
+            logger.info("teacher: trained by %s%s", training, "" if finetune is None else
+                        f", then fine-tuned adversarially ({finetune.model_dump()})")
         teacher, _ = obtain_teacher(config.teacher, config.data, data,
-                                    progress=config.trainer.progress,
-                                    recipe=teacher_training(config.teacher, recipe))
+                                    progress=config.trainer.progress, recipe=training,
+                                    finetune=finetune)
         handed = FrozenTeacher(teacher, config.teacher.precision, config.teacher.compile)
     for phase, where in users:
         check_taps(teacher, phase.recipe.teacher_taps(), where, phase.name or "")
@@ -747,7 +808,8 @@ def trial_teacher(config: RunConfig, data: DataSplits, recipe: Recipe,
     """The teacher a trial hands to the :class:`Distiller`, as :func:`build_teacher` would but
     untrained: the architecture (with the checkpoint's weights if one is given), its module
     taps checked for every teacher-using phase in ``users``; a teacher the run would train
-    (``teacher_phases``) gets a trial of its own training first."""
+    (``teacher_phases``) gets a trial of its own training first, and of its adversarial
+    fine-tuning when it has one (:func:`teacher_finetuning`)."""
     assert config.teacher is not None
     fresh = recipe.teacher_model == "fresh"
     train = config.teacher.train
@@ -762,7 +824,14 @@ def trial_teacher(config: RunConfig, data: DataSplits, recipe: Recipe,
     if train is not None and teacher_phases is not None:
         full = data if config.data.labeled is None else \
             build_data(config.data.model_copy(update={"labeled": None}))
+        finetune = teacher_finetuning(config.teacher, recipe)
+        if finetune is not None:
+            check_finetune(finetune, teacher, full)
         trial_fit(teacher, None, teacher_phases, train, full, "teacher.train")
+        if finetune is not None:
+            trial_fit(teacher, FrozenTeacher(copy.deepcopy(teacher)),
+                      [Phase(finetune.objective(), finetune.epochs)], finetune.settings(train),
+                      full, "teacher.finetune")
     return FrozenTeacher(teacher, config.teacher.precision, config.teacher.compile)
 
 

@@ -20,7 +20,14 @@ import yaml
 
 from kdistill.config import RunConfig, load_config, parse_config
 from kdistill.recipes import build_recipe
-from kdistill.run import RunOutcome, cache_dir, run, teacher_key, teacher_training
+from kdistill.run import (
+    RunOutcome,
+    cache_dir,
+    run,
+    teacher_finetuning,
+    teacher_key,
+    teacher_training,
+)
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -135,7 +142,8 @@ def test_example_runs(name: str, tmp_path: Path) -> None:
         assert [row["name"] for row in outcome.rows] == ["teacher", "student"]
     if config.teacher is not None and (recipe is None or recipe.teacher_model == "trained"):
         assert config.teacher.train is not None
-        key = teacher_key(config.teacher, config.data, teacher_training(config.teacher, recipe))
+        key = teacher_key(config.teacher, config.data, teacher_training(config.teacher, recipe),
+                          teacher_finetuning(config.teacher, recipe))
         assert (cache_dir() / "teachers" / f"{key}.safetensors").is_file()
 
 

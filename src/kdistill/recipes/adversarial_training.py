@@ -1,4 +1,5 @@
-"""``adversarial``: adversarial training of a model on PGD perturbations of its own inputs."""
+"""``adversarial``: adversarial training of a model on PGD perturbations of its own inputs; and
+:class:`AdversarialFinetune`, DAFT's adversarial fine-tuning of a standard-trained model."""
 
 from __future__ import annotations
 
@@ -11,13 +12,13 @@ from torch import Tensor, nn
 from kdistill import losses
 from kdistill.adversarial import pgd_perturb
 from kdistill.contexts import eval_mode
-from kdistill.recipes.base import Recipe, RecipeParams, Term, ValueRange, register
+from kdistill.recipes.base import Recipe, RecipeParams, TapName, Term, ValueRange, register
 from kdistill.recipes.shared import ORIGINAL, row_views, stack_views
 from kdistill.schedules import TrainState
 from kdistill.taps import Taps
 
-# The views Adversarial.prepare stacks (batch[VIEW]): the clean rows (only when clean_weight > 0)
-# and their perturbed copies.
+# The views Adversarial.prepare stacks (batch[VIEW]): the clean rows (when a term reads them,
+# Adversarial.keeps_clean_rows) and their perturbed copies.
 CLEAN, ATTACKED = ORIGINAL, 1
 
 
@@ -82,9 +83,14 @@ class Adversarial(Recipe):
                                     p.steps, random_start=p.random_start,
                                     value_range=p.value_range)
         attacked = {**batch, "input": perturbed}
-        if p.clean_weight == 0:
+        if not self.keeps_clean_rows():
             return stack_views({ATTACKED: attacked})
         return stack_views({CLEAN: batch, ATTACKED: attacked})
+
+    def keeps_clean_rows(self) -> bool:
+        """Whether :meth:`prepare` keeps the clean rows before the perturbed ones (view
+        ``CLEAN``): when a term reads them, here the clean cross-entropy (w > 0)."""
+        return self.params.clean_weight > 0
 
     def terms(self, student: Taps, teacher: Taps | None, batch: Mapping[str, Any],
               state: TrainState) -> dict[str, Term]:
@@ -98,3 +104,56 @@ class Adversarial(Recipe):
             terms["clean_ce"] = Term(losses.cross_entropy(logits[clean], labels[clean]),
                                      weight=p.clean_weight, unit="labeled")
         return terms
+
+
+class AdversarialFinetuneParams(AdversarialParams):
+    clean_weight: float = Field(default=0.5, ge=0, le=1)
+    anchor_weight: float = Field(default=1.0, ge=0)
+    anchor_tap: TapName = "module:features"
+
+
+class AdversarialFinetune(Adversarial):
+    """L = (1 - w) CE(y, f(x_adv)) + w CE(y, f(x)) + lambda ||h(x) - h_0(x)||^2, x_adv = PGD.
+
+    DAFT's teacher fine-tuning (Nasery et al. 2022): the model f starts from a standard-trained
+    model f_0 (the frozen teacher source of this objective) and trains on PGD perturbations
+    made with itself, as :class:`~kdistill.recipes.adversarial_training.Adversarial` (same
+    attack parameters), plus the clean cross-entropy with weight w (``clean_weight``,
+    default 0.5) and an anchor that keeps its features h (``anchor_tap``, default
+    ``module:features``, the penultimate features) near those of the standard model on the
+    clean inputs: lambda (``anchor_weight``, default 1) times their mean squared difference
+    over samples and feature entries (:func:`kdistill.losses.hidden_mse`). The anchor is always
+    computed (logged as ``anchor``, the features' drift), weighted by lambda (0 turns it off).
+    The standard model reads the whole prepared batch, the anchor its clean rows.
+
+    Not registered as a recipe: it only fine-tunes a teacher (``teacher.finetune``), with the
+    standard model as its own teacher. The anchor and w are our reading of the paper's
+    "features learnt by standard training, combined by adversarial training"; docs/recipes.md.
+    """
+
+    name = "daft_finetune"
+    summary = "Adversarial fine-tuning of a standard-trained model, features anchored to it"
+    paper = ("Nasery, Addepalli, Netrapalli, Jain 2022, DAFT: Distilling Adversarially "
+             "Fine-tuned Models for Better OOD Generalization")
+    Params = AdversarialFinetuneParams
+    uses_teacher = True
+
+    def student_taps(self) -> list[str]:
+        return ["logits", self.params.anchor_tap]
+
+    def teacher_taps(self) -> list[str]:
+        return [self.params.anchor_tap]
+
+    def keeps_clean_rows(self) -> bool:
+        return True  # the anchor reads them
+
+    def terms(self, student: Taps, teacher: Taps | None, batch: Mapping[str, Any],
+              state: TrainState) -> dict[str, Term]:
+        if teacher is None:
+            raise ValueError(f"{self.name}: needs the standard-trained model as its teacher "
+                             "(the features it anchors to)")
+        tap = self.params.anchor_tap
+        clean = row_views(batch, self.name) == CLEAN
+        anchor = losses.hidden_mse(student[tap][clean], teacher[tap][clean])
+        return {**super().terms(student, teacher, batch, state),
+                "anchor": Term(anchor, weight=self.params.anchor_weight)}

@@ -83,6 +83,9 @@ class Recipe(nn.Module):
       ``mse`` are minimised, other metrics maximised);
     * ``teacher_recipe``: ``(recipe name, parameters)`` with which a config run trains the
       teacher when the config asks it to train one (default plain cross-entropy);
+    * ``teacher_finetune``: whether a config run that trains the teacher then fine-tunes it
+      adversarially (``teacher.finetune`` with its defaults; ``daft``) unless the teacher
+      section says how to train it (``teacher.recipe`` or ``teacher.finetune``);
     * ``task``: ``classification`` (also per token) or ``regression``;
     * ``teacher_input_change``: how :meth:`prepare` changes what the teacher reads (augmented or
       noisy copies), ``None`` when the teacher reads every sample as stored. With a frozen
@@ -99,6 +102,7 @@ class Recipe(nn.Module):
     teacher_model: ClassVar[TeacherModel] = "trained"
     keep_best: ClassVar[str | None] = None
     teacher_recipe: ClassVar[tuple[str, dict[str, Any]]] = ("ce", {})
+    teacher_finetune: ClassVar[bool] = False
     task: ClassVar[Literal["classification", "regression"]] = "classification"
     teacher_input_change: ClassVar[str | None] = None
 
