@@ -79,11 +79,13 @@ class Recipe(nn.Module):
       (frozen) teacher, a ``fresh`` untrained model built from ``teacher.model`` (peers that
       train online) or ``none`` (the teacher is made from the student, e.g. its EMA);
     * ``keep_best``: an evaluation metric (``accuracy``, ``ece``...); when set, the phase ends
-      with the student weights of its best end-of-epoch evaluation (``ece``, ``loss`` and
-      ``mse`` are minimised, other metrics maximised);
+      with the student weights of its best end-of-epoch evaluation (``cer``, ``ece``,
+      ``loss`` and ``mse`` are minimised, other metrics maximised);
     * ``teacher_recipe``: ``(recipe name, parameters)`` with which a config run trains the
       teacher when the config asks it to train one (default plain cross-entropy);
     * ``task``: ``classification`` (also per token) or ``regression``;
+    * ``ctc``: whether the method also trains CTC recognisers (data of task ``ctc``: per-frame
+      logits against target sequences, see :mod:`kdistill.batch`);
     * ``teacher_input_change``: how :meth:`prepare` changes what the teacher reads (augmented or
       noisy copies), ``None`` when the teacher reads every sample as stored. With a frozen
       (``trained``) teacher that reads the samples as stored, the teacher's taps of a sample
@@ -100,6 +102,7 @@ class Recipe(nn.Module):
     keep_best: ClassVar[str | None] = None
     teacher_recipe: ClassVar[tuple[str, dict[str, Any]]] = ("ce", {})
     task: ClassVar[Literal["classification", "regression"]] = "classification"
+    ctc: ClassVar[bool] = False
     teacher_input_change: ClassVar[str | None] = None
 
     def __init__(self, params: RecipeParams | None = None, **overrides: Any):
