@@ -14,6 +14,7 @@ from torch import nn
 from kdistill.batch import TARGET_LENGTHS, collate
 from kdistill.data import SequenceDataset, load_dataset
 from kdistill.data.digit_lines import compose_lines
+from kdistill.engine.phases import Phase
 from kdistill.evaluate import (
     benchmark_models,
     ctc_metrics,
@@ -24,6 +25,8 @@ from kdistill.evaluate import (
 )
 from kdistill.losses import ctc_loss, frames_needed
 from kdistill.models import build_model
+from kdistill.recipes import build_recipe
+from kdistill.report import markdown_table
 from kdistill.taps import run_model
 
 U = -100
@@ -45,7 +48,7 @@ def test_digit_lines_shapes_targets_and_batches() -> None:
     assert data.train.inputs.shape == (40, 1, 8, 55) and data.test.inputs.shape == (12, 1, 8, 55)
     labels, lengths = data.train.labels, data.train.target_lengths
     assert labels.shape == (40, 5) and labels.dtype == torch.int64
-    assert set(lengths.tolist()) <= {3, 4, 5} and len(set(lengths.tolist())) > 1
+    assert set(lengths.tolist()) == {3, 4, 5}
     for row, length in zip(labels, lengths, strict=True):  # digits, then padding
         assert ((row[:length] >= 0) & (row[:length] <= 9)).all() and (row[length:] == U).all()
     batch = collate([data.train[i] for i in (4, 0, 7)])
@@ -88,6 +91,34 @@ def test_lines_paste_the_drawn_digits_left_to_right_after_gaps() -> None:
         length = int((target != U).sum())
         assert 2 <= length <= 4 and read == target[:length].tolist()
     assert gaps == {0, 1, 2}  # every allowed gap occurs, no larger one
+
+
+def test_digit_lines_show_their_targets_drawn_from_their_own_pool() -> None:
+    """Scanning each line left to right finds its target digits, in order, as whole images of
+    its split's pool (the digits split stratified with the data seed), never of the other's."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = (digits.images / 16.0).astype(np.float32)
+    pools = train_test_split(np.arange(len(images)), test_size=0.25, random_state=3,
+                             stratify=digits.target)
+    data = small_lines(3)
+    for split, pool, other in ((data.train, pools[0], pools[1]),
+                               (data.test, pools[1], pools[0])):
+        for line, target, length in zip(split.inputs[:, 0].numpy(), split.labels,
+                                        split.target_lengths, strict=True):
+            wanted, column, found = target[:length].tolist(), 0, []
+            while column <= line.shape[1] - 8 and len(found) < len(wanted):
+                window = line[:, column:column + 8]
+                matches = pool[(images[pool] == window).all(axis=(1, 2))]
+                if len(matches) and digits.target[matches[0]] == wanted[len(found)]:
+                    found.append(int(digits.target[matches[0]]))
+                    assert not (images[other] == window).all(axis=(1, 2)).any()
+                    column += 8
+                else:
+                    column += 1
+            assert found == wanted
 
 
 def test_digit_lines_refuse_bad_options() -> None:
@@ -271,6 +302,14 @@ def test_ctc_predictions_refuse_unfit_outputs() -> None:
     mixed[1]["labels"] = torch.full((2, 5), U)
     with pytest.raises(ValueError, match="some batches carry target_lengths"):
         predict(Passthrough(), mixed)
+
+
+def test_cer_is_minimised_by_keep_best_and_shown_in_percent() -> None:
+    phase = Phase(build_recipe("ce"), 3, keep_best="cer")
+    assert phase.improves(0.10, 0.20) and not phase.improves(0.30, 0.20)
+    table = markdown_table([{"name": "student", "cer": 0.0425, "accuracy": 0.8}])
+    assert table.splitlines()[0] == "| Model | CER | Acc |"
+    assert table.splitlines()[2] == "| student | 4.25% | 80.00% |"
 
 
 def test_benchmark_rows_of_ctc_models() -> None:

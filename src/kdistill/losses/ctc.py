@@ -94,7 +94,7 @@ def ctc_loss(logits: Tensor, labels: Tensor, target_lengths: Tensor) -> Tensor:
         return logits.sum() * 0.0
     log_probs = logits[known].float().log_softmax(dim=-1).transpose(0, 1)  # [T, K, C]
     lengths = target_lengths[known].long()
-    targets = labels[known].clamp_min(0).long()  # padding is never read beyond the lengths
+    targets = labels[known].clamp_min(0).long()  # valid ids; none past a length is read
     inputs = torch.full((len(lengths),), frames, dtype=torch.long, device=logits.device)
     total = F.ctc_loss(log_probs, targets, inputs, lengths, blank=classes - 1,
                        reduction="sum")
