@@ -197,7 +197,7 @@ def test_model_option_values_are_checked_against_the_builder(options: dict[str, 
 def test_unknown_data_set() -> None:
     raw = base_config(data={"name": "digit"})
     assert problem_lines(error_of(raw)) == [
-        "data.name: unknown data set 'digit'; did you mean 'digits'?"]
+        "data.name: unknown data set 'digit'; did you mean 'digits' or 'digit-lines'?"]
 
 
 def test_csv_without_path() -> None:

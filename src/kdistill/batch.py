@@ -13,6 +13,12 @@ Labels are integer class ids for classification, per token for token classificat
 for regression. ``UNLABELED`` (-100, the value PyTorch's and Hugging Face's losses ignore) marks
 an integer label that is hidden or a padding token that has none; NaN marks a hidden regression
 score. :func:`label_mask` tells the known labels of either kind.
+
+Sequence recognition with CTC (task ``ctc``): a sample's ``labels`` are its target sequence of
+token ids, padded at the end with ``UNLABELED`` to the data set's longest target, and its
+``TARGET_LENGTHS`` entry is the number of tokens (0: the sample's target is hidden). The model
+reads the whole input and gives per-frame logits [B, T, C] whose last class, C - 1, is the CTC
+blank; targets are ids 0 .. C - 2. The ``TARGET_LENGTHS`` key is what marks a batch as CTC.
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import default_collate
 
 UNLABELED = -100
-Task = Literal["classification", "regression", "token_classification"]
+TARGET_LENGTHS = "target_lengths"
+Task = Literal["classification", "regression", "token_classification", "ctc"]
 
 
 def label_mask(labels: torch.Tensor) -> torch.Tensor:

@@ -55,8 +55,8 @@ def _exactly_one(first: str, first_value: Any, second: str, second_value: Any,
 
 
 class DataConfig(Strict):
-    """Which data: a built-in set (``digits``, ``mnist5k``, ``fashion-mnist``, ``diabetes``,
-    ``rotten-tomatoes``...) or a user file (``npz``, ``csv``, ``text``, ``conll``,
+    """Which data: a built-in set (``digits``, ``digit-lines``, ``mnist5k``, ``fashion-mnist``,
+    ``diabetes``, ``rotten-tomatoes``...) or a user file (``npz``, ``csv``, ``text``, ``conll``,
     ``hf_dataset`` + ``path``); ``options`` are passed to the loader (e.g. ``train_size`` for
     ``fashion-mnist``, ``text_column`` for ``text``). ``unlabeled`` adds unlabelled transfer
     text to a text data set's training split: plain text files (one text per line) or built-in

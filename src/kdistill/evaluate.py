@@ -8,6 +8,11 @@ Three tasks are told apart by the shape of a model's output (:func:`task_of`):
 * regression, scores [B] or [B, 1]: MSE, Pearson and Spearman correlation with the gold scores,
   and the same three against the teacher's scores.
 
+A fourth, CTC sequence recognition, is told by its batches, which carry ``target_lengths``
+(:mod:`kdistill.batch`): per-frame logits [B, T, C] against target sequences, read by greedy
+CTC decoding; character error rate, line accuracy and agreement with the teacher's readings
+(:func:`ctc_metrics`).
+
 Cost is measured by parameter count, size on disk and CPU latency at a stated batch size and
 thread count. :func:`benchmark_models` gathers all of it into one row per model, timing the
 models in interleaved rounds so that they are compared under the same machine conditions.
@@ -32,10 +37,11 @@ from safetensors.torch import save_model
 from torch import nn
 from torch.utils.data import DataLoader
 
-from kdistill.batch import UNLABELED, Task, collate, label_mask, to_device
+from kdistill.batch import TARGET_LENGTHS, UNLABELED, Task, collate, label_mask, to_device
 from kdistill.contexts import eval_mode, num_threads
 from kdistill.data.base import ArrayDataset, IndexedDataset
 from kdistill.data.shifts import shifted_dataset, value_range_of
+from kdistill.losses.ctc import check_ctc_targets
 from kdistill.settings import Shift
 from kdistill.taps import output_logits, run_model
 
@@ -70,16 +76,19 @@ class Predictions:
     ``logits`` are the model's outputs: logits [N, C] or [N, L, C], or regression scores [N] or
     [N, 1] as the model returns them. ``labels`` are integer ([N] or [N, L], ``-100`` = no label)
     or, for regression, float [N] (NaN = no label). ``mask`` is the ``attention_mask`` [N, L]
-    (bool) of token outputs when every batch carried one, otherwise ``None``.
+    (bool) of token outputs when every batch carried one, otherwise ``None``. For CTC,
+    ``logits`` are per-frame [N, T, C], ``labels`` the target sequences [N, S] (padded with
+    ``-100``) and ``target_lengths`` [N] their lengths; ``None`` for every other task.
     """
 
     logits: torch.Tensor
     labels: torch.Tensor
     mask: torch.Tensor | None = None
+    target_lengths: torch.Tensor | None = None
 
     @property
     def task(self) -> Task:
-        return task_of(self.logits)
+        return "ctc" if self.target_lengths is not None else task_of(self.logits)
 
 
 @dataclass(frozen=True)
@@ -103,12 +112,15 @@ class BenchmarkRow(TypedDict):
       teacher's;
     * regression: ``mse``, ``pearson``, ``spearman`` against the gold scores and
       ``mse_teacher``, ``pearson_teacher``, ``spearman_teacher`` against the teacher's scores
-      (``None`` when no teacher was named).
+      (``None`` when no teacher was named);
+    * CTC: ``cer``, ``accuracy`` (of whole lines), ``agreement`` and ``accuracy_share`` (see
+      :func:`ctc_metrics`).
 
     The cost keys from ``params`` on are in every row.
     """
 
     name: str
+    cer: NotRequired[float]
     accuracy: NotRequired[float]
     macro_f1: NotRequired[float]
     ece: NotRequired[float]
@@ -157,19 +169,40 @@ def _synchronize(device: torch.device) -> None:
 
 
 class _Rows(NamedTuple):
-    """One batch's outputs, labels and token mask on the CPU, and its ``index``."""
+    """One batch's outputs, labels and token mask on the CPU, its ``index`` and, for CTC, its
+    ``target_lengths``."""
 
     outputs: torch.Tensor
     labels: torch.Tensor
     mask: torch.Tensor | None
     index: torch.Tensor | None
+    target_lengths: torch.Tensor | None = None
+
+
+def _ctc_rows(outputs: torch.Tensor, batch: Mapping[str, Any]) -> _Rows:
+    """One CTC batch's per-frame outputs and target sequences, checked, on the CPU."""
+    if outputs.dim() != 3:
+        raise ValueError(f"CTC data (the batch has {TARGET_LENGTHS}) needs per-frame logits "
+                         f"[batch, frames, classes], got outputs of shape "
+                         f"{tuple(outputs.shape)}")
+    if "labels" not in batch:
+        raise ValueError(f"a CTC batch needs its target sequences 'labels' beside "
+                         f"{TARGET_LENGTHS}; keys: {sorted(batch)}")
+    labels, lengths = batch["labels"].cpu().long(), batch[TARGET_LENGTHS].cpu().long()
+    check_ctc_targets(labels, lengths, outputs.shape[-1])
+    if labels.shape[0] != outputs.shape[0]:
+        raise ValueError(f"{labels.shape[0]} target sequences for outputs of shape "
+                         f"{tuple(outputs.shape)}")
+    return _Rows(outputs, labels, None, batch.get("index"), lengths)
 
 
 def _batch_rows(outputs: torch.Tensor, batch: Mapping[str, Any]) -> _Rows:
     """Check one batch's outputs against its ``labels`` (and ``attention_mask`` for token
-    outputs) and move them to the CPU; a batch without labels gets ``-100`` (NaN for
-    regression) for each label."""
+    outputs, ``target_lengths`` for CTC) and move them to the CPU; a batch without labels gets
+    ``-100`` (NaN for regression) for each label."""
     outputs = outputs.float().cpu()
+    if TARGET_LENGTHS in batch:
+        return _ctc_rows(outputs, batch)
     task = task_of(outputs)
     rows = outputs.shape[0]
     label_shape = (rows,) if task == "regression" else tuple(outputs.shape[:-1])
@@ -208,9 +241,16 @@ def _in_data_order(rows: Sequence[_Rows]) -> Predictions:
 
     Token outputs of batches padded to different lengths are padded to the longest: logits with
     0, labels with ``-100`` and the mask with ``False``, so the added positions count nowhere.
+    CTC outputs keep their frames (every batch must give the same number); their target
+    sequences are padded with ``-100`` to the longest.
     """
     if not rows:
         raise ValueError("predict received no batches")
+    ctc = {r.target_lengths is not None for r in rows}
+    if len(ctc) != 1:
+        raise ValueError(f"some batches carry {TARGET_LENGTHS} (CTC data) and some do not")
+    if True in ctc:
+        return _ctc_in_data_order(rows)
     # Per-sample shapes must agree, except for the token count of token outputs.
     shapes = {(r.outputs.dim(), r.outputs.shape[-1] if r.outputs.dim() > 1 else 0)
               for r in rows}
@@ -227,11 +267,36 @@ def _in_data_order(rows: Sequence[_Rows]) -> Predictions:
         masks = [None if m is None else _pad_tokens(m, length, False) for m in masks]
     logits, target = torch.cat(outputs), torch.cat(labels)
     mask = torch.cat(masks) if all(m is not None for m in masks) else None
-    if all(r.index is not None for r in rows):
-        order = torch.argsort(torch.cat([r.index.cpu().reshape(-1) for r in rows]))
+    order = _data_order(rows)
+    if order is not None:
         logits, target = logits[order], target[order]
         mask = mask[order] if mask is not None else None
     return Predictions(logits=logits, labels=target, mask=mask)
+
+
+def _data_order(rows: Sequence[_Rows]) -> torch.Tensor | None:
+    """The permutation sorting the concatenated rows by ``index``; None unless every batch
+    carries one."""
+    if not all(r.index is not None for r in rows):
+        return None
+    return torch.argsort(torch.cat([r.index.cpu().reshape(-1) for r in rows]))
+
+
+def _ctc_in_data_order(rows: Sequence[_Rows]) -> Predictions:
+    """:func:`_in_data_order` for CTC rows: per-frame outputs of one shape per sample, target
+    sequences padded with ``-100`` to the longest."""
+    shapes = {tuple(r.outputs.shape[1:]) for r in rows}
+    if len(shapes) != 1:
+        raise ValueError(f"CTC batches gave per-frame outputs of different shapes (frames, "
+                         f"classes): {sorted(shapes)}")
+    width = max(r.labels.shape[1] for r in rows)
+    logits = torch.cat([r.outputs for r in rows])
+    labels = torch.cat([_pad_tokens(r.labels, width, UNLABELED) for r in rows])
+    lengths = torch.cat([r.target_lengths for r in rows])  # type: ignore[misc]
+    order = _data_order(rows)
+    if order is not None:
+        logits, labels, lengths = logits[order], labels[order], lengths[order]
+    return Predictions(logits=logits, labels=labels, target_lengths=lengths)
 
 
 def predict(model: nn.Module, batches: Iterable[Mapping[str, Any]],
@@ -382,6 +447,74 @@ def _label_metrics(logits: torch.Tensor, predicted: torch.Tensor, labels: torch.
     }
 
 
+def greedy_decode(logits: torch.Tensor) -> list[list[int]]:
+    """Greedy (best path) CTC decoding of per-frame logits [N, T, C], the blank last: each
+    frame's most likely class, repeats merged, blanks removed; one token list per row."""
+    if logits.dim() != 3:
+        raise ValueError(f"greedy_decode needs per-frame logits [N, T, C], got "
+                         f"{tuple(logits.shape)}")
+    blank = logits.shape[-1] - 1
+    readings = []
+    for path in logits.argmax(dim=-1).tolist():
+        merged = [c for t, c in enumerate(path) if t == 0 or c != path[t - 1]]
+        readings.append([c for c in merged if c != blank])
+    return readings
+
+
+def edit_distance(a: Sequence[int], b: Sequence[int]) -> int:
+    """Levenshtein distance: the fewest insertions, deletions and substitutions turning ``a``
+    into ``b``."""
+    previous = list(range(len(b) + 1))
+    for i, x in enumerate(a, start=1):
+        current = [i]
+        for j, y in enumerate(b, start=1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1,
+                               previous[j - 1] + (x != y)))
+        previous = current
+    return previous[-1]
+
+
+def ctc_metrics(logits: torch.Tensor, labels: torch.Tensor, target_lengths: torch.Tensor,
+                teacher_logits: torch.Tensor | None = None) -> dict[str, float]:
+    r"""Character error rate, line accuracy and agreement of a CTC model's greedy readings.
+
+    With :math:`\hat y_i` the greedy reading of row i (:func:`greedy_decode`), :math:`y_i` its
+    target and K the rows with a known target (length > 0):
+
+    * ``cer`` = :math:`\sum_{i \in K} \mathrm{ed}(\hat y_i, y_i) / \sum_{i \in K} |y_i|`, the
+      edit distance (:func:`edit_distance`) per target token;
+    * ``accuracy``: the fraction of rows of K read exactly (line accuracy);
+    * ``agreement`` (only with ``teacher_logits``): the fraction of all rows read exactly as
+      the teacher reads them.
+
+    ``cer`` and ``accuracy`` are NaN without a known target.
+
+    Args:
+        logits: per-frame logits [N, T, C], the blank last.
+        labels: target sequences [N, S] padded with ``-100``.
+        target_lengths: [N] tokens per target (0: hidden).
+        teacher_logits: the teacher's per-frame logits [N, T', C] on the same rows.
+    """
+    check_ctc_targets(labels, target_lengths, logits.shape[-1])
+    readings = greedy_decode(logits.detach().cpu())
+    targets = [row[:length] for row, length in zip(labels.tolist(), target_lengths.tolist(),
+                                                    strict=True)]
+    known = [i for i, target in enumerate(targets) if target]
+    metrics = {"cer": math.nan, "accuracy": math.nan}
+    if known:
+        errors = sum(edit_distance(readings[i], targets[i]) for i in known)
+        metrics["cer"] = errors / sum(len(targets[i]) for i in known)
+        metrics["accuracy"] = sum(readings[i] == targets[i] for i in known) / len(known)
+    if teacher_logits is not None:
+        if teacher_logits.shape[0] != logits.shape[0]:
+            raise ValueError(f"teacher logits for {teacher_logits.shape[0]} rows, student "
+                             f"logits for {logits.shape[0]}")
+        teacher = greedy_decode(teacher_logits.detach().cpu())
+        metrics["agreement"] = sum(a == b for a, b in zip(readings, teacher, strict=True)) \
+            / len(readings)
+    return metrics
+
+
 def _scores(values: torch.Tensor, what: str, rows: int | None = None) -> torch.Tensor:
     """``values`` of shape [N] or [N, 1] (N = ``rows`` when given) as a float64 CPU vector."""
     if (values.dim() not in (1, 2) or values.numel() != values.shape[0]
@@ -446,9 +579,12 @@ def regression_metrics(outputs: torch.Tensor, labels: torch.Tensor,
 def task_metrics(predictions: Predictions, teacher_outputs: torch.Tensor | None = None,
                  n_bins: int = 15) -> dict[str, float]:
     """The metrics of ``predictions``' task: :func:`regression_metrics` for scores,
-    :func:`classification_metrics` (per token, with ``predictions.mask``) for logits.
-    ``teacher_outputs`` are the teacher's outputs on the same rows (``Predictions.logits`` of
-    :func:`predict_source`)."""
+    :func:`ctc_metrics` for CTC, :func:`classification_metrics` (per token, with
+    ``predictions.mask``) for other logits. ``teacher_outputs`` are the teacher's outputs on
+    the same rows (``Predictions.logits`` of :func:`predict_source`)."""
+    if predictions.target_lengths is not None:
+        return ctc_metrics(predictions.logits, predictions.labels, predictions.target_lengths,
+                           teacher_outputs)
     if predictions.task == "regression":
         return regression_metrics(predictions.logits, predictions.labels, teacher_outputs)
     return classification_metrics(predictions.logits, predictions.labels, teacher_outputs,
@@ -592,10 +728,9 @@ def _quality(task: Task, metrics: Mapping[str, float],
     if task == "regression":
         return {key: metrics.get(key) for key in REGRESSION_KEYS + REGRESSION_TEACHER_KEYS}
     teacher_accuracy = teacher_metrics["accuracy"] if teacher_metrics is not None else None
+    label_metrics = ("cer", "accuracy") if task == "ctc" else ("accuracy", "macro_f1", "ece")
     return {
-        "accuracy": metrics["accuracy"],
-        "macro_f1": metrics["macro_f1"],
-        "ece": metrics["ece"],
+        **{key: metrics[key] for key in label_metrics},
         "agreement": metrics.get("agreement"),
         "accuracy_share": (metrics["accuracy"] / teacher_accuracy if teacher_accuracy else None),
     }
@@ -636,7 +771,8 @@ def evaluate_model(student: nn.Module, batches: Sequence[Mapping[str, Any]],
     """The engine's end-of-epoch evaluation: :func:`task_metrics` of ``student`` on ``batches``.
 
     Classification and token classification give ``accuracy``, ``macro_f1``, ``ece`` and, with
-    ``teacher_outputs``, ``agreement``; regression gives ``mse``, ``pearson``, ``spearman`` and,
+    ``teacher_outputs``, ``agreement``; CTC gives ``cer``, ``accuracy`` and ``agreement``;
+    regression gives ``mse``, ``pearson``, ``spearman`` and,
     with ``teacher_outputs``, ``mse_teacher``, ``pearson_teacher``, ``spearman_teacher``.
     ``teacher_outputs`` are the teacher's outputs in data order (:func:`predict_source`).
     """

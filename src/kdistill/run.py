@@ -183,7 +183,12 @@ def check_taps(model: nn.Module, taps: Iterable[str], where: str, phase: str) ->
 
 def check_task(recipe: Recipe, data: DataSplits, where: str) -> None:
     """Raise a :class:`ConfigError` when ``recipe`` cannot learn ``data``'s task (a regression
-    recipe on class labels or a classification recipe on float scores)."""
+    recipe on class labels, a classification recipe on float scores, a recipe without CTC on
+    target sequences)."""
+    if data.task == "ctc" and not recipe.ctc:
+        fitting = sorted(name for name, entry in RECIPES.items() if entry.cls.ctc)
+        raise ConfigError(f"{where}: '{recipe.name}' does not train CTC models but data set "
+                          f"'{data.name}' is a ctc task; recipes for it: {fitting}")
     wanted = "regression" if data.task == "regression" else "classification"
     if recipe.task != wanted:
         fitting = sorted(name for name, entry in RECIPES.items() if entry.cls.task == wanted)

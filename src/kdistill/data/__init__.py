@@ -15,6 +15,7 @@ from kdistill.data.base import (
     labeled_indices,
 )
 from kdistill.data.builtin import DATASETS, TEXT_DATASETS, load_dataset
+from kdistill.data.sequences import SequenceDataset
 from kdistill.data.text import TextDataset, WordTagDataset
 from kdistill.data.text_corpora import UNLABELED_CORPORA, add_unlabeled
 
@@ -27,6 +28,7 @@ __all__ = [
     "IndexedDataset",
     "IndexedStream",
     "LabeledDataset",
+    "SequenceDataset",
     "TextDataset",
     "WordTagDataset",
     "add_unlabeled",

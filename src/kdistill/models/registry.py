@@ -9,7 +9,7 @@ builders that declare it (and to no other):
 
 * ``corpus`` (``Sequence[str]``): the training texts (word lists joined by spaces), for
   builders that make a vocabulary from them; a builder given none raises a ``ValueError``;
-* ``task`` (``"classification"``, ``"regression"`` or ``"token_classification"``).
+* ``task`` (``"classification"``, ``"regression"``, ``"token_classification"`` or ``"ctc"``).
 
 They are not options: a config cannot set them (:mod:`kdistill.config` leaves them out of
 the options it validates, like ``input_shape`` and ``num_classes``).
@@ -26,6 +26,7 @@ from torch import nn
 
 from kdistill.batch import Task
 from kdistill.models.cnn import CNN
+from kdistill.models.ctc import CRNN, OracleCTC
 from kdistill.models.hf import folder_problems, load_hf_model, tokenizer_problems
 from kdistill.models.hf_student import build_hf_student, hf_student_files
 from kdistill.models.hf_text import build_hf_text, hf_text_files
@@ -55,6 +56,12 @@ MODEL_SIZES: dict[str, dict[str, dict[str, Any]]] = {
                 "base": {"embed_dim": 128, "channels": 100}},
     "cmow": {"tiny": {"cbow_dim": 16, "matrix_dim": 4}, "small": {"cbow_dim": 64, "matrix_dim": 8},
              "base": {"cbow_dim": 400, "matrix_dim": 20}},
+    "crnn": {"tiny": {"channels": [8, 16], "dim": 16, "hidden": 16},
+             "small": {"channels": [16, 32], "dim": 32, "hidden": 32},
+             "base": {"channels": [32, 64], "dim": 64, "hidden": 64}},
+    "oracle_ctc": {"tiny": {"channels": [8, 16], "dim": 16, "hidden": 16},
+                   "small": {"channels": [16, 32], "dim": 32, "hidden": 32},
+                   "base": {"channels": [32, 64], "dim": 64, "hidden": 64, "heads": 4}},
 }
 CONTEXT_PARAMETERS = ("corpus", "task")
 
@@ -85,6 +92,22 @@ def _vit(input_shape: Sequence[int], num_classes: int, patch_size: Width = 4, di
     distillation token and head beside the class token and head."""
     return ViT(input_shape, num_classes, patch_size, dim, depth, heads, mlp_ratio, dropout,
                distillation_token)
+
+
+def _crnn(input_shape: Sequence[int], num_classes: int,
+          channels: Annotated[Sequence[Width], Field(min_length=1)], dim: Width = 32,
+          hidden: Width = 32, layers: Width = 1) -> nn.Module:
+    """A CTC recogniser of line images (:class:`~kdistill.models.ctc.CRNN`), for ``ctc``
+    data: per-frame logits, the blank last."""
+    return CRNN(input_shape, num_classes, channels, dim, hidden, layers)
+
+
+def _oracle_ctc(input_shape: Sequence[int], num_classes: int,
+                channels: Annotated[Sequence[Width], Field(min_length=1)], dim: Width = 32,
+                hidden: Width = 32, layers: Width = 1, heads: Width = 1) -> nn.Module:
+    """The CTC oracle teacher (:class:`~kdistill.models.ctc.OracleCTC`): a ``crnn`` whose
+    frames also attend over the target sequence."""
+    return OracleCTC(input_shape, num_classes, channels, dim, hidden, layers, heads)
 
 
 def _hf(input_shape: Sequence[int], num_classes: int, path: str,
@@ -187,6 +210,7 @@ def build_oracle(input_shape: Sequence[int], num_classes: int, base: str = "cnn"
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "mlp": _mlp, "cnn": _cnn, "vit": _vit, "hf": _hf, "tagger": _tagger, "oracle": build_oracle,
+    "crnn": _crnn, "oracle_ctc": _oracle_ctc,
     "ngram": _ngram, "bilstm": _bilstm, "textcnn": _textcnn, "cmow": _cmow,
     "hf_text": build_hf_text, "hf_student": build_hf_student}
 

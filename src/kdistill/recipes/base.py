@@ -79,14 +79,16 @@ class Recipe(nn.Module):
       (frozen) teacher, a ``fresh`` untrained model built from ``teacher.model`` (peers that
       train online) or ``none`` (the teacher is made from the student, e.g. its EMA);
     * ``keep_best``: an evaluation metric (``accuracy``, ``ece``...); when set, the phase ends
-      with the student weights of its best end-of-epoch evaluation (``ece``, ``loss`` and
-      ``mse`` are minimised, other metrics maximised);
+      with the student weights of its best end-of-epoch evaluation (``cer``, ``ece``,
+      ``loss`` and ``mse`` are minimised, other metrics maximised);
     * ``teacher_recipe``: ``(recipe name, parameters)`` with which a config run trains the
       teacher when the config asks it to train one (default plain cross-entropy);
     * ``teacher_finetune``: whether a config run that trains the teacher then fine-tunes it
       adversarially (``teacher.finetune`` with its defaults; ``daft``) unless the teacher
       section says how to train it (``teacher.recipe`` or ``teacher.finetune``);
     * ``task``: ``classification`` (also per token) or ``regression``;
+    * ``ctc``: whether the method also trains CTC recognisers (data of task ``ctc``: per-frame
+      logits against target sequences, see :mod:`kdistill.batch`);
     * ``teacher_input_change``: how :meth:`prepare` changes what the teacher reads (augmented or
       noisy copies), ``None`` when the teacher reads every sample as stored. With a frozen
       (``trained``) teacher that reads the samples as stored, the teacher's taps of a sample
@@ -104,6 +106,7 @@ class Recipe(nn.Module):
     teacher_recipe: ClassVar[tuple[str, dict[str, Any]]] = ("ce", {})
     teacher_finetune: ClassVar[bool] = False
     task: ClassVar[Literal["classification", "regression"]] = "classification"
+    ctc: ClassVar[bool] = False
     teacher_input_change: ClassVar[str | None] = None
 
     def __init__(self, params: RecipeParams | None = None, **overrides: Any):

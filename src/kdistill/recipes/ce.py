@@ -5,23 +5,27 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from kdistill import losses
 from kdistill.recipes.base import Recipe, Term, register
+from kdistill.recipes.shared import label_term
 from kdistill.schedules import TrainState
 from kdistill.taps import Taps
 
 
 @register
 class CrossEntropy(Recipe):
-    """L = CE(y, z_s) on labelled samples only; no teacher. Unlabelled samples are skipped."""
+    """L = CE(y, z_s) on labelled samples only; no teacher. Unlabelled samples are skipped.
+
+    On CTC data (per-frame logits, target sequences) the loss is CTC per target token
+    (:func:`kdistill.losses.ctc_loss`) instead of the cross-entropy.
+    """
 
     name = "ce"
     summary = "Student trained on labels alone (no teacher): the no-KD baseline"
     paper = "-"
     uses_teacher = False
     uses_unlabeled = False
+    ctc = True
 
     def terms(self, student: Taps, teacher: Taps | None, batch: Mapping[str, Any],
               state: TrainState) -> dict[str, Term]:
-        return {"ce": Term(losses.cross_entropy(student["logits"], batch["labels"]),
-                           unit="labeled")}
+        return label_term(student["logits"], batch)

@@ -9,6 +9,7 @@ from pydantic import Field
 
 from kdistill import losses
 from kdistill.recipes.base import Recipe, RecipeParams, Term, register
+from kdistill.recipes.shared import label_term
 from kdistill.schedules import TrainState
 from kdistill.taps import Taps
 
@@ -28,23 +29,24 @@ class Hinton(Recipe):
 
     Logits ``[B, C]``: KL summed over classes, averaged over samples (unit ``examples``). Token
     logits ``[B, L, C]``: KL per token, averaged over the valid tokens of the batch's
-    ``attention_mask`` (unit ``tokens``), CE over the labelled tokens. More: docs/recipes.md.
+    ``attention_mask`` (unit ``tokens``), CE over the labelled tokens. CTC data (per-frame
+    logits [B, T, C], target sequences): CTC per target token in place of CE
+    (:func:`kdistill.losses.ctc_loss`) and the KL per frame, averaged over every frame (the
+    frame-level KD of CTC models). More: docs/recipes.md.
     """
 
     name = "hinton"
     summary = "Soft-label KD: (1-a) CE + a T^2 KL(p_t^T || p_s^T)"
     paper = "Hinton, Vinyals, Dean 2015, Distilling the Knowledge in a Neural Network"
     Params = HintonParams
+    ctc = True
 
     def terms(self, student: Taps, teacher: Taps | None, batch: Mapping[str, Any],
               state: TrainState) -> dict[str, Term]:
         p = self.params
         z_s, z_t = student["logits"], teacher["logits"]
+        label = label_term(z_s, batch, weight=1 - p.alpha)  # first: it names unfit logits
         per_token = z_s.dim() == 3
         mask = batch.get("attention_mask") if per_token else None
         kd = p.temperature**2 * losses.forward_kl(z_s, z_t, mask=mask, temperature=p.temperature)
-        return {
-            "ce": Term(losses.cross_entropy(z_s, batch["labels"]), weight=1 - p.alpha,
-                       unit="labeled"),
-            "kd": Term(kd, weight=p.alpha, unit="tokens" if per_token else "examples"),
-        }
+        return {**label, "kd": Term(kd, weight=p.alpha, unit="tokens" if per_token else "examples")}

@@ -3,6 +3,7 @@ one another only to subclass (or to run another recipe as a phase).
 
 * Rows of logits: :func:`valid_rows` (which rows count, and in which engine unit) and
   :func:`labels_or_teacher_argmax` (a target for every row, labelled or not).
+* The label term: :func:`label_term` (cross-entropy, or CTC on a CTC batch).
 * Stacked views of a batch: :func:`stack_views` puts several versions of the same samples
   (clean, augmented, noisy, perturbed...) one after the other in one batch and marks every row
   with the id of its view in ``batch[VIEW]``; :func:`row_views` reads the marks back and
@@ -23,10 +24,11 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from kdistill.batch import hidden_like
+from kdistill import losses
+from kdistill.batch import TARGET_LENGTHS, hidden_like
 from kdistill.losses.registry import Unit
 from kdistill.models.fresh import reinitialise_
-from kdistill.recipes.base import RecipeParams
+from kdistill.recipes.base import RecipeParams, Term
 from kdistill.schedules import ScheduleConfig, constant
 
 # ------------------------------------------------------------------------------- rows of logits
@@ -60,6 +62,18 @@ def labels_or_teacher_argmax(batch: Mapping[str, Any], teacher_logits: Tensor) -
         return guess
     labels = labels.to(guess.device)
     return torch.where(labels >= 0, labels, guess)
+
+
+def label_term(logits: Tensor, batch: Mapping[str, Any], weight: float = 1.0) -> dict[str, Term]:
+    """The student's loss on the batch's labels, a mean per known label (unit ``labeled``), as
+    a one-term dict: ``ctc``, :func:`kdistill.losses.ctc_loss` per target token, when the
+    batch is a CTC batch (it has ``target_lengths``, see :mod:`kdistill.batch`); ``ce``,
+    :func:`kdistill.losses.cross_entropy` per labelled row, otherwise."""
+    if TARGET_LENGTHS in batch:
+        value = losses.ctc_loss(logits, batch["labels"], batch[TARGET_LENGTHS])
+        return {"ctc": Term(value, weight=weight, unit="labeled")}
+    return {"ce": Term(losses.cross_entropy(logits, batch["labels"]), weight=weight,
+                       unit="labeled")}
 
 
 # -------------------------------------------------------------------- stacked views of a batch
