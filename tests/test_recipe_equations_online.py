@@ -162,42 +162,60 @@ def test_bdkd_terms_and_gradients() -> None:
 # -------------------------------------------------------------------------------------- okdhp
 
 
-def test_okdhp_terms_and_gradients_with_a_trained_gate() -> None:
-    """sum_j CE(z_j, y) + CE(z_ens, y) + w T^2 sum_j KL(sg(p_ens^T) || p_j^T), z_ens =
-    sum_j g_j z_j with g = softmax(W [z_0; ...; z_{k-1}] + b) per sample."""
-    k, temperature, weight = 4, 2.0, 0.35
-    recipe = build_recipe("okdhp", branches=k, temperature=temperature, kl_weight=weight)
-    heads = leaf(seeded(k, 6, 5, seed=35, scale=2.0))
-    recipe.build(Taps({"heads": heads}), None)
-    gate_w, gate_b = seeded(k, k * 5, seed=36, scale=0.5), seeded(k, seed=37)
-    params = {tuple(q.shape): q for q in recipe.parameters()}
-    assert set(params) == {(k, k * 5), (k,)}
-    with torch.no_grad():
-        params[(k, k * 5)].copy_(gate_w)
-        params[(k,)].copy_(gate_b)
+OKDHP_RAMP = ScheduleConfig(name="gaussian", start=0.5, end=3.0, length=0.25, unit="phase")
 
-    def by_hand(z: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> tuple:
-        stacked = torch.cat(list(z), dim=-1)  # [B, k C]: branch 0's classes first
-        gate = torch.softmax(stacked @ w.T + b, dim=-1)  # [B, k]
-        ensemble = (gate.T.unsqueeze(-1) * z).sum(0)
-        target = torch.log_softmax(ensemble.detach() / temperature, -1)
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_okdhp_terms_and_gradients_with_a_trained_gate(detach: bool) -> None:
+    """sum_j CE(z_j, y) + w_ens CE(z_ens, y) + w(t) T^2 sum_j KL(p_ens^T || p_j^T), z_ens[c] =
+    sum_j g_j[c] z_j[c] with g = softmax over the branches of (W f + b) reshaped [k, C] from
+    the trunk features f, w(t) = w_0 + (w_1 - w_0) exp(-5 (1 - min(t / l, 1))^2) with t the
+    share of the phase done; p_ens a fixed target only with detach_ensemble."""
+    k, c, f, temperature, ens_weight = 4, 5, 3, 2.0, 1.7
+    recipe = build_recipe("okdhp", branches=k, temperature=temperature, kl_weight=OKDHP_RAMP,
+                          ensemble_weight=ens_weight, detach_ensemble=detach)
+    trunk = recipe.trunk_tap
+    heads, feats = leaf(seeded(k, 6, c, seed=35, scale=2.0)), leaf(seeded(6, f, seed=36))
+    recipe.build(Taps({"heads": heads, trunk: feats}), None)
+    gate_w, gate_b = seeded(k * c, f, seed=37, scale=0.8), seeded(k * c, seed=38)
+    params = {tuple(q.shape): q for q in recipe.parameters()}
+    assert set(params) == {(k * c, f), (k * c,)}
+    with torch.no_grad():
+        params[(k * c, f)].copy_(gate_w)
+        params[(k * c,)].copy_(gate_b)
+
+    def by_hand(z: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> tuple:
+        scores = (x @ w.T + b).reshape(6, k, c)  # row j * C + c of W: branch j, class c
+        gate = torch.softmax(scores, dim=1)  # [B, k, C], over the branches
+        ensemble = (gate.permute(1, 0, 2) * z).sum(0)
+        target = ensemble.detach() if detach else ensemble
+        log_target = torch.log_softmax(target / temperature, -1)
         ce_sum = sum(nll_mean(z[j], LABELS) for j in range(k))
         ce_ens = nll_mean(ensemble, LABELS)
-        kl_sum = sum(temperature**2 * kl_mean(target, torch.log_softmax(z[j] / temperature, -1))
+        kl_sum = sum(temperature**2 * kl_mean(log_target,
+                                              torch.log_softmax(z[j] / temperature, -1))
                      for j in range(k))
         return ce_sum, ce_ens, kl_sum
 
-    h64, w64, b64 = (leaf(x, torch.float64) for x in (heads, gate_w, gate_b))
-    ce_sum, ce_ens, kl_sum = by_hand(h64, w64, b64)
-    assert ce_ens.item() != pytest.approx(by_hand(h64, 0 * w64, 0 * b64)[1].item(), rel=1e-3)
-    for state in (at(0, 0, 4, 3), at(2, 3, 4, 3)):
-        terms = recipe.terms(Taps({"heads": heads}), None, {"labels": LABELS}, state)
+    h64, x64, w64, b64 = (leaf(x, torch.float64) for x in (heads, feats, gate_w, gate_b))
+    ce_sum, ce_ens, kl_sum = by_hand(h64, x64, w64, b64)
+    assert ce_ens.item() != pytest.approx(by_hand(h64, x64, 0 * w64, 0 * b64)[1].item(),
+                                          rel=1e-3)
+    # at(e, b, 4, 3): a phase of 12 steps; t = 3/12 (the ramp's end) and 1/12.
+    for state, weight in ((at(0, 0, 4, 3), 0.5 + 2.5 * math.exp(-5 * (1 - 1 / 3) ** 2)),
+                          (at(0, 2, 4, 3), 3.0), (at(2, 3, 4, 3), 3.0)):
+        terms = recipe.terms(Taps({"heads": heads, trunk: feats}), None, {"labels": LABELS},
+                             state)
         check_terms(terms, {"ce": (ce_sum.item(), 1.0, "labeled"),
-                            "ce_ensemble": (ce_ens.item(), 1.0, "labeled"),
+                            "ce_ensemble": (ce_ens.item(), ens_weight, "labeled"),
                             "kl": (kl_sum.item(), weight, "examples")})
-    gate = [params[(k, k * 5)], params[(k,)]]
-    assert_grads_close(grads_of(weighted_sum(terms), heads, *gate),
-                       grads_of(ce_sum + ce_ens + weight * kl_sum, h64, w64, b64))
+    terms = recipe.terms(Taps({"heads": heads, trunk: feats}), None, {"labels": LABELS},
+                         at(0, 0, 4, 3))
+    weight = 0.5 + 2.5 * math.exp(-5 * (1 - 1 / 3) ** 2)
+    gate = [params[(k * c, f)], params[(k * c,)]]
+    assert_grads_close(grads_of(weighted_sum(terms), heads, feats, *gate),
+                       grads_of(ce_sum + ens_weight * ce_ens + weight * kl_sum,
+                                h64, x64, w64, b64))
 
 
 # ------------------------------------------------------------------------------- mean_teacher
