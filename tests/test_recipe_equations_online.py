@@ -120,12 +120,16 @@ BD_S = seeded(6, 5, seed=33) * torch.tensor([0.1, 6.0, 1.0, 0.1, 5.0, 1.0]).unsq
 BD_T = seeded(6, 5, seed=34) * torch.tensor([5.0, 0.1, 1.0, 6.0, 0.1, 1.2]).unsqueeze(-1)
 
 
-def test_bdkd_terms_and_gradients() -> None:
+@pytest.mark.parametrize("teacher_kl", ["teacher_first", "student_first"])
+def test_bdkd_terms_and_gradients(teacher_kl: str) -> None:
     """Student: CE + mean_b [w_f KL(p_t || p_s) + w_r KL(p_s || p_t)], teacher: CE +
-    KL(p_t || p_s), at temperature T with T^2, w_r = sigmoid((H_s - H_t) / tau_g) per sample
-    (a constant in the backward), p_t fixed in the student's loss and p_s in the teacher's."""
+    KL(p_t || p_s) (teacher_first) or KL(p_s || p_t) (student_first), at temperature T with
+    T^2, w_r = sigmoid((H_s - H_t) / tau_g) per sample (a constant in the backward), p_t fixed
+    in the student's loss and p_s in the teacher's."""
     temperature, gap_scale = 2.0, 0.8
-    recipe = build_recipe("bdkd", temperature=temperature, gap_scale=gap_scale)
+    teacher_first = teacher_kl == "teacher_first"
+    recipe = build_recipe("bdkd", temperature=temperature, gap_scale=gap_scale,
+                          teacher_kl=teacher_kl)
     w_r = torch.sigmoid((entropy(BD_S, temperature) - entropy(BD_T, temperature)) / gap_scale)
     assert w_r.min() < 0.3 and w_r.max() > 0.7
     w_f = 1 - w_r
@@ -136,8 +140,11 @@ def test_bdkd_terms_and_gradients() -> None:
         "forward_kl": (float((w_f * t2 * kl(log_t, log_s)).mean()), 1.0, "examples"),
         "reverse_kl": (float((w_r * t2 * kl(log_s, log_t)).mean()), 1.0, "examples"),
         "teacher_ce": (ce(BD_T, LABELS), 1.0, "labeled"),
-        "teacher_kl": (float((t2 * kl(log_t, log_s)).mean()), 1.0, "examples"),
+        "teacher_kl": (float((t2 * (kl(log_t, log_s) if teacher_first else
+                                    kl(log_s, log_t))).mean()), 1.0, "examples"),
     }
+    assert float(kl(log_t, log_s).mean()) != pytest.approx(float(kl(log_s, log_t).mean()),
+                                                          rel=1e-2)
     z_s, z_t = leaf(BD_S), leaf(BD_T)
     for state in (at(0, 0, 4, 3), at(2, 3, 4, 3)):
         terms = recipe.terms(Taps({"logits": z_s}), Taps({"logits": z_t},
@@ -155,7 +162,9 @@ def test_bdkd_terms_and_gradients() -> None:
     student_loss = nll_mean(s64, LABELS) + t2 * (
         w_f * kl_rows(log_soft(t64.detach()), log_soft(s64))
         + w_r * kl_rows(log_soft(s64), log_soft(t64.detach()))).mean()
-    teacher_loss = nll_mean(t64, LABELS) + t2 * kl_mean(log_soft(t64), log_soft(s64.detach()))
+    teacher_pair = (log_soft(t64), log_soft(s64.detach()))
+    teacher_loss = nll_mean(t64, LABELS) + t2 * kl_mean(*(teacher_pair if teacher_first
+                                                          else teacher_pair[::-1]))
     assert_grads_close(grads_of(weighted_sum(terms), z_s, z_t),
                        grads_of(student_loss + teacher_loss, s64, t64))
 

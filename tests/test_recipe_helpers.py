@@ -161,7 +161,8 @@ def test_share_is_a_sum_over_the_rows_divided_by_the_valid_rows(rows, valid, exp
 
 
 def test_bdkd_functions_default_to_t_1_and_gap_scale_half() -> None:
-    """w_r = sigmoid((H_s - H_t) / 0.5) at T = 1 when neither is given (BDKD's defaults)."""
+    """w_r = sigmoid((H_s - H_t) / 0.5) at T = 1 and the teacher's KL(p_s || p_t) when none is
+    given (BDKD's defaults)."""
     s, t = seeded(6, 5, seed=19, scale=2.0), seeded(6, 5, seed=20, scale=0.5)
     labels = torch.tensor([1, U, 0, 4, 2, U])
     reverse = torch.sigmoid((maths.entropy(s) - maths.entropy(t)) / 0.5)
@@ -175,7 +176,7 @@ def test_bdkd_functions_default_to_t_1_and_gap_scale_half() -> None:
         "forward_kl": (float(((1 - reverse) * forward_rows).mean()), 1.0, "examples"),
         "reverse_kl": (float((reverse * reverse_rows).mean()), 1.0, "examples"),
         "teacher_ce": (maths.ce(t, labels), 1.0, "labeled"),
-        "teacher_kl": (float(forward_rows.mean()), 1.0, "examples")})
+        "teacher_kl": (float(reverse_rows.mean()), 1.0, "examples")})
 
 
 # ------------------------------------------------------------------------- devices and dtypes
