@@ -102,7 +102,7 @@ def test_terms_match_a_hand_computation(temperature: float) -> None:
         "forward_kl": t * t * ((1 - w_r) * kl_rows(lpt, lps)).mean(),
         "reverse_kl": t * t * (w_r * kl_rows(lps, lpt)).mean(),
         "teacher_ce": -log_p(zt.detach())[known, LABELS[known]].mean(),
-        "teacher_kl": t * t * kl_rows(lpt, lps).mean(),
+        "teacher_kl": t * t * kl_rows(lps, lpt).mean(),  # the default: KL(p_s || p_t)
     }
     assert set(terms) == set(expected)
     for name, value in expected.items():
@@ -113,19 +113,23 @@ def test_terms_match_a_hand_computation(temperature: float) -> None:
     assert w_r.max() > 0.7 and w_r.min() < 0.3
 
 
-def test_each_model_receives_only_its_own_loss_gradient() -> None:
+@pytest.mark.parametrize("teacher_kl", ["student_first", "teacher_first"])
+def test_each_model_receives_only_its_own_loss_gradient(teacher_kl: str) -> None:
     """One backward through every term: the teacher's logits get exactly the gradient of
-    CE + T^2 KL(p_t || p_s) with p_s constant; the student's exactly that of its CE plus the
-    weighted forward and reverse KLs with p_t and the weights constant."""
+    CE + T^2 KL(p_s || p_t) (student_first) or CE + T^2 KL(p_t || p_s) (teacher_first) with p_s
+    constant; the student's exactly that of its CE plus the weighted forward and reverse KLs
+    with p_t and the weights constant."""
     t, tau = 2.0, 0.5
     zs, zt = fixed_logits(seed=3)
-    total = sum(term.value * term.weight for term in bdkd_terms(zs, zt, LABELS, t, tau).values())
+    total = sum(term.value * term.weight
+                for term in bdkd_terms(zs, zt, LABELS, t, tau, teacher_kl).values())
     total.backward()
     known = LABELS != -100
 
     ref_t = zt.detach().clone().requires_grad_()
     lpt, lps = log_p(ref_t, t), log_p(zs.detach(), t)
-    teacher_loss = -log_p(ref_t)[known, LABELS[known]].mean() + t * t * kl_rows(lpt, lps).mean()
+    kl_t = kl_rows(lps, lpt) if teacher_kl == "student_first" else kl_rows(lpt, lps)
+    teacher_loss = -log_p(ref_t)[known, LABELS[known]].mean() + t * t * kl_t.mean()
     teacher_loss.backward()
     assert torch.allclose(zt.grad, ref_t.grad, atol=1e-12)
 
@@ -137,12 +141,14 @@ def test_each_model_receives_only_its_own_loss_gradient() -> None:
     student_loss.backward()
     assert torch.allclose(zs.grad, ref_s.grad, atol=1e-12)
 
-    # The teacher's regulariser is the reverse direction: the forward one would differ.
-    forward_t = zt.detach().clone().requires_grad_()
-    (t * t * kl_rows(log_p(zs.detach(), t), log_p(forward_t, t)).mean()).backward()
-    reverse_only = zt.grad - torch.autograd.grad(
-        -log_p(ref_t)[known, LABELS[known]].mean(), ref_t)[0]
-    assert not torch.allclose(reverse_only, forward_t.grad, atol=1e-3)
+    # The two directions give the teacher different gradients.
+    other = zt.detach().clone().requires_grad_()
+    lpo, lps = log_p(other, t), log_p(zs.detach(), t)
+    kl_o = kl_rows(lpo, lps) if teacher_kl == "student_first" else kl_rows(lps, lpo)
+    (t * t * kl_o.mean()).backward()
+    kl_only = zt.grad - torch.autograd.grad(-log_p(ref_t)[known, LABELS[known]].mean(),
+                                            ref_t)[0]
+    assert not torch.allclose(kl_only, other.grad, atol=1e-3)
 
 
 def test_parameters_and_teacher_are_validated(make_mlp) -> None:
@@ -150,6 +156,9 @@ def test_parameters_and_teacher_are_validated(make_mlp) -> None:
         BDKD(gap_scale=0)
     with pytest.raises(ValidationError, match="temperature"):
         BDKD(temperature=-1)
+    with pytest.raises(ValidationError, match="teacher_kl"):
+        BDKD(teacher_kl="forward")
+    assert BDKD().params.teacher_kl == "student_first"
     with pytest.raises(ValueError, match="bdkd needs a teacher model"):
         BDKD().teacher_source(make_mlp(), None)
     teacher = make_mlp(seed=1, hidden=(32,))

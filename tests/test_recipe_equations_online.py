@@ -16,6 +16,7 @@ import torch
 from recipe_maths import (
     ce,
     ce_rows,
+    check_term,
     check_terms,
     d,
     entropy,
@@ -119,12 +120,16 @@ BD_S = seeded(6, 5, seed=33) * torch.tensor([0.1, 6.0, 1.0, 0.1, 5.0, 1.0]).unsq
 BD_T = seeded(6, 5, seed=34) * torch.tensor([5.0, 0.1, 1.0, 6.0, 0.1, 1.2]).unsqueeze(-1)
 
 
-def test_bdkd_terms_and_gradients() -> None:
+@pytest.mark.parametrize("teacher_kl", ["teacher_first", "student_first"])
+def test_bdkd_terms_and_gradients(teacher_kl: str) -> None:
     """Student: CE + mean_b [w_f KL(p_t || p_s) + w_r KL(p_s || p_t)], teacher: CE +
-    KL(p_t || p_s), at temperature T with T^2, w_r = sigmoid((H_s - H_t) / tau_g) per sample
-    (a constant in the backward), p_t fixed in the student's loss and p_s in the teacher's."""
+    KL(p_t || p_s) (teacher_first) or KL(p_s || p_t) (student_first), at temperature T with
+    T^2, w_r = sigmoid((H_s - H_t) / tau_g) per sample (a constant in the backward), p_t fixed
+    in the student's loss and p_s in the teacher's."""
     temperature, gap_scale = 2.0, 0.8
-    recipe = build_recipe("bdkd", temperature=temperature, gap_scale=gap_scale)
+    teacher_first = teacher_kl == "teacher_first"
+    recipe = build_recipe("bdkd", temperature=temperature, gap_scale=gap_scale,
+                          teacher_kl=teacher_kl)
     w_r = torch.sigmoid((entropy(BD_S, temperature) - entropy(BD_T, temperature)) / gap_scale)
     assert w_r.min() < 0.3 and w_r.max() > 0.7
     w_f = 1 - w_r
@@ -135,8 +140,11 @@ def test_bdkd_terms_and_gradients() -> None:
         "forward_kl": (float((w_f * t2 * kl(log_t, log_s)).mean()), 1.0, "examples"),
         "reverse_kl": (float((w_r * t2 * kl(log_s, log_t)).mean()), 1.0, "examples"),
         "teacher_ce": (ce(BD_T, LABELS), 1.0, "labeled"),
-        "teacher_kl": (float((t2 * kl(log_t, log_s)).mean()), 1.0, "examples"),
+        "teacher_kl": (float((t2 * (kl(log_t, log_s) if teacher_first else
+                                    kl(log_s, log_t))).mean()), 1.0, "examples"),
     }
+    assert float(kl(log_t, log_s).mean()) != pytest.approx(float(kl(log_s, log_t).mean()),
+                                                          rel=1e-2)
     z_s, z_t = leaf(BD_S), leaf(BD_T)
     for state in (at(0, 0, 4, 3), at(2, 3, 4, 3)):
         terms = recipe.terms(Taps({"logits": z_s}), Taps({"logits": z_t},
@@ -154,7 +162,9 @@ def test_bdkd_terms_and_gradients() -> None:
     student_loss = nll_mean(s64, LABELS) + t2 * (
         w_f * kl_rows(log_soft(t64.detach()), log_soft(s64))
         + w_r * kl_rows(log_soft(s64), log_soft(t64.detach()))).mean()
-    teacher_loss = nll_mean(t64, LABELS) + t2 * kl_mean(log_soft(t64), log_soft(s64.detach()))
+    teacher_pair = (log_soft(t64), log_soft(s64.detach()))
+    teacher_loss = nll_mean(t64, LABELS) + t2 * kl_mean(*(teacher_pair if teacher_first
+                                                          else teacher_pair[::-1]))
     assert_grads_close(grads_of(weighted_sum(terms), z_s, z_t),
                        grads_of(student_loss + teacher_loss, s64, t64))
 
@@ -162,42 +172,60 @@ def test_bdkd_terms_and_gradients() -> None:
 # -------------------------------------------------------------------------------------- okdhp
 
 
-def test_okdhp_terms_and_gradients_with_a_trained_gate() -> None:
-    """sum_j CE(z_j, y) + CE(z_ens, y) + w T^2 sum_j KL(sg(p_ens^T) || p_j^T), z_ens =
-    sum_j g_j z_j with g = softmax(W [z_0; ...; z_{k-1}] + b) per sample."""
-    k, temperature, weight = 4, 2.0, 0.35
-    recipe = build_recipe("okdhp", branches=k, temperature=temperature, kl_weight=weight)
-    heads = leaf(seeded(k, 6, 5, seed=35, scale=2.0))
-    recipe.build(Taps({"heads": heads}), None)
-    gate_w, gate_b = seeded(k, k * 5, seed=36, scale=0.5), seeded(k, seed=37)
-    params = {tuple(q.shape): q for q in recipe.parameters()}
-    assert set(params) == {(k, k * 5), (k,)}
-    with torch.no_grad():
-        params[(k, k * 5)].copy_(gate_w)
-        params[(k,)].copy_(gate_b)
+OKDHP_RAMP = ScheduleConfig(name="gaussian", start=0.5, end=3.0, length=0.25, unit="phase")
 
-    def by_hand(z: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> tuple:
-        stacked = torch.cat(list(z), dim=-1)  # [B, k C]: branch 0's classes first
-        gate = torch.softmax(stacked @ w.T + b, dim=-1)  # [B, k]
-        ensemble = (gate.T.unsqueeze(-1) * z).sum(0)
-        target = torch.log_softmax(ensemble.detach() / temperature, -1)
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_okdhp_terms_and_gradients_with_a_trained_gate(detach: bool) -> None:
+    """sum_j CE(z_j, y) + w_ens CE(z_ens, y) + w(t) T^2 sum_j KL(p_ens^T || p_j^T), z_ens[c] =
+    sum_j g_j[c] z_j[c] with g = softmax over the branches of (W f + b) reshaped [k, C] from
+    the trunk features f, w(t) = w_0 + (w_1 - w_0) exp(-5 (1 - min(t / l, 1))^2) with t the
+    share of the phase done; p_ens a fixed target only with detach_ensemble."""
+    k, c, f, temperature, ens_weight = 4, 5, 3, 2.0, 1.7
+    recipe = build_recipe("okdhp", branches=k, temperature=temperature, kl_weight=OKDHP_RAMP,
+                          ensemble_weight=ens_weight, detach_ensemble=detach)
+    trunk = recipe.trunk_tap
+    heads, feats = leaf(seeded(k, 6, c, seed=35, scale=2.0)), leaf(seeded(6, f, seed=36))
+    recipe.build(Taps({"heads": heads, trunk: feats}), None)
+    gate_w, gate_b = seeded(k * c, f, seed=37, scale=0.8), seeded(k * c, seed=38)
+    params = {tuple(q.shape): q for q in recipe.parameters()}
+    assert set(params) == {(k * c, f), (k * c,)}
+    with torch.no_grad():
+        params[(k * c, f)].copy_(gate_w)
+        params[(k * c,)].copy_(gate_b)
+
+    def by_hand(z: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> tuple:
+        scores = (x @ w.T + b).reshape(6, k, c)  # row j * C + c of W: branch j, class c
+        gate = torch.softmax(scores, dim=1)  # [B, k, C], over the branches
+        ensemble = (gate.permute(1, 0, 2) * z).sum(0)
+        target = ensemble.detach() if detach else ensemble
+        log_target = torch.log_softmax(target / temperature, -1)
         ce_sum = sum(nll_mean(z[j], LABELS) for j in range(k))
         ce_ens = nll_mean(ensemble, LABELS)
-        kl_sum = sum(temperature**2 * kl_mean(target, torch.log_softmax(z[j] / temperature, -1))
+        kl_sum = sum(temperature**2 * kl_mean(log_target,
+                                              torch.log_softmax(z[j] / temperature, -1))
                      for j in range(k))
         return ce_sum, ce_ens, kl_sum
 
-    h64, w64, b64 = (leaf(x, torch.float64) for x in (heads, gate_w, gate_b))
-    ce_sum, ce_ens, kl_sum = by_hand(h64, w64, b64)
-    assert ce_ens.item() != pytest.approx(by_hand(h64, 0 * w64, 0 * b64)[1].item(), rel=1e-3)
-    for state in (at(0, 0, 4, 3), at(2, 3, 4, 3)):
-        terms = recipe.terms(Taps({"heads": heads}), None, {"labels": LABELS}, state)
+    h64, x64, w64, b64 = (leaf(x, torch.float64) for x in (heads, feats, gate_w, gate_b))
+    ce_sum, ce_ens, kl_sum = by_hand(h64, x64, w64, b64)
+    assert ce_ens.item() != pytest.approx(by_hand(h64, x64, 0 * w64, 0 * b64)[1].item(),
+                                          rel=1e-3)
+    # at(e, b, 4, 3): a phase of 12 steps; t = 3/12 (the ramp's end) and 1/12.
+    for state, weight in ((at(0, 0, 4, 3), 0.5 + 2.5 * math.exp(-5 * (1 - 1 / 3) ** 2)),
+                          (at(0, 2, 4, 3), 3.0), (at(2, 3, 4, 3), 3.0)):
+        terms = recipe.terms(Taps({"heads": heads, trunk: feats}), None, {"labels": LABELS},
+                             state)
         check_terms(terms, {"ce": (ce_sum.item(), 1.0, "labeled"),
-                            "ce_ensemble": (ce_ens.item(), 1.0, "labeled"),
+                            "ce_ensemble": (ce_ens.item(), ens_weight, "labeled"),
                             "kl": (kl_sum.item(), weight, "examples")})
-    gate = [params[(k, k * 5)], params[(k,)]]
-    assert_grads_close(grads_of(weighted_sum(terms), heads, *gate),
-                       grads_of(ce_sum + ce_ens + weight * kl_sum, h64, w64, b64))
+    terms = recipe.terms(Taps({"heads": heads, trunk: feats}), None, {"labels": LABELS},
+                         at(0, 0, 4, 3))
+    weight = 0.5 + 2.5 * math.exp(-5 * (1 - 1 / 3) ** 2)
+    gate = [params[(k * c, f)], params[(k * c,)]]
+    assert_grads_close(grads_of(weighted_sum(terms), heads, feats, *gate),
+                       grads_of(ce_sum + ens_weight * ce_ens + weight * kl_sum,
+                                h64, x64, w64, b64))
 
 
 # ------------------------------------------------------------------------------- mean_teacher
@@ -238,16 +266,18 @@ def test_mean_teacher_terms(kind: str, state: TrainState, weight: float) -> None
                                         "examples")})
 
 
-@pytest.mark.parametrize("kind", ["mse", "kl"])
-def test_mean_teacher_token_terms_average_valid_tokens(kind: str) -> None:
-    recipe = build_recipe("mean_teacher", ce_weight=0.6, consistency=kind,
-                          consistency_weight=2.5)
+def test_mean_teacher_ce_over_the_whole_batch() -> None:
+    """ce_denominator = batch (the official code): the CE summed over the labelled samples
+    (4 of 6) divided by all 6, counted in examples; per token, by the 9 valid tokens."""
+    recipe = build_recipe("mean_teacher", ce_weight=0.6, ce_denominator="batch")
+    terms = recipe.terms(Taps({"logits": MT_S}), Taps({"logits": MT_T}), {"labels": LABELS},
+                         at(0, 0, 4, 5))
+    check_term("ce", terms["ce"], float(ce_rows(MT_S, LABELS).sum() / 6), 0.6, "examples")
+    assert float(ce_rows(MT_S, LABELS).sum() / 6) == pytest.approx(ce(MT_S, LABELS) * 4 / 6)
     terms = recipe.terms(Taps({"logits": TOK_S}, TOKEN_MASK), Taps({"logits": TOK_T},
                          TOKEN_MASK), {"labels": TOKEN_LABELS, "attention_mask": TOKEN_MASK},
                          at(0, 0, 4, 5))
-    check_terms(terms, {"ce": (ce(TOK_S, TOKEN_LABELS), 0.6, "labeled"),
-                        "consistency": (consistency(TOK_S, TOK_T, VALID, kind), 2.5,
-                                        "tokens")})
+    check_term("ce", terms["ce"], float(ce_rows(TOK_S, TOKEN_LABELS).sum() / 9), 0.6, "tokens")
 
 
 @pytest.mark.parametrize(("progress", "weight"), [

@@ -84,8 +84,14 @@ CASES: list[tuple[str, Callable[[], object], type[Exception], str]] = [
                                         logits(torch.zeros(4, 5)), {"labels": LABELS}, STATE),
      ValueError, "deit: tap 'heads' must stack 2 heads (class, distillation), got shape "
                  "(3, 4, 5)"),
-    ("okdhp gate branches", lambda: BranchGate(2, 5).weights(torch.zeros(3, 4, 5)), ValueError,
-     "okdhp: tap 'heads' stacks 3 branches, the aggregation unit was built for 2"),
+    ("okdhp gate branches", lambda: BranchGate(6, 2, 5)(torch.zeros(4, 6), torch.zeros(3, 4, 5)),
+     ValueError, "okdhp: the aggregation unit was built for 2 branches on features [..., 6]; "
+                 "got heads (3, 4, 5) and trunk features (4, 6) (they need the same leading "
+                 "shape)"),
+    ("okdhp gate features", lambda: BranchGate(6, 2, 5)(torch.zeros(4, 7), torch.zeros(2, 4, 5)),
+     ValueError, "okdhp: the aggregation unit was built for 2 branches on features [..., 6]; "
+                 "got heads (2, 4, 5) and trunk features (4, 7) (they need the same leading "
+                 "shape)"),
     # -------------------------------------------------------------------- phased recipes
     ("annealing one epoch", lambda: build_recipe("annealing").phases(1), ValueError,
      "annealing needs at least 2 epochs: one annealing phase and one cross-entropy phase"),

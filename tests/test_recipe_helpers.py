@@ -84,21 +84,22 @@ def test_teacher_argmax_of_token_logits_picks_a_class_per_token() -> None:
 
 @pytest.mark.parametrize("leading", [(2,), (2, 5)], ids=["samples", "tokens"])
 def test_branch_gate_weighs_the_branches_of_every_row(leading: tuple[int, ...]) -> None:
-    """g = softmax(W [z_0; z_1; z_2] + b) over the k = 3 branches, per row; z_ens = sum g_j z_j.
-    A fresh gate (W = 0, b = 0) is the plain mean of the branches."""
-    k, classes = 3, 4
+    """g = softmax over the k = 3 branches of (W f + b) reshaped [k, C], per row and class;
+    z_ens = sum_j g_j * z_j. A fresh gate (W = 0, b = 0) is the plain mean of the branches."""
+    k, classes, width = 3, 4, 6
     heads = seeded(k, *leading, classes, seed=15, scale=2.0)
-    gate = BranchGate(k, classes)
-    close(gate.weights(heads), torch.full((k, *leading), 1 / k))
-    close(gate(heads), heads.mean(dim=0))
-    weight, bias = seeded(k, k * classes, seed=16), seeded(k, seed=17)
+    features = seeded(*leading, width, seed=18)
+    gate = BranchGate(width, k, classes)
+    close(gate.weights(features), torch.full((k, *leading, classes), 1 / k))
+    close(gate(features, heads), heads.mean(dim=0))
+    weight, bias = seeded(k * classes, width, seed=16), seeded(k * classes, seed=17)
     with torch.no_grad():
         gate.linear.weight.copy_(weight)
         gate.linear.bias.copy_(bias)
-    joined = torch.cat([maths.d(heads[j]) for j in range(k)], dim=-1)  # [..., k * C]
-    g = torch.softmax(joined @ maths.d(weight).T + maths.d(bias), dim=-1).movedim(-1, 0)
-    close(gate.weights(heads), g)
-    close(gate(heads), (g.unsqueeze(-1) * maths.d(heads)).sum(dim=0))
+    scores = maths.d(features) @ maths.d(weight).T + maths.d(bias)  # [..., k * C]
+    g = torch.softmax(scores.reshape(*leading, k, classes), dim=-2).movedim(-2, 0)
+    close(gate.weights(features), g)
+    close(gate(features, heads), (g * maths.d(heads)).sum(dim=0))
 
 
 @pytest.mark.parametrize("valid", [torch.tensor([True, False]),
@@ -160,7 +161,8 @@ def test_share_is_a_sum_over_the_rows_divided_by_the_valid_rows(rows, valid, exp
 
 
 def test_bdkd_functions_default_to_t_1_and_gap_scale_half() -> None:
-    """w_r = sigmoid((H_s - H_t) / 0.5) at T = 1 when neither is given (BDKD's defaults)."""
+    """w_r = sigmoid((H_s - H_t) / 0.5) at T = 1 and the teacher's KL(p_s || p_t) when none is
+    given (BDKD's defaults)."""
     s, t = seeded(6, 5, seed=19, scale=2.0), seeded(6, 5, seed=20, scale=0.5)
     labels = torch.tensor([1, U, 0, 4, 2, U])
     reverse = torch.sigmoid((maths.entropy(s) - maths.entropy(t)) / 0.5)
@@ -174,7 +176,7 @@ def test_bdkd_functions_default_to_t_1_and_gap_scale_half() -> None:
         "forward_kl": (float(((1 - reverse) * forward_rows).mean()), 1.0, "examples"),
         "reverse_kl": (float((reverse * reverse_rows).mean()), 1.0, "examples"),
         "teacher_ce": (maths.ce(t, labels), 1.0, "labeled"),
-        "teacher_kl": (float(forward_rows.mean()), 1.0, "examples")})
+        "teacher_kl": (float(reverse_rows.mean()), 1.0, "examples")})
 
 
 # ------------------------------------------------------------------------- devices and dtypes

@@ -27,12 +27,16 @@ def test_the_teacher_source_is_an_ema_of_the_student(make_mlp) -> None:
     source = MeanTeacher(momentum=0.9).teacher_source(student, None)
     assert isinstance(source, EMATeacher)
     assert source.followed is student and source.skip_prob == 0.0
+    assert source.warmup is True  # the official code's warm-up is the default
+    assert MeanTeacher(momentum_warmup=False).teacher_source(student, None).warmup is False
     assert MeanTeacher.teacher_model == "none"
+    assert MeanTeacher().params.ce_denominator == "labeled"
 
 
 def test_one_step_moves_the_ema_by_the_formula(digits_subset, make_cnn, take_snapshot) -> None:
     """One optimizer step (the whole set is one batch): theta_t = m theta_0 + (1 - m) theta_1
-    for every parameter, and BatchNorm buffers are the student's."""
+    for every parameter with m = min(0.9, 1 - 1/2) (the warm-up: the mean of the two), and
+    BatchNorm buffers are the student's."""
     student = make_cnn()
     before = take_snapshot(student)
     distiller = Distiller(student, None, MeanTeacher(momentum=0.9), epochs=1, batch_size=32,
@@ -44,7 +48,7 @@ def test_one_step_moves_the_ema_by_the_formula(digits_subset, make_cnn, take_sna
     assert distiller.teacher.last_updated == names
     for name in names:
         assert not torch.equal(after[name], before[name]), f"{name} did not train"
-        expected = 0.9 * before[name] + 0.1 * after[name]
+        expected = 0.5 * before[name] + 0.5 * after[name]
         torch.testing.assert_close(ema[name], expected, rtol=0, atol=1e-6)
         assert not torch.allclose(ema[name], after[name])
     buffers = [n for n, _ in student.named_buffers()]
@@ -53,12 +57,13 @@ def test_one_step_moves_the_ema_by_the_formula(digits_subset, make_cnn, take_sna
 
 def test_a_momentum_schedule_is_read_after_each_step(digits_subset, make_mlp,
                                                      take_snapshot) -> None:
-    """Two one-step epochs with m linear 0.5 -> 0.9 over 2 epochs: the steps end at epoch
-    progress 1 and 2, so m_1 = 0.7 and m_2 = 0.9."""
+    """Two one-step epochs with m linear 0.5 -> 0.9 over 2 epochs (no warm-up): the steps end
+    at epoch progress 1 and 2, so m_1 = 0.7 and m_2 = 0.9."""
     student = make_mlp()
     seen = [take_snapshot(student)]
     momentum = ScheduleConfig(name="linear", start=0.5, end=0.9, length=2)
-    distiller = Distiller(student, None, MeanTeacher(momentum=momentum), epochs=2,
+    recipe = MeanTeacher(momentum=momentum, momentum_warmup=False)
+    distiller = Distiller(student, None, recipe, epochs=2,
                           batch_size=32, progress=False, optimizer={"name": "sgd", "lr": 0.5})
     distiller.fit(digits_subset(32, labeled=8), digits_subset(16),
                   callbacks=[lambda record: seen.append(take_snapshot(student))])

@@ -51,6 +51,15 @@ def at_step(step: int) -> TrainState:
     return TrainState(step=step, epoch_progress=123.0)
 
 
+@pytest.mark.parametrize(("step", "expected"), [
+    (0, 1.0 + 3.0 * math.exp(-5.0)), (2, 1.0 + 3.0 * math.exp(-5.0 * 0.75**2)),
+    (4, 1.0 + 3.0 * math.exp(-1.25)), (8, 4.0), (20, 4.0)])
+def test_schedule_config_gaussian_ramp(step, expected):
+    """start + (end - start) exp(-5 (1 - min(t / length, 1))^2), Laine & Aila's ramp-up."""
+    ramp = ScheduleConfig(name="gaussian", start=1.0, end=4.0, length=8, unit="steps")
+    assert ramp.at(at_step(step)) == pytest.approx(expected, rel=1e-12)
+
+
 def test_schedule_config_constant_and_linear():
     assert constant(3.5).at(at_epochs(7.0)) == 3.5
     assert ScheduleConfig(name="constant", start=2.0, end=9.0).at(at_step(50)) == 2.0

@@ -272,6 +272,34 @@ def test_ema_after_step_matches_the_formula(step: int, fraction: float) -> None:
         torch.testing.assert_close(ema(batch)["logits"], reference(batch["input"]))
 
 
+def test_ema_warmup_averages_every_weight_seen_until_the_momentum_takes_over() -> None:
+    """min(m, 1 - 1/(n + 1)) after n steps (the official mean-teacher code's warm-up): with
+    m = 0.7 the teacher is the plain mean of theta_0 .. theta_n for n = 1, 2 (caps 1/2, 2/3),
+    then m = 0.7 < 3/4 takes over at the third step; without warm-up m is 0.7 throughout."""
+    student = nn.Linear(6, 4)
+    warm, plain = EMATeacher(student, momentum=0.7, warmup=True), EMATeacher(student, 0.7)
+    assert EMATeacher(student).warmup is False
+    for source in (warm, plain):
+        source.bind(["logits"], CPU)
+    seen = [student.weight.detach().clone()]
+    for step in range(3):
+        with torch.no_grad():
+            student.weight.add_(torch.randn(4, 6, generator=torch.Generator().manual_seed(step)))
+        seen.append(student.weight.detach().clone())
+        state = TrainState(step=step)
+        assert warm.momentum_at(state) == pytest.approx(min(0.7, (step + 1) / (step + 2)))
+        warm.after_step(student, state)
+        plain.after_step(student, state)
+        if step < 2:
+            torch.testing.assert_close(warm.model.weight, sum(seen) / len(seen))
+    mean_of_three = sum(seen[:3]) / 3
+    torch.testing.assert_close(warm.model.weight, 0.7 * mean_of_three + 0.3 * seen[3])
+    by_hand = seen[0]
+    for weight in seen[1:]:
+        by_hand = 0.7 * by_hand + 0.3 * weight
+    torch.testing.assert_close(plain.model.weight, by_hand)
+
+
 def test_ema_constant_momentum_and_bind_before_use() -> None:
     student = nn.Linear(6, 4)
     ema = EMATeacher(student, momentum=0.75)

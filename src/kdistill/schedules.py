@@ -40,15 +40,18 @@ class ScheduleConfig(BaseModel):
 
     ``constant``: ``start``. ``linear``: start + (end - start) * min(t / length, 1).
     ``cosine``: end - (end - start) * (1 + cos(pi * min(t / length, 1))) / 2, i.e. a half-cosine
-    ramp from ``start`` to ``end``. ``step``: ``values[k]`` where k is the number of
-    ``boundaries`` already passed. ``t`` is counted in ``unit``: ``epochs`` (fractional),
+    ramp from ``start`` to ``end``. ``gaussian``: start + (end - start) * exp(-5 (1 - min(t /
+    length, 1))^2), the ramp-up of Laine & Aila (2017, "Temporal Ensembling for
+    Semi-Supervised Learning"), used by the mean teacher's and OKDHP's official code; it starts
+    at start + 0.0067 (end - start), not at ``start``. ``step``: ``values[k]`` where k is the
+    number of ``boundaries`` already passed. ``t`` is counted in ``unit``: ``epochs`` (fractional),
     optimizer ``steps``, or ``phase``, the share of the phase's optimizer steps done, in
     [0, 1] (with ``length`` 1, a ramp spanning the whole phase whatever its budget).
     """
 
     model_config = ConfigDict(extra="forbid")
 
-    name: Literal["constant", "linear", "cosine", "step"] = "constant"
+    name: Literal["constant", "linear", "cosine", "gaussian", "step"] = "constant"
     start: float = 1.0
     end: float = 1.0
     length: float = Field(default=1.0, gt=0)
@@ -73,6 +76,8 @@ class ScheduleConfig(BaseModel):
         fraction = min(max(t / self.length, 0.0), 1.0)
         if self.name == "linear":
             return self.start + (self.end - self.start) * fraction
+        if self.name == "gaussian":
+            return self.start + (self.end - self.start) * math.exp(-5.0 * (1.0 - fraction) ** 2)
         return self.end - (self.end - self.start) * (1 + math.cos(math.pi * fraction)) / 2
 
 

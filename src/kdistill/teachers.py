@@ -219,21 +219,30 @@ class EMATeacher(TeacherSource):
         theta_t <- m theta_t + (1 - m) theta_s,     m = momentum.at(state)
 
     (``momentum`` a constant or a schedule, e.g. a cosine ramp from 0.99 to 1), and buffers
-    (BatchNorm statistics) are copied. With ``skip_prob`` > 0 the update is fine-grained as in
-    ATSEN (Qu et al. 2023): each tensor is updated independently, skipped with probability
-    ``skip_prob``. The draws come from the source's own generator seeded with ``seed``: one
-    ``u = torch.rand(n_tensors)`` per step in ``named_parameters()`` order, tensor i updated iff
-    ``u[i] >= skip_prob``; the generator's state is checkpointed. ``last_updated`` names the
-    tensors updated by the latest step. The copy is made from ``model`` at the first ``bind``.
+    (BatchNorm statistics) are copied. With ``warmup`` the momentum is capped as in the mean
+    teacher's official code (``min(1 - 1 / (global_step + 1), alpha)``):
+
+        m = min(momentum.at(state), 1 - 1 / (n + 1)),   n = state.step + 1 steps done,
+
+    so while the EMA's memory would be longer than the run so far the teacher is the plain
+    average of the n + 1 weights seen (the initial copy and one per step).
+
+    With ``skip_prob`` > 0 the update is fine-grained as in ATSEN (Qu et al. 2023): each tensor
+    is updated independently, skipped with probability ``skip_prob``. The draws come from the
+    source's own generator seeded with ``seed``: one ``u = torch.rand(n_tensors)`` per step in
+    ``named_parameters()`` order, tensor i updated iff ``u[i] >= skip_prob``; the generator's
+    state is checkpointed. ``last_updated`` names the tensors updated by the latest step. The
+    copy is made from ``model`` at the first ``bind``.
     """
 
     def __init__(self, model: nn.Module, momentum: float | ScheduleConfig = 0.999,
-                 skip_prob: float = 0.0, seed: int = 0):
+                 skip_prob: float = 0.0, seed: int = 0, warmup: bool = False):
         if not 0.0 <= skip_prob < 1.0:
             raise ValueError(f"EMATeacher skip_prob must be in [0, 1), got {skip_prob}")
         self.followed = model
         self.momentum = momentum if isinstance(momentum, ScheduleConfig) else constant(momentum)
         self.skip_prob = skip_prob
+        self.warmup = warmup
         self.generator = torch.Generator().manual_seed(seed)
         self.model: nn.Module | None = None
         self.frozen: FrozenTeacher | None = None
@@ -251,11 +260,16 @@ class EMATeacher(TeacherSource):
             raise RuntimeError("EMATeacher.bind must be called before the teacher is used")
         return self.frozen(batch)
 
+    def momentum_at(self, state: TrainState) -> float:
+        """The momentum m of the update after the step of ``state`` (see the class)."""
+        m = self.momentum.at(state)
+        return min(m, 1.0 - 1.0 / (state.step + 2)) if self.warmup else m
+
     @torch.no_grad()
     def after_step(self, student: nn.Module, state: TrainState) -> None:
         if self.model is None:
             raise RuntimeError("EMATeacher.after_step called before bind")
-        m = self.momentum.at(state)
+        m = self.momentum_at(state)
         ema = dict(self.model.named_parameters())
         followed = list(self.followed.named_parameters())
         draws = torch.rand(len(followed), generator=self.generator)

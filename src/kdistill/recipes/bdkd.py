@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -17,11 +17,17 @@ from kdistill.schedules import TrainState
 from kdistill.taps import Taps
 from kdistill.teachers import PeerTeacher, TeacherSource
 
+TeacherKL = Literal["teacher_first", "student_first"]
+
 
 class BDKDParams(RecipeParams):
     temperature: float = Field(default=1.0, gt=0)
     gap_scale: float = Field(default=0.5, gt=0,
                              description="tau_g: entropy gap (nats) that moves w_r to 0.73")
+    teacher_kl: TeacherKL = Field(
+        default="student_first",
+        description="the teacher's KL: KL(p_s || p_t) (student_first, the paper's reverse-KL "
+                    "symbol as summaries give it) or KL(p_t || p_s) (teacher_first)")
 
 
 def entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -60,8 +66,8 @@ def divergence_weights(student_logits: torch.Tensor, teacher_logits: torch.Tenso
 
 
 def bdkd_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-               labels: torch.Tensor, temperature: float = 1.0,
-               gap_scale: float = 0.5) -> dict[str, Term]:
+               labels: torch.Tensor, temperature: float = 1.0, gap_scale: float = 0.5,
+               teacher_kl: TeacherKL = "student_first") -> dict[str, Term]:
     """BD-KD's student and teacher terms for classification logits ``[B, C]``.
 
     Student (p_t detached)::
@@ -73,16 +79,21 @@ def bdkd_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     Teacher (p_s detached)::
 
         teacher_ce  = CE(y, z_t)                                     labelled samples
-        teacher_kl  = mean_b T^2 KL(p_t^T || p_s^T)_b                all samples
+        teacher_kl  = mean_b T^2 KL(p_s^T || p_t^T)_b                ``student_first``
+                    = mean_b T^2 KL(p_t^T || p_s^T)_b                ``teacher_first``
 
-    ``teacher_kl`` is the reverse KL from the teacher's side: the distribution being trained
-    (p_t) comes first and the target (the student's p_s) second, the mode-seeking direction.
+    ``student_first`` is the paper's reverse-KL symbol KL(p^s || p^t) as summaries of the paper
+    give the teacher's term, the direction in which deep mutual learning trains every peer
+    (mass-covering for the teacher, whose prediction is the one trained); ``teacher_first`` is
+    the reverse KL seen from the teacher (the trained p_t first, mode-seeking). The paper's own
+    text could not be checked: docs/recipes.md.
     """
     if student_logits.dim() != 2:
         raise ValueError(f"bdkd: logits have shape {tuple(student_logits.shape)}; expected "
                          "[batch, classes] (per-token logits are not supported)")
     w_forward, w_reverse = divergence_weights(student_logits, teacher_logits, temperature,
                                               gap_scale)
+    teacher_divergence = losses.reverse_kl if teacher_kl == "teacher_first" else losses.forward_kl
     t2 = temperature**2
     target_t = teacher_logits.detach()
     forward = losses.per_token_forward_kl(student_logits, target_t, temperature)
@@ -92,8 +103,8 @@ def bdkd_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
         "forward_kl": Term(t2 * (w_forward * forward).mean()),
         "reverse_kl": Term(t2 * (w_reverse * reverse).mean()),
         "teacher_ce": Term(losses.cross_entropy(teacher_logits, labels), unit="labeled"),
-        "teacher_kl": Term(t2 * losses.reverse_kl(teacher_logits, student_logits.detach(),
-                                                  temperature=temperature)),
+        "teacher_kl": Term(t2 * teacher_divergence(teacher_logits, student_logits.detach(),
+                                                   temperature=temperature)),
     }
 
 
@@ -107,14 +118,14 @@ class BDKD(Recipe):
     if it copies the student exactly), trains together with the student in one backward::
 
         L_s = CE(y, z_s) + mean_b [w_f(b) KL(p_t || p_s)_b + w_r(b) KL(p_s || p_t)_b]
-        L_t = CE(y, z_t) + KL(p_t || p_s)
+        L_t = CE(y, z_t) + KL(p_s || p_t)      (``teacher_kl: teacher_first``: KL(p_t || p_s))
         L   = L_s + L_t
 
     with p_t detached in L_s and p_s detached in L_t, KLs at temperature T and scaled by T^2,
     w_r = sigmoid((H_s - H_t) / tau_g), w_f = 1 - w_r (our rule, see
     :func:`divergence_weights`), labelled samples only (``uses_unlabeled = False``).
-    Defaults T = 1, tau_g = 0.5 nats. Our choices and measurements (accuracy and ECE):
-    docs/recipes.md.
+    Defaults T = 1, tau_g = 0.5 nats, ``teacher_kl = student_first``. Our choices and
+    measurements (accuracy and ECE): docs/recipes.md.
     """
 
     name = "bdkd"
@@ -136,4 +147,4 @@ class BDKD(Recipe):
               state: TrainState) -> dict[str, Term]:
         p = self.params
         return bdkd_terms(student["logits"], teacher["logits"], batch["labels"],
-                          p.temperature, p.gap_scale)
+                          p.temperature, p.gap_scale, p.teacher_kl)

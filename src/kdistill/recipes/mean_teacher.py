@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from kdistill import losses
 from kdistill.augment import gaussian_noise
+from kdistill.batch import UNLABELED
 from kdistill.recipes.base import Recipe, RecipeParams, Term, register
 from kdistill.recipes.shared import (
     VIEW,
@@ -40,17 +41,36 @@ def consistency_loss(student_logits: Tensor, teacher_logits: Tensor, valid: Tens
     return losses.kd(s, t, temperature=1.0)
 
 
+def supervised_loss(logits: Tensor, labels: Tensor, valid: Tensor,
+                    denominator: Literal["labeled", "batch"]) -> Tensor:
+    """The CE summed over the labelled rows, divided by their number (``labeled``) or by the
+    number of ``valid`` rows, labelled or not (``batch``: the official code's
+    ``class_criterion(...) / minibatch_size`` with a summing criterion)."""
+    ce = losses.cross_entropy(logits, labels)
+    if denominator == "labeled":
+        return ce
+    return ce * (labels != UNLABELED).sum() / valid.sum().clamp_min(1)
+
+
 Momentum = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
 class MeanTeacherParams(RecipeParams):
     momentum: Momentum | ScheduleConfig = Field(
         default=0.99, description="EMA momentum m (a number in [0, 1] or a schedule)")
+    momentum_warmup: bool = Field(
+        default=True, description="cap m at 1 - 1/(n + 1) after n optimizer steps, as the "
+                                  "official code: the teacher is the plain average of the "
+                                  "weights seen so far while the run is shorter than its memory")
     consistency: Literal["mse", "kl"] = "mse"
     consistency_weight: Weight | ScheduleConfig = Field(
         default_factory=lambda: ScheduleConfig(name="cosine", start=0.0, end=10.0, length=5.0),
         description="weight of the consistency term; default a cosine ramp 0 -> 10 over 5 epochs")
     ce_weight: float = Field(default=1.0, ge=0)
+    ce_denominator: Literal["labeled", "batch"] = Field(
+        default="labeled", description="divide the summed CE by the labelled samples (tokens) "
+                                       "or by every sample (valid token) of the batch, as the "
+                                       "official code")
     noise: float = Field(default=0.0, ge=0,
                          description="std of Gaussian input noise, drawn independently for the "
                                      "student's and the teacher's copy; 0 = no noise")
@@ -62,18 +82,22 @@ class MeanTeacher(Recipe):
 
     Tarvainen & Valpola (2017), "Mean teachers are better role models". The teacher's weights
     follow the student's, theta_t <- m theta_t + (1 - m) theta_s after every optimizer step
-    (:class:`~kdistill.teachers.EMATeacher`), and
+    (:class:`~kdistill.teachers.EMATeacher`), with m capped at 1 - 1/(n + 1) after n steps
+    (``momentum_warmup``, as the official code), and
 
         L = w_ce CE(y, z_s) + w(t) C(z_s, z_t)
 
-    with CE averaged over labelled samples (or labelled tokens) and the consistency C over every
-    sample (every valid token of token logits [B, L, C]), labelled or not: ``mse`` between the
-    softmax outputs (mean over rows and classes) or ``kl`` = KL(p_t || p_s).
+    with the CE summed over the labelled samples (labelled tokens) and divided by their number
+    (``ce_denominator = labeled``) or by every sample (valid token) of the batch (``batch``, as
+    the official code), and the consistency C over every sample (every valid token of token
+    logits [B, L, C]), labelled or not: ``mse`` between the softmax outputs (mean over rows and
+    classes) or ``kl`` = KL(p_t || p_s).
 
-    Defaults: m = 0.99 (the paper's ramp-up value; a number or a schedule), ``consistency`` =
-    ``mse`` (the paper's), w(t) a cosine ramp 0 -> 10 over 5 epochs (a number or a schedule),
-    w_ce = 1, ``noise`` = 0 (with ``noise`` > 0 the student and the teacher each read their own
-    noisy copy of the inputs). Our choices and measurements: docs/recipes.md.
+    Defaults: m = 0.99 (the paper's ramp-up value; a number or a schedule) with the warm-up,
+    ``consistency`` = ``mse`` (the paper's), w(t) a cosine ramp 0 -> 10 over 5 epochs (a number
+    or a schedule), w_ce = 1 over the labelled samples, ``noise`` = 0 (with ``noise`` > 0 the
+    student and the teacher each read their own noisy copy of the inputs). Which follow the
+    official code, our choices and measurements: docs/recipes.md.
     """
 
     name = "mean_teacher"
@@ -84,7 +108,7 @@ class MeanTeacher(Recipe):
     teacher_model = "none"
 
     def teacher_source(self, student: nn.Module, teacher: nn.Module | None) -> TeacherSource:
-        return EMATeacher(student, self.params.momentum)
+        return EMATeacher(student, self.params.momentum, warmup=self.params.momentum_warmup)
 
     def prepare(self, batch: dict[str, Any], student: Callable[[Mapping[str, Any]], Taps],
                 state: TrainState) -> dict[str, Any]:
@@ -108,7 +132,8 @@ class MeanTeacher(Recipe):
         labels = batch["labels"]
         valid, unit = valid_rows(z_s, batch)
         return {
-            "ce": Term(losses.cross_entropy(z_s, labels), weight=p.ce_weight, unit="labeled"),
+            "ce": Term(supervised_loss(z_s, labels, valid, p.ce_denominator), weight=p.ce_weight,
+                       unit="labeled" if p.ce_denominator == "labeled" else unit),
             "consistency": Term(consistency_loss(z_s, z_t, valid, p.consistency),
                                 weight=as_schedule(p.consistency_weight).at(state), unit=unit),
         }
