@@ -94,10 +94,6 @@ class Cut:
         """The batches of ``epoch`` a phase resumed at ``start`` (epoch, batch) trains."""
         return range(start[1] if epoch == start[0] else 0, self.steps_per_epoch)
 
-    def remaining(self, start: tuple[int, int]) -> int:
-        """How many optimizer steps a phase resumed at ``start`` has left."""
-        return (self.epochs - start[0]) * self.steps_per_epoch - start[1]
-
 
 class MicroBatchSampler(Sampler[list[int]]):
     """The batch sampler of a data set's phase loader: this process's micro-batches (sample
@@ -114,9 +110,6 @@ class MicroBatchSampler(Sampler[list[int]]):
                                    cut.phase, epoch)
             for b in cut.batches_from(self.start, epoch):
                 yield from cut.share(batches[b])
-
-    def __len__(self) -> int:
-        return self.cut.remaining(self.start) * self.cut.accumulation
 
 
 class StreamMicroBatches(IterableDataset):

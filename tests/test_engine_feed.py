@@ -1,0 +1,75 @@
+"""The stream feed, unit by unit: batch sizes, resumes in a later epoch and the schedule of a
+stream with a length (exact micro-batches, computed by hand)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch.utils.data import IterableDataset
+
+from kdistill.data.base import IndexedStream
+from kdistill.engine.feed import Cut, StreamMicroBatches, TrainingSet
+from kdistill.engine.phases import Phase
+from kdistill.recipes import build_recipe
+from kdistill.settings import TrainerSettings
+
+
+class Numbers(IterableDataset):
+    """``count`` samples whose input is their position; a length."""
+
+    def __init__(self, count: int):
+        self.count = count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self):
+        return iter({"input": torch.tensor([float(i)]), "labels": torch.tensor(0)}
+                    for i in range(self.count))
+
+
+def cut(epochs: int, steps: int, micro_batch: int = 4) -> Cut:
+    return Cut(micro_batch=micro_batch, accumulation=1, processes=1, rank=0, seed=3, phase=0,
+               epochs=epochs, steps_per_epoch=steps)
+
+
+def positions(feed: StreamMicroBatches) -> list[list[int]]:
+    return [[int(s["index"]) for s in micro] for micro in feed]
+
+
+def test_the_last_global_batch_of_an_epoch_has_the_last_size() -> None:
+    feed = StreamMicroBatches(IndexedStream(Numbers(10)), cut(1, 3), last_size=2,
+                              shuffle_buffer=0, labeled_only=False, start=(0, 0))
+    assert positions(feed) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+def test_a_stream_resumed_in_a_later_epoch_gives_the_rest_of_the_uninterrupted_run() -> None:
+    def run(start: tuple[int, int]) -> list[list[int]]:
+        return positions(StreamMicroBatches(IndexedStream(Numbers(12)), cut(3, 3), last_size=4,
+                                            shuffle_buffer=5, labeled_only=False, start=start))
+
+    whole = run((0, 0))
+    assert len(whole) == 9 and whole[:3] != whole[3:6]  # the buffer reshuffles each epoch
+    assert run((1, 1)) == whole[4:]
+    assert run((2, 0)) == whole[6:]
+
+
+def schedule(count: int, batch_size: int, accumulation: int = 1) -> Any:
+    data = TrainingSet(Numbers(count), TrainerSettings(batch_size=batch_size,
+                                                       accumulation=accumulation))
+    return data.schedule(Phase(build_recipe("hinton"), 2, name="kd"),
+                         Cut(batch_size, accumulation, 1, 0, 0, 0, 2))
+
+
+def test_a_streams_length_sets_its_steps_and_its_last_batch() -> None:
+    one = schedule(5, 4)  # one full batch of 4 and a last one of 1
+    assert (one.cut.steps_per_epoch, one.last_size) == (2, 1)
+    exact = schedule(4, 4)  # exactly one global batch: one step
+    assert (exact.cut.steps_per_epoch, exact.last_size) == (1, 4)
+    assert schedule(3, 4).cut.steps_per_epoch == 1  # a short last batch is kept
+    with pytest.raises(ValueError) as error:  # 4 micro-batches of 1: 3 samples cannot fill one
+        schedule(3, 1, accumulation=4)
+    assert str(error.value) == ("phase 'kd': 3 training samples are too few for one global "
+                                "batch of this size")
