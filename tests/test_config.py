@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from kdistill.config import ConfigError, apply_override, load_config, parse_config
+from kdistill.settings import TrainerSettings
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -693,6 +694,21 @@ def test_teacher_cache_key_follows_the_data_file(tmp_path: Path,
     quiet = config.teacher.model_copy(update={"train": config.teacher.train.model_copy(
         update={"progress": False})})
     assert teacher_key(quiet, config.data) == before  # display settings do not matter
+
+    def trained(**settings: Any) -> str:
+        train = config.teacher.train.model_copy(update=settings)
+        return teacher_key(config.teacher.model_copy(update={"train": train}), config.data)
+
+    assert trained(workers=2, prefetch=4, log_every=5) == before  # speed only
+    assert trained(accumulation=1, on_nonfinite="stop") == before  # defaults given
+
+    class Later(TrainerSettings):  # a setting added in a later version, off by default
+        new_option: int = 0
+
+    later = Later(**config.teacher.train.model_dump())
+    assert teacher_key(config.teacher.model_copy(update={"train": later}), config.data) == before
+    assert trained(accumulation=2) != before
+    assert trained(seed=config.teacher.train.seed + 1) != before
     write_csv(path, x + 1.0, y)
     assert teacher_key(config.teacher, config.data) != before
 

@@ -372,22 +372,30 @@ def teacher_finetuning(config: TeacherConfig,
     return FinetuneConfig() if distilling is not None and distilling.teacher_finetune else None
 
 
+# Trainer settings that change how fast or how visibly a model trains, never what it learns.
+SPEED_ONLY = {"progress", "workers", "prefetch", "log_every", "checkpoint_every",
+              "keep_checkpoints"}
+
+
 def teacher_key(config: TeacherConfig, data: DataConfig, recipe: dict[str, Any] | None = None,
                 finetune: FinetuneConfig | None = None) -> str:
     """A hash of everything that determines a trained teacher: its model, training recipe and
-    settings (not the progress display), its fine-tuning (``finetune``: a fine-tuned teacher
-    never shares the key of the teacher it starts from), the data settings (not ``labeled``:
-    the teacher sees every label) and the content of the data files (so an edited file trains
-    anew)."""
+    settings (not those that change only speed or display: :data:`SPEED_ONLY`), its
+    fine-tuning (``finetune``: a fine-tuned teacher never shares the key of the teacher it
+    starts from), the data settings (not ``labeled``: the teacher sees every label) and the
+    content of the data files (so an edited file trains anew).
+
+    Settings at their default values are left out, so a setting added later with a default
+    that keeps the old behaviour leaves every key, and every cached teacher, as it was."""
     assert config.train is not None
     recipe = recipe or {"name": "ce"}
-    content = {"model": config.model.model_dump(),
-               "train": config.train.model_dump(exclude={"progress"}),
+    content = {"model": config.model.model_dump(exclude_defaults=True),
+               "train": config.train.model_dump(exclude=SPEED_ONLY, exclude_defaults=True),
                **({"recipe": recipe} if recipe != {"name": "ce"} else {}),
                **({"finetune": finetune.model_dump(mode="json")} if finetune is not None
                   else {}),
-               "data": data.model_dump(exclude={"labeled"}),
-               "data_files": data_digests(data), "format": 3}
+               "data": data.model_dump(exclude={"labeled"}, exclude_defaults=True),
+               "data_files": data_digests(data), "format": 4}
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
