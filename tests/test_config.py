@@ -691,6 +691,8 @@ def test_teacher_cache_key_follows_the_data_file(tmp_path: Path,
     before = teacher_key(config.teacher, config.data)
     relabelled = parse_config({**raw, "data": {**raw["data"], "labeled": 9}})
     assert teacher_key(config.teacher, relabelled.data) == before  # the teacher sees all labels
+    transfer = config.data.model_copy(update={"unlabeled": str(path), "augment": {"copies": 2}})
+    assert teacher_key(config.teacher, transfer) == before  # nor the transfer set
     quiet = config.teacher.model_copy(update={"train": config.teacher.train.model_copy(
         update={"progress": False})})
     assert teacher_key(quiet, config.data) == before  # display settings do not matter

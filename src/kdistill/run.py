@@ -372,6 +372,12 @@ def teacher_finetuning(config: TeacherConfig,
     return FinetuneConfig() if distilling is not None and distilling.teacher_finetune else None
 
 
+def teacher_data(data: DataConfig) -> DataConfig:
+    """The data a teacher trains on: every label of the training split, without the
+    unlabelled transfer set or augmented copies (it stands for a model that already exists)."""
+    return data.model_copy(update={"labeled": None, "unlabeled": None, "augment": None})
+
+
 # Trainer settings that change how fast or how visibly a model trains, never what it learns.
 SPEED_ONLY = {"progress", "workers", "prefetch", "log_every", "checkpoint_every",
               "keep_checkpoints"}
@@ -382,8 +388,8 @@ def teacher_key(config: TeacherConfig, data: DataConfig, recipe: dict[str, Any] 
     """A hash of everything that determines a trained teacher: its model, training recipe and
     settings (not those that change only speed or display: :data:`SPEED_ONLY`), its
     fine-tuning (``finetune``: a fine-tuned teacher never shares the key of the teacher it
-    starts from), the data settings (not ``labeled``: the teacher sees every label) and the
-    content of the data files (so an edited file trains anew).
+    starts from), the settings of the data it trains on (:func:`teacher_data`) and the content
+    of those data files (so an edited file trains anew).
 
     Settings at their default values are left out, so a setting added later with a default
     that keeps the old behaviour leaves every key, and every cached teacher, as it was."""
@@ -394,8 +400,8 @@ def teacher_key(config: TeacherConfig, data: DataConfig, recipe: dict[str, Any] 
                **({"recipe": recipe} if recipe != {"name": "ce"} else {}),
                **({"finetune": finetune.model_dump(mode="json")} if finetune is not None
                   else {}),
-               "data": data.model_dump(exclude={"labeled"}, exclude_defaults=True),
-               "data_files": data_digests(data), "format": 4}
+               "data": teacher_data(data).model_dump(exclude_defaults=True),
+               "data_files": data_digests(teacher_data(data)), "format": 4}
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -421,8 +427,7 @@ def obtain_teacher(config: TeacherConfig, data_config: DataConfig, data: DataSpl
     model = build_from(config.model, data, config.train.seed, "teacher.model")
     if path.is_file():
         return load_weights(model, path, "teacher cache"), {"source": str(path), "cached": True}
-    full = build_data(data_config.model_copy(update={"labeled": None, "unlabeled": None,
-                                                  "augment": None}))
+    full = build_data(teacher_data(data_config))
     settings = config.train.model_copy(update={"progress": progress})
     if finetune is not None:
         check_finetune(finetune, model, full)
@@ -835,8 +840,8 @@ def trial_teacher(config: RunConfig, data: DataSplits, recipe: Recipe,
     if fresh:
         return teacher
     if train is not None and teacher_phases is not None:
-        full = data if config.data.labeled is None else \
-            build_data(config.data.model_copy(update={"labeled": None}))
+        full = data if teacher_data(config.data) == config.data else \
+            build_data(teacher_data(config.data))
         finetune = teacher_finetuning(config.teacher, recipe)
         if finetune is not None:
             check_finetune(finetune, teacher, full)
