@@ -36,10 +36,13 @@ lint: $(TEST_STAMP)
 
 # Mutation testing of chosen modules, e.g. make mutate MUTANTS='kdistill.losses.*'
 # (names are module paths with globs; default: every module listed in [tool.mutmut]).
+# mutmut forks a child per mutant from the process that ran the tests; pyarrow's jemalloc
+# background thread (the datasets tests load pyarrow) deadlocks those children: it is turned off.
 MUTANTS ?=
 mutate: $(TEST_STAMP)
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test,mutate]'
-	$(BIN)/mutmut run $(MUTANTS); status=$$?; $(BIN)/python benchmarks/mutation_score.py; exit $$status
+	JE_ARROW_MALLOC_CONF=background_thread:false $(BIN)/mutmut run $(MUTANTS); status=$$?; \
+		$(BIN)/python benchmarks/mutation_score.py; exit $$status
 
 clean:
 	rm -rf $(VENV) .kdistill-cache runs mutants
