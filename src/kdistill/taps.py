@@ -188,10 +188,33 @@ def _pooled(output: Any, mask: torch.Tensor | None) -> torch.Tensor:
         last = hidden_states[-1] if hidden_states else None
     if not isinstance(last, torch.Tensor):
         raise TapError("tap 'pooled': the model output has no pooler_output or hidden states")
+    return masked_mean(last, mask)
+
+
+def masked_mean(tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The mean of ``tokens`` [B, T, ...] over the positions ``mask`` [B, T] marks (every
+    position without a mask): [B, ...]. A row without any marked position gives zeros."""
     if mask is None:
-        return last.mean(dim=1)
-    weights = mask.to(last.dtype).unsqueeze(-1)
-    return (last * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+        return tokens.mean(dim=1)
+    weights = mask.to(tokens.dtype).view(*mask.shape, *([1] * (tokens.dim() - 2)))
+    return (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+
+
+def output_hidden_states(output: Any) -> tuple[torch.Tensor, ...]:
+    """Every hidden state of a model output (``hidden_states``: the embeddings' output first,
+    then each layer's), as ``hidden.<i>`` reads them."""
+    values = _field(output, "hidden_states")
+    if not values:
+        raise TapError(f"the model output ({type(output).__name__}) has no hidden_states")
+    return tuple(values)
+
+
+def output_mask(output: Any, batch: Mapping[str, Any]) -> torch.Tensor | None:
+    """The mask of the tokens behind a model output's positions: the model's own
+    ``attention_mask`` when it tokenises for itself (a text model returns it), else the
+    batch's (None without one)."""
+    own = _field(output, "attention_mask") if isinstance(output, Mapping) else None
+    return batch.get("attention_mask") if own is None else own
 
 
 def output_tap(output: Any, name: str, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -291,10 +314,8 @@ class TapReader:
         output = run_model(self.model, batch, hidden=self.wants_hidden,
                            attentions=self.wants_attentions)
         mask = batch.get("attention_mask")
-        # A model that tokenises for itself reports its own tokens' mask for pooling.
-        own_mask = _field(output, "attention_mask") if isinstance(output, Mapping) else None
-        values = {name: output_tap(output, name, mask if own_mask is None else own_mask)
-                  for name in self.output_names}
+        tokens = output_mask(output, batch)  # a model's own tokens, for pooling
+        values = {name: output_tap(output, name, tokens) for name in self.output_names}
         for tap in self.module_taps:
             if tap.name not in self._recorded:
                 raise TapError(f"tap '{tap.name}': module '{tap.path}' did not run in the "
