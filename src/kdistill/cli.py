@@ -106,6 +106,16 @@ def _parser() -> argparse.ArgumentParser:
     cache.add_argument("--set", dest="overrides", action="append", default=[],
                        metavar="KEY=VALUE", help="override a field, e.g. teacher.cache=PATH")
 
+    layermap = commands.add_parser(
+        "layermap", help="measure how alike each student layer is to each teacher layer "
+                         "(linear CKA) and propose a layer map for layer-to-layer distillation")
+    layermap.add_argument("config")
+    layermap.add_argument("--samples", type=_whole_number(2), default=256,
+                          help="training inputs to compare the layers on (default 256)")
+    layermap.add_argument("--output", metavar="PNG", help="also write a heat map to this PNG")
+    layermap.add_argument("--set", dest="overrides", action="append", default=[],
+                          metavar="KEY=VALUE")
+
     predict = commands.add_parser(
         "predict", help="label texts with the student of a finished text run")
     predict.add_argument("run_dir", help="the run's folder (output_dir/name)")
@@ -209,6 +219,8 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "cache":
         return _cache(config)
+    if args.command == "layermap":
+        return _layermap(config, args.samples, args.output)
     from kdistill.run import run
 
     outcome = run(config, resume=args.resume, overwrite=args.overwrite)
@@ -227,6 +239,29 @@ def _cache(config: RunConfig) -> int:
     print(f"teacher cache {cache.path}: {cache.rows} samples, {cache.nbytes / 1e6:.2f} MB "
           f"({cache.nbytes} bytes) in {len(cache.shards)} shard(s), {cache.spec.storage()}; "
           f"{timing}")
+    return 0
+
+
+def _layermap(config: RunConfig, samples: int, output: str | None) -> int:
+    """Print the CKA matrix of a config's student and teacher, the proposed and the uniform
+    layer maps with their total similarity; with ``output``, write the heat map there."""
+    from rich.console import Console
+
+    from kdistill.report import layer_map_table, plot_layer_map
+    from kdistill.run import measure_layer_map
+
+    if output is not None and not Path(output).parent.is_dir():
+        raise KdistillError(f"--output: folder {Path(output).parent} does not exist")
+    result = measure_layer_map(config, samples)
+    print(f"linear CKA on {result.samples} training inputs, each model's hidden states "
+          "mean-pooled over the input's real tokens: student hidden.m (rows s<m>) against "
+          "teacher hidden.n (columns t<n>); * marks the proposed map")
+    Console(width=max(80, 8 + 9 * result.matrix.shape[1])).print(layer_map_table(result))
+    print(f"proposed map: {result.proposed}  total similarity {result.proposed_total:.3f}")
+    print(f"uniform map:  {result.uniform}  total similarity {result.uniform_total:.3f}")
+    print("(student hidden.m learns from teacher hidden.map[m]; hidden.0 is the embeddings)")
+    if output is not None:
+        print(f"heat map: {plot_layer_map(result, output)}")
     return 0
 
 

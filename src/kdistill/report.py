@@ -1,4 +1,5 @@
-"""Reports: comparison tables for the terminal and markdown, a comparison plot, report.md.
+"""Reports: comparison tables for the terminal and markdown, a comparison plot, report.md,
+and the table and heat map of a layer map (:mod:`kdistill.layermap`).
 
 Rows are mappings such as :class:`kdistill.evaluate.BenchmarkRow`. Known keys are shown in a
 fixed order with their own format (percentages, thousands separators, three significant figures
@@ -25,6 +26,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 from rich.table import Table
 
+from kdistill.layermap import LayerMap
 from kdistill.settings import SHIFTS
 
 Row = Mapping[str, Any]
@@ -289,6 +291,46 @@ def plot_comparison(histories: Mapping[str, Sequence[Mapping[str, Any]]],
     colours = _colours([str(row.get("name", "")) for row in rows] + list(histories))
     _plot_histories(left, histories, colours)
     _plot_tradeoff(right, rows, colours)
+    return _write_atomically(Path(path), lambda handle: figure.savefig(handle, format="png",
+                                                                       dpi=120))
+
+
+# --------------------------------------------------------------------------- layer map
+
+
+def layer_map_table(result: LayerMap) -> Table:
+    """The CKA matrix of a :class:`~kdistill.layermap.LayerMap` as a table: a row ``s<m>`` per
+    student hidden state, a column ``t<n>`` per teacher hidden state, ``*`` on the proposed
+    map."""
+    table = Table()
+    table.add_column("", no_wrap=True)
+    for n in range(result.matrix.shape[1]):
+        table.add_column(f"t{n}", justify="right", no_wrap=True)
+    for m, values in enumerate(result.matrix.tolist()):
+        table.add_row(f"s{m}", *(f"{value:.3f}{'*' if result.proposed[m] == n else ' '}"
+                                 for n, value in enumerate(values)))
+    return table
+
+
+def plot_layer_map(result: LayerMap, path: str | os.PathLike[str]) -> Path:
+    """Save a heat map PNG of a :class:`~kdistill.layermap.LayerMap`'s CKA matrix (teacher
+    hidden states across, student hidden states up), the proposed map as a red line of dots
+    and the uniform map as white crosses, each with its total similarity in the legend."""
+    rows, columns = result.matrix.shape
+    figure = Figure(figsize=(2.5 + 0.45 * columns, 1.8 + 0.45 * rows), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots()
+    image = axes.imshow(result.matrix.numpy(), origin="lower", vmin=0.0, vmax=1.0,
+                        cmap="viridis", aspect="auto")
+    figure.colorbar(image, ax=axes, label="linear CKA")
+    axes.plot(result.proposed, range(rows), "o-", color="red", markerfacecolor="none",
+              label=f"proposed {result.proposed} ({result.proposed_total:.3f})")
+    axes.plot(result.uniform, range(rows), "x", color="white", markersize=9,
+              label=f"uniform {result.uniform} ({result.uniform_total:.3f})")
+    axes.set(xticks=range(columns), yticks=range(rows), xlabel="teacher hidden.n",
+             ylabel="student hidden.m", title=f"Layer similarity ({result.samples} inputs)")
+    axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), fontsize="small",
+                facecolor="0.75")  # grey: the uniform map's white crosses show
     return _write_atomically(Path(path), lambda handle: figure.savefig(handle, format="png",
                                                                        dpi=120))
 

@@ -57,6 +57,7 @@ from kdistill.engine import Distiller, FitResult, Phase, recipe_phases
 from kdistill.engine.state import RESUMABLE_SETTINGS, changed_fields, format_changes
 from kdistill.errors import KdistillError
 from kdistill.evaluate import benchmark_models, eval_batches, shifted_evaluation
+from kdistill.layermap import DEFAULT_SAMPLES, LayerMap, compare_layers, sample_batches
 from kdistill.models import build_model, deployable
 from kdistill.models.export import OutputMeaning, export_run_student
 from kdistill.models.text import TextModel, check_same_tokens
@@ -514,14 +515,7 @@ def build_teacher(config: RunConfig, data: DataSplits, phases: list[Phase],
             load_weights(teacher, Path(config.teacher.checkpoint), "teacher.checkpoint")
         handed: nn.Module | TeacherSource = teacher
     else:
-        training = teacher_training(config.teacher, recipe)
-        finetune = teacher_finetuning(config.teacher, recipe)
-        if config.teacher.train is not None:
-            logger.info("teacher: trained by %s%s", training, "" if finetune is None else
-                        f", then fine-tuned adversarially ({finetune.model_dump()})")
-        teacher, _ = obtain_teacher(config.teacher, config.data, data,
-                                    progress=config.trainer.progress, recipe=training,
-                                    finetune=finetune)
+        teacher = trained_teacher(config, data, recipe)
         handed = FrozenTeacher(teacher, config.teacher.precision, config.teacher.compile)
     for phase, where in users:
         check_taps(teacher, phase.recipe.teacher_taps(), where, phase.name or "")
@@ -529,6 +523,22 @@ def build_teacher(config: RunConfig, data: DataSplits, phases: list[Phase],
         assert isinstance(handed, FrozenTeacher)  # check_teacher_cache refused the others
         handed = CachedTeacher(teacher_cache(config, data, users, handed), live=handed)
     return teacher, handed
+
+
+def trained_teacher(config: RunConfig, data: DataSplits, recipe: Recipe | None) -> nn.Module:
+    """The teacher the teacher-using ``recipe`` distils from (None: no recipe reads one), from
+    ``teacher.checkpoint``, the cache, or trained now as :func:`teacher_training` and
+    :func:`teacher_finetuning` say (see :func:`obtain_teacher`)."""
+    assert config.teacher is not None
+    training = teacher_training(config.teacher, recipe)
+    finetune = teacher_finetuning(config.teacher, recipe)
+    if config.teacher.train is not None:
+        logger.info("teacher: trained by %s%s", training, "" if finetune is None else
+                    f", then fine-tuned adversarially ({finetune.model_dump()})")
+    teacher, _ = obtain_teacher(config.teacher, config.data, data,
+                                progress=config.trainer.progress, recipe=training,
+                                finetune=finetune)
+    return teacher
 
 
 # -- the teacher-signal cache (``teacher.cache``) ---------------------------------------------
@@ -577,6 +587,28 @@ def build_teacher_cache(config: RunConfig) -> TeacherCache:
         _, source = build_teacher(config, data, phases, sections)
     assert isinstance(source, CachedTeacher)
     return source.cache
+
+
+def measure_layer_map(config: RunConfig, samples: int = DEFAULT_SAMPLES) -> LayerMap:
+    """``kdistill layermap``: linear CKA between every hidden state of the config's student,
+    as built before training (the network itself, without what a recipe wraps around it), and
+    of its teacher, obtained as the run obtains it (:func:`trained_teacher`: from its
+    checkpoint, the cache, or trained now and cached), on ``samples`` training inputs drawn
+    with ``data.seed``; with the proposed and the uniform maps (:mod:`kdistill.layermap`)."""
+    teacher_config = config.teacher
+    if teacher_config is None or (teacher_config.checkpoint is None
+                                  and teacher_config.train is None):
+        raise ConfigError("teacher: layermap compares the student with a trained teacher; give "
+                          "teacher.checkpoint or teacher.train")
+    check_before_work(config)
+    with num_threads(config.cpu_threads):
+        data = build_data(config.data)
+        users = [phase.recipe for phase in build_phases(config) if phase.recipe.uses_teacher]
+        student = build_from(config.student, data, config.trainer.seed, "student")
+        teacher = trained_teacher(config, data, users[0] if users else None)
+        batches = sample_batches(data.train, samples, batch_size=config.evaluation.batch_size,
+                                 seed=config.data.seed)
+        return compare_layers(student, teacher, batches)
 
 
 @dataclass
