@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
@@ -15,6 +16,13 @@ from kdistill.models import build_model
 
 DIGITS_SHAPE = (1, 8, 8)
 NUM_CLASSES = 10
+
+
+if "MUTANT_UNDER_TEST" in os.environ:
+    # mutmut forks a child per mutant from the process that ran the tests first; oneDNN calls
+    # OpenMP directly, and OpenMP does not survive a fork: without oneDNN the children's ops
+    # run on torch's own single-threaded paths.
+    torch.backends.mkldnn.enabled = False
 
 
 @pytest.fixture(scope="session", autouse=True)
