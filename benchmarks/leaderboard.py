@@ -101,11 +101,13 @@ class SetupError(ValueError):
 
 def leaderboard_rows(requested: Sequence[str] | None = None, registry: Mapping[str, Any] = RECIPES,
                      examples: Path = EXAMPLES) -> list[Row]:
-    """The baselines and every registered classification recipe (only the ``requested`` ones
-    and the baselines when given); :class:`SetupError` names a recipe without an
-    ``examples/<recipe>.yaml`` and an unknown requested row."""
+    """The baselines and every registered classification recipe that any architecture can
+    use (only the ``requested`` ones and the baselines when given; a recipe made for one
+    architecture, such as ``tinybert``'s transformers, cannot run on the protocol's models);
+    :class:`SetupError` names a recipe without an ``examples/<recipe>.yaml`` and an unknown
+    requested row."""
     names = sorted(name for name, entry in registry.items()
-                   if entry.cls.task == "classification")
+                   if entry.cls.task == "classification" and entry.cls.architecture is None)
     missing = [name for name in names if not (examples / f"{name}.yaml").is_file()]
     rows = [*BASELINES, *(Row(name, name) for name in names if name != "ce")]
     unknown = sorted(set(requested or ()) - {row.name for row in rows})

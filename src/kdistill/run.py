@@ -64,7 +64,7 @@ from kdistill.models.text import TextModel, check_same_tokens
 from kdistill.recipes import RECIPES, Recipe, build_recipe, cache_refusal
 from kdistill.report import write_report
 from kdistill.settings import TrainerSettings
-from kdistill.taps import TapError, resolve_module_taps
+from kdistill.taps import TapError, resolve_module_taps, resolve_projection_taps
 from kdistill.teachers import FrozenTeacher, TeacherSource
 from kdistill.text_augment import TextAugmentSettings, augment_corpus, augment_tagged
 
@@ -174,10 +174,13 @@ def build_student(config: RunConfig, data: DataSplits, phases: Sequence[Phase],
 
 
 def check_taps(model: nn.Module, taps: Iterable[str], where: str, phase: str) -> None:
-    """Raise a :class:`ConfigError` when a ``module:`` tap names a submodule ``model`` lacks
-    (checked before training, so a typo does not cost a teacher's training first)."""
+    """Raise a :class:`ConfigError` when a ``module:`` tap names a submodule ``model`` lacks,
+    or a ``query.<i>`` / ``key.<i>`` tap a self-attention layer it lacks (checked before
+    training, so a typo does not cost a teacher's training first)."""
+    names = list(taps)
     try:
-        resolve_module_taps(model, taps)
+        resolve_module_taps(model, names)
+        resolve_projection_taps(model, names)
     except TapError as error:
         raise ConfigError(f"{where}: phase '{phase}': {error}") from None
 

@@ -8,6 +8,15 @@ A tap name is one of
   the embedding output; negative indices count from the end);
 * ``attention.<i>`` - the i-th layer's attention map (``attentions[i]``, shape [B, H, L, L]);
 * ``embeddings`` - ``hidden_states[0]``;
+* ``query.<i>`` / ``key.<i>`` - the query (key) projection of the i-th self-attention layer of
+  a BERT-style encoder (a module with ``query`` and ``key`` linear layers and an
+  ``attention_head_size``: BERT, RoBERTa, ELECTRA, MiniLM...), split into heads:
+  ``[B, L, H, d_head]``, read through a forward hook on that linear layer. The layer's
+  pre-softmax attention scores are ``Q_h K_h^T / sqrt(d_head)`` (before the additive mask);
+  unlike ``attention.<i>`` these taps work with every attention implementation, and a teacher
+  cache stores them per token;
+* ``token_mask`` - the ``[B, L]`` mask of the model's own tokens: the ``attention_mask`` a
+  model that tokenises raw text reports, otherwise the batch's;
 * ``pooled`` - ``pooler_output`` when the model has one, otherwise the mean of the last hidden
   state over valid tokens (``attention_mask``);
 * ``heads`` - ``output["heads"]`` of a model with several prediction heads (a tensor
@@ -16,14 +25,15 @@ A tap name is one of
   submodule, read through a forward hook, e.g. ``module:layer3`` or
   ``module:encoder.layer.2.output``.
 
-Models are never rewritten: output taps are read from whatever the model returns and module taps
-through hooks that :class:`TapReader` registers once and removes in :meth:`TapReader.close`.
+Models are never rewritten: output taps are read from whatever the model returns and module,
+query and key taps through hooks that :class:`TapReader` registers once and removes in
+:meth:`TapReader.close`.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +44,8 @@ from kdistill.errors import KdistillError
 from kdistill.names import unknown_name
 
 OUTPUT_TAP_PATTERN = re.compile(
-    r"^(logits|heads|embeddings|pooled|hidden\.-?\d+|attention\.-?\d+)$")
+    r"^(logits|heads|embeddings|pooled|token_mask|hidden\.-?\d+|attention\.-?\d+)$")
+PROJECTION_TAP_PATTERN = re.compile(r"^(query|key)\.(-?\d+)$")
 MODULE_PREFIX = "module:"
 HF_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
@@ -93,8 +104,18 @@ class ModuleTap:
     read_input: bool
 
 
-def parse_tap(name: str) -> str | ModuleTap:
-    """Check a tap name's form; return it (output taps) or a :class:`ModuleTap`."""
+@dataclass(frozen=True)
+class ProjectionTap:
+    """A parsed ``query.<i>`` / ``key.<i>`` tap: ``projection`` of self-attention ``layer``."""
+
+    name: str
+    projection: str
+    layer: int
+
+
+def parse_tap(name: str) -> str | ModuleTap | ProjectionTap:
+    """Check a tap name's form; return it (output taps), a :class:`ModuleTap` or a
+    :class:`ProjectionTap`."""
     if name.startswith(MODULE_PREFIX):
         rest = name[len(MODULE_PREFIX) :]
         read_input = rest.endswith(":input")
@@ -103,10 +124,13 @@ def parse_tap(name: str) -> str | ModuleTap:
             raise TapError(f"malformed module tap '{name}': use 'module:<path>' or "
                            "'module:<path>:input'")
         return ModuleTap(name, path, read_input)
+    projection = PROJECTION_TAP_PATTERN.match(name)
+    if projection:
+        return ProjectionTap(name, projection.group(1), int(projection.group(2)))
     if not OUTPUT_TAP_PATTERN.match(name):
         raise TapError(
-            f"unknown tap '{name}': expected logits, embeddings, pooled, hidden.<i>, "
-            "attention.<i>, heads or module:<path>"
+            f"unknown tap '{name}': expected logits, embeddings, pooled, token_mask, "
+            "hidden.<i>, attention.<i>, query.<i>, key.<i>, heads or module:<path>"
         )
     return name
 
@@ -218,13 +242,19 @@ def output_mask(output: Any, batch: Mapping[str, Any]) -> torch.Tensor | None:
 
 
 def output_tap(output: Any, name: str, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Read one output tap (anything but ``module:``) from a model output."""
+    """Read one output tap (not a ``module:``, ``query.<i>`` or ``key.<i>`` tap) from a model
+    output; ``mask`` is the mask of the model's tokens (``pooled``, ``token_mask``)."""
     if name == "logits":
         return output_logits(output)
     if name == "embeddings":
         return _indexed(output, "hidden_states", 0, name)
     if name == "pooled":
         return _pooled(output, mask)
+    if name == "token_mask":
+        if mask is None:
+            raise TapError("tap 'token_mask': neither the model output nor the batch has an "
+                           "attention_mask")
+        return mask
     if name == "heads":
         heads = _field(output, "heads")
         if not isinstance(heads, torch.Tensor):
@@ -277,12 +307,58 @@ def resolve_module_taps(model: nn.Module,
     return targets
 
 
+def self_attention_layers(model: nn.Module) -> list[nn.Module]:
+    """The BERT-style self-attention modules of ``model`` in the order they were registered
+    (layer order): modules with ``query`` and ``key`` linear layers and an integer
+    ``attention_head_size``."""
+    return [module for module in model.modules()
+            if isinstance(getattr(module, "query", None), nn.Linear)
+            and isinstance(getattr(module, "key", None), nn.Linear)
+            and isinstance(getattr(module, "attention_head_size", None), int)]
+
+
+def resolve_projection_taps(model: nn.Module,
+                            names: Iterable[str]) -> list[tuple[ProjectionTap, nn.Module, int]]:
+    """The linear layer behind each ``query.<i>`` / ``key.<i>`` tap among ``names`` and its
+    head size; :class:`TapError` for a model without BERT-style self-attention or a layer it
+    lacks."""
+    taps = [tap for tap in map(parse_tap, names) if isinstance(tap, ProjectionTap)]
+    layers = self_attention_layers(model) if taps else []
+    targets = []
+    for tap in taps:
+        if not layers:
+            raise TapError(f"tap '{tap.name}': {type(model).__name__} has no BERT-style "
+                           "self-attention module (one with 'query' and 'key' linear layers "
+                           "and an 'attention_head_size')")
+        if not -len(layers) <= tap.layer < len(layers):
+            raise TapError(f"tap '{tap.name}': layer {tap.layer} out of range, "
+                           f"{type(model).__name__} has {len(layers)} self-attention layers")
+        attention = layers[tap.layer]
+        targets.append((tap, getattr(attention, tap.projection), attention.attention_head_size))
+    return targets
+
+
+HookReader = Callable[[tuple[Any, ...], Mapping[str, Any], Any], torch.Tensor]
+"""What a forward hook keeps of a module call: ``read(args, kwargs, output)``."""
+
+
+def _module_reader(tap: ModuleTap) -> HookReader:
+    if tap.read_input:
+        return lambda args, kwargs, _output: _first_input(args, kwargs, tap.name)
+    return lambda _args, _kwargs, output: _first_tensor(output, f"tap '{tap.name}': output")
+
+
+def _heads_reader(head_size: int) -> HookReader:
+    """A projection's output [..., H * d] split into heads [..., H, d]."""
+    return lambda _args, _kwargs, output: output.unflatten(-1, (-1, head_size))
+
+
 class TapReader:
     """Runs a model on batches and returns the requested :class:`Taps`.
 
-    Module taps are read by forward hooks registered once here; :meth:`close` (or leaving the
-    ``with`` block) removes them. A module path the model lacks raises :class:`TapError` listing
-    the closest paths the model has.
+    Module, query and key taps are read by forward hooks registered once here; :meth:`close`
+    (or leaving the ``with`` block) removes them. A module path the model lacks raises
+    :class:`TapError` listing the closest paths the model has.
     """
 
     def __init__(self, model: nn.Module, names: Iterable[str]):
@@ -290,22 +366,25 @@ class TapReader:
         self.names = tuple(dict.fromkeys(names))
         parsed = [parse_tap(n) for n in self.names]
         self.output_names = [p for p in parsed if isinstance(p, str)]
-        self.module_taps = [p for p in parsed if isinstance(p, ModuleTap)]
+        self.hooked_taps = [p for p in parsed if isinstance(p, ModuleTap | ProjectionTap)]
         self.wants_hidden = any(n.startswith("hidden.") or n in ("embeddings", "pooled")
                                 for n in self.output_names)
         self.wants_attentions = any(n.startswith("attention.") for n in self.output_names)
         self._recorded: dict[str, torch.Tensor] = {}
         # Resolve every path before touching the model, so a bad name leaves no hook behind.
         targets = resolve_module_taps(model, self.names)
+        projections = resolve_projection_taps(model, self.names)
         if self.wants_attentions and hasattr(model, "set_attn_implementation"):
             model.set_attn_implementation("eager")
-        self._handles = [self._hook(tap, module) for tap, module in targets]
+        self._handles = ([self._hook(tap, module, _module_reader(tap)) for tap, module in targets]
+                         + [self._hook(tap, linear, _heads_reader(size))
+                            for tap, linear, size in projections])
 
-    def _hook(self, tap: ModuleTap, module: nn.Module) -> torch.utils.hooks.RemovableHandle:
+    def _hook(self, tap: ModuleTap | ProjectionTap, module: nn.Module,
+              read: HookReader) -> torch.utils.hooks.RemovableHandle:
         def record(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
                    output: Any) -> None:
-            self._recorded[tap.name] = (_first_input(args, kwargs, tap.name) if tap.read_input
-                                        else _first_tensor(output, f"tap '{tap.name}': output"))
+            self._recorded[tap.name] = read(args, kwargs, output)
 
         return module.register_forward_hook(record, with_kwargs=True)
 
@@ -316,9 +395,10 @@ class TapReader:
         mask = batch.get("attention_mask")
         tokens = output_mask(output, batch)  # a model's own tokens, for pooling
         values = {name: output_tap(output, name, tokens) for name in self.output_names}
-        for tap in self.module_taps:
+        for tap in self.hooked_taps:
             if tap.name not in self._recorded:
-                raise TapError(f"tap '{tap.name}': module '{tap.path}' did not run in the "
+                module = tap.path if isinstance(tap, ModuleTap) else tap.projection
+                raise TapError(f"tap '{tap.name}': module '{module}' did not run in the "
                                "forward pass")
             values[tap.name] = self._recorded[tap.name]
         self._recorded = {}

@@ -23,7 +23,7 @@ from kdistill.taps import output_logits
 RawText = str | tuple[str, str] | Sequence[str]
 WORD_STARTS = "word_starts"  # encoder output: [B, W] position of each word's first token
 OUTPUT_FLAGS = ("output_hidden_states", "output_attentions")
-TOKEN_LEVEL = ("hidden", "attention", "embeddings")  # tap kinds compared token by token
+TOKEN_LEVEL = ("hidden", "attention", "embeddings", "query", "key")  # compared token by token
 
 
 @runtime_checkable
@@ -102,13 +102,13 @@ class TextModel(nn.Module):
 
 def token_level_taps(taps: Sequence[str]) -> list[str]:
     """The taps of ``taps`` read position by position over a model's tokens (hidden states,
-    attentions, embeddings)."""
+    attentions, embeddings, query and key projections)."""
     return [t for t in taps if t.split(".")[0] in TOKEN_LEVEL]
 
 
 def check_same_tokens(student: nn.Module, teacher: nn.Module, taps: Sequence[str]) -> None:
-    """Refuse token-level taps (hidden states, attentions, embeddings) between text models
-    that tokenise differently: their positions are different tokens."""
+    """Refuse token-level taps (:func:`token_level_taps`) between text models that tokenise
+    differently: their positions are different tokens."""
     token_level = token_level_taps(taps)
     if not token_level or not all(isinstance(m, TextModel) for m in (student, teacher)):
         return

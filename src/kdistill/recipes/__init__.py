@@ -19,6 +19,7 @@ from kdistill.recipes import (  # noqa: F401  (registration)
     okdhp,
     oracle,
     regression,
+    tinybert,
 )
 from kdistill.recipes.base import (
     RECIPES,

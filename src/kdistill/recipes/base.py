@@ -89,6 +89,10 @@ class Recipe(nn.Module):
     * ``task``: ``classification`` (also per token) or ``regression``;
     * ``ctc``: whether the method also trains CTC recognisers (data of task ``ctc``: per-frame
       logits against target sequences, see :mod:`kdistill.batch`);
+    * ``architecture``: the kind of model the method is made for, ``None`` when any model
+      that gives the taps it reads will do (``tinybert`` needs BERT-style transformer
+      encoders); the leaderboard, whose protocol distils a CNN into an MLP, leaves such
+      recipes out;
     * ``teacher_input_change``: how :meth:`prepare` changes what the teacher reads (augmented or
       noisy copies), ``None`` when the teacher reads every sample as stored. With a frozen
       (``trained``) teacher that reads the samples as stored, the teacher's taps of a sample
@@ -107,6 +111,7 @@ class Recipe(nn.Module):
     teacher_finetune: ClassVar[bool] = False
     task: ClassVar[Literal["classification", "regression"]] = "classification"
     ctc: ClassVar[bool] = False
+    architecture: ClassVar[str | None] = None
     teacher_input_change: ClassVar[str | None] = None
 
     def __init__(self, params: RecipeParams | None = None, **overrides: Any):
