@@ -19,10 +19,18 @@ NUM_CLASSES = 10
 
 
 if "MUTANT_UNDER_TEST" in os.environ:
-    # mutmut forks a child per mutant from the process that ran the tests first; oneDNN calls
-    # OpenMP directly, and OpenMP does not survive a fork: without oneDNN the children's ops
-    # run on torch's own single-threaded paths.
+    # mutmut forks a child per mutant from the process that ran the tests first, and OpenMP
+    # (under torch's BLAS and oneDNN) hangs in a child forked after it ran a team of threads.
+    # Under mutmut torch keeps one thread: a requested count is recorded, not applied.
+    torch.set_num_threads(1)
     torch.backends.mkldnn.enabled = False
+    _requested_threads = [1]
+
+    def _record_threads(count: int) -> None:
+        _requested_threads[0] = count
+
+    torch.set_num_threads = _record_threads
+    torch.get_num_threads = lambda: _requested_threads[0]
 
 
 @pytest.fixture(scope="session", autouse=True)
