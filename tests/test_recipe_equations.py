@@ -56,6 +56,7 @@ PINNED = {
     "fitnets", "composite",  # this module
     "dml", "bdkd", "okdhp", "mean_teacher", "atsen",  # test_recipe_equations_online.py
     "regression_kd", "denoise", "adversarial",  # test_recipe_equations_prepared.py
+    "embedding_kd", "ckd",  # test_embedding_recipes.py
 }  # fmt: skip
 
 

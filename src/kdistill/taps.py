@@ -3,7 +3,11 @@
 A tap name is one of
 
 * ``logits`` - the model's prediction scores (a plain tensor output, the first element of a
-  tuple, ``output["logits"]`` or ``output.logits``);
+  tuple, ``output["logits"]`` or ``output.logits``); for a sentence encoder, its sentence
+  embedding;
+* ``sentence_embedding`` - the sentence embedding [B, D] of a sentence encoder (a model whose
+  output mapping holds ``sentence_embedding`` in place of ``logits``, see
+  :mod:`kdistill.models.sentence`); other models have none;
 * ``hidden.<i>`` - the i-th hidden state of a Hugging Face model (``hidden_states[i]``, where 0 is
   the embedding output; negative indices count from the end);
 * ``attention.<i>`` - the i-th layer's attention map (``attentions[i]``, shape [B, H, L, L]);
@@ -34,7 +38,8 @@ from kdistill.errors import KdistillError
 from kdistill.names import unknown_name
 
 OUTPUT_TAP_PATTERN = re.compile(
-    r"^(logits|heads|embeddings|pooled|hidden\.-?\d+|attention\.-?\d+)$")
+    r"^(logits|heads|embeddings|pooled|sentence_embedding|hidden\.-?\d+|attention\.-?\d+)$")
+SENTENCE_EMBEDDING = "sentence_embedding"  # a sentence encoder's output key (and tap)
 MODULE_PREFIX = "module:"
 HF_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
@@ -105,8 +110,8 @@ def parse_tap(name: str) -> str | ModuleTap:
         return ModuleTap(name, path, read_input)
     if not OUTPUT_TAP_PATTERN.match(name):
         raise TapError(
-            f"unknown tap '{name}': expected logits, embeddings, pooled, hidden.<i>, "
-            "attention.<i>, heads or module:<path>"
+            f"unknown tap '{name}': expected logits, embeddings, pooled, sentence_embedding, "
+            "hidden.<i>, attention.<i>, heads or module:<path>"
         )
     return name
 
@@ -154,11 +159,19 @@ def _field(output: Any, key: str) -> Any:
     return getattr(output, key, None)
 
 
+def is_sentence_embedding(output: Any) -> bool:
+    """Whether a model output is a sentence encoder's: a mapping holding
+    ``sentence_embedding`` and no ``logits``."""
+    return (isinstance(output, Mapping) and SENTENCE_EMBEDDING in output
+            and "logits" not in output)
+
+
 def output_logits(output: Any) -> torch.Tensor:
-    """The logits of a model output: a tensor, a tuple's first item, or its ``logits`` field."""
+    """The logits of a model output: a tensor, a tuple's first item, its ``logits`` field, or
+    a sentence encoder's ``sentence_embedding`` (the output of such a model)."""
     if isinstance(output, torch.Tensor):
         return output
-    value = _field(output, "logits")
+    value = _field(output, SENTENCE_EMBEDDING if is_sentence_embedding(output) else "logits")
     if value is None and isinstance(output, tuple | list) and output:
         value = output[0]
     if not isinstance(value, torch.Tensor):
@@ -202,6 +215,12 @@ def output_tap(output: Any, name: str, mask: torch.Tensor | None = None) -> torc
         return _indexed(output, "hidden_states", 0, name)
     if name == "pooled":
         return _pooled(output, mask)
+    if name == SENTENCE_EMBEDDING:
+        if not is_sentence_embedding(output):
+            raise TapError("tap 'sentence_embedding': the model is not a sentence encoder (its "
+                           "output has no sentence_embedding); use hf_embedder, hf_student "
+                           "with pooling, or static")
+        return output[SENTENCE_EMBEDDING]
     if name == "heads":
         heads = _field(output, "heads")
         if not isinstance(heads, torch.Tensor):
