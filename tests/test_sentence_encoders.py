@@ -27,6 +27,7 @@ from kdistill.models.export import (
 )
 from kdistill.models.sentence import pool
 from kdistill.models.teacher_embeddings import teacher_word_vectors
+from kdistill.models.vocabulary import NGramHasher, Vocabulary
 from kdistill.predict import predict_texts
 from kdistill.recipes import build_recipe
 from kdistill.run import check_task, run
@@ -123,7 +124,7 @@ def static(**options: object) -> torch.nn.Module:
 
 
 def test_the_static_student_gives_one_normalised_vector_per_text() -> None:
-    model = static(embed_dim=8, buckets=64)
+    model = static(embed_dim=8, ngrams=[1, 2], buckets=64)
     out = embed(model, [*TEXTS, ""])
     assert out.shape == (5, 8)
     assert torch.allclose(out[:4].norm(dim=1), torch.ones(4))
@@ -137,7 +138,7 @@ def test_the_static_student_gives_one_normalised_vector_per_text() -> None:
 
 def test_static_init_from_outputs_takes_each_words_teacher_embedding(
         encoder_folder: Path) -> None:
-    model = static(embed_dim=16, init_from=str(encoder_folder))
+    model = static(embed_dim=16, ngrams=[1, 3], buckets=8, init_from=str(encoder_folder))
     vocabulary = model.encoder.hasher.vocabulary
     teacher = build_model("hf_embedder", (), 0, path=str(encoder_folder))
     rows = model.model.embedding.weight.detach()
@@ -285,3 +286,13 @@ def test_sentences_are_plain_lines_without_labels_split_with_a_seed(tmp_path: Pa
     assert (data.train.labels == -100).all() and (data.test.labels == -100).all()
     assert load_dataset("sentences", path=corpus, test_fraction=0.3, seed=1).test.raw == \
         data.test.raw
+
+
+def test_unigrams_alone_need_no_buckets_but_longer_n_grams_do() -> None:
+    vocabulary = Vocabulary.build(TEXTS)
+    assert NGramHasher(vocabulary, (1,), 0).rows == len(vocabulary)
+    assert NGramHasher(vocabulary, (1,), 0)(["the", "cat"]) == vocabulary.ids(["the", "cat"])
+    with pytest.raises(ValueError, match=r"buckets must be positive for n-grams longer than 1 "
+                                         r"\(0 is for unigrams alone\), got 0 for n-grams "
+                                         r"\[1, 2\]"):
+        NGramHasher(vocabulary, (1, 2), 0)

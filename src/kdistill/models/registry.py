@@ -58,9 +58,7 @@ MODEL_SIZES: dict[str, dict[str, dict[str, Any]]] = {
                 "base": {"embed_dim": 128, "channels": 100}},
     "cmow": {"tiny": {"cbow_dim": 16, "matrix_dim": 4}, "small": {"cbow_dim": 64, "matrix_dim": 8},
              "base": {"cbow_dim": 400, "matrix_dim": 20}},
-    "static": {"tiny": {"embed_dim": 16, "buckets": 1 << 10},
-               "small": {"embed_dim": 64, "buckets": 1 << 16},
-               "base": {"embed_dim": 256, "buckets": 1 << 18}},
+    "static": {"tiny": {"embed_dim": 16}, "small": {"embed_dim": 64}, "base": {"embed_dim": 256}},
     "crnn": {"tiny": {"channels": [8, 16], "dim": 16, "hidden": 16},
              "small": {"channels": [16, 32], "dim": 32, "hidden": 32},
              "base": {"channels": [32, 64], "dim": 64, "hidden": 64}},
@@ -76,6 +74,7 @@ CONTEXT_PARAMETERS = ("corpus", "task")
 Width = Annotated[int, Field(ge=1)]
 Dropout = Annotated[float, Field(ge=0.0, lt=1.0)]
 Hidden = Annotated[int, Field(ge=0)]  # 0: no hidden layer
+Buckets = Annotated[int, Field(ge=0)]  # 0: unigrams alone
 VocabularySize = Annotated[int, Field(ge=4)]  # the 3 reserved tokens and at least one word
 
 
@@ -191,15 +190,16 @@ def _cmow(input_shape: Sequence[int], num_classes: int, cbow_dim: Width = 64,
 
 
 def _static(input_shape: Sequence[int], num_classes: int, embed_dim: Width = 256,
-            buckets: Width = 1 << 16, ngrams: NGramLengths = (1, 2), normalize: StrictBool = True,
+            ngrams: NGramLengths = (1,), buckets: Buckets = 0, normalize: StrictBool = True,
             max_vocab: VocabularySize = 50_000, min_count: Width = 1,
             init_from: str | None = None, init_vectors: TeacherVectors = "output",
             init_pooling: Pooling = "mean", *, corpus: Sequence[str] | None = None,
             task: Task = "embedding") -> nn.Module:
     """The static sentence encoder (:class:`~kdistill.models.text_networks.StaticEmbeddingNet`):
-    one vector per word and hashed n-gram, averaged; its word vectors optionally from the
-    teacher folder ``init_from`` (:func:`~kdistill.models.text_students.build_static_student`).
-    ``num_classes`` is unused."""
+    one vector per word (and per hashed n-gram of ``ngrams`` longer than 1, in ``buckets``
+    buckets), averaged; its word vectors optionally from the teacher folder ``init_from``
+    (:func:`~kdistill.models.text_students.build_static_student`). ``num_classes`` is
+    unused."""
     return build_static_student(corpus, task, max_vocab=max_vocab, min_count=min_count,
                                 ngrams=ngrams, buckets=buckets, embed_dim=embed_dim,
                                 normalize=normalize, init_from=init_from,

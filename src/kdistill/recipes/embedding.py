@@ -109,7 +109,7 @@ class CKDParams(RecipeParams):
     scale: float = Field(default=20.0, gt=0)  # the initial logit scale: temperature 0.05
     scale_max: float = Field(default=100.0, gt=0)
     learn_scale: bool = True
-    head: HeadKind = "linear"
+    head: HeadKind = "auto"
 
     @model_validator(mode="after")
     def _scale_in_range(self) -> CKDParams:
@@ -125,7 +125,9 @@ class ContrastiveKD(EmbeddingRecipe):
 
     CKD of Gao, Wu, Wang, Wang, Zang, Wang & Hu (2021), "DistilCSE: Effective Knowledge
     Distillation For Contrastive Sentence Embeddings": ``W`` a linear head to the teacher's
-    width (``head: auto`` drops it when the widths agree); the positive of text i is the frozen
+    width when the widths differ (``head: linear`` always adds one, as DistilCSE's code does;
+    the default ``auto`` trains an equally wide student's own embedding against the
+    teacher's directly); the positive of text i is the frozen
     teacher's embedding ``t_i`` of the same text; the keys ``K_i`` are the teacher's
     embeddings of the batch's texts followed by a FIFO queue of its embeddings of the last
     ``queue_size`` texts of earlier micro-batches (MoCo's memory, He et al. 2020). ``s`` is a
