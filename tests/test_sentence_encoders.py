@@ -30,7 +30,7 @@ from kdistill.models.teacher_embeddings import teacher_word_vectors
 from kdistill.models.vocabulary import NGramHasher, Vocabulary
 from kdistill.predict import predict_texts
 from kdistill.recipes import build_recipe
-from kdistill.run import check_task, run
+from kdistill.run import check_task, preflight, run
 from kdistill.taps import TapError, TapReader
 
 WORDS = VOCAB[5:]
@@ -261,6 +261,8 @@ def test_a_config_run_distils_a_pretrained_encoder_from_a_plain_corpus(
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(random_texts(48)) + "\n")
     teacher = {"model": {"name": "hf_embedder", "options": {"path": str(encoder_folder)}}}
+    assert preflight(embedding_config(tmp_path, corpus, teacher)).task == "embedding"
+    assert not (tmp_path / "runs").exists()  # the check wrote nothing
     outcome = run(embedding_config(tmp_path, corpus, teacher))
     rows = {row["name"]: row for row in outcome.rows}
     assert rows["teacher"]["similarity_spearman"] == pytest.approx(1.0)

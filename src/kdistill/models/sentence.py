@@ -171,7 +171,9 @@ def load_sentence_encoder(folder: str | Path) -> TextModel:
     found = saved_pooling(folder)
     if found is None:
         raise KdistillError(f"{folder}: no {MODULES_FILE}; not a saved sentence encoder")
-    pooling, normalize = found
+    network = load_hf_model(folder, task="encoder")
+    tokenizer = load_tokenizer(folder)
     # HFTextEncoder.save wrote the encoder's max_length as the tokenizer's model_max_length.
-    max_length = load_tokenizer(folder).model_max_length
-    return load_embedder(folder, pooling, normalize, max_length=min(max_length, MAX_POSITIONS))
+    encoder = HFTextEncoder(tokenizer, min(tokenizer.model_max_length, MAX_POSITIONS),
+                            takes_token_type_ids(network))
+    return sentence_model(network, encoder, *found)
