@@ -298,3 +298,21 @@ def test_unigrams_alone_need_no_buckets_but_longer_n_grams_do() -> None:
                                          r"\(0 is for unigrams alone\), got 0 for n-grams "
                                          r"\[1, 2\]"):
         NGramHasher(vocabulary, (1, 2), 0)
+
+
+def test_through_the_engine_the_ckd_queue_holds_the_teachers_embeddings_of_its_texts(
+        encoder_folder: Path) -> None:
+    texts = random_texts(40, seed=3)
+    data = corpus_data(texts, test=8)
+    teacher = build_model("hf_embedder", (), 0, path=str(encoder_folder))
+    student = build_model("hf_student", (), 0, teacher=str(encoder_folder), layers=[1],
+                          pooling="mean")
+    recipe = build_recipe("ckd", queue_size=12, scale=5.0)
+    Distiller(student, teacher, recipe, epochs=2, batch_size=8, optimizer={"lr": 1e-3},
+              progress=False).fit(data.train)
+    index = recipe.queue_index.tolist()
+    assert len(set(index)) == 12 and all(0 <= i < 32 for i in index)
+    expected = embed(teacher, [data.train.raw[i] for i in index])
+    assert torch.allclose(recipe.queue, expected, atol=1e-5)
+    assert not recipe.queue.requires_grad
+    assert float(recipe.logit_scale().detach()) != pytest.approx(5.0)  # the scale learnt
