@@ -29,7 +29,7 @@ from kdistill.models.sentence import pool
 from kdistill.models.teacher_embeddings import teacher_word_vectors
 from kdistill.models.vocabulary import NGramHasher, Vocabulary
 from kdistill.predict import predict_texts
-from kdistill.recipes import build_recipe
+from kdistill.recipes import RECIPES, build_recipe
 from kdistill.run import check_task, preflight, run
 from kdistill.taps import TapError, TapReader
 
@@ -316,3 +316,20 @@ def test_through_the_engine_the_ckd_queue_holds_the_teachers_embeddings_of_its_t
     assert torch.allclose(recipe.queue, expected, atol=1e-5)
     assert not recipe.queue.requires_grad
     assert float(recipe.logit_scale().detach()) != pytest.approx(5.0)  # the scale learnt
+
+
+@pytest.mark.parametrize("name", sorted(n for n, e in RECIPES.items() if e.cls.task == "embedding"))
+def test_embedding_recipes_train_the_student_and_leave_the_teacher_frozen(
+        name: str, encoder_folder: Path) -> None:
+    data = corpus_data(random_texts(24, seed=4), test=8)
+    teacher = build_model("hf_embedder", (), 0, path=str(encoder_folder)).train()
+    teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    student = build_model("hf_student", (), 0, teacher=str(encoder_folder), layers=[0],
+                          pooling="mean")
+    student_before = {k: v.clone() for k, v in student.state_dict().items()}
+    Distiller(student, teacher, build_recipe(name, head="linear"), epochs=1, batch_size=8,
+              optimizer={"lr": 1e-2}, progress=False).fit(data.train)
+    assert all(torch.equal(teacher_before[k], v) for k, v in teacher.state_dict().items())
+    assert all(not p.requires_grad and p.grad is None for p in teacher.parameters())
+    assert not any(m.training for m in teacher.modules())
+    assert any(not torch.equal(student_before[k], v) for k, v in student.state_dict().items())
