@@ -214,10 +214,10 @@ def _ctc_rows(outputs: torch.Tensor, batch: Mapping[str, Any]) -> _Rows:
 
 def _batch_rows(outputs: torch.Tensor, batch: Mapping[str, Any],
                 embedding: bool = False) -> _Rows:
-    """Check one batch's outputs (sentence ``embedding`` s, or else of the task their shape
-    says) against its ``labels`` (and ``attention_mask`` for token outputs, ``target_lengths``
-    for CTC) and move them to the CPU; a batch without labels gets ``-100`` (NaN for
-    regression) for each label."""
+    """Check one batch's outputs (sentence embeddings when ``embedding``, else of the task
+    their shape says) against its ``labels`` (and ``attention_mask`` for token outputs,
+    ``target_lengths`` for CTC) and move them to the CPU; a batch without labels gets ``-100``
+    (NaN for regression) for each label."""
     outputs = outputs.float().cpu()
     if TARGET_LENGTHS in batch:
         return _ctc_rows(outputs, batch)
