@@ -258,7 +258,7 @@ def test_unlabeled_is_refused_for_data_sets_that_are_not_text(tmp_path: Path) ->
     extra.write_text("x\n", encoding="utf-8")
     with pytest.raises(ConfigError, match=(
             r"^data.unlabeled: data set 'digits' is not text; unlabelled transfer texts go "
-            r"with a text data set \(text, conll, hf_dataset, rotten-tomatoes\)$")):
+            r"with a text data set \(text, conll, hf_dataset, rotten-tomatoes, sentences\)$")):
         build_data(DataConfig(name="digits", unlabeled=[str(extra)]))
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n", encoding="utf-8")
@@ -577,7 +577,7 @@ def test_config_names_the_field_of_each_text_data_problem(tmp_path: Path) -> Non
         "line, or a built-in corpus: guardian-headlines)"]
     assert config_problems({"name": "digits", "unlabeled": "guardian-headlines"}) == [
         "data.unlabeled: data set 'digits' is not text; unlabelled transfer texts go with a "
-        "text data set (text, conll, hf_dataset, rotten-tomatoes)"]
+        "text data set (text, conll, hf_dataset, rotten-tomatoes, sentences)"]
     assert config_problems({"name": "conll", "path": str(path), "label_column": "tag"}) == [
         "data.label_column: only the data sets csv, text, hf_dataset have named columns, not "
         "'conll'; remove label_column"]

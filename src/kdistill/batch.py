@@ -19,6 +19,10 @@ token ids, padded at the end with ``UNLABELED`` to the data set's longest target
 ``TARGET_LENGTHS`` entry is the number of tokens (0: the sample's target is hidden). The model
 reads the whole input and gives per-frame logits [B, T, C] whose last class, C - 1, is the CTC
 blank; targets are ids 0 .. C - 2. The ``TARGET_LENGTHS`` key is what marks a batch as CTC.
+
+Sentence embeddings (task ``embedding``): samples are texts whose labels, when known, are
+classes (they serve the linear probe of the evaluation); the model answers one embedding per
+text, marked as such by its output (:func:`kdistill.taps.is_sentence_embedding`).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from torch.utils.data import default_collate
 
 UNLABELED = -100
 TARGET_LENGTHS = "target_lengths"
-Task = Literal["classification", "regression", "token_classification", "ctc"]
+Task = Literal["classification", "regression", "token_classification", "ctc", "embedding"]
 
 
 def label_mask(labels: torch.Tensor) -> torch.Tensor:

@@ -142,7 +142,9 @@ class TeacherConfig(Strict):
     ``finetune`` is given, the distillation recipe says how: its ``teacher_recipe`` (plain
     cross-entropy for most), followed by the default fine-tuning when its
     ``teacher_finetune`` is set (``daft``). A recipe whose peers train online
-    (``teacher_model: fresh``) takes the model freshly initialised: give neither. ``cache``
+    (``teacher_model: fresh``) takes the model freshly initialised, and an embedding recipe
+    (``teacher_model: pretrained``) the model as built (a sentence encoder from its folder) or
+    from ``checkpoint``: give no ``train``. ``cache``
     runs the frozen teacher once and trains the student from its stored answers. A frozen
     teacher runs its forward in ``precision`` (autocast; taps come back in float32) and, with
     ``compile``, through ``torch.compile`` (see :class:`kdistill.teachers.FrozenTeacher`)."""
@@ -387,7 +389,7 @@ def _check_recipe(recipe: Mapping[str, Any], path: str) -> list[str]:
     return _recipe_problems(recipe, path)[0]
 
 
-FILE_DATASETS = ("npz", "csv", "text", "conll", "hf_dataset")  # read from data.path
+FILE_DATASETS = ("npz", "csv", "text", "conll", "hf_dataset", "sentences")  # data.path
 NAMED_COLUMNS = ("csv", "text", "hf_dataset")  # the data sets that take data.label_column
 FOLDER_DATASETS = ("hf_dataset",)  # data.path may be a folder
 
@@ -562,6 +564,10 @@ def _check_teacher_role(teacher: TeacherConfig | None, recipe: Any) -> list[str]
             "'teacher' section"]
     if teacher is None:
         return [f"teacher: recipe '{recipe.name}' needs a teacher; add a 'teacher' section"]
+    if kind == "pretrained" and teacher.train is not None:
+        return [f"teacher.train: recipe '{recipe.name}' distils a pretrained teacher as it is "
+                "(built from teacher.model, or loaded from teacher.checkpoint); remove "
+                "teacher.train"]
     if kind == "fresh" and teacher.train is not None:
         return [f"teacher.train: recipe '{recipe.name}' trains its teacher online with the "
                 "student from a fresh model; remove teacher.train (or give a checkpoint to "

@@ -11,7 +11,10 @@ Three tasks are told apart by the shape of a model's output (:func:`task_of`):
 A fourth, CTC sequence recognition, is told by its batches, which carry ``target_lengths``
 (:mod:`kdistill.batch`): per-frame logits [B, T, C] against target sequences, read by greedy
 CTC decoding; character error rate, line accuracy and agreement with the teacher's readings
-(:func:`ctc_metrics`).
+(:func:`ctc_metrics`). A fifth, sentence embeddings, is told by the model's output (a sentence
+encoder's, :func:`kdistill.taps.is_sentence_embedding`): embeddings [B, D], scored by how
+closely their similarities follow the teacher's and by a linear probe on the labels
+(:mod:`kdistill.embedding_metrics`).
 
 Cost is measured by parameter count, size on disk and CPU latency at a stated batch size and
 thread count. :func:`benchmark_models` gathers all of it into one row per model, timing the
@@ -41,9 +44,10 @@ from kdistill.batch import TARGET_LENGTHS, UNLABELED, Task, collate, label_mask,
 from kdistill.contexts import eval_mode, num_threads
 from kdistill.data.base import ArrayDataset, IndexedDataset
 from kdistill.data.shifts import shifted_dataset, value_range_of
+from kdistill.embedding_metrics import EMBEDDING_KEYS, embedding_metrics
 from kdistill.losses.ctc import check_ctc_targets
 from kdistill.settings import Shift
-from kdistill.taps import output_logits, run_model
+from kdistill.taps import is_sentence_embedding, output_logits, run_model
 
 LATENCY_WARMUP = 3
 BYTES_PER_MB = 1_000_000
@@ -79,15 +83,20 @@ class Predictions:
     (bool) of token outputs when every batch carried one, otherwise ``None``. For CTC,
     ``logits`` are per-frame [N, T, C], ``labels`` the target sequences [N, S] (padded with
     ``-100``) and ``target_lengths`` [N] their lengths; ``None`` for every other task.
+    ``embedding`` says the outputs are a sentence encoder's embeddings [N, D] (task
+    ``embedding``), the labels then classes, ``-100`` = no label.
     """
 
     logits: torch.Tensor
     labels: torch.Tensor
     mask: torch.Tensor | None = None
     target_lengths: torch.Tensor | None = None
+    embedding: bool = False
 
     @property
     def task(self) -> Task:
+        if self.embedding:
+            return "embedding"
         return "ctc" if self.target_lengths is not None else task_of(self.logits)
 
 
@@ -114,7 +123,10 @@ class BenchmarkRow(TypedDict):
       ``mse_teacher``, ``pearson_teacher``, ``spearman_teacher`` against the teacher's scores
       (``None`` when no teacher was named);
     * CTC: ``cer``, ``accuracy`` (of whole lines), ``agreement`` and ``accuracy_share`` (see
-      :func:`ctc_metrics`).
+      :func:`ctc_metrics`);
+    * embedding: ``similarity_spearman``, ``nn10_overlap`` (against the teacher's embeddings,
+      ``None`` when no teacher was named) and ``probe_accuracy`` (see
+      :mod:`kdistill.embedding_metrics`).
 
     The cost keys from ``params`` on are in every row.
     """
@@ -132,6 +144,9 @@ class BenchmarkRow(TypedDict):
     mse_teacher: NotRequired[float | None]
     pearson_teacher: NotRequired[float | None]
     spearman_teacher: NotRequired[float | None]
+    similarity_spearman: NotRequired[float | None]
+    nn10_overlap: NotRequired[float | None]
+    probe_accuracy: NotRequired[float]
     params: int
     size_mb: float
     latency_ms: float
@@ -169,14 +184,15 @@ def _synchronize(device: torch.device) -> None:
 
 
 class _Rows(NamedTuple):
-    """One batch's outputs, labels and token mask on the CPU, its ``index`` and, for CTC, its
-    ``target_lengths``."""
+    """One batch's outputs, labels and token mask on the CPU, its ``index``, for CTC its
+    ``target_lengths`` and whether the outputs are sentence embeddings."""
 
     outputs: torch.Tensor
     labels: torch.Tensor
     mask: torch.Tensor | None
     index: torch.Tensor | None
     target_lengths: torch.Tensor | None = None
+    embedding: bool = False
 
 
 def _ctc_rows(outputs: torch.Tensor, batch: Mapping[str, Any]) -> _Rows:
@@ -196,14 +212,19 @@ def _ctc_rows(outputs: torch.Tensor, batch: Mapping[str, Any]) -> _Rows:
     return _Rows(outputs, labels, None, batch.get("index"), lengths)
 
 
-def _batch_rows(outputs: torch.Tensor, batch: Mapping[str, Any]) -> _Rows:
-    """Check one batch's outputs against its ``labels`` (and ``attention_mask`` for token
-    outputs, ``target_lengths`` for CTC) and move them to the CPU; a batch without labels gets
-    ``-100`` (NaN for regression) for each label."""
+def _batch_rows(outputs: torch.Tensor, batch: Mapping[str, Any],
+                embedding: bool = False) -> _Rows:
+    """Check one batch's outputs (sentence embeddings when ``embedding``, else of the task
+    their shape says) against its ``labels`` (and ``attention_mask`` for token outputs,
+    ``target_lengths`` for CTC) and move them to the CPU; a batch without labels gets ``-100``
+    (NaN for regression) for each label."""
     outputs = outputs.float().cpu()
     if TARGET_LENGTHS in batch:
         return _ctc_rows(outputs, batch)
-    task = task_of(outputs)
+    if embedding and outputs.dim() != 2:
+        raise ValueError(f"sentence embeddings must be [batch, width], got outputs of shape "
+                         f"{tuple(outputs.shape)}")
+    task = "embedding" if embedding else task_of(outputs)
     rows = outputs.shape[0]
     label_shape = (rows,) if task == "regression" else tuple(outputs.shape[:-1])
     labels = batch.get("labels")
@@ -227,7 +248,13 @@ def _batch_rows(outputs: torch.Tensor, batch: Mapping[str, Any]) -> _Rows:
         if mask.shape != labels.shape:
             raise ValueError(f"attention_mask of shape {tuple(mask.shape)} does not match token "
                              f"logits of shape {tuple(outputs.shape)}")
-    return _Rows(outputs, labels, mask, batch.get("index"))
+    return _Rows(outputs, labels, mask, batch.get("index"), embedding=embedding)
+
+
+def _output_rows(output: Any, batch: Mapping[str, Any]) -> _Rows:
+    """:func:`_batch_rows` of a model's whole output (which says whether it is a sentence
+    encoder's)."""
+    return _batch_rows(output_logits(output), batch, is_sentence_embedding(output))
 
 
 def _pad_tokens(tensor: torch.Tensor, length: int, value: float | bool) -> torch.Tensor:
@@ -251,6 +278,9 @@ def _in_data_order(rows: Sequence[_Rows]) -> Predictions:
         raise ValueError(f"some batches carry {TARGET_LENGTHS} (CTC data) and some do not")
     if True in ctc:
         return _ctc_in_data_order(rows)
+    embedding = {r.embedding for r in rows}
+    if len(embedding) != 1:
+        raise ValueError("some batches gave sentence embeddings and some did not")
     # Per-sample shapes must agree, except for the token count of token outputs.
     shapes = {(r.outputs.dim(), r.outputs.shape[-1] if r.outputs.dim() > 1 else 0)
               for r in rows}
@@ -271,7 +301,7 @@ def _in_data_order(rows: Sequence[_Rows]) -> Predictions:
     if order is not None:
         logits, target = logits[order], target[order]
         mask = mask[order] if mask is not None else None
-    return Predictions(logits=logits, labels=target, mask=mask)
+    return Predictions(logits=logits, labels=target, mask=mask, embedding=embedding.pop())
 
 
 def _data_order(rows: Sequence[_Rows]) -> torch.Tensor | None:
@@ -312,7 +342,7 @@ def predict(model: nn.Module, batches: Iterable[Mapping[str, Any]],
     """
     device = torch.device(device) if device is not None else _model_device(model)
     with eval_mode(model), torch.inference_mode():
-        rows = [_batch_rows(output_logits(run_model(model, moved)), moved)
+        rows = [_output_rows(run_model(model, moved), moved)
                 for moved in (to_device(batch, device) for batch in batches)]
     return _in_data_order(rows)
 
@@ -579,12 +609,15 @@ def regression_metrics(outputs: torch.Tensor, labels: torch.Tensor,
 def task_metrics(predictions: Predictions, teacher_outputs: torch.Tensor | None = None,
                  n_bins: int = 15) -> dict[str, float]:
     """The metrics of ``predictions``' task: :func:`regression_metrics` for scores,
-    :func:`ctc_metrics` for CTC, :func:`classification_metrics` (per token, with
+    :func:`ctc_metrics` for CTC, :func:`~kdistill.embedding_metrics.embedding_metrics` for
+    sentence embeddings, :func:`classification_metrics` (per token, with
     ``predictions.mask``) for other logits. ``teacher_outputs`` are the teacher's outputs on
     the same rows (``Predictions.logits`` of :func:`predict_source`)."""
     if predictions.target_lengths is not None:
         return ctc_metrics(predictions.logits, predictions.labels, predictions.target_lengths,
                            teacher_outputs)
+    if predictions.embedding:
+        return embedding_metrics(predictions.logits, predictions.labels, teacher_outputs)
     if predictions.task == "regression":
         return regression_metrics(predictions.logits, predictions.labels, teacher_outputs)
     return classification_metrics(predictions.logits, predictions.labels, teacher_outputs,
@@ -727,6 +760,8 @@ def _quality(task: Task, metrics: Mapping[str, float],
     teacher."""
     if task == "regression":
         return {key: metrics.get(key) for key in REGRESSION_KEYS + REGRESSION_TEACHER_KEYS}
+    if task == "embedding":
+        return {key: metrics.get(key) for key in EMBEDDING_KEYS}
     teacher_accuracy = teacher_metrics["accuracy"] if teacher_metrics is not None else None
     label_metrics = ("cer", "accuracy") if task == "ctc" else ("accuracy", "macro_f1", "ece")
     return {
@@ -773,7 +808,9 @@ def evaluate_model(student: nn.Module, batches: Sequence[Mapping[str, Any]],
     Classification and token classification give ``accuracy``, ``macro_f1``, ``ece`` and, with
     ``teacher_outputs``, ``agreement``; CTC gives ``cer``, ``accuracy`` and ``agreement``;
     regression gives ``mse``, ``pearson``, ``spearman`` and,
-    with ``teacher_outputs``, ``mse_teacher``, ``pearson_teacher``, ``spearman_teacher``.
+    with ``teacher_outputs``, ``mse_teacher``, ``pearson_teacher``, ``spearman_teacher``;
+    sentence embeddings give ``probe_accuracy`` and, with ``teacher_outputs``,
+    ``similarity_spearman`` and ``nn10_overlap``.
     ``teacher_outputs`` are the teacher's outputs in data order (:func:`predict_source`).
     """
     return task_metrics(predict(student, batches, device), teacher_outputs)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from kdistill.contexts import eval_mode
+from kdistill.errors import KdistillError
 from kdistill.models.export import OutputMeaning
 from kdistill.models.text import TextModel
 
@@ -34,7 +35,12 @@ def _name(index: int, names: Sequence[str] | None) -> str:
 
 def predict_texts(model: TextModel, texts: Sequence[str], meaning: OutputMeaning,
                   batch_size: int = 64) -> list[Prediction]:
-    """``model``'s prediction for each of ``texts``, in order (eval mode, no gradients)."""
+    """``model``'s prediction for each of ``texts``, in order (eval mode, no gradients).
+    A sentence encoder (task ``embedding``) predicts no label and is refused."""
+    if meaning.task == "embedding":
+        raise KdistillError("this run's student is a sentence encoder: it gives embeddings, not "
+                            "labels; load it with kdistill.models.export.load_run_student and "
+                            "call it on a list of texts (its 'sentence_embedding')")
     tagging = meaning.task == "token_classification"
     predictions = []
     with eval_mode(model), torch.inference_mode():

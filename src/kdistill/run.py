@@ -185,17 +185,24 @@ def check_taps(model: nn.Module, taps: Iterable[str], where: str, phase: str) ->
         raise ConfigError(f"{where}: phase '{phase}': {error}") from None
 
 
+# The recipe tasks that learn each data task. Embedding recipes read the texts alone, so texts
+# with class labels serve them too (the labels then feed the evaluation's linear probe).
+RECIPE_TASKS = {"classification": ("classification", "embedding"),
+                "token_classification": ("classification",), "ctc": ("classification",),
+                "regression": ("regression",), "embedding": ("embedding",)}
+
+
 def check_task(recipe: Recipe, data: DataSplits, where: str) -> None:
     """Raise a :class:`ConfigError` when ``recipe`` cannot learn ``data``'s task (a regression
-    recipe on class labels, a classification recipe on float scores, a recipe without CTC on
-    target sequences)."""
+    recipe on class labels, a classification recipe on float scores or on texts without
+    labels, a recipe without CTC on target sequences; see :data:`RECIPE_TASKS`)."""
     if data.task == "ctc" and not recipe.ctc:
         fitting = sorted(name for name, entry in RECIPES.items() if entry.cls.ctc)
         raise ConfigError(f"{where}: '{recipe.name}' does not train CTC models but data set "
                           f"'{data.name}' is a ctc task; recipes for it: {fitting}")
-    wanted = "regression" if data.task == "regression" else "classification"
-    if recipe.task != wanted:
-        fitting = sorted(name for name, entry in RECIPES.items() if entry.cls.task == wanted)
+    wanted = RECIPE_TASKS[data.task]
+    if recipe.task not in wanted:
+        fitting = sorted(name for name, entry in RECIPES.items() if entry.cls.task in wanted)
         raise ConfigError(f"{where}: '{recipe.name}' is a {recipe.task} recipe but data set "
                           f"'{data.name}' is a {data.task} task; recipes for it: {fitting}")
 
@@ -502,7 +509,8 @@ def build_phases(config: RunConfig) -> list[Phase]:
 def build_teacher(config: RunConfig, data: DataSplits, phases: list[Phase],
                   sections: list[str]) -> tuple[nn.Module | None, nn.Module | TeacherSource | None]:
     """The teacher model and what to hand the :class:`Distiller` as teacher, as the first
-    teacher-using recipe asks (``Recipe.teacher_model``): a trained teacher, frozen; a fresh
+    teacher-using recipe asks (``Recipe.teacher_model``): a trained teacher, frozen; a
+    pretrained one, built from its folder (or loaded from its checkpoint) and frozen; a fresh
     model, which the recipe turns into online peers; or nothing (the recipe makes its teacher
     from the student)."""
     users = [(p, where) for p, where in zip(phases, sections, strict=True)
@@ -511,12 +519,14 @@ def build_teacher(config: RunConfig, data: DataSplits, phases: list[Phase],
     if config.teacher is None or not users:
         return None, None
     recipe = users[0][0].recipe
-    if recipe.teacher_model == "fresh":
-        teacher = build_from(config.teacher.model, data, config.trainer.seed + 1,
+    if recipe.teacher_model in ("fresh", "pretrained"):
+        fresh = recipe.teacher_model == "fresh"
+        teacher = build_from(config.teacher.model, data, config.trainer.seed + 1 if fresh else 0,
                              "teacher.model")
         if config.teacher.checkpoint is not None:
             load_weights(teacher, Path(config.teacher.checkpoint), "teacher.checkpoint")
-        handed: nn.Module | TeacherSource = teacher
+        handed: nn.Module | TeacherSource = teacher if fresh else \
+            FrozenTeacher(teacher, config.teacher.precision, config.teacher.compile)
     else:
         teacher = trained_teacher(config, data, recipe)
         handed = FrozenTeacher(teacher, config.teacher.precision, config.teacher.compile)

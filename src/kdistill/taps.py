@@ -3,7 +3,11 @@
 A tap name is one of
 
 * ``logits`` - the model's prediction scores (a plain tensor output, the first element of a
-  tuple, ``output["logits"]`` or ``output.logits``);
+  tuple, ``output["logits"]`` or ``output.logits``); for a sentence encoder, its sentence
+  embedding;
+* ``sentence_embedding`` - the sentence embedding [B, D] of a sentence encoder (a model whose
+  output mapping holds ``sentence_embedding`` in place of ``logits``, see
+  :mod:`kdistill.models.sentence`); other models have none;
 * ``hidden.<i>`` - the i-th hidden state of a Hugging Face model (``hidden_states[i]``, where 0 is
   the embedding output; negative indices count from the end);
 * ``attention.<i>`` - the i-th layer's attention map (``attentions[i]``, shape [B, H, L, L]);
@@ -44,8 +48,10 @@ from kdistill.errors import KdistillError
 from kdistill.names import unknown_name
 
 OUTPUT_TAP_PATTERN = re.compile(
-    r"^(logits|heads|embeddings|pooled|token_mask|hidden\.-?\d+|attention\.-?\d+)$")
+    r"^(logits|heads|embeddings|pooled|token_mask|sentence_embedding|hidden\.-?\d+|"
+    r"attention\.-?\d+)$")
 PROJECTION_TAP_PATTERN = re.compile(r"^(query|key)\.(-?\d+)$")
+SENTENCE_EMBEDDING = "sentence_embedding"  # a sentence encoder's output key (and tap)
 MODULE_PREFIX = "module:"
 HF_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
@@ -130,7 +136,8 @@ def parse_tap(name: str) -> str | ModuleTap | ProjectionTap:
     if not OUTPUT_TAP_PATTERN.match(name):
         raise TapError(
             f"unknown tap '{name}': expected logits, embeddings, pooled, token_mask, "
-            "hidden.<i>, attention.<i>, query.<i>, key.<i>, heads or module:<path>"
+            "sentence_embedding, hidden.<i>, attention.<i>, query.<i>, key.<i>, heads or "
+            "module:<path>"
         )
     return name
 
@@ -178,11 +185,19 @@ def _field(output: Any, key: str) -> Any:
     return getattr(output, key, None)
 
 
+def is_sentence_embedding(output: Any) -> bool:
+    """Whether a model output is a sentence encoder's: a mapping holding
+    ``sentence_embedding`` and no ``logits``."""
+    return (isinstance(output, Mapping) and SENTENCE_EMBEDDING in output
+            and "logits" not in output)
+
+
 def output_logits(output: Any) -> torch.Tensor:
-    """The logits of a model output: a tensor, a tuple's first item, or its ``logits`` field."""
+    """The logits of a model output: a tensor, a tuple's first item, its ``logits`` field, or
+    a sentence encoder's ``sentence_embedding`` (the output of such a model)."""
     if isinstance(output, torch.Tensor):
         return output
-    value = _field(output, "logits")
+    value = _field(output, SENTENCE_EMBEDDING if is_sentence_embedding(output) else "logits")
     if value is None and isinstance(output, tuple | list) and output:
         value = output[0]
     if not isinstance(value, torch.Tensor):
@@ -255,6 +270,12 @@ def output_tap(output: Any, name: str, mask: torch.Tensor | None = None) -> torc
             raise TapError("tap 'token_mask': neither the model output nor the batch has an "
                            "attention_mask")
         return mask
+    if name == SENTENCE_EMBEDDING:
+        if not is_sentence_embedding(output):
+            raise TapError("tap 'sentence_embedding': the model is not a sentence encoder (its "
+                           "output has no sentence_embedding); use hf_embedder, hf_student "
+                           "with pooling, or static")
+        return output[SENTENCE_EMBEDDING]
     if name == "heads":
         heads = _field(output, "heads")
         if not isinstance(heads, torch.Tensor):

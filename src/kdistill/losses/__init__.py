@@ -7,6 +7,7 @@ Families:
                   and forward_kl
     features.py   hidden_mse, cosine, attention_mse, attention_transfer
     relations.py  rkd_distance, rkd_angle, pkt
+    contrastive.py  info_nce (InfoNCE against keys, with exclusions)
     sequence.py   forward_kl, reverse_kl, generalized_jsd, tvd (token level, masked, with an
                   optional global-batch ``normalizer``) and their unreduced ``per_token_*`` forms
     registry.py   LOSSES, the registry that config-built recipes name losses from
@@ -14,6 +15,7 @@ Families:
 Each function's docstring gives its equation, the paper it comes from and its reduction.
 """
 
+from .contrastive import info_nce
 from .ctc import check_ctc_targets, ctc_loss, frames_needed
 from .features import attention_mse, attention_transfer, cosine, hidden_mse
 from .logits import cross_entropy, dkd, dkd_parts, kd, logit_mse, soft_ce, topk_kl
@@ -60,6 +62,7 @@ __all__ = [
     "generalized_jsd",
     "get_loss",
     "hidden_mse",
+    "info_nce",
     "kd",
     "logit_mse",
     "loss_params",

@@ -16,7 +16,10 @@ Two ways, both for BERT-family encoders (the transformer layers in
   truncation) is left out, as nothing here shows it helps more than it costs.
 
 The student reads text with the teacher's tokenizer (the same ``tokenisation``), so
-token-level taps (hidden states, attentions) between the two are allowed.
+token-level taps (hidden states, attentions) between the two are allowed. With ``pooling``
+(``mean`` or ``cls``) the student is a sentence encoder instead of a classifier: the bare
+encoder's last hidden states pooled and, unless ``normalize`` is false, L2-normalised
+(:mod:`kdistill.models.sentence`), for the embedding recipes.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from kdistill.batch import Task
 from kdistill.errors import KdistillError
 from kdistill.models.hf import folder_problems, load_hf_model, tokenizer_problems
 from kdistill.models.hf_text import HFTextEncoder, MaxLength, takes_token_type_ids
+from kdistill.models.sentence import Pooling, sentence_model
 from kdistill.models.text import TextModel
 
 LayerIndex = Annotated[int, Field(ge=0)]
@@ -141,19 +145,29 @@ def build_hf_student(input_shape: Sequence[int], num_classes: int, teacher: str,
                      num_hidden_layers: Size | None = None, hidden_size: Size | None = None,
                      num_attention_heads: Size | None = None,
                      intermediate_size: Size | None = None, max_length: MaxLength = 128,
-                     trust_remote_code: StrictBool = False, *,
+                     trust_remote_code: StrictBool = False, pooling: Pooling | None = None,
+                     normalize: StrictBool | None = None, *,
                      task: Task = "classification") -> nn.Module:
     """The ``hf_student`` model: a smaller copy of the transformers teacher saved in the local
     folder ``teacher`` (:func:`student_from_teacher`), behind the teacher's tokenizer, with a
-    head for the data's ``task`` and ``num_classes``. ``input_shape`` is unused."""
-    network = load_hf_model(teacher, task=task, num_labels=num_classes,
-                            trust_remote_code=trust_remote_code)
+    head for the data's ``task`` and ``num_classes``; with ``pooling``, a sentence encoder
+    (normalised unless ``normalize`` is false) without a head. ``input_shape`` is unused."""
+    if pooling is None and normalize is not None:
+        raise KdistillError("hf_student: normalize applies to sentence embeddings; give "
+                            "pooling (mean or cls) too, or leave normalize out")
+    if pooling is not None and task == "token_classification":
+        raise KdistillError("hf_student: a student with pooling gives one embedding per text "
+                            "and cannot tag words (task token_classification)")
+    network = load_hf_model(teacher, task="encoder" if pooling else task,
+                            num_labels=num_classes, trust_remote_code=trust_remote_code)
     student = student_from_teacher(network, layers, num_hidden_layers=num_hidden_layers,
                                    hidden_size=hidden_size,
                                    num_attention_heads=num_attention_heads,
                                    intermediate_size=intermediate_size)
     encoder = HFTextEncoder.from_folder(Path(teacher), max_length, trust_remote_code,
                                         takes_token_type_ids(student))
+    if pooling is not None:
+        return sentence_model(student, encoder, pooling, normalize is not False)
     return TextModel(encoder, student)
 
 

@@ -9,7 +9,8 @@ builders that declare it (and to no other):
 
 * ``corpus`` (``Sequence[str]``): the training texts (word lists joined by spaces), for
   builders that make a vocabulary from them; a builder given none raises a ``ValueError``;
-* ``task`` (``"classification"``, ``"regression"``, ``"token_classification"`` or ``"ctc"``).
+* ``task`` (``"classification"``, ``"regression"``, ``"token_classification"``, ``"ctc"`` or
+  ``"embedding"``).
 
 They are not options: a config cannot set them (:mod:`kdistill.config` leaves them out of
 the options it validates, like ``input_shape`` and ``num_classes``).
@@ -32,8 +33,9 @@ from kdistill.models.hf_student import build_hf_student, hf_student_files
 from kdistill.models.hf_text import build_hf_text, hf_text_files
 from kdistill.models.mlp import MLP
 from kdistill.models.oracle import LabelConditioned, LabelDropout
+from kdistill.models.sentence import Pooling, build_hf_embedder
 from kdistill.models.tagger import Tagger
-from kdistill.models.text_students import build_text_student
+from kdistill.models.text_students import TeacherVectors, build_static_student, build_text_student
 from kdistill.models.vit import ViT
 from kdistill.names import unknown_name
 
@@ -56,6 +58,7 @@ MODEL_SIZES: dict[str, dict[str, dict[str, Any]]] = {
                 "base": {"embed_dim": 128, "channels": 100}},
     "cmow": {"tiny": {"cbow_dim": 16, "matrix_dim": 4}, "small": {"cbow_dim": 64, "matrix_dim": 8},
              "base": {"cbow_dim": 400, "matrix_dim": 20}},
+    "static": {"tiny": {"embed_dim": 16}, "small": {"embed_dim": 64}, "base": {"embed_dim": 256}},
     "crnn": {"tiny": {"channels": [8, 16], "dim": 16, "hidden": 16},
              "small": {"channels": [16, 32], "dim": 32, "hidden": 32},
              "base": {"channels": [32, 64], "dim": 64, "hidden": 64}},
@@ -71,6 +74,7 @@ CONTEXT_PARAMETERS = ("corpus", "task")
 Width = Annotated[int, Field(ge=1)]
 Dropout = Annotated[float, Field(ge=0.0, lt=1.0)]
 Hidden = Annotated[int, Field(ge=0)]  # 0: no hidden layer
+Buckets = Annotated[int, Field(ge=0)]  # 0: unigrams alone
 VocabularySize = Annotated[int, Field(ge=4)]  # the 3 reserved tokens and at least one word
 
 
@@ -185,6 +189,23 @@ def _cmow(input_shape: Sequence[int], num_classes: int, cbow_dim: Width = 64,
                               matrix_dim=matrix_dim, hidden=hidden, dropout=dropout)
 
 
+def _static(input_shape: Sequence[int], num_classes: int, embed_dim: Width = 256,
+            ngrams: NGramLengths = (1,), buckets: Buckets = 0, normalize: StrictBool = True,
+            max_vocab: VocabularySize = 50_000, min_count: Width = 1,
+            init_from: str | None = None, init_vectors: TeacherVectors = "output",
+            init_pooling: Pooling = "mean", *, corpus: Sequence[str] | None = None,
+            task: Task = "embedding") -> nn.Module:
+    """The static sentence encoder (:class:`~kdistill.models.text_networks.StaticEmbeddingNet`):
+    one vector per word (and per hashed n-gram of ``ngrams`` longer than 1, in ``buckets``
+    buckets), averaged; its word vectors optionally from the teacher folder ``init_from``
+    (:func:`~kdistill.models.text_students.build_static_student`). ``num_classes`` is
+    unused."""
+    return build_static_student(corpus, task, max_vocab=max_vocab, min_count=min_count,
+                                ngrams=ngrams, buckets=buckets, embed_dim=embed_dim,
+                                normalize=normalize, init_from=init_from,
+                                init_vectors=init_vectors, init_pooling=init_pooling)
+
+
 def _init_from_files(options: Mapping[str, Any], where: str) -> list[str]:
     folder = options.get("init_from")
     if folder is None:
@@ -212,13 +233,15 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "mlp": _mlp, "cnn": _cnn, "vit": _vit, "hf": _hf, "tagger": _tagger, "oracle": build_oracle,
     "crnn": _crnn, "oracle_ctc": _oracle_ctc,
     "ngram": _ngram, "bilstm": _bilstm, "textcnn": _textcnn, "cmow": _cmow,
-    "hf_text": build_hf_text, "hf_student": build_hf_student}
+    "static": _static, "hf_text": build_hf_text, "hf_student": build_hf_student,
+    "hf_embedder": build_hf_embedder}
 
 # Checks of the files a model's options name, run by config validation before anything is
 # built: (validated options, dotted path of the options) -> problems, each naming its field.
 MODEL_FILE_CHECKS: dict[str, Callable[[Mapping[str, Any], str], list[str]]] = {
     "hf": _hf_files, "bilstm": _init_from_files, "textcnn": _init_from_files,
-    "hf_text": hf_text_files, "hf_student": hf_student_files}
+    "static": _init_from_files, "hf_text": hf_text_files, "hf_student": hf_student_files,
+    "hf_embedder": hf_text_files}
 
 
 def model_options(name: str, size: str | None, options: dict[str, Any]) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor, nn
 
-from kdistill.taps import output_logits
+from kdistill.taps import SENTENCE_EMBEDDING, is_sentence_embedding, output_logits
 
 RawText = str | tuple[str, str] | Sequence[str]
 WORD_STARTS = "word_starts"  # encoder output: [B, W] position of each word's first token
@@ -54,9 +54,11 @@ def per_word(values: Tensor, word_starts: Tensor) -> Tensor:
 class TextModel(nn.Module):
     """A network with the encoder that feeds it: ``forward`` takes a list of raw texts.
 
-    The output is a dict with ``logits`` ([B, C], or [B, W, C] per word for word lists), the
-    network's ``hidden_states`` and ``attentions`` when asked for and it has them, and the
-    ``attention_mask`` of its own tokens (used to pool its hidden states).
+    The output is a dict with ``logits`` ([B, C], or [B, W, C] per word for word lists; a
+    sentence encoder's ``sentence_embedding`` [B, D] in its place, see
+    :mod:`kdistill.models.sentence`), the network's ``hidden_states`` and ``attentions`` when
+    asked for and it has them, and the ``attention_mask`` of its own tokens (used to pool its
+    hidden states).
     """
 
     accepts_output_flags = True  # run_model passes output_hidden_states/output_attentions
@@ -89,7 +91,8 @@ class TextModel(nn.Module):
         logits = output_logits(output)
         if word_starts is not None:
             logits = per_word(logits, word_starts)
-        result: dict[str, Any] = {"logits": logits}
+        key = SENTENCE_EMBEDDING if is_sentence_embedding(output) else "logits"
+        result: dict[str, Any] = {key: logits}
         for field in ("hidden_states", "attentions"):
             value = output.get(field) if isinstance(output, dict) else getattr(output, field,
                                                                                 None)

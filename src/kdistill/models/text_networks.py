@@ -3,7 +3,8 @@
 Each network keeps the keyword arguments that rebuild it in ``arguments`` (saved by
 :func:`~kdistill.models.text_students.save_text_student`). Sentence-level networks return
 logits [B, C]; with ``token_level`` the word networks return logits per token [B, T, C],
-which :class:`~kdistill.models.text.TextModel` reduces to one row per word.
+which :class:`~kdistill.models.text.TextModel` reduces to one row per word. The static
+sentence encoder returns a sentence embedding [B, D] instead.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import Tensor, nn
 
 from kdistill.models.tagger import BiLSTM
 from kdistill.models.vocabulary import PAD_ID
+from kdistill.taps import SENTENCE_EMBEDDING
 
 
 def classifier_head(width: int, hidden: int, num_classes: int, dropout: float) -> nn.Sequential:
@@ -185,6 +187,34 @@ class CMOWNet(nn.Module):
         return self.head(torch.cat([cbow, product.flatten(1)], dim=1))
 
 
+class StaticEmbeddingNet(nn.Module):
+    """A static sentence encoder: one vector per vocabulary word and hashed n-gram, averaged,
+    ``e = (1/|G|) sum_{g in G} E[g]``, then L2-normalised unless ``normalize`` is false; the
+    output is ``{"sentence_embedding": e}`` (:mod:`kdistill.models.sentence`).
+
+    The bag of :class:`NGramNet` without a head: a text costs one table look-up per n-gram,
+    no matrix product. Model2Vec (Tulkens & van Dongen 2024) also keeps one vector per token
+    but makes them from the teacher's outputs without training; this one is trained by
+    distillation (``embedding_kd``, ``ckd``) and may start from the teacher's vectors
+    (``init_from``, :func:`~kdistill.models.text_students.build_static_student`). Sparse
+    gradients and initialisation as :class:`NGramNet`. Takes ``ids`` and ``offsets``.
+    """
+
+    def __init__(self, rows: int, embed_dim: int, normalize: bool = True):
+        super().__init__()
+        self.arguments = {"rows": rows, "embed_dim": embed_dim, "normalize": normalize}
+        self.normalize = normalize
+        self.embedding = nn.EmbeddingBag(rows, embed_dim, mode="mean", sparse=True)
+        nn.init.uniform_(self.embedding.weight, -1.0 / embed_dim, 1.0 / embed_dim)
+
+    def forward(self, ids: Tensor, offsets: Tensor) -> dict[str, Tensor]:
+        embedding = self.embedding(ids, offsets)
+        if self.normalize:
+            embedding = F.normalize(embedding, dim=-1)
+        return {SENTENCE_EMBEDDING: embedding}
+
+
 NETWORKS: dict[str, type[nn.Module]] = {"ngram": NGramNet, "bilstm": BiLSTMNet,
-                                        "textcnn": TextCNNNet, "cmow": CMOWNet}
+                                        "textcnn": TextCNNNet, "cmow": CMOWNet,
+                                        "static": StaticEmbeddingNet}
 

@@ -138,15 +138,17 @@ class NGramHasher:
     Unigrams take their vocabulary id (unknown words :data:`UNKNOWN_ID`); an n-gram with
     n > 1 (of the tokens themselves, so unknown words still tell n-grams apart) takes
     ``len(vocabulary) + stable_bucket(gram, buckets)``. The ids therefore lie in
-    ``[0, rows)`` with ``rows = len(vocabulary) + buckets``.
+    ``[0, rows)`` with ``rows = len(vocabulary) + buckets``; ``buckets`` may be 0 when ``n``
+    holds unigrams only.
     """
 
     def __init__(self, vocabulary: Vocabulary, n: Sequence[int] = (1, 2, 3),
                  buckets: int = 1 << 16):
         if not n or any(k < 1 for k in n) or len(set(n)) != len(n):
             raise ValueError(f"n-gram lengths must be distinct positive integers, got {list(n)}")
-        if buckets < 1:
-            raise ValueError(f"buckets must be positive, got {buckets}")
+        if buckets < 0 or (buckets == 0 and max(n) > 1):
+            raise ValueError(f"buckets must be positive for n-grams longer than 1 (0 is for "
+                             f"unigrams alone), got {buckets} for n-grams {sorted(n)}")
         self.vocabulary = vocabulary
         self.n = tuple(sorted(n))
         self.buckets = buckets

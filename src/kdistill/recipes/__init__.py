@@ -12,6 +12,7 @@ from kdistill.recipes import (  # noqa: F401  (registration)
     deit,
     denoise,
     dkd,
+    embedding,
     fitnets,
     hinton,
     mean_teacher,

@@ -23,7 +23,7 @@ from kdistill.schedules import TrainState
 from kdistill.taps import Taps, parse_tap
 from kdistill.teachers import FrozenTeacher, TeacherSource
 
-TeacherModel = Literal["trained", "fresh", "none"]
+TeacherModel = Literal["trained", "pretrained", "fresh", "none"]
 
 
 @dataclass
@@ -76,8 +76,10 @@ class Recipe(nn.Module):
     * ``uses_teacher`` / ``uses_unlabeled``: whether the method reads teacher taps, and whether
       it trains on samples without a label;
     * ``teacher_model``: what a config run hands to :meth:`teacher_source` - a ``trained``
-      (frozen) teacher, a ``fresh`` untrained model built from ``teacher.model`` (peers that
-      train online) or ``none`` (the teacher is made from the student, e.g. its EMA);
+      (frozen) teacher, a ``pretrained`` one (frozen, used as built from ``teacher.model``,
+      e.g. a sentence encoder from its folder, or loaded from ``teacher.checkpoint``; never
+      trained by the run), a ``fresh`` untrained model built from ``teacher.model`` (peers
+      that train online) or ``none`` (the teacher is made from the student, e.g. its EMA);
     * ``keep_best``: an evaluation metric (``accuracy``, ``ece``...); when set, the phase ends
       with the student weights of its best end-of-epoch evaluation (``cer``, ``ece``,
       ``loss`` and ``mse`` are minimised, other metrics maximised);
@@ -86,7 +88,8 @@ class Recipe(nn.Module):
     * ``teacher_finetune``: whether a config run that trains the teacher then fine-tunes it
       adversarially (``teacher.finetune`` with its defaults; ``daft``) unless the teacher
       section says how to train it (``teacher.recipe`` or ``teacher.finetune``);
-    * ``task``: ``classification`` (also per token) or ``regression``;
+    * ``task``: ``classification`` (also per token), ``regression`` or ``embedding`` (sentence
+      encoders; it also trains on texts with class labels, which it ignores);
     * ``ctc``: whether the method also trains CTC recognisers (data of task ``ctc``: per-frame
       logits against target sequences, see :mod:`kdistill.batch`);
     * ``architecture``: the kind of model the method is made for, ``None`` when any model
@@ -109,7 +112,7 @@ class Recipe(nn.Module):
     keep_best: ClassVar[str | None] = None
     teacher_recipe: ClassVar[tuple[str, dict[str, Any]]] = ("ce", {})
     teacher_finetune: ClassVar[bool] = False
-    task: ClassVar[Literal["classification", "regression"]] = "classification"
+    task: ClassVar[Literal["classification", "regression", "embedding"]] = "classification"
     ctc: ClassVar[bool] = False
     architecture: ClassVar[str | None] = None
     teacher_input_change: ClassVar[str | None] = None
