@@ -243,9 +243,9 @@ def test_teacher_precision_reaches_the_teacher_source(tmp_path: Path,
     used: list[str] = []
 
     class RecordingTeacher(kdistill.run.FrozenTeacher):
-        def __init__(self, model: Any, precision: Any = "fp32") -> None:
+        def __init__(self, model: Any, precision: Any = "fp32", compile: bool = False) -> None:
             used.append(precision)
-            super().__init__(model, precision)
+            super().__init__(model, precision, compile)
 
     monkeypatch.setattr(kdistill.run, "FrozenTeacher", RecordingTeacher)
     config = reduced("hinton", tmp_path)
