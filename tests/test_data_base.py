@@ -9,8 +9,14 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from kdistill.batch import UNLABELED
-from kdistill.data.base import ArrayDataset, IndexedDataset, keep_labels, labeled_indices
+from kdistill.batch import UNLABELED, collate
+from kdistill.data.base import (
+    ArrayDataset,
+    IndexedDataset,
+    RowReadable,
+    keep_labels,
+    labeled_indices,
+)
 
 
 def test_array_items_are_input_label_and_index():
@@ -29,6 +35,16 @@ def test_array_items_are_input_label_and_index():
     with pytest.raises(ValueError) as error:
         ArrayDataset(inputs, torch.zeros(2))
     assert str(error.value) == "inputs have 3 rows but labels have 2"
+
+
+def test_array_rows_are_the_collated_items_read_at_once():
+    data = ArrayDataset(torch.randn(7, 2, 3), torch.tensor([0, 1, 2, 0, 1, 2, 0]))
+    picked = [5, 0, 3, 3]
+    rows, items = data.rows(picked), collate([data[i] for i in picked])
+    assert set(rows) == set(items) == {"input", "labels", "index"}
+    for key in items:
+        assert rows[key].dtype == items[key].dtype and torch.equal(rows[key], items[key])
+    assert isinstance(data, RowReadable) and not isinstance(Items([1]), RowReadable)
 
 
 class Items(Dataset):

@@ -7,9 +7,10 @@ from typing import Any
 
 import pytest
 import torch
-from torch.utils.data import IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from kdistill.data.base import IndexedStream
+from kdistill.batch import collate
+from kdistill.data.base import ArrayDataset, IndexedStream
 from kdistill.engine.feed import Cut, StreamMicroBatches, TrainingSet
 from kdistill.engine.phases import Phase
 from kdistill.recipes import build_recipe
@@ -73,3 +74,64 @@ def test_a_streams_length_sets_its_steps_and_its_last_batch() -> None:
         schedule(3, 1, accumulation=4)
     assert str(error.value) == ("phase 'kd': 3 training samples are too few for one global "
                                 "batch of this size")
+
+
+class CountedArrays(ArrayDataset):
+    """An in-memory data set counting the items read one by one."""
+
+    def __init__(self, inputs: torch.Tensor, labels: torch.Tensor):
+        super().__init__(inputs, labels)
+        self.item_reads = 0
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        self.item_reads += 1
+        return super().__getitem__(i)
+
+
+class ItemsOnly(Dataset):
+    """The same samples, read only item by item."""
+
+    def __init__(self, arrays: ArrayDataset):
+        self.arrays = arrays
+
+    def __len__(self) -> int:
+        return len(self.arrays)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.arrays[i]
+
+
+def micro_batches(data: Dataset | DataLoader, workers: int = 0) -> list[dict[str, Any]]:
+    settings = TrainerSettings(batch_size=3, accumulation=2, workers=workers, epochs=2)
+    planned = TrainingSet(data, settings).schedule(Phase(build_recipe("hinton"), 2, name="kd"),
+                                                   Cut(3, 2, 1, 0, 5, 0, 2))
+    feed = planned.feed((0, 1))
+    steps = [feed.step(e, b) for e in range(2) for b in range(planned.cut.steps_per_epoch)
+             if (e, b) >= (0, 1)]
+    feed.close()
+    return [micro for step in steps for micro in step]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_row_readable_data_set_is_read_a_micro_batch_at_once_with_the_same_batches(
+        workers: int) -> None:
+    arrays = CountedArrays(torch.randn(13, 4), torch.arange(13) % 3)
+    by_rows, by_items = micro_batches(arrays, workers), micro_batches(ItemsOnly(arrays))
+    # 2 steps of 2 micro-batches of 3 an epoch (the 13th sample cannot fill 2 micro-batches),
+    # from the second step of 2 epochs: 6 micro-batches, 18 items all read by the item path
+    assert len(by_rows) == len(by_items) == 6 and arrays.item_reads == 18
+    for rows, items in zip(by_rows, by_items, strict=True):
+        assert rows.keys() == items.keys()
+        assert all(torch.equal(rows[k], items[k]) for k in rows)
+
+
+def test_a_users_collate_fn_reads_a_row_readable_data_set_item_by_item() -> None:
+    arrays = CountedArrays(torch.randn(13, 4), torch.arange(13) % 3)
+    seen: list[int] = []
+
+    def counting_collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+        seen.append(len(samples))
+        return collate(samples)
+
+    batches = micro_batches(DataLoader(arrays, batch_size=3, collate_fn=counting_collate))
+    assert seen == [3] * 6 and arrays.item_reads == 18 and len(batches) == 6

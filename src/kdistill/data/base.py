@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, Self, TypeVar
+from typing import Any, Protocol, Self, TypeVar, runtime_checkable
 
 import numpy as np
 import torch
@@ -31,6 +31,16 @@ class LabeledDataset(Protocol):
 Data = TypeVar("Data", bound=LabeledDataset)
 
 
+@runtime_checkable
+class RowReadable(Protocol):
+    """A data set that reads a micro-batch at once: ``rows(indices)`` is the batch dict that
+    collating the items ``indices`` (with :func:`kdistill.batch.collate`) would give, each
+    sample's ``index`` included. The engine reads such a data set a micro-batch at a time
+    instead of item by item, unless the user's ``DataLoader`` brings its own ``collate_fn``."""
+
+    def rows(self, indices: Sequence[int]) -> dict[str, Any]: ...
+
+
 class ArrayDataset(Dataset):
     """In-memory inputs and labels; item i is ``{"input", "labels", "index"}``.
 
@@ -48,6 +58,12 @@ class ArrayDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {"input": self.inputs[i], "labels": self.labels[i], "index": torch.tensor(i)}
+
+    def rows(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        """Samples ``indices`` as one batch, equal to collating their items, read with one
+        gather per field (the engine reads a micro-batch this way, see :class:`RowReadable`)."""
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return {"input": self.inputs[index], "labels": self.labels[index], "index": index}
 
     def with_labels(self, labels: torch.Tensor) -> ArrayDataset:
         """The same inputs with other labels (for example with most of them hidden)."""

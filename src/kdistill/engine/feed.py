@@ -6,7 +6,9 @@ as it is or inside the user's ``DataLoader`` (whose data set, ``collate_fn`` and
 ``batch_size`` are used; its sampler and workers are not). Each phase reads its remaining
 micro-batches through one ``DataLoader`` (:meth:`TrainingSet.schedule`) with
 ``trainer.workers`` processes, each loading ``trainer.prefetch`` micro-batches ahead: workers
-start at the phase's first step and load ahead across epoch boundaries.
+start at the phase's first step and load ahead across epoch boundaries. A data set that reads
+a micro-batch at once (:class:`~kdistill.data.base.RowReadable`, such as ``ArrayDataset``) is
+read that way, one gather per field, rather than item by item and collated.
 
 **Order.** Which samples form which micro-batch is decided in the training process, from the
 seed, the phase, the epoch and the position in the epoch alone (:mod:`kdistill.batching`);
@@ -49,7 +51,13 @@ from kdistill.batching import (
     global_batch_count,
     process_micro_batches,
 )
-from kdistill.data.base import IndexedDataset, IndexedStream, has_label, labeled_indices
+from kdistill.data.base import (
+    IndexedDataset,
+    IndexedStream,
+    RowReadable,
+    has_label,
+    labeled_indices,
+)
 from kdistill.engine.phases import Phase
 from kdistill.errors import KdistillError
 from kdistill.settings import TrainerSettings
@@ -140,6 +148,22 @@ class StreamMicroBatches(IterableDataset):
                     return
                 if b in trained:
                     yield from cut.share(batch)
+
+
+class RowBatches(Dataset):
+    """A :class:`~kdistill.data.base.RowReadable` data set read by micro-batch: item
+    ``indices`` (a list drawn by the phase's sampler) is their batch."""
+
+    def __init__(self, dataset: RowReadable):
+        self.dataset = dataset
+
+    def __getitem__(self, indices: list[int]) -> dict[str, Any]:
+        return self.dataset.rows(indices)
+
+
+def as_read(batch: dict[str, Any]) -> dict[str, Any]:
+    """The ``collate_fn`` of :class:`RowBatches`' loader: a batch is read collated."""
+    return batch
 
 
 class PhaseFeed:
@@ -281,7 +305,13 @@ class PhaseSchedule:
         else:
             assert self.indices is not None
             sampler = MicroBatchSampler(self.indices, cut, start)
-            loader = DataLoader(data.dataset, batch_sampler=sampler, **options)
+            source = data.dataset.dataset
+            if data.collate_fn is collate and isinstance(source, RowReadable):
+                options["collate_fn"] = as_read
+                loader = DataLoader(RowBatches(source), sampler=sampler, batch_size=None,
+                                    **options)
+            else:
+                loader = DataLoader(data.dataset, batch_sampler=sampler, **options)
             shortage = "the training data ran out in epoch {epoch} before step {step}"
         return PhaseFeed(loader, cut.accumulation, shortage)
 
