@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import itertools
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,11 @@ from torch import nn
 from torch.utils.data import IterableDataset
 
 from kdistill import cli, run
-from kdistill.config import parse_config
+from kdistill.cache import CachedTeacher
+from kdistill.config import RunConfig, parse_config
 from kdistill.data import TextDataset
+from kdistill.engine.phases import resolve_layer_maps
+from kdistill.errors import KdistillError
 from kdistill.layermap import (
     LayerMap,
     LayerMapError,
@@ -436,3 +440,46 @@ def test_layermap_refuses_fewer_than_two_samples(capsys: pytest.CaptureFixture[s
     with pytest.raises(SystemExit):
         cli.main(["layermap", "config.yaml", "--samples", "1"])
     assert "argument --samples: must be at least 2, got 1" in capsys.readouterr().err
+
+
+def tinybert_auto_config(tmp_path: Path, layer_map: Any) -> RunConfig:
+    """:func:`layermap_config` distilling by TinyBERT's general stage with ``layer_map``; the
+    uniform map does not exist for 2 student layers of 3 teacher layers."""
+    raw = yaml.safe_load(layermap_config(
+        tmp_path, {"checkpoint": str(teacher_checkpoint(tmp_path))}).read_text())
+    raw["recipe"] = {"name": "tinybert", "stage": "general", "student_layers": 2,
+                     "teacher_layers": 3, "layer_map": layer_map}
+    raw["trainer"].update({"epochs": 2, "batch_size": 4})
+    raw["name"] = "tinybert-auto" if layer_map == "auto" else "tinybert-given"
+    return parse_config(raw)
+
+
+def test_layer_map_auto_trains_as_the_map_kdistill_layermap_proposes(
+        tmp_path: Path, bert_folder: Path, caplog: pytest.LogCaptureFixture) -> None:
+    auto = tinybert_auto_config(tmp_path, "auto")
+    run.preflight(auto)  # kdistill check measures the map on its trial teacher
+    with caplog.at_level(logging.INFO, logger="kdistill"):
+        measured = run.run(auto)
+    assert run.measure_layer_map(auto).proposed == [0, 1, 2]  # the student's two layers
+    assert [p.recipe.layer_map for p in measured.fit.phases] == [(1, 2)]
+    assert "layer_map auto: student layers 1-2 learn from teacher layers [1, 2]" in caplog.text
+    given = run.run(tinybert_auto_config(tmp_path, [1, 2]))
+    trained, expected = measured.fit.student.state_dict(), given.fit.student.state_dict()
+    for key, value in expected.items():
+        assert torch.equal(trained[key], value), key
+
+
+def test_layer_map_auto_needs_a_teacher_model(tmp_path: Path, bert_folder: Path) -> None:
+    config = tinybert_auto_config(tmp_path, "auto")
+    data = run.build_data(config.data)
+    phases = run.build_phases(config)
+    student = run.build_student(config, data, phases, ["recipe"])
+    with pytest.raises(KdistillError) as error:
+        resolve_layer_maps(phases, student, CachedTeacher.__new__(CachedTeacher), data.train,
+                           seed=0)
+    assert str(error.value) == (
+        "layer_map 'auto' compares the student's hidden states with the teacher model's, and "
+        "a CachedTeacher teacher has no model at hand: give layer_map (kdistill layermap "
+        "proposes one)")
+    with pytest.raises(KdistillError, match="tinybert: layer_map 'auto' is measured on the "):
+        phases[0].recipe.student_taps()

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from kdistill.batch import UNLABELED, collate
 from kdistill.cache import CachedTeacher, TeacherCache
 from kdistill.engine import Distiller, Phase
+from kdistill.layermap import auto_layer_map
 from kdistill.models.hf_text import build_hf_text
 from kdistill.models.text import TextModel, token_level_taps
 from kdistill.recipes import build_recipe
@@ -337,6 +338,16 @@ def test_the_task_stage_runs_the_intermediate_phase_then_the_prediction_phase(
     assert term_names(result.history, 1) == {"prediction"}
     for key, value in snapshot(teacher).items():
         assert torch.equal(value, before[key]), key
+
+
+def test_the_distiller_measures_layer_map_auto_on_its_training_data(
+        teacher: TextModel, student: TextModel) -> None:
+    expected = auto_layer_map(student, teacher, text_data())[1:]
+    recipe = TinyBERT(stage="task", student_layers=2, teacher_layers=4, layer_map="auto")
+    assert recipe.layer_map_pending and recipe.with_layer_map([1, 3]).layer_map == (1, 3)
+    result = Distiller(student, teacher, recipe, epochs=2, **SETTINGS).fit(text_data())
+    assert [p.recipe.layer_map for p in result.phases] == [tuple(expected)] * 2
+    assert not any(p.recipe.layer_map_pending for p in result.phases)
 
 
 def test_stage_task_splits_only_a_budget_it_can_split() -> None:

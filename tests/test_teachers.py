@@ -114,12 +114,14 @@ def test_frozen_teacher_compile_keeps_taps_hooks_and_weights() -> None:
 def test_the_run_hands_over_the_teachers_precision_and_compile(tmp_path: Path) -> None:
     from test_teacher_cache import digits_config
 
-    from kdistill.run import build_data, build_phases, build_teacher
+    from kdistill.run import build_data, build_phases, build_student, build_teacher
 
     config = digits_config(tmp_path, {"name": "hinton"}, None)
     assert config.teacher is not None
     config.teacher.precision, config.teacher.compile = "bf16", True
-    _, source = build_teacher(config, build_data(config.data), build_phases(config), ["recipe"])
+    data, phases = build_data(config.data), build_phases(config)
+    student = build_student(config, data, phases, ["recipe"])
+    _, source, _ = build_teacher(config, data, phases, ["recipe"], student)
     assert isinstance(source, FrozenTeacher)
     assert (source.precision, source.compile) == ("bf16", True)
 

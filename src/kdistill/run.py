@@ -54,6 +54,7 @@ from kdistill.data import (
 )
 from kdistill.data.shifts import check_shifts
 from kdistill.engine import Distiller, FitResult, Phase, recipe_phases
+from kdistill.engine.phases import resolve_layer_maps
 from kdistill.engine.state import RESUMABLE_SETTINGS, changed_fields, format_changes
 from kdistill.errors import KdistillError
 from kdistill.evaluate import benchmark_models, eval_batches, shifted_evaluation
@@ -61,7 +62,7 @@ from kdistill.layermap import DEFAULT_SAMPLES, LayerMap, compare_layers, sample_
 from kdistill.models import build_model, deployable
 from kdistill.models.export import OutputMeaning, export_run_student
 from kdistill.models.text import TextModel, check_same_tokens
-from kdistill.recipes import RECIPES, Recipe, build_recipe, cache_refusal
+from kdistill.recipes import RECIPES, Recipe, build_recipe, cache_refusal, layer_map_pending
 from kdistill.report import write_report
 from kdistill.settings import TrainerSettings
 from kdistill.taps import TapError, resolve_module_taps, resolve_projection_taps
@@ -506,18 +507,21 @@ def build_phases(config: RunConfig) -> list[Phase]:
     return phases
 
 
-def build_teacher(config: RunConfig, data: DataSplits, phases: list[Phase],
-                  sections: list[str]) -> tuple[nn.Module | None, nn.Module | TeacherSource | None]:
+def build_teacher(config: RunConfig, data: DataSplits, phases: list[Phase], sections: list[str],
+                  student: nn.Module) -> tuple[nn.Module | None, nn.Module | TeacherSource | None,
+                                               list[Phase]]:
     """The teacher model and what to hand the :class:`Distiller` as teacher, as the first
     teacher-using recipe asks (``Recipe.teacher_model``): a trained teacher, frozen; a
     pretrained one, built from its folder (or loaded from its checkpoint) and frozen; a fresh
     model, which the recipe turns into online peers; or nothing (the recipe makes its teacher
-    from the student)."""
+    from the student). Also the phases with every ``layer_map: auto`` measured between
+    ``student`` and this teacher (:func:`resolve_run_layer_maps`), whose taps are then
+    checked."""
     users = [(p, where) for p, where in zip(phases, sections, strict=True)
              if p.recipe.uses_teacher]
     check_teacher_cache(config, users)
     if config.teacher is None or not users:
-        return None, None
+        return None, None, phases
     recipe = users[0][0].recipe
     if recipe.teacher_model in ("fresh", "pretrained"):
         fresh = recipe.teacher_model == "fresh"
@@ -530,12 +534,38 @@ def build_teacher(config: RunConfig, data: DataSplits, phases: list[Phase],
     else:
         teacher = trained_teacher(config, data, recipe)
         handed = FrozenTeacher(teacher, config.teacher.precision, config.teacher.compile)
+    resolved = resolve_run_layer_maps(config, data, phases, sections, student, teacher)
+    users = [(p, where) for p, where in zip(resolved, sections, strict=True)
+             if p.recipe.uses_teacher]
     for phase, where in users:
         check_taps(teacher, phase.recipe.teacher_taps(), where, phase.name or "")
     if config.teacher.cache is not None:
         assert isinstance(handed, FrozenTeacher)  # check_teacher_cache refused the others
         handed = CachedTeacher(teacher_cache(config, data, users, handed), live=handed)
-    return teacher, handed
+    return teacher, handed, resolved
+
+
+def resolve_run_layer_maps(config: RunConfig, data: DataSplits, phases: list[Phase],
+                           sections: list[str], student: nn.Module,
+                           teacher: nn.Module) -> list[Phase]:
+    """``phases`` with every ``layer_map: auto`` measured as ``kdistill layermap`` measures it
+    (:func:`measure_layer_map`: the training inputs drawn with ``data.seed``), its student
+    taps checked; a model the map cannot be measured on is a :class:`ConfigError` naming the
+    phase's section."""
+    pending = [where for p, where in zip(phases, sections, strict=True)
+               if layer_map_pending(p.recipe)]
+    if not pending:
+        return phases
+    try:
+        resolved = resolve_layer_maps(phases, student, teacher, data.train,
+                                      seed=config.data.seed,
+                                      batch_size=config.evaluation.batch_size)
+    except KdistillError as error:
+        raise ConfigError(f"{pending[0]}: layer_map 'auto': {error}") from None
+    for phase, where in zip(resolved, sections, strict=True):
+        if where in pending:
+            check_taps(student, phase.recipe.student_taps(), where, phase.name or "")
+    return resolved
 
 
 def trained_teacher(config: RunConfig, data: DataSplits, recipe: Recipe | None) -> nn.Module:
@@ -597,7 +627,8 @@ def build_teacher_cache(config: RunConfig) -> TeacherCache:
         phases = build_phases(config)
         sections = (["recipe"] * len(phases) if config.phases is None else
                     [f"phases.{i}.recipe" for i in range(len(phases))])
-        _, source = build_teacher(config, data, phases, sections)
+        student = build_student(config, data, phases, sections)
+        _, source, _ = build_teacher(config, data, phases, sections, student)
     assert isinstance(source, CachedTeacher)
     return source.cache
 
@@ -716,8 +747,9 @@ def train_run(config: RunConfig, data: DataSplits, eval_data: Any = None, *,
     student = build_student(config, data, phases, sections)
     for phase, where in zip(phases, sections, strict=True):
         check_task(phase.recipe, data, where)
-        check_taps(student, phase.recipe.student_taps(), where, phase.name or "")
-    teacher, source = build_teacher(config, data, phases, sections)
+        if not layer_map_pending(phase.recipe):  # checked once its map is measured
+            check_taps(student, phase.recipe.student_taps(), where, phase.name or "")
+    teacher, source, phases = build_teacher(config, data, phases, sections, student)
     if teacher is not None:
         for phase, where in zip(phases, sections, strict=True):
             check_tokenisations(student, teacher, phase.recipe, where)
@@ -797,7 +829,8 @@ def preflight(config: RunConfig) -> DataSplits:
         if "student" not in unbuilt:
             student = build_student(config, data, phases, sections)
             for phase, where in zip(phases, sections, strict=True):
-                check_taps(student, phase.recipe.student_taps(), where, phase.name or "")
+                if not layer_map_pending(phase.recipe):  # the trial measures its map
+                    check_taps(student, phase.recipe.student_taps(), where, phase.name or "")
         teacher = None
         if recipe is not None and "teacher.model" not in unbuilt:
             teacher = trial_teacher(config, data, recipe, users, teacher_phases)
@@ -881,7 +914,8 @@ def trial_teacher(config: RunConfig, data: DataSplits, recipe: Recipe,
     if config.teacher.checkpoint is not None:
         load_weights(teacher, Path(config.teacher.checkpoint), "teacher.checkpoint")
     for phase, where in users:
-        check_taps(teacher, phase.recipe.teacher_taps(), where, phase.name or "")
+        if not layer_map_pending(phase.recipe):  # the trial measures its map
+            check_taps(teacher, phase.recipe.teacher_taps(), where, phase.name or "")
     if fresh:
         return teacher
     if train is not None and teacher_phases is not None:

@@ -13,7 +13,13 @@ from torch.utils.data import DataLoader, Dataset
 from kdistill.checkpoint import check_fresh_run_folder
 from kdistill.engine.evaluation import Evaluator
 from kdistill.engine.loop import Callback, TrainingRun
-from kdistill.engine.phases import FitResult, Phase, recipe_phases, wrap_student
+from kdistill.engine.phases import (
+    FitResult,
+    Phase,
+    recipe_phases,
+    resolve_layer_maps,
+    wrap_student,
+)
 from kdistill.engine.run_folder import FRESH_HINT, StartHook
 from kdistill.recipes.base import Recipe, build_recipe, cache_refusal
 from kdistill.settings import TrainerSettings
@@ -102,6 +108,8 @@ class Distiller:
             raise ValueError("resume needs a run directory")
         if not resume and self.run_dir is not None:
             check_fresh_run_folder(self.run_dir, overwrite=overwrite, hint=FRESH_HINT)
+        self.phases = resolve_layer_maps(self.phases, self.student, self.teacher, train,
+                                         seed=self.settings.seed)
         for phase in self.phases:
             if phase.keep_best and eval is None and self.evaluator is None:
                 raise ValueError(f"phase '{phase.name or phase.recipe.name}' keeps its best "

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
-from kdistill.recipes.base import Recipe
+from kdistill.errors import KdistillError
+from kdistill.layermap import DEFAULT_SAMPLES, auto_layer_map
+from kdistill.recipes.base import LayerMapped, Recipe, layer_map_pending
 from kdistill.settings import OptimizerSettings, SchedulerSettings
+from kdistill.teachers import FrozenTeacher, TeacherSource
+
+logger = logging.getLogger("kdistill")
 
 MINIMISED_METRICS = frozenset({"cer", "ece", "loss", "mse", "mse_teacher"})
 
@@ -72,3 +79,34 @@ def wrap_student(student: nn.Module, phases: Sequence[Phase]) -> nn.Module:
 def recipe_phases(recipe: Recipe, epochs: int) -> list[Phase]:
     """The phases a recipe splits a budget of ``epochs`` into, named ``<index>-<recipe>``."""
     return [Phase(r, n, name=f"{i}-{r.name}") for i, (r, n) in enumerate(recipe.phases(epochs))]
+
+
+def resolve_layer_maps(phases: Sequence[Phase], student: nn.Module,
+                       teacher: nn.Module | TeacherSource | None, data: Dataset | DataLoader,
+                       *, seed: int, samples: int = DEFAULT_SAMPLES,
+                       batch_size: int = 32) -> list[Phase]:
+    """``phases`` with every ``layer_map: auto`` measured (:func:`layer_map_pending`): one
+    map, :func:`~kdistill.layermap.auto_layer_map` between ``student`` and the teacher's
+    model on ``samples`` inputs of ``data`` drawn with ``seed``, set on each such recipe
+    (student layer m learns from teacher layer map[m]; the embeddings keep the embeddings).
+    A teacher with no model at hand (a cached one) is a :class:`KdistillError`."""
+    if not any(layer_map_pending(phase.recipe) for phase in phases):
+        return list(phases)
+    model = teacher.model if isinstance(teacher, FrozenTeacher) else teacher
+    if not isinstance(model, nn.Module):
+        raise KdistillError(f"layer_map 'auto' compares the student's hidden states with the "
+                            f"teacher model's, and a {type(teacher).__name__} teacher has no "
+                            "model at hand: give layer_map (kdistill layermap proposes one)")
+    source = data.dataset if isinstance(data, DataLoader) else data
+    mapping = auto_layer_map(student, model, source, samples, batch_size=batch_size,
+                             seed=seed)[1:]
+    logger.info("layer_map auto: student layers 1-%d learn from teacher layers %s (linear CKA "
+                "on up to %d training inputs)", len(mapping), mapping, samples)
+    resolved = []
+    for phase in phases:
+        recipe = phase.recipe
+        if layer_map_pending(recipe):
+            assert isinstance(recipe, LayerMapped)
+            phase = replace(phase, recipe=recipe.with_layer_map(mapping))
+        resolved.append(phase)
+    return resolved

@@ -24,14 +24,16 @@ from kdistill.recipes import (  # noqa: F401  (registration)
 )
 from kdistill.recipes.base import (
     RECIPES,
+    LayerMapped,
     Recipe,
     RecipeParams,
     Term,
     build_recipe,
     cache_refusal,
     get_recipe,
+    layer_map_pending,
     register,
 )
 
-__all__ = ["RECIPES", "Recipe", "RecipeParams", "Term", "build_recipe", "cache_refusal",
-           "get_recipe", "register"]
+__all__ = ["RECIPES", "LayerMapped", "Recipe", "RecipeParams", "Term", "build_recipe",
+           "cache_refusal", "get_recipe", "layer_map_pending", "register"]

@@ -9,9 +9,9 @@ by its ``unit``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import torch
 from pydantic import AfterValidator, BaseModel, ConfigDict
@@ -176,6 +176,24 @@ class Recipe(nn.Module):
     def phases(self, epochs: int) -> list[tuple[Recipe, int]]:
         """How this method splits a budget of ``epochs`` into (recipe, epochs) phases."""
         return [(self, epochs)]
+
+
+@runtime_checkable
+class LayerMapped(Protocol):
+    """A recipe distilling student layers from teacher layers through a map that can be
+    measured on the two models (``layer_map: auto``): ``layer_map_pending`` until then, and
+    ``with_layer_map(g)`` the recipe with student layer m = 1..M learning from teacher layer
+    g[m - 1] (:func:`kdistill.engine.phases.resolve_layer_maps` measures and sets it)."""
+
+    @property
+    def layer_map_pending(self) -> bool: ...
+
+    def with_layer_map(self, mapping: Sequence[int]) -> Recipe: ...
+
+
+def layer_map_pending(recipe: Recipe) -> bool:
+    """Whether ``recipe`` waits for a layer map measured on the models (:class:`LayerMapped`)."""
+    return isinstance(recipe, LayerMapped) and recipe.layer_map_pending
 
 
 def cache_refusal(recipes: Iterable[Recipe]) -> str | None:

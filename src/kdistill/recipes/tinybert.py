@@ -11,6 +11,7 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from kdistill import losses
+from kdistill.errors import KdistillError
 from kdistill.recipes.adapters import make_adapter
 from kdistill.recipes.base import Recipe, RecipeParams, Term, register
 from kdistill.recipes.shared import valid_rows
@@ -62,7 +63,7 @@ class TinyBERTParams(RecipeParams):
     stage: Stage = "task"
     student_layers: int = Field(default=4, ge=1)
     teacher_layers: int = Field(default=12, ge=1)
-    layer_map: list[int] | None = None
+    layer_map: list[int] | Literal["auto"] | None = None
     projection: Projection = "shared"
     temperature: float = Field(default=1.0, gt=0)
     intermediate_epochs: int | None = Field(default=None, ge=1)
@@ -72,7 +73,8 @@ class TinyBERTParams(RecipeParams):
 
     @model_validator(mode="after")
     def _valid_map(self) -> TinyBERTParams:
-        resolve_layer_map(self.layer_map, self.student_layers, self.teacher_layers)
+        if self.layer_map != "auto":
+            resolve_layer_map(self.layer_map, self.student_layers, self.teacher_layers)
         return self
 
 
@@ -82,7 +84,8 @@ class TinyBERT(Recipe):
 
     Jiao, Yin, Shang, Jiang, Chen, Li, Wang & Liu (2020), "TinyBERT: Distilling BERT for
     Natural Language Understanding". Student layer m = 1..M learns from teacher layer g(m)
-    (:func:`resolve_layer_map`: uniform g(m) = m N / M, or ``layer_map``); layer 0, the
+    (:func:`resolve_layer_map`: uniform g(m) = m N / M, or ``layer_map``; ``layer_map: auto``
+    is measured on the two models before training, :mod:`kdistill.layermap`); layer 0, the
     embedding output, from the teacher's. With the student's valid tokens (``token_mask``) and
     a learnt projection W from the student's width to the teacher's:
 
@@ -118,18 +121,35 @@ class TinyBERT(Recipe):
     def __init__(self, params: RecipeParams | None = None, **overrides: Any):
         super().__init__(params, **overrides)
         p = self.params
-        self.layer_map = resolve_layer_map(p.layer_map, p.student_layers, p.teacher_layers)
+        self.layer_map: tuple[int, ...] | None = None if p.layer_map == "auto" else \
+            resolve_layer_map(p.layer_map, p.student_layers, p.teacher_layers)
         self.projections: nn.ModuleList | None = None
 
+    @property
+    def layer_map_pending(self) -> bool:
+        """Whether ``layer_map`` is ``auto`` and not measured yet (see :class:`LayerMapped`)."""
+        return self.layer_map is None
+
+    def with_layer_map(self, mapping: Sequence[int]) -> TinyBERT:
+        """This recipe with the layer map g(1), ..., g(M) = ``mapping``."""
+        return TinyBERT(self.params, layer_map=list(mapping))
+
     # -- taps -------------------------------------------------------------------------------
+    def _mapped(self) -> tuple[int, ...]:
+        if self.layer_map is None:
+            raise KdistillError("tinybert: layer_map 'auto' is measured on the student and the "
+                                "teacher before training (kdistill train and Distiller.fit do "
+                                "it); this recipe was asked for its taps before that")
+        return self.layer_map
+
     def _pairs(self) -> list[tuple[str, str]]:
         """(student, teacher) feature taps: the embeddings, then each mapped hidden state."""
         return [("embeddings", "embeddings"),
-                *((f"hidden.{m}", f"hidden.{g}") for m, g in enumerate(self.layer_map, 1))]
+                *((f"hidden.{m}", f"hidden.{g}") for m, g in enumerate(self._mapped(), 1))]
 
     def _attention_layers(self) -> list[tuple[int, int]]:
         """(student, teacher) self-attention layer indices from 0, as the taps count them."""
-        return [(m - 1, g - 1) for m, g in enumerate(self.layer_map, 1)]
+        return [(m - 1, g - 1) for m, g in enumerate(self._mapped(), 1)]
 
     def student_taps(self) -> list[str]:
         if self.params.stage == "prediction":
