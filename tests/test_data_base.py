@@ -17,6 +17,8 @@ from kdistill.data.base import (
     keep_labels,
     labeled_indices,
 )
+from kdistill.data.sequences import SequenceDataset
+from kdistill.data.tagging import TokenDataset
 
 
 def test_array_items_are_input_label_and_index():
@@ -45,6 +47,18 @@ def test_array_rows_are_the_collated_items_read_at_once():
     for key in items:
         assert rows[key].dtype == items[key].dtype and torch.equal(rows[key], items[key])
     assert isinstance(data, RowReadable) and not isinstance(Items([1]), RowReadable)
+
+
+@pytest.mark.parametrize("data", [
+    TokenDataset(torch.randint(1, 9, (5, 4)), torch.randint(0, 3, (5, 4)),
+                 torch.tensor([[1, 1, 0, 0]] * 5)),
+    SequenceDataset(torch.randn(5, 3), torch.tensor([[1, 2, UNLABELED]] * 4 + [[3, 3, 3]]))])
+def test_the_rows_of_arrays_with_more_columns_carry_them(data: ArrayDataset) -> None:
+    picked = [4, 1, 1]
+    rows, items = data.rows(picked), collate([data[i] for i in picked])
+    assert data.reads_rows and set(rows) == set(items) and len(rows) == 4
+    for key in items:
+        assert rows[key].dtype == items[key].dtype and torch.equal(rows[key], items[key])
 
 
 class Items(Dataset):

@@ -33,16 +33,21 @@ Data = TypeVar("Data", bound=LabeledDataset)
 
 @runtime_checkable
 class RowReadable(Protocol):
-    """A data set that reads a micro-batch at once: ``rows(indices)`` is the batch dict that
-    collating the items ``indices`` (with :func:`kdistill.batch.collate`) would give, each
-    sample's ``index`` included. The engine reads such a data set a micro-batch at a time
-    instead of item by item, unless the user's ``DataLoader`` brings its own ``collate_fn``."""
+    """A data set that can read a micro-batch at once: when ``reads_rows`` is true,
+    ``rows(indices)`` is the batch dict that collating the items ``indices`` (with
+    :func:`kdistill.batch.collate`) would give, each sample's ``index`` included. The engine
+    then reads it a micro-batch at a time instead of item by item, unless the user's
+    ``DataLoader`` brings its own ``collate_fn``."""
+
+    @property
+    def reads_rows(self) -> bool: ...
 
     def rows(self, indices: Sequence[int]) -> dict[str, Any]: ...
 
 
 class ArrayDataset(Dataset):
-    """In-memory inputs and labels; item i is ``{"input", "labels", "index"}``.
+    """In-memory inputs and labels; item i is ``{"input", "labels", "index"}``, plus a row of
+    each further column a subclass declares (:meth:`columns`).
 
     Integer labels are kept as int64 (classes), float labels as float32 (regression targets).
     """
@@ -56,14 +61,24 @@ class ArrayDataset(Dataset):
     def __len__(self) -> int:
         return len(self.inputs)
 
+    def columns(self) -> dict[str, torch.Tensor]:
+        """Every field of a sample but its ``index``, one row per sample."""
+        return {"input": self.inputs, "labels": self.labels}
+
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input": self.inputs[i], "labels": self.labels[i], "index": torch.tensor(i)}
+        return {**{k: v[i] for k, v in self.columns().items()}, "index": torch.tensor(i)}
+
+    @property
+    def reads_rows(self) -> bool:
+        """True unless a subclass changes how an item is read (augmenting it, say): then
+        :meth:`rows` would bypass that, and the engine reads items one by one."""
+        return type(self).__getitem__ is ArrayDataset.__getitem__
 
     def rows(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         """Samples ``indices`` as one batch, equal to collating their items, read with one
-        gather per field (the engine reads a micro-batch this way, see :class:`RowReadable`)."""
+        gather per column (see :class:`RowReadable`)."""
         index = torch.as_tensor(indices, dtype=torch.long)
-        return {"input": self.inputs[index], "labels": self.labels[index], "index": index}
+        return {**{k: v[index] for k, v in self.columns().items()}, "index": index}
 
     def with_labels(self, labels: torch.Tensor) -> ArrayDataset:
         """The same inputs with other labels (for example with most of them hidden)."""

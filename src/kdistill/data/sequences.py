@@ -31,8 +31,8 @@ class SequenceDataset(ArrayDataset):
             raise ValueError(f"target sequence {row} has a token after padding ({UNLABELED}): "
                              f"{self.labels[row].tolist()}; pad only at the end")
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {**super().__getitem__(i), TARGET_LENGTHS: self.target_lengths[i]}
+    def columns(self) -> dict[str, torch.Tensor]:
+        return {**super().columns(), TARGET_LENGTHS: self.target_lengths}
 
     def with_labels(self, labels: torch.Tensor) -> SequenceDataset:
         """The same inputs with other target sequences (e.g. some hidden)."""

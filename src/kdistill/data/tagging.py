@@ -57,8 +57,8 @@ class TokenDataset(ArrayDataset):
                              f"{tuple(attention_mask.shape)} must have the same shape [N, L]")
         self.attention_mask = attention_mask.long()
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {**super().__getitem__(i), "attention_mask": self.attention_mask[i]}
+    def columns(self) -> dict[str, torch.Tensor]:
+        return {**super().columns(), "attention_mask": self.attention_mask}
 
     def with_labels(self, labels: torch.Tensor) -> TokenDataset:
         """The same sentences with other per-token labels."""

@@ -306,7 +306,8 @@ class PhaseSchedule:
             assert self.indices is not None
             sampler = MicroBatchSampler(self.indices, cut, start)
             source = data.dataset.dataset
-            if data.collate_fn is collate and isinstance(source, RowReadable):
+            by_rows = isinstance(source, RowReadable) and source.reads_rows
+            if data.collate_fn is collate and by_rows:
                 options["collate_fn"] = as_read
                 loader = DataLoader(RowBatches(source), sampler=sampler, batch_size=None,
                                     **options)
