@@ -147,8 +147,8 @@ class LEAD(RetrievalRecipe):
     """
 
     name = "lead"
-    summary = ("Layer-wise query-passage score distributions, KL per layer pair, teacher layers "
-               "weighted by their own CE; works across tokenisers")
+    summary = ("Retrieval: KL of query-passage score distributions at sampled layer pairs, "
+               "weighted by the teacher's CE")
     paper = ("Sun, Liu, Gong, Dong, Zhang, Zhang, Jiao, Duan, Lin 2024, LEAD: Liberal "
              "Feature-based Distillation for Dense Retrieval")
     Params = LEADParams
@@ -237,8 +237,8 @@ class DCD(RetrievalRecipe):
     """
 
     name = "dcd"
-    summary = ("Contrastive distillation on teacher-chosen hard negatives, per-query weights "
-               "from the teacher's entropy")
+    summary = ("Retrieval: contrastive KD on teacher-chosen hard negatives, entropy-weighted "
+               "queries")
     paper = ("Rao, Ding, Qi, Fang, Liu, Shen, Tao 2023, Dynamic Contrastive Distillation for "
              "Image-Text Retrieval")
     Params = DCDParams
