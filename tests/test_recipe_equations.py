@@ -58,6 +58,7 @@ PINNED = {
     "regression_kd", "denoise", "adversarial",  # test_recipe_equations_prepared.py
     "tinybert",  # test_recipe_tinybert.py
     "embedding_kd", "ckd",  # test_embedding_recipes.py
+    "lead", "dcd",  # test_retrieval_recipes.py
 }  # fmt: skip
 
 
@@ -79,7 +80,8 @@ def test_every_registered_recipe_has_an_equation_test() -> None:
 
 @pytest.mark.parametrize("name", sorted(PINNED - {"fitnets", "annealing", "tinybert"}))
 def test_single_phase_recipes_keep_the_whole_budget(name: str) -> None:
-    params = {"terms": [{"loss": "ce"}]} if name == "composite" else {}
+    params = {"composite": {"terms": [{"loss": "ce"}]},
+              "lead": {"student_layers": 3, "teacher_layers": 4}}.get(name, {})
     recipe = build_recipe(name, **params)
     assert recipe.phases(7) == [(recipe, 7)]
 

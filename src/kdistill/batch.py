@@ -23,6 +23,18 @@ blank; targets are ids 0 .. C - 2. The ``TARGET_LENGTHS`` key is what marks a ba
 Sentence embeddings (task ``embedding``): samples are texts whose labels, when known, are
 classes (they serve the linear probe of the evaluation); the model answers one embedding per
 text, marked as such by its output (:func:`kdistill.taps.is_sentence_embedding`).
+
+Retrieval (task ``retrieval``): a training sample is a query with its passages, ``{"input":
+query, "passages": [positive, hard negative, ...], "relevant": [every passage text relevant to
+the query], "index": i}``. :func:`collate` turns such samples into one batch of texts: ``input``
+holds the B queries followed by the P distinct passages of the batch (each passage text once,
+in order of first appearance), and ``index`` [B] the queries' sample indices, so every query
+meets its own positive and hard negatives and, as in-batch negatives, the other queries'
+passages. ``positive`` [B] is the column (0 .. P-1) of each query's own positive and
+``relevance`` [B, P] marks the passages relevant to each query (its positive, and any other
+passage of the batch it is relevant to). Evaluation rows are single texts (queries, then the
+passage collection) whose ``passage`` flag tells them apart; a query's ``labels`` are the
+numbers of its relevant passages in the collection, padded with ``UNLABELED``.
 """
 
 from __future__ import annotations
@@ -36,7 +48,13 @@ from torch.utils.data import default_collate
 
 UNLABELED = -100
 TARGET_LENGTHS = "target_lengths"
-Task = Literal["classification", "regression", "token_classification", "ctc", "embedding"]
+PASSAGES = "passages"  # a retrieval sample's passages: its positive first, then hard negatives
+RELEVANT = "relevant"  # a retrieval sample's relevant passage texts
+POSITIVE = "positive"  # a retrieval batch's column of each query's own positive [B]
+RELEVANCE = "relevance"  # a retrieval batch's relevance of each passage to each query [B, P]
+PASSAGE_ROW = "passage"  # an evaluation row of retrieval: a passage (True) or a query (False)
+Task = Literal["classification", "regression", "token_classification", "ctc", "embedding",
+               "retrieval"]
 
 
 def label_mask(labels: torch.Tensor) -> torch.Tensor:
@@ -73,6 +91,8 @@ def collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     are padded with ``UNLABELED`` and ``attention_mask`` [B, W] marks the real words.
     """
     samples = list(samples)
+    if samples and PASSAGES in samples[0]:
+        return collate_retrieval(samples)
     if not samples or not _is_raw_text(samples[0].get("input")):
         return default_collate(samples)
     batch: dict[str, Any] = {"input": [s["input"] for s in samples]}
@@ -84,6 +104,26 @@ def collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     if rest[0]:
         batch.update(default_collate(rest))
     return batch
+
+
+def collate_retrieval(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One retrieval batch of queries with their passages (see the module doc): ``input`` the
+    B queries then the P distinct passages, ``index`` [B], ``positive`` [B] and ``relevance``
+    [B, P]."""
+    columns: dict[str, int] = {}
+    for sample in samples:
+        for passage in sample[PASSAGES]:
+            columns.setdefault(passage, len(columns))
+    relevance = torch.zeros(len(samples), len(columns), dtype=torch.bool)
+    for row, sample in enumerate(samples):
+        for passage in sample[RELEVANT]:
+            if passage in columns:
+                relevance[row, columns[passage]] = True
+    positive = torch.tensor([columns[s[PASSAGES][0]] for s in samples])
+    relevance[torch.arange(len(samples)), positive] = True
+    return {"input": [s["input"] for s in samples] + list(columns),
+            "index": torch.stack([torch.as_tensor(s["index"]) for s in samples]),
+            POSITIVE: positive, RELEVANCE: relevance}
 
 
 def to_device(batch: Mapping[str, Any], device: torch.device | str) -> dict[str, Any]:

@@ -57,10 +57,11 @@ def _exactly_one(first: str, first_value: Any, second: str, second_value: Any,
 class DataConfig(Strict):
     """Which data: a built-in set (``digits``, ``digit-lines``, ``mnist5k``, ``fashion-mnist``,
     ``diabetes``, ``rotten-tomatoes``...) or a user file (``npz``, ``csv``, ``text``, ``conll``,
-    ``hf_dataset`` + ``path``); ``options`` are passed to the loader (e.g. ``train_size`` for
-    ``fashion-mnist``, ``text_column`` for ``text``). ``unlabeled`` adds unlabelled transfer
-    text to a text data set's training split: plain text files (one text per line) or built-in
-    corpora (``guardian-headlines``), fed to the distillation terms only. ``augment`` adds
+    ``hf_dataset``, ``sentences``, ``retrieval`` + ``path``); ``options`` are passed to the
+    loader (e.g. ``train_size`` for ``fashion-mnist``, ``text_column`` for ``text``).
+    ``unlabeled`` adds unlabelled transfer text to a text data set's training split: plain text
+    files (one text per line) or built-in corpora (``guardian-headlines``), fed to the
+    distillation terms only. ``augment`` adds
     augmented copies of the training texts to that transfer set (TinyBERT-style word
     replacement, word dropout and swaps; see :class:`TextAugmentSettings`)."""
 
@@ -389,7 +390,8 @@ def _check_recipe(recipe: Mapping[str, Any], path: str) -> list[str]:
     return _recipe_problems(recipe, path)[0]
 
 
-FILE_DATASETS = ("npz", "csv", "text", "conll", "hf_dataset", "sentences")  # data.path
+FILE_DATASETS = ("npz", "csv", "text", "conll", "hf_dataset", "sentences", "retrieval")
+# (the data sets that read data.path)
 NAMED_COLUMNS = ("csv", "text", "hf_dataset")  # the data sets that take data.label_column
 FOLDER_DATASETS = ("hf_dataset",)  # data.path may be a folder
 
@@ -479,9 +481,10 @@ def _check_data_options(data: DataConfig) -> list[str]:
     if "label_column" in given and data.name not in NAMED_COLUMNS:
         problems.append(f"data.label_column: only the data sets {', '.join(NAMED_COLUMNS)} "
                         f"have named columns, not '{data.name}'; remove label_column")
-    test_path = data.options.get("test_path")
-    if not problems and isinstance(test_path, str) and not Path(test_path).is_file():
-        problems.append(f"data.options.test_path: file not found: {test_path}")
+    for option in ("test_path", "passages"):
+        file = data.options.get(option)
+        if not problems and isinstance(file, str) and not Path(file).is_file():
+            problems.append(f"data.options.{option}: file not found: {file}")
     return problems
 
 

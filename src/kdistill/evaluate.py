@@ -14,7 +14,11 @@ CTC decoding; character error rate, line accuracy and agreement with the teacher
 (:func:`ctc_metrics`). A fifth, sentence embeddings, is told by the model's output (a sentence
 encoder's, :func:`kdistill.taps.is_sentence_embedding`): embeddings [B, D], scored by how
 closely their similarities follow the teacher's and by a linear probe on the labels
-(:mod:`kdistill.embedding_metrics`).
+(:mod:`kdistill.embedding_metrics`). A sixth, retrieval, is told by its batches, which carry
+the ``passage`` flag of each row (:mod:`kdistill.batch`): the embeddings of queries and of a
+passage collection, scored by how well the queries rank their relevant passages (MRR@10,
+recall@k, nDCG@10) and how much of the teacher's ranking they keep
+(:mod:`kdistill.retrieval_metrics`).
 
 Cost is measured by parameter count, size on disk and CPU latency at a stated batch size and
 thread count. :func:`benchmark_models` gathers all of it into one row per model, timing the
@@ -40,12 +44,21 @@ from safetensors.torch import save_model
 from torch import nn
 from torch.utils.data import DataLoader
 
-from kdistill.batch import TARGET_LENGTHS, UNLABELED, Task, collate, label_mask, to_device
+from kdistill.batch import (
+    PASSAGE_ROW,
+    TARGET_LENGTHS,
+    UNLABELED,
+    Task,
+    collate,
+    label_mask,
+    to_device,
+)
 from kdistill.contexts import eval_mode, num_threads
 from kdistill.data.base import ArrayDataset, IndexedDataset
 from kdistill.data.shifts import shifted_dataset, value_range_of
 from kdistill.embedding_metrics import EMBEDDING_KEYS, embedding_metrics
 from kdistill.losses.ctc import check_ctc_targets
+from kdistill.retrieval_metrics import RETRIEVAL_KEYS, retrieval_metrics
 from kdistill.settings import Shift
 from kdistill.taps import is_sentence_embedding, output_logits, run_model
 
@@ -84,7 +97,10 @@ class Predictions:
     ``logits`` are per-frame [N, T, C], ``labels`` the target sequences [N, S] (padded with
     ``-100``) and ``target_lengths`` [N] their lengths; ``None`` for every other task.
     ``embedding`` says the outputs are a sentence encoder's embeddings [N, D] (task
-    ``embedding``), the labels then classes, ``-100`` = no label.
+    ``embedding``), the labels then classes, ``-100`` = no label. ``passage`` [N] (bool) marks
+    the passage rows of a retrieval evaluation (task ``retrieval``, ``None`` for every other
+    task): the outputs are then embeddings of queries and passages, and a query's labels [R]
+    the numbers of its relevant passages (``-100`` = none).
     """
 
     logits: torch.Tensor
@@ -92,9 +108,12 @@ class Predictions:
     mask: torch.Tensor | None = None
     target_lengths: torch.Tensor | None = None
     embedding: bool = False
+    passage: torch.Tensor | None = None
 
     @property
     def task(self) -> Task:
+        if self.passage is not None:
+            return "retrieval"
         if self.embedding:
             return "embedding"
         return "ctc" if self.target_lengths is not None else task_of(self.logits)
@@ -126,7 +145,9 @@ class BenchmarkRow(TypedDict):
       :func:`ctc_metrics`);
     * embedding: ``similarity_spearman``, ``nn10_overlap`` (against the teacher's embeddings,
       ``None`` when no teacher was named) and ``probe_accuracy`` (see
-      :mod:`kdistill.embedding_metrics`).
+      :mod:`kdistill.embedding_metrics`);
+    * retrieval: ``mrr10``, ``recall10``, ``recall100``, ``ndcg10`` and ``teacher_overlap10``
+      (``None`` when no teacher was named; see :mod:`kdistill.retrieval_metrics`).
 
     The cost keys from ``params`` on are in every row.
     """
@@ -147,6 +168,11 @@ class BenchmarkRow(TypedDict):
     similarity_spearman: NotRequired[float | None]
     nn10_overlap: NotRequired[float | None]
     probe_accuracy: NotRequired[float]
+    mrr10: NotRequired[float]
+    recall10: NotRequired[float]
+    recall100: NotRequired[float]
+    ndcg10: NotRequired[float]
+    teacher_overlap10: NotRequired[float | None]
     params: int
     size_mb: float
     latency_ms: float
@@ -185,7 +211,8 @@ def _synchronize(device: torch.device) -> None:
 
 class _Rows(NamedTuple):
     """One batch's outputs, labels and token mask on the CPU, its ``index``, for CTC its
-    ``target_lengths`` and whether the outputs are sentence embeddings."""
+    ``target_lengths``, whether the outputs are sentence embeddings and, for retrieval, which
+    rows are passages."""
 
     outputs: torch.Tensor
     labels: torch.Tensor
@@ -193,6 +220,7 @@ class _Rows(NamedTuple):
     index: torch.Tensor | None
     target_lengths: torch.Tensor | None = None
     embedding: bool = False
+    passage: torch.Tensor | None = None
 
 
 def _ctc_rows(outputs: torch.Tensor, batch: Mapping[str, Any]) -> _Rows:
@@ -212,6 +240,22 @@ def _ctc_rows(outputs: torch.Tensor, batch: Mapping[str, Any]) -> _Rows:
     return _Rows(outputs, labels, None, batch.get("index"), lengths)
 
 
+def _retrieval_rows(outputs: torch.Tensor, batch: Mapping[str, Any]) -> _Rows:
+    """One retrieval batch's embeddings, relevance labels and passage flags, on the CPU."""
+    if outputs.dim() != 2:
+        raise ValueError(f"retrieval data (the batch has '{PASSAGE_ROW}') needs one embedding "
+                         f"per text [batch, width], got outputs of shape {tuple(outputs.shape)}")
+    flags = batch[PASSAGE_ROW].cpu().bool().reshape(-1)
+    labels = batch.get("labels")
+    labels = torch.full((len(flags), 1), UNLABELED) if labels is None else labels.cpu().long()
+    if labels.dim() == 1:
+        labels = labels.unsqueeze(1)
+    if len(flags) != outputs.shape[0] or labels.shape[0] != outputs.shape[0]:
+        raise ValueError(f"{len(flags)} passage flags and {labels.shape[0]} relevance labels "
+                         f"for outputs of shape {tuple(outputs.shape)}")
+    return _Rows(outputs, labels, None, batch.get("index"), embedding=True, passage=flags)
+
+
 def _batch_rows(outputs: torch.Tensor, batch: Mapping[str, Any],
                 embedding: bool = False) -> _Rows:
     """Check one batch's outputs (sentence embeddings when ``embedding``, else of the task
@@ -221,6 +265,8 @@ def _batch_rows(outputs: torch.Tensor, batch: Mapping[str, Any],
     outputs = outputs.float().cpu()
     if TARGET_LENGTHS in batch:
         return _ctc_rows(outputs, batch)
+    if PASSAGE_ROW in batch:
+        return _retrieval_rows(outputs, batch)
     if embedding and outputs.dim() != 2:
         raise ValueError(f"sentence embeddings must be [batch, width], got outputs of shape "
                          f"{tuple(outputs.shape)}")
@@ -278,6 +324,11 @@ def _in_data_order(rows: Sequence[_Rows]) -> Predictions:
         raise ValueError(f"some batches carry {TARGET_LENGTHS} (CTC data) and some do not")
     if True in ctc:
         return _ctc_in_data_order(rows)
+    retrieval = {r.passage is not None for r in rows}
+    if len(retrieval) != 1:
+        raise ValueError(f"some batches carry '{PASSAGE_ROW}' (retrieval data) and some do not")
+    if True in retrieval:
+        return _retrieval_in_data_order(rows)
     embedding = {r.embedding for r in rows}
     if len(embedding) != 1:
         raise ValueError("some batches gave sentence embeddings and some did not")
@@ -327,6 +378,20 @@ def _ctc_in_data_order(rows: Sequence[_Rows]) -> Predictions:
     if order is not None:
         logits, labels, lengths = logits[order], labels[order], lengths[order]
     return Predictions(logits=logits, labels=labels, target_lengths=lengths)
+
+
+def _retrieval_in_data_order(rows: Sequence[_Rows]) -> Predictions:
+    """:func:`_in_data_order` for retrieval rows: embeddings, relevance labels padded with
+    ``-100`` to the widest, and the passage flags."""
+    width = max(r.labels.shape[1] for r in rows)
+    logits = torch.cat([r.outputs for r in rows])
+    labels = torch.cat([F.pad(r.labels, (0, width - r.labels.shape[1]), value=UNLABELED)
+                        for r in rows])
+    passage = torch.cat([r.passage for r in rows])  # type: ignore[misc]
+    order = _data_order(rows)
+    if order is not None:
+        logits, labels, passage = logits[order], labels[order], passage[order]
+    return Predictions(logits=logits, labels=labels, embedding=True, passage=passage)
 
 
 def predict(model: nn.Module, batches: Iterable[Mapping[str, Any]],
@@ -610,12 +675,18 @@ def task_metrics(predictions: Predictions, teacher_outputs: torch.Tensor | None 
                  n_bins: int = 15) -> dict[str, float]:
     """The metrics of ``predictions``' task: :func:`regression_metrics` for scores,
     :func:`ctc_metrics` for CTC, :func:`~kdistill.embedding_metrics.embedding_metrics` for
-    sentence embeddings, :func:`classification_metrics` (per token, with
-    ``predictions.mask``) for other logits. ``teacher_outputs`` are the teacher's outputs on
-    the same rows (``Predictions.logits`` of :func:`predict_source`)."""
+    sentence embeddings, :func:`~kdistill.retrieval_metrics.retrieval_metrics` for retrieval
+    (against the teacher's top 10 when no row has a relevance label),
+    :func:`classification_metrics` (per token, with ``predictions.mask``) for other logits.
+    ``teacher_outputs`` are the teacher's outputs on the same rows (``Predictions.logits`` of
+    :func:`predict_source`)."""
     if predictions.target_lengths is not None:
         return ctc_metrics(predictions.logits, predictions.labels, predictions.target_lengths,
                            teacher_outputs)
+    if predictions.passage is not None:
+        labelled = bool((predictions.labels != UNLABELED).any())
+        return retrieval_metrics(predictions.logits, predictions.passage,
+                                 predictions.labels if labelled else None, teacher_outputs)
     if predictions.embedding:
         return embedding_metrics(predictions.logits, predictions.labels, teacher_outputs)
     if predictions.task == "regression":
@@ -762,6 +833,8 @@ def _quality(task: Task, metrics: Mapping[str, float],
         return {key: metrics.get(key) for key in REGRESSION_KEYS + REGRESSION_TEACHER_KEYS}
     if task == "embedding":
         return {key: metrics.get(key) for key in EMBEDDING_KEYS}
+    if task == "retrieval":
+        return {key: metrics.get(key) for key in RETRIEVAL_KEYS}
     teacher_accuracy = teacher_metrics["accuracy"] if teacher_metrics is not None else None
     label_metrics = ("cer", "accuracy") if task == "ctc" else ("accuracy", "macro_f1", "ece")
     return {
@@ -810,7 +883,8 @@ def evaluate_model(student: nn.Module, batches: Sequence[Mapping[str, Any]],
     regression gives ``mse``, ``pearson``, ``spearman`` and,
     with ``teacher_outputs``, ``mse_teacher``, ``pearson_teacher``, ``spearman_teacher``;
     sentence embeddings give ``probe_accuracy`` and, with ``teacher_outputs``,
-    ``similarity_spearman`` and ``nn10_overlap``.
+    ``similarity_spearman`` and ``nn10_overlap``; retrieval gives ``mrr10``, ``recall10``,
+    ``recall100``, ``ndcg10`` and, with ``teacher_outputs``, ``teacher_overlap10``.
     ``teacher_outputs`` are the teacher's outputs in data order (:func:`predict_source`).
     """
     return task_metrics(predict(student, batches, device), teacher_outputs)

@@ -52,18 +52,20 @@ from kdistill.data import (
     labeled_indices,
     load_dataset,
 )
+from kdistill.data.retrieval import TEACHER_TOP, RetrievalPairs
 from kdistill.data.shifts import check_shifts
 from kdistill.engine import Distiller, FitResult, Phase, recipe_phases
 from kdistill.engine.phases import resolve_layer_maps
 from kdistill.engine.state import RESUMABLE_SETTINGS, changed_fields, format_changes
 from kdistill.errors import KdistillError
-from kdistill.evaluate import benchmark_models, eval_batches, shifted_evaluation
+from kdistill.evaluate import benchmark_models, eval_batches, predict, shifted_evaluation
 from kdistill.layermap import DEFAULT_SAMPLES, LayerMap, compare_layers, sample_batches
 from kdistill.models import build_model, deployable
 from kdistill.models.export import OutputMeaning, export_run_student
 from kdistill.models.text import TextModel, check_same_tokens
 from kdistill.recipes import RECIPES, Recipe, build_recipe, cache_refusal, layer_map_pending
 from kdistill.report import write_report
+from kdistill.retrieval_metrics import rankings
 from kdistill.settings import TrainerSettings
 from kdistill.taps import TapError, resolve_module_taps, resolve_projection_taps
 from kdistill.teachers import FrozenTeacher, TeacherSource
@@ -101,6 +103,9 @@ def build_data(config: DataConfig) -> DataSplits:
         field = "data.path" if config.path is not None else "data"
         raise ConfigError(f"{field}: {error}") from None
     if config.labeled is not None:
+        if data.task == "retrieval":
+            raise ConfigError("data.labeled: retrieval data has no class labels to hide; give "
+                              "unlabelled queries with data.options.passages instead")
         if config.labeled > len(data.train):
             raise ConfigError(f"data.labeled: {config.labeled} labels asked, the training split "
                               f"has {len(data.train)} samples")
@@ -190,7 +195,8 @@ def check_taps(model: nn.Module, taps: Iterable[str], where: str, phase: str) ->
 # with class labels serve them too (the labels then feed the evaluation's linear probe).
 RECIPE_TASKS = {"classification": ("classification", "embedding"),
                 "token_classification": ("classification",), "ctc": ("classification",),
-                "regression": ("regression",), "embedding": ("embedding",)}
+                "regression": ("regression",), "embedding": ("embedding",),
+                "retrieval": ("retrieval",)}
 
 
 def check_task(recipe: Recipe, data: DataSplits, where: str) -> None:
@@ -211,7 +217,10 @@ def check_task(recipe: Recipe, data: DataSplits, where: str) -> None:
 def check_tokenisations(student: nn.Module, teacher: nn.Module, recipe: Recipe,
                         where: str) -> None:
     """Raise a :class:`ConfigError` when ``recipe`` compares the tokens of text models that
-    tokenise differently (see :func:`kdistill.models.text.check_same_tokens`)."""
+    tokenise differently (see :func:`kdistill.models.text.check_same_tokens`); a recipe that
+    pools each model's tokens first (``Recipe.pools_tokens``) compares none."""
+    if recipe.pools_tokens:
+        return
     try:
         check_same_tokens(student, teacher, [*recipe.student_taps(), *recipe.teacher_taps()])
     except ValueError as error:
@@ -246,9 +255,10 @@ def file_digest(path: str | Path) -> str:
 
 
 def data_digests(data: DataConfig) -> dict[str, str]:
-    """SHA-256 of the data files ``data`` reads: ``path``, ``options.test_path`` and each
-    ``unlabeled`` file (built-in names are not files)."""
+    """SHA-256 of the data files ``data`` reads: ``path``, ``options.test_path``,
+    ``options.passages`` and each ``unlabeled`` file (built-in names are not files)."""
     files = {"data.path": data.path, "data.options.test_path": data.options.get("test_path"),
+             "data.options.passages": data.options.get("passages"),
              **{f"data.unlabeled.{i}": source for i, source in enumerate(data.unlabeled_sources)}}
     return {key: file_digest(path) for key, path in files.items()
             if isinstance(path, str) and Path(path).is_file()}
@@ -753,6 +763,7 @@ def train_run(config: RunConfig, data: DataSplits, eval_data: Any = None, *,
     if teacher is not None:
         for phase, where in zip(phases, sections, strict=True):
             check_tokenisations(student, teacher, phase.recipe, where)
+        rank_by_teacher(data, teacher, config.evaluation.batch_size)
     distiller = Distiller(student, source, phases=phases, trainer=config.trainer,
                           run_dir=run_dir)
     evaluation = data.test if eval_data is None else eval_data
@@ -779,7 +790,7 @@ def _run(config: RunConfig, resume: bool, overwrite: bool) -> RunOutcome:
     rows, load = compare(models, data.test, batch_size=config.evaluation.batch_size,
                          threads=config.evaluation.threads, repeats=config.evaluation.repeats)
     add_shift_accuracies(rows, models, data.test, config)
-    notes = load
+    notes = load + relevance_note(data)
     if config.trainer.on_nonfinite == "skip" or result.skipped_steps():
         notes += (f"\n\nSkipped training steps (non-finite loss or gradients, "
                   f"trainer.on_nonfinite: skip): {result.skipped_steps()}.")
@@ -834,6 +845,8 @@ def preflight(config: RunConfig) -> DataSplits:
         teacher = None
         if recipe is not None and "teacher.model" not in unbuilt:
             teacher = trial_teacher(config, data, recipe, users, teacher_phases)
+            rank_by_teacher(data, teacher.model if isinstance(teacher, FrozenTeacher)
+                            else teacher, config.evaluation.batch_size)
         if student is not None and not unbuilt:
             trial_fit(student, teacher, phases, config.trainer, data,
                       "recipe" if config.phases is None else "phases")
@@ -869,6 +882,39 @@ def check_before_work(config: RunConfig) -> None:
     check_precision(config.trainer, "trainer")
     if config.teacher is not None and config.teacher.train is not None:
         check_precision(config.teacher.train, "teacher.train")
+
+
+def rank_by_teacher(data: DataSplits, teacher: nn.Module, batch_size: int) -> None:
+    """Label unlabelled retrieval queries (``data.train``) by ``teacher``'s own ranking of
+    their collection, in place (:meth:`RetrievalPairs.with_teacher_ranking`: its top 10
+    relevant, its top passage the positive, the next ones hard negatives); other data is left
+    as it is."""
+    train = data.train
+    if not isinstance(train, RetrievalPairs) or train.ranked:
+        return
+    assert train.collection is not None
+    queries = predict(teacher, text_batches(train.queries, batch_size)).logits
+    passages = predict(teacher, text_batches(train.collection, batch_size)).logits
+    data.train = train.with_teacher_ranking(rankings(queries, passages, train.ranking_depth))
+    logger.info("retrieval: %d training queries labelled by the teacher's own ranking of %d "
+                "passages (its top %d relevant)", len(train), len(passages), TEACHER_TOP)
+
+
+def text_batches(texts: Sequence[str], batch_size: int) -> list[dict[str, Any]]:
+    """``texts`` as batches of raw text for :func:`kdistill.evaluate.predict`."""
+    return [{"input": list(texts[i:i + batch_size])} for i in range(0, len(texts), batch_size)]
+
+
+def relevance_note(data: DataSplits) -> str:
+    """For retrieval data, a sentence of the report saying where relevance comes from."""
+    if data.task != "retrieval":
+        return ""
+    if getattr(data.test, "teacher_relevance", False):
+        return (f"\n\nRetrieval relevance: no labels; each query's relevant passages are the "
+                f"teacher's own top {TEACHER_TOP} (so the teacher scores 1 on every ranking "
+                "metric, and the student's recall10 is its overlap with the teacher).")
+    return ("\n\nRetrieval relevance: the labelled query-passage pairs of the data; "
+            "teacher_overlap10 is the share of the teacher's top 10 the model keeps.")
 
 
 def check_precision(settings: TrainerSettings, where: str) -> None:

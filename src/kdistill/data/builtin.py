@@ -24,6 +24,7 @@ from kdistill.data.base import ArrayDataset, DataSplits
 from kdistill.data.digit_lines import load_digit_lines
 from kdistill.data.images import FASHION_MNIST_DIR, read_fashion_mnist, read_mnist5k
 from kdistill.data.regression import load_diabetes
+from kdistill.data.retrieval import load_retrieval, load_rotten_tomatoes_plots
 from kdistill.data.tables import csv_header, csv_rows, printable
 from kdistill.data.tagging import load_tagging
 from kdistill.data.text_corpora import load_rotten_tomatoes, load_sentences
@@ -368,6 +369,8 @@ DATASETS: dict[str, Callable[..., DataSplits]] = {
     "hf_dataset": load_hf_dataset,
     "rotten-tomatoes": load_rotten_tomatoes,
     "sentences": load_sentences,
+    "retrieval": load_retrieval,
+    "rotten-tomatoes-plots": load_rotten_tomatoes_plots,
 }
 # The data sets of raw text (the ones that take unlabelled transfer text).
 TEXT_DATASETS = ("text", "conll", "hf_dataset", "rotten-tomatoes", "sentences")

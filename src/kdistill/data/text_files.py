@@ -80,7 +80,8 @@ def opened(path: Path, kind: str = "text") -> Iterator[TextIO]:
         raise ValueError(f"{path}: not a readable {kind.upper()} file ({error})") from None
 
 
-def _csv_reader(handle: Any, kind: str) -> Any:
+def csv_reader(handle: Any, kind: str) -> Any:
+    """A ``csv.reader`` of a ``csv`` (quoted cells) or ``tsv`` (verbatim cells) file."""
     if kind == "tsv":
         return csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
     return csv.reader(handle)
@@ -94,7 +95,7 @@ def text_file_columns(path: str | Path) -> list[str]:
     with opened(path, kind) as handle:
         if kind == "jsonl":
             return list(next(json_objects(path, handle))[1])
-        return csv_header(path, _csv_reader(handle, kind))
+        return csv_header(path, csv_reader(handle, kind))
 
 
 def read_text_table(path: str | Path, columns: TextColumns) -> TextTable:
@@ -122,7 +123,7 @@ def read_text_table(path: str | Path, columns: TextColumns) -> TextTable:
 def _csv_records(path: Path, handle: Any, kind: str,
                  columns: TextColumns) -> Iterator[tuple[int, dict[str, str]]]:
     """(line, {column: cell}) for the columns in use of every row of a CSV or TSV file."""
-    reader = _csv_reader(handle, kind)
+    reader = csv_reader(handle, kind)
     header = csv_header(path, reader)
     for option, column in columns.named().items():
         if column not in header:

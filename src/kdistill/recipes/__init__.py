@@ -20,6 +20,7 @@ from kdistill.recipes import (  # noqa: F401  (registration)
     okdhp,
     oracle,
     regression,
+    retrieval,
     tinybert,
 )
 from kdistill.recipes.base import (

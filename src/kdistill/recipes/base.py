@@ -88,8 +88,9 @@ class Recipe(nn.Module):
     * ``teacher_finetune``: whether a config run that trains the teacher then fine-tunes it
       adversarially (``teacher.finetune`` with its defaults; ``daft``) unless the teacher
       section says how to train it (``teacher.recipe`` or ``teacher.finetune``);
-    * ``task``: ``classification`` (also per token), ``regression`` or ``embedding`` (sentence
-      encoders; it also trains on texts with class labels, which it ignores);
+    * ``task``: ``classification`` (also per token), ``regression``, ``embedding`` (sentence
+      encoders; it also trains on texts with class labels, which it ignores) or ``retrieval``
+      (bi-encoders on queries and passages);
     * ``ctc``: whether the method also trains CTC recognisers (data of task ``ctc``: per-frame
       logits against target sequences, see :mod:`kdistill.batch`);
     * ``architecture``: the kind of model the method is made for, ``None`` when any model
@@ -99,7 +100,10 @@ class Recipe(nn.Module):
     * ``teacher_input_change``: how :meth:`prepare` changes what the teacher reads (augmented or
       noisy copies), ``None`` when the teacher reads every sample as stored. With a frozen
       (``trained``) teacher that reads the samples as stored, the teacher's taps of a sample
-      never change, so a teacher cache can answer them (:meth:`teacher_signal_varies`).
+      never change, so a teacher cache can answer them (:meth:`teacher_signal_varies`);
+    * ``pools_tokens``: whether the token-level taps the method reads (``hidden.<i>``) are
+      reduced to one vector per text over each model's own tokens (``token_mask``) before the
+      models are compared, so that a student may tokenise differently from its teacher.
     """
 
     name: ClassVar[str]
@@ -112,10 +116,12 @@ class Recipe(nn.Module):
     keep_best: ClassVar[str | None] = None
     teacher_recipe: ClassVar[tuple[str, dict[str, Any]]] = ("ce", {})
     teacher_finetune: ClassVar[bool] = False
-    task: ClassVar[Literal["classification", "regression", "embedding"]] = "classification"
+    task: ClassVar[Literal["classification", "regression", "embedding", "retrieval"]] = \
+        "classification"
     ctc: ClassVar[bool] = False
     architecture: ClassVar[str | None] = None
     teacher_input_change: ClassVar[str | None] = None
+    pools_tokens: ClassVar[bool] = False
 
     def __init__(self, params: RecipeParams | None = None, **overrides: Any):
         super().__init__()
