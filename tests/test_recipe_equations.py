@@ -58,6 +58,7 @@ PINNED = {
     "regression_kd", "denoise", "adversarial",  # test_recipe_equations_prepared.py
     "tinybert",  # test_recipe_tinybert.py
     "msd",  # test_recipe_msd.py
+    "grain",  # test_recipe_grain.py
     "embedding_kd", "ckd",  # test_embedding_recipes.py
 }  # fmt: skip
 

@@ -14,6 +14,7 @@ from kdistill.recipes import (  # noqa: F401  (registration)
     dkd,
     embedding,
     fitnets,
+    grain,
     hinton,
     mean_teacher,
     msd,
