@@ -320,3 +320,43 @@ def test_bad_parameters_name_the_field(field: str, value: Any) -> None:
 def test_teacher_stage_is_the_teachers_recipe() -> None:
     assert MSD.teacher_recipe == ("msd", {"stage": "teacher"})
     assert not MSD(stage="teacher").uses_teacher and MSD().uses_teacher
+
+
+# -- a config run -------------------------------------------------------------------------------
+def write_conll(path: Path, sentences: list[list[str]], tags: list[list[int]]) -> str:
+    names = ["O", "PER", "LOC"]
+    path.write_text("\n\n".join("\n".join(f"{w} {names[t]}" for w, t in zip(s, ts, strict=True))
+                                for s, ts in zip(sentences, tags, strict=True)) + "\n")
+    return str(path)
+
+
+def test_a_config_run_trains_the_teacher_with_channels_and_caches_them(
+        folders: dict[str, str], tmp_path: Path) -> None:
+    from kdistill.config import parse_config
+    from kdistill.run import build_data, obtain_teacher, train_run
+
+    labelled = [SENTENCES[i] for i in (0, 1, 3)] * 3
+    tags = [[0, 1, 2], [1, 0, 0, 2, 1], [2, 0, 1, 1]] * 3
+    (tmp_path / "raw.txt").write_text("playing\nit played\na mat\n")
+    model = {"name": "hf_text", "options": {"path": folders["teacher"]}}
+    config = parse_config({
+        "name": "msd", "output_dir": str(tmp_path / "runs"),
+        "data": {"name": "conll", "path": write_conll(tmp_path / "train.txt", labelled, tags),
+                 "options": {"test_path": write_conll(tmp_path / "test.txt", labelled[:3],
+                                                      tags[:3])},
+                 "unlabeled": str(tmp_path / "raw.txt")},
+        "teacher": {"model": model, "train": {"epochs": 1, "batch_size": 4, "progress": False,
+                                              "cpu": True}},
+        "student": model,  # the paper's setting: the student has the teacher's architecture
+        "recipe": {"name": "msd"},
+        "trainer": {"epochs": 1, "batch_size": 4, "progress": False, "cpu": True}})
+    data = build_data(config.data)
+    teacher, fit = train_run(config, data)
+    assert isinstance(teacher, ChannelModel) and teacher.layers == [1, 2, 3]
+    assert isinstance(deployable(fit.student), TextModel)
+    # The cached teacher comes back with the channels it trained.
+    again, origin = obtain_teacher(config.teacher, config.data, data, progress=False,
+                                   recipe={"name": "msd", "stage": "teacher"})
+    assert origin["cached"] is True and isinstance(again, ChannelModel)
+    for key, value in teacher.state_dict().items():
+        assert torch.equal(again.state_dict()[key], value), key
