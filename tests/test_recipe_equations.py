@@ -57,6 +57,8 @@ PINNED = {
     "dml", "bdkd", "okdhp", "mean_teacher", "atsen",  # test_recipe_equations_online.py
     "regression_kd", "denoise", "adversarial",  # test_recipe_equations_prepared.py
     "tinybert",  # test_recipe_tinybert.py
+    "msd",  # test_recipe_msd.py
+    "grain",  # test_recipe_grain.py
     "embedding_kd", "ckd",  # test_embedding_recipes.py
     "lead", "dcd",  # test_retrieval_recipes.py
 }  # fmt: skip

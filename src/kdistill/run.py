@@ -436,7 +436,9 @@ def obtain_teacher(config: TeacherConfig, data_config: DataConfig, data: DataSpl
     (:func:`finetune_teacher`) from the teacher obtained without it (cached under its own key).
 
     A trained teacher sees every label of the training split (its own data set is loaded again
-    without ``labeled``): it stands for a model that already exists.
+    without ``labeled``): it stands for a model that already exists. It is the model its
+    training recipe wraps (:meth:`~kdistill.recipes.Recipe.wrap_student`: ``msd``'s teacher
+    keeps the channel classifiers it trained), trained, cached and loaded so.
     """
     if config.checkpoint is not None:
         model = build_from(config.model, data, 0, "teacher.model")
@@ -446,7 +448,13 @@ def obtain_teacher(config: TeacherConfig, data_config: DataConfig, data: DataSpl
     recipe = recipe or {"name": "ce"}
     key = teacher_key(config, data_config, recipe, finetune)
     path = cache_dir() / "teachers" / f"{key}.safetensors"
+    spec = dict(recipe)
+    trainer_recipe = build_recipe(spec.pop("name"), **spec)
     model = build_from(config.model, data, config.train.seed, "teacher.model")
+    try:  # a teacher trained with extra heads (msd's channels) keeps them, cached too
+        model = trainer_recipe.wrap_student(model)
+    except ValueError as error:
+        raise ConfigError(f"teacher.recipe: {error}") from None
     if path.is_file():
         return load_weights(model, path, "teacher cache"), {"source": str(path), "cached": True}
     full = build_data(teacher_data(data_config))
@@ -461,8 +469,6 @@ def obtain_teacher(config: TeacherConfig, data_config: DataConfig, data: DataSpl
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_save_tensors(model.state_dict(), path)
         return model, {"source": str(path), "cached": False, "finetuned_from": start["source"]}
-    spec = dict(recipe)
-    trainer_recipe = build_recipe(spec.pop("name"), **spec)
     if trainer_recipe.uses_teacher:
         raise ConfigError(f"teacher.recipe: '{trainer_recipe.name}' distils from a teacher and "
                           "cannot train the teacher itself")

@@ -6,6 +6,7 @@ Families:
     topk.py       TopKLogits: a teacher cache's top-k logits plus a tail bucket, read by kd
                   and forward_kl
     features.py   hidden_mse, cosine, attention_mse, attention_transfer
+    domain.py     mmd_rbf (multi-kernel RBF MMD between two feature sets)
     relations.py  rkd_distance, rkd_angle, pkt
     contrastive.py  info_nce (InfoNCE against keys, with exclusions)
     sequence.py   forward_kl, reverse_kl, generalized_jsd, tvd (token level, masked, with an
@@ -17,6 +18,7 @@ Each function's docstring gives its equation, the paper it comes from and its re
 
 from .contrastive import info_nce
 from .ctc import check_ctc_targets, ctc_loss, frames_needed
+from .domain import mmd_rbf
 from .features import attention_mse, attention_transfer, cosine, hidden_mse
 from .logits import cross_entropy, dkd, dkd_parts, kd, logit_mse, soft_ce, topk_kl
 from .registry import (
@@ -66,6 +68,7 @@ __all__ = [
     "kd",
     "logit_mse",
     "loss_params",
+    "mmd_rbf",
     "per_token_forward_kl",
     "per_token_generalized_jsd",
     "per_token_reverse_kl",
