@@ -102,7 +102,8 @@ def test_shape_dependent_state_does_not_exist_before_the_first_batch() -> None:
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_a_recipe_reads_teacher_taps_exactly_when_it_uses_a_teacher(name) -> None:
     params = {"composite": {"terms": [{"loss": "ce"}]},
-              "lead": {"student_layers": 3, "teacher_layers": 4}}.get(name, {})
+              "lead": {"student_layers": 3, "teacher_layers": 4},
+              "grain": {"hidden_layers": [[0, 0], [2, 4]]}}.get(name, {})
     recipe = build_recipe(name, **params)
     assert bool(recipe.teacher_taps()) == recipe.uses_teacher
     assert recipe.student_taps()  # every recipe reads the student

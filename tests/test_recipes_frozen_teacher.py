@@ -19,6 +19,7 @@ RECIPE_PARAMS: dict[str, dict] = {
         {"loss": "hidden_mse", "student": "module:features", "teacher": "module:features",
          "adapter": "linear", "weight": 0.5},
     ]},
+    "lead": {"student_layers": 3, "teacher_layers": 4},
 }
 
 
