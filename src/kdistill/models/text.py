@@ -57,8 +57,8 @@ class TextModel(nn.Module):
     The output is a dict with ``logits`` ([B, C], or [B, W, C] per word for word lists; a
     sentence encoder's ``sentence_embedding`` [B, D] in its place, see
     :mod:`kdistill.models.sentence`), the network's ``hidden_states`` and ``attentions`` when
-    asked for and it has them, and the ``attention_mask`` of its own tokens (used to pool its
-    hidden states).
+    asked for and it has them, and the ``attention_mask`` and ``input_ids`` of its own tokens
+    (used to pool its hidden states, and to find [SEP] tokens for a slice tap).
     """
 
     accepts_output_flags = True  # run_model passes output_hidden_states/output_attentions
@@ -98,8 +98,9 @@ class TextModel(nn.Module):
                                                                                 None)
             if value is not None:
                 result[field] = value
-        if "attention_mask" in encoded:
-            result["attention_mask"] = encoded["attention_mask"]
+        for field in ("attention_mask", "input_ids"):
+            if field in encoded:
+                result[field] = encoded[field]
         return result
 
 

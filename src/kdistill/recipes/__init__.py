@@ -15,6 +15,7 @@ from kdistill.recipes import (  # noqa: F401  (registration)
     embedding,
     fitnets,
     hinton,
+    hsk,
     mean_teacher,
     mutual,
     okdhp,
