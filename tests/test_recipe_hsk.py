@@ -17,8 +17,8 @@ import torch
 from pydantic import ValidationError
 from safetensors import safe_open
 from test_recipe_tinybert import (
-    STATE,
     SETTINGS,
+    STATE,
     forward,
     hand_scores,
     linear,
@@ -287,7 +287,7 @@ def test_layer_map_auto_and_the_model_depths(teacher: TextModel, student: TextMo
     assert HSK.architecture is not None and HSK().teacher_signal_varies() is None
 
 
-# -- the teacher cache ------------------------------------------------------------------------------
+# -- the teacher cache -----------------------------------------------------------------------------
 def test_a_cache_of_the_slices_answers_and_trains_like_the_live_teacher(
         tmp_path: Path, folders: dict[str, str], teacher: TextModel) -> None:
     recipe = HSK(stage="task", student_layers=2, teacher_layers=4, layers=2, tokens=3,
