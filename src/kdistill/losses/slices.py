@@ -119,7 +119,8 @@ def slice_tokens(hidden: Tensor, mask: Tensor, *, query: Tensor | None = None,
             candidates = valid & (token_ids != sep_id)
         positions = cls_attention_positions(query, key, candidates, tokens)
     gathered = gather_tokens(hidden, positions)
-    kept = magnitude_mask(gathered, positions >= 0, width)
+    slots = (positions >= 0).unsqueeze(-1).expand_as(gathered)
+    kept = slots.clone() if width >= 1 else magnitude_mask(gathered, positions >= 0, width)
     return TokenSlice(positions, gathered.masked_fill(~kept, 0.0), kept)
 
 
