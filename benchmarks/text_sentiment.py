@@ -88,9 +88,9 @@ def variant_config(kind: str, variant: str, seed: int, quick: bool) -> RunConfig
     return load_config(EXAMPLES / f"{kind}.yaml", overrides)
 
 
-def quick_corpus(per_class: int = 400) -> Path:
-    """The first ``per_class`` fresh and rotten snippets of the corpus, in its format."""
-    path = QUICK_OUTPUT / "corpus.csv.bz2"
+def quick_corpus(per_class: int = 400, path: Path = QUICK_OUTPUT / "corpus.csv.bz2") -> Path:
+    """The first ``per_class`` fresh and rotten snippets of the corpus, in its format, written
+    to ``path`` (once)."""
     if not path.is_file():
         kept: dict[str, int] = {"fresh": 0, "rotten": 0}
         rows = []

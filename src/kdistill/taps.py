@@ -27,7 +27,15 @@ A tap name is one of
   [k, B, ...] of the stacked heads; its ``logits`` is the inference prediction);
 * ``module:<path>`` / ``module:<path>:input`` - the output (or first positional input) of any
   submodule, read through a forward hook, e.g. ``module:layer3`` or
-  ``module:encoder.layer.2.output``.
+  ``module:encoder.layer.2.output``;
+* ``slice:hidden.<i>:attention=<j>:tokens=<k>:width=<f>:sep=<id>`` - a
+  :class:`~kdistill.losses.TokenSlice` of hidden state i (hidden-state knowledge compression,
+  :mod:`kdistill.losses.slices`): the k valid tokens that [CLS] attends to most in
+  self-attention layer j (averaged over heads; tokens with id ``<id>``, the [SEP] token,
+  excluded; ``tokens=all`` with ``attention=none`` keeps every valid token, ``sep=none``
+  excludes none), then the fraction f of their entries of largest magnitude. It reads the
+  model's token ids (``input_ids`` of the batch, or of the output of a model that tokenises
+  itself). :func:`slice_tap` writes the name; a teacher cache stores only the slice.
 
 Models are never rewritten: output taps are read from whatever the model returns and module,
 query and key taps through hooks that :class:`TapReader` registers once and removes in
@@ -45,12 +53,16 @@ import torch
 from torch import nn
 
 from kdistill.errors import KdistillError
+from kdistill.losses.slices import TokenSlice, slice_tokens
 from kdistill.names import unknown_name
 
 OUTPUT_TAP_PATTERN = re.compile(
     r"^(logits|heads|embeddings|pooled|token_mask|sentence_embedding|hidden\.-?\d+|"
     r"attention\.-?\d+)$")
 PROJECTION_TAP_PATTERN = re.compile(r"^(query|key)\.(-?\d+)$")
+SLICE_TAP_PATTERN = re.compile(
+    r"^slice:(hidden\.-?\d+):attention=(-?\d+|none):tokens=(\d+|all):width=([0-9.e-]+)"
+    r":sep=(\d+|none)$")
 SENTENCE_EMBEDDING = "sentence_embedding"  # a sentence encoder's output key (and tap)
 MODULE_PREFIX = "module:"
 HF_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
@@ -119,9 +131,65 @@ class ProjectionTap:
     layer: int
 
 
-def parse_tap(name: str) -> str | ModuleTap | ProjectionTap:
-    """Check a tap name's form; return it (output taps), a :class:`ModuleTap` or a
-    :class:`ProjectionTap`."""
+@dataclass(frozen=True)
+class SliceTap:
+    """A parsed ``slice:...`` tap: the slice of output tap ``hidden`` keeping ``tokens`` tokens
+    (``None``: all) chosen by the [CLS] attention of self-attention layer ``attention``,
+    excluding token id ``sep``, then the ``width`` fraction of their entries."""
+
+    name: str
+    hidden: str
+    attention: int | None
+    tokens: int | None
+    width: float
+    sep: int | None
+
+    def projections(self) -> list[ProjectionTap]:
+        """The query and key taps whose scores choose the tokens (none for every token)."""
+        if self.attention is None:
+            return []
+        return [ProjectionTap(f"{kind}.{self.attention}", kind, self.attention)
+                for kind in ("query", "key")]
+
+
+def slice_tap(hidden: str, *, attention: int | None, tokens: int | None, width: float,
+              sep: int | None) -> str:
+    """The name of a slice tap (see the module notes); one slice, one name."""
+    def text(value: int | None, default: str) -> str:
+        return default if value is None else str(value)
+
+    name = (f"slice:{hidden}:attention={text(attention, 'none')}:tokens={text(tokens, 'all')}"
+            f":width={float(width)!r}:sep={text(sep, 'none')}")
+    parse_tap(name)
+    return name
+
+
+def _parse_slice(name: str) -> SliceTap:
+    match = SLICE_TAP_PATTERN.match(name)
+    if not match:
+        raise TapError(f"malformed slice tap '{name}': use 'slice:hidden.<i>:attention=<j>:"
+                       "tokens=<k>:width=<f>:sep=<id>' (attention=none with tokens=all; "
+                       "sep=none to keep [SEP] tokens)")
+    hidden, attention, tokens, width, sep = match.groups()
+    try:
+        fraction = float(width)
+    except ValueError:
+        fraction = -1.0
+    if not 0 < fraction <= 1:
+        raise TapError(f"slice tap '{name}': width must be a fraction in (0, 1], got {width}")
+    if (attention == "none") != (tokens == "all"):
+        raise TapError(f"slice tap '{name}': a number of tokens needs the attention layer that "
+                       "chooses them, and tokens=all needs none (attention=none)")
+    if tokens != "all" and int(tokens) < 1:
+        raise TapError(f"slice tap '{name}': tokens must be at least 1")
+    return SliceTap(name, hidden, None if attention == "none" else int(attention),
+                    None if tokens == "all" else int(tokens), fraction,
+                    None if sep == "none" else int(sep))
+
+
+def parse_tap(name: str) -> str | ModuleTap | ProjectionTap | SliceTap:
+    """Check a tap name's form; return it (output taps), a :class:`ModuleTap`, a
+    :class:`ProjectionTap` or a :class:`SliceTap`."""
     if name.startswith(MODULE_PREFIX):
         rest = name[len(MODULE_PREFIX) :]
         read_input = rest.endswith(":input")
@@ -130,14 +198,16 @@ def parse_tap(name: str) -> str | ModuleTap | ProjectionTap:
             raise TapError(f"malformed module tap '{name}': use 'module:<path>' or "
                            "'module:<path>:input'")
         return ModuleTap(name, path, read_input)
+    if name.startswith("slice:"):
+        return _parse_slice(name)
     projection = PROJECTION_TAP_PATTERN.match(name)
     if projection:
         return ProjectionTap(name, projection.group(1), int(projection.group(2)))
     if not OUTPUT_TAP_PATTERN.match(name):
         raise TapError(
             f"unknown tap '{name}': expected logits, embeddings, pooled, token_mask, "
-            "sentence_embedding, hidden.<i>, attention.<i>, query.<i>, key.<i>, heads or "
-            "module:<path>"
+            "sentence_embedding, hidden.<i>, attention.<i>, query.<i>, key.<i>, heads, "
+            "slice:<...> or module:<path>"
         )
     return name
 
@@ -256,6 +326,13 @@ def output_mask(output: Any, batch: Mapping[str, Any]) -> torch.Tensor | None:
     return batch.get("attention_mask") if own is None else own
 
 
+def output_token_ids(output: Any, batch: Mapping[str, Any]) -> torch.Tensor | None:
+    """The token ids behind a model output's positions: the model's own ``input_ids`` when it
+    tokenises for itself (a text model returns them), else the batch's (None without)."""
+    own = _field(output, "input_ids") if isinstance(output, Mapping) else None
+    return batch.get("input_ids") if own is None else own
+
+
 def output_tap(output: Any, name: str, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Read one output tap (not a ``module:``, ``query.<i>`` or ``key.<i>`` tap) from a model
     output; ``mask`` is the mask of the model's tokens (``pooled``, ``token_mask``)."""
@@ -340,13 +417,17 @@ def self_attention_layers(model: nn.Module) -> list[nn.Module]:
 
 def resolve_projection_taps(model: nn.Module,
                             names: Iterable[str]) -> list[tuple[ProjectionTap, nn.Module, int]]:
-    """The linear layer behind each ``query.<i>`` / ``key.<i>`` tap among ``names`` and its
-    head size; :class:`TapError` for a model without BERT-style self-attention or a layer it
-    lacks."""
-    taps = [tap for tap in map(parse_tap, names) if isinstance(tap, ProjectionTap)]
+    """The linear layer behind each ``query.<i>`` / ``key.<i>`` tap among ``names`` (and those
+    a slice tap reads) and its head size; :class:`TapError` for a model without BERT-style
+    self-attention or a layer it lacks."""
+    taps: dict[str, ProjectionTap] = {}
+    for tap in map(parse_tap, names):
+        for projection in (tap.projections() if isinstance(tap, SliceTap) else [tap]):
+            if isinstance(projection, ProjectionTap):
+                taps.setdefault(projection.name, projection)
     layers = self_attention_layers(model) if taps else []
     targets = []
-    for tap in taps:
+    for tap in taps.values():
         if not layers:
             raise TapError(f"tap '{tap.name}': {type(model).__name__} has no BERT-style "
                            "self-attention module (one with 'query' and 'key' linear layers "
@@ -388,8 +469,9 @@ class TapReader:
         parsed = [parse_tap(n) for n in self.names]
         self.output_names = [p for p in parsed if isinstance(p, str)]
         self.hooked_taps = [p for p in parsed if isinstance(p, ModuleTap | ProjectionTap)]
-        self.wants_hidden = any(n.startswith("hidden.") or n in ("embeddings", "pooled")
-                                for n in self.output_names)
+        self.slice_taps = [p for p in parsed if isinstance(p, SliceTap)]
+        self.wants_hidden = bool(self.slice_taps) or any(
+            n.startswith("hidden.") or n in ("embeddings", "pooled") for n in self.output_names)
         self.wants_attentions = any(n.startswith("attention.") for n in self.output_names)
         self._recorded: dict[str, torch.Tensor] = {}
         # Resolve every path before touching the model, so a bad name leaves no hook behind.
@@ -422,8 +504,30 @@ class TapReader:
                 raise TapError(f"tap '{tap.name}': module '{module}' did not run in the "
                                "forward pass")
             values[tap.name] = self._recorded[tap.name]
+        for cut in self.slice_taps:
+            values[cut.name] = self._slice(cut, output, batch, tokens)  # type: ignore[assignment]
         self._recorded = {}
         return Taps(values, mask)
+
+    def _slice(self, tap: SliceTap, output: Any, batch: Mapping[str, Any],
+               mask: torch.Tensor | None) -> TokenSlice:
+        hidden = output_tap(output, tap.hidden)
+        if mask is None:
+            mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+        query = key = None
+        if tap.attention is not None:
+            missing = [p.name for p in tap.projections() if p.name not in self._recorded]
+            if missing:
+                raise TapError(f"tap '{tap.name}': {missing} did not run in the forward pass")
+            query, key = (self._recorded[p.name] for p in tap.projections())
+        token_ids = None
+        if tap.tokens is not None and tap.sep is not None:
+            token_ids = output_token_ids(output, batch)
+            if token_ids is None:
+                raise TapError(f"tap '{tap.name}' excludes token id {tap.sep} and neither the "
+                               "batch nor the model output has input_ids; give sep=none")
+        return slice_tokens(hidden, mask, query=query, key=key, token_ids=token_ids,
+                            tokens=tap.tokens, width=tap.width, sep_id=tap.sep)
 
     def close(self) -> None:
         """Remove every hook this reader registered."""

@@ -6,7 +6,8 @@ FitNets, DeiT...) can read the teacher's taps of each sample from disk instead o
 teacher at every step of every epoch. :meth:`TeacherCache.build` runs the teacher once and
 stores, keyed by sample index, what the taps need (dense logits in fp32, fp16 or bf16; or top-k
 logits plus the tail's mass; pooled embeddings; hidden states, whole or sliced by position and
-width); :class:`CachedTeacher` is the teacher source that reads them back::
+width; slice taps as their positions and kept entries); :class:`CachedTeacher` is the
+teacher source that reads them back::
 
     cache = TeacherCache.build(teacher, train, ["logits"], "cache/teacher", batch_size=256)
     Distiller(student, CachedTeacher(cache, live=teacher), "hinton").fit(train, test)

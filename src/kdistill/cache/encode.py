@@ -6,6 +6,11 @@ Per tap ``name``, a shard holds:
 * top-k logits: ``name.topk.values`` ``[rows, ..., k]`` (the cache's dtype),
   ``name.topk.indices`` (int32) and ``name.topk.tail`` (float32), see
   :class:`kdistill.losses.TopKLogits`;
+* slice taps (``slice:...``, a :class:`kdistill.losses.TokenSlice` of k tokens of width d):
+  ``name.slice.positions`` ``[rows, k]`` (int32, -1 for an empty slot), and the kept entries
+  only, ``name.slice.values`` ``[rows, K]`` (the cache's dtype) at ``name.slice.entries``
+  ``[rows, K]`` (int32 indices into the row's k x d entries, -1 past its last), K being the
+  most a row can keep, max(1, floor(width k d));
 * for a tap with a sequence dimension (dim 1) whose length varies from batch to batch (text
   padded per batch), ``name.length`` (int32): each row's length. Rows are padded with zeros to
   the shard's longest, and positions past a row's length hold zeros.
@@ -22,6 +27,7 @@ be cached.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,10 +37,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdistill.cache.format import DTYPES, CacheError, HiddenSlice
-from kdistill.losses import TopKLogits
+from kdistill.losses import TokenSlice, TopKLogits
+from kdistill.taps import SliceTap, parse_tap
 
 LENGTH = ".length"
 TOPK = (".topk.values", ".topk.indices", ".topk.tail")
+SLICE = (".slice.positions", ".slice.values", ".slice.entries")
 BATCH, TOKENS = "batch", "tokens"
 
 
@@ -51,13 +59,19 @@ class TapStorage:
 @dataclass(frozen=True)
 class TapLayout:
     """What a built tap looks like: its sequence ``layout`` (``batch``, ``tokens`` or ``None``
-    for a fixed shape) and, for top-k logits, the number of classes."""
+    for a fixed shape); for top-k logits, the number of classes; for a slice tap, the hidden
+    state's width ``features``."""
 
     layout: str | None
     classes: int | None = None
+    features: int | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"layout": self.layout, "classes": self.classes}
+        return {"layout": self.layout, "classes": self.classes, "features": self.features}
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> TapLayout:
+        return cls(raw["layout"], raw["classes"], raw.get("features"))
 
 
 def prefix_lengths(mask: Tensor, tap: str) -> Tensor:
@@ -110,10 +124,58 @@ def _zero_padding(value: Tensor, lengths: Tensor) -> Tensor:
                        torch.zeros((), dtype=value.dtype, device=value.device))
 
 
-def encode_tap(storage: TapStorage, value: Tensor, batch_mask: Tensor | None,
+def slice_capacity(tap: SliceTap, features: int) -> int:
+    """K, the most entries a row of a slice tap keeps: max(1, floor(width k d))."""
+    assert tap.tokens is not None
+    return max(1, math.floor(tap.width * tap.tokens * features))
+
+
+def encode_slice(storage: TapStorage, value: TokenSlice) -> tuple[dict[str, Tensor], TapLayout]:
+    """The positions and the kept entries of one batch of a slice tap (see the module notes)."""
+    tap = parse_tap(storage.name)
+    assert isinstance(tap, SliceTap)
+    if tap.tokens is None:
+        raise CacheError(f"tap '{tap.name}' keeps every token (tokens=all), as many as each "
+                         f"batch has; cache the hidden state itself ('{tap.hidden}') or a "
+                         "slice of a number of tokens")
+    rows, _, features = value.values.shape
+    capacity = slice_capacity(tap, features)
+    kept = value.kept.reshape(rows, -1)
+    counts = kept.sum(dim=1)
+    if int(counts.max()) > capacity:
+        raise CacheError(f"tap '{tap.name}': a row keeps {int(counts.max())} entries, more than "
+                         f"the {capacity} its width allows")
+    # The kept entries first (in entry order), then the others, cut to the capacity.
+    order = (~kept).to(torch.int8).argsort(dim=1, stable=True)[:, :capacity]
+    filled = torch.arange(capacity, device=kept.device) < counts.unsqueeze(1)
+    entries = torch.where(filled, order, torch.full_like(order, -1))
+    values = value.values.reshape(rows, -1).gather(1, order).masked_fill(~filled, 0.0)
+    stored = (value.positions.int(), values.to(DTYPES[storage.dtype]), entries.int())
+    return ({tap.name + suffix: t.cpu() for suffix, t in zip(SLICE, stored, strict=True)},
+            TapLayout(None, features=features))
+
+
+def decode_slice(positions: Tensor, values: Tensor, entries: Tensor,
+                 features: int) -> TokenSlice:
+    """The :class:`TokenSlice` a slice tap's stored rows hold (float32 values)."""
+    rows, tokens = positions.shape
+    size = tokens * features
+    where = torch.where(entries >= 0, entries.long(), size)  # padding goes to a spare column
+    dense = values.new_zeros((rows, size + 1), dtype=torch.float32).scatter_(
+        1, where, values.float())
+    kept = torch.zeros((rows, size + 1), dtype=torch.bool, device=values.device).scatter_(
+        1, where, True)
+    shape = (rows, tokens, features)
+    return TokenSlice(positions.long(), dense[:, :size].reshape(shape),
+                      kept[:, :size].reshape(shape))
+
+
+def encode_tap(storage: TapStorage, value: Tensor | TokenSlice, batch_mask: Tensor | None,
                token_mask: Tensor | None) -> tuple[dict[str, Tensor], TapLayout]:
     """The tensors to store for one batch of a tap (on the CPU), and the tap's layout."""
     name = storage.name
+    if isinstance(value, TokenSlice):
+        return encode_slice(storage, value)
     layout, lengths = sequence_of(name, value, batch_mask, token_mask)
     if storage.slice is not None:
         value = _sliced(value, lengths, storage.slice, name)
@@ -169,9 +231,13 @@ def pad_to(value: Tensor, length: int) -> Tensor:
 
 
 # -- reading ----------------------------------------------------------------------------------
-def value_keys(name: str, top_k: bool) -> list[str]:
+def value_keys(name: str, layout: TapLayout) -> list[str]:
     """The stored tensors of tap ``name``'s values (its lengths aside)."""
-    return [name + suffix for suffix in TOPK] if top_k else [name]
+    if layout.classes is not None:
+        return [name + suffix for suffix in TOPK]
+    if layout.features is not None:
+        return [name + suffix for suffix in SLICE]
+    return [name]
 
 
 def answer_length(name: str, layout: str, lengths: Tensor, batch: Mapping[str, Any]) -> int:
@@ -189,12 +255,15 @@ def answer_length(name: str, layout: str, lengths: Tensor, batch: Mapping[str, A
     return mask.shape[1]
 
 
-def as_taps(tensors: Mapping[str, Tensor], name: str, classes: int | None,
-            device: Any) -> Tensor | TopKLogits:
-    """The tap ``name`` from its gathered tensors, on ``device``: float32 for the losses, or
-    :class:`TopKLogits` for top-k logits."""
-    if classes is None:
+def as_taps(tensors: Mapping[str, Tensor], name: str, layout: TapLayout,
+            device: Any) -> Tensor | TopKLogits | TokenSlice:
+    """The tap ``name`` from its gathered tensors, on ``device``: float32 for the losses,
+    :class:`TopKLogits` for top-k logits, or a :class:`TokenSlice` for a slice tap."""
+    if layout.features is not None:
+        positions, values, entries = (tensors[name + suffix].to(device) for suffix in SLICE)
+        return decode_slice(positions, values, entries, layout.features)
+    if layout.classes is None:
         value = tensors[name].to(device)
         return value.float() if value.is_floating_point() else value
     values, indices, tail = (tensors[name + suffix].to(device) for suffix in TOPK)
-    return TopKLogits(values.float(), indices.long(), tail.float(), classes)
+    return TopKLogits(values.float(), indices.long(), tail.float(), layout.classes)

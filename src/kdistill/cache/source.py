@@ -24,8 +24,9 @@ class CachedTeacher(TeacherSource):
     or noisy teacher inputs, online peers, an EMA of the student). It knows only the samples it
     was built on: ``live`` (the same teacher, a model or a source) answers the end-of-epoch
     evaluation's agreement with the teacher; without it there is no agreement metric. Taps come
-    on the bound device, float32 (dense) or as :class:`kdistill.losses.TopKLogits` (a cache of
-    top-k logits). With a dense fp32 cache, training equals training with the live teacher.
+    on the bound device, float32 (dense), as :class:`kdistill.losses.TopKLogits` (a cache of
+    top-k logits) or as :class:`kdistill.losses.TokenSlice` (slice taps). With a dense fp32
+    cache, training equals training with the live teacher.
     """
 
     def __init__(self, cache: TeacherCache | str | Path,

@@ -34,7 +34,7 @@ from kdistill.cache.format import (
     teacher_input_keys,
 )
 from kdistill.cache.write import write_cache
-from kdistill.losses import TopKLogits
+from kdistill.losses import TokenSlice, TopKLogits
 from kdistill.teachers import FrozenTeacher
 
 
@@ -56,7 +56,7 @@ class TeacherCache:
     def __init__(self, path: Path, manifest: Mapping[str, Any]):
         self.path = path
         self.spec = CacheSpec.from_json(manifest["spec"])
-        self.layouts = {name: TapLayout(entry["layout"], entry["classes"])
+        self.layouts = {name: TapLayout.from_json(entry)
                         for name, entry in manifest["taps"].items()}
         self.shards = list(manifest["shards"])
         self.starts = torch.tensor([shard["rows"][0] for shard in self.shards])
@@ -167,7 +167,7 @@ class TeacherCache:
         return cache
 
     def read(self, tap: str, rows: Tensor, batch: Mapping[str, Any],
-             device: torch.device) -> Tensor | TopKLogits:
+             device: torch.device) -> Tensor | TopKLogits | TokenSlice:
         """Tap ``tap`` of the samples ``rows`` (int64 indices on the CPU), as the teacher
         answers ``batch``, on ``device`` (see :mod:`kdistill.cache.encode`)."""
         layout = self.layouts[tap]
@@ -177,8 +177,8 @@ class TeacherCache:
             lengths = self._gather(tap + LENGTH, rows, shard_of, None)
             length = answer_length(tap, layout.layout, lengths, batch)
         gathered = {key: self._gather(key, rows, shard_of, length)
-                    for key in value_keys(tap, layout.classes is not None)}
-        return as_taps(gathered, tap, layout.classes, device)
+                    for key in value_keys(tap, layout)}
+        return as_taps(gathered, tap, layout, device)
 
     def _gather(self, key: str, rows: Tensor, shard_of: Tensor, length: int | None) -> Tensor:
         """Rows ``rows`` of the stored tensor ``key``, each read from its shard in one

@@ -153,7 +153,7 @@ def write_shard(run: TeacherRun, data: Dataset, plan: ShardPlan, shard: int,
         parts.append(encoded)
         bar.advance({})
     padded = {key for s in storages if layouts[s.name].layout is not None
-              for key in value_keys(s.name, s.top_k is not None)}
+              for key in value_keys(s.name, layouts[s.name])}
     path = folder / shard_name(shard)
     for stale in folder.glob(f".{path.name}.tmp-*"):  # left by a killed build
         stale.unlink(missing_ok=True)

@@ -5,6 +5,8 @@ Families:
     ctc.py        ctc_loss (per target token) and the checks of CTC targets
     topk.py       TopKLogits: a teacher cache's top-k logits plus a tail bucket, read by kd
                   and forward_kl
+    slices.py     TokenSlice: a few tokens and entries of a hidden state (hidden-state
+                  knowledge compression), slice_tokens to take one, sliced_mse to distil it
     features.py   hidden_mse, cosine, attention_mse, attention_transfer
     domain.py     mmd_rbf (multi-kernel RBF MMD between two feature sets)
     relations.py  rkd_distance, rkd_angle, pkt
@@ -41,12 +43,14 @@ from .sequence import (
     reverse_kl,
     tvd,
 )
+from .slices import TokenSlice, gather_tokens, slice_tokens, sliced_mse
 from .topk import TopKLogits, TopKLogitsError
 
 __all__ = [
     "ALIASES",
     "LOSSES",
     "LossSpec",
+    "TokenSlice",
     "TopKLogits",
     "TopKLogitsError",
     "UnknownLossError",
@@ -61,6 +65,7 @@ __all__ = [
     "dkd_parts",
     "forward_kl",
     "frames_needed",
+    "gather_tokens",
     "generalized_jsd",
     "get_loss",
     "hidden_mse",
@@ -77,6 +82,8 @@ __all__ = [
     "reverse_kl",
     "rkd_angle",
     "rkd_distance",
+    "slice_tokens",
+    "sliced_mse",
     "soft_ce",
     "topk_kl",
     "tvd",

@@ -57,9 +57,10 @@ class TextModel(nn.Module):
     The output is a dict with ``logits`` ([B, C], or [B, W, C] per word for word lists; a
     sentence encoder's ``sentence_embedding`` [B, D] in its place, see
     :mod:`kdistill.models.sentence`), the network's ``hidden_states`` and ``attentions`` when
-    asked for and it has them, the ``attention_mask`` of its own tokens (used to pool its
-    hidden states) and, for word lists, :data:`WORD_STARTS` (where each word's first token is:
-    a wrapper that reads the hidden states per word gathers them there, :func:`per_word`).
+    asked for and it has them, the ``attention_mask`` and ``input_ids`` of its own tokens
+    (used to pool its hidden states, and to find [SEP] tokens for a slice tap) and, for word
+    lists, :data:`WORD_STARTS` (where each word's first token is: a wrapper that reads the
+    hidden states per word gathers them there, :func:`per_word`).
     """
 
     accepts_output_flags = True  # run_model passes output_hidden_states/output_attentions
@@ -99,8 +100,9 @@ class TextModel(nn.Module):
                                                                                 None)
             if value is not None:
                 result[field] = value
-        if "attention_mask" in encoded:
-            result["attention_mask"] = encoded["attention_mask"]
+        for field in ("attention_mask", "input_ids"):
+            if field in encoded:
+                result[field] = encoded[field]
         if word_starts is not None:
             result[WORD_STARTS] = word_starts
         return result

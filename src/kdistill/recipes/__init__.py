@@ -16,6 +16,7 @@ from kdistill.recipes import (  # noqa: F401  (registration)
     fitnets,
     grain,
     hinton,
+    hsk,
     mean_teacher,
     msd,
     mutual,

@@ -59,6 +59,49 @@ def attention_scores(query: Tensor, key: Tensor) -> Tensor:
     return (query.transpose(1, 2) @ key.permute(0, 2, 3, 1)) / math.sqrt(query.shape[-1])
 
 
+def check_depth(recipe: str, model: nn.Module, role: str, field: str, expected: int) -> None:
+    """Refuse (``ValueError``) a ``model`` without BERT-style self-attention layers, or with
+    another number of them than ``expected`` (the recipe's ``field``)."""
+    found = len(self_attention_layers(model))
+    if not found:
+        raise ValueError(f"{recipe}: the {role} ({type(model).__name__}) has no BERT-style "
+                         "self-attention layers (modules with 'query' and 'key' linear "
+                         f"layers); {recipe} distils transformer encoders")
+    if found != expected:
+        raise ValueError(f"{recipe}: {field} is {expected} but the {role} has {found} "
+                         f"transformer layers; set {field}: {found}")
+
+
+def prediction_term(student: Taps, teacher: Taps, batch: Mapping[str, Any],
+                    temperature: float) -> dict[str, Term]:
+    """The prediction layer's term, soft cross-entropy at ``temperature`` T:
+    - sum_c softmax(z_t / T)_c log softmax(z_s / T)_c (unit: examples)."""
+    z_s, z_t = student["logits"], teacher["logits"]
+    rows, unit = valid_rows(z_s, batch)
+    return {"prediction": Term(losses.soft_ce(z_s[rows], z_t[rows], temperature=temperature),
+                               1.0, unit)}
+
+
+def split_budget(recipe: str, epochs: int, intermediate_epochs: int | None) -> tuple[int, int]:
+    """Stage ``task``'s epochs for the intermediate phase and for the prediction phase:
+    ``intermediate_epochs``, by default all but the last quarter of ``epochs``."""
+    if epochs < 2:
+        raise ValueError(f"{recipe}: stage 'task' needs at least 2 epochs: one for the "
+                         "intermediate layers and one for the prediction layer")
+    first = intermediate_epochs or epochs - max(1, epochs // 4)
+    if first >= epochs:
+        raise ValueError(f"{recipe}: intermediate_epochs ({first}) must be smaller than "
+                         f"epochs ({epochs})")
+    return first, epochs - first
+
+
+def refuse_task_stage(recipe: str, intermediate: str) -> None:
+    """Stage ``task`` reached :meth:`Recipe.build` as one phase: say how to split it."""
+    raise ValueError(f"{recipe}: stage 'task' runs as two phases (the intermediate layers, then "
+                     f"the prediction layer); in a 'phases' list give a phase with stage "
+                     f"'{intermediate}' and then one with stage 'prediction'")
+
+
 class TinyBERTParams(RecipeParams):
     stage: Stage = "task"
     student_layers: int = Field(default=4, ge=1)
@@ -166,34 +209,24 @@ class TinyBERT(Recipe):
         return taps + (["logits"] if self.params.stage == "task" else [])
 
     # -- models -----------------------------------------------------------------------------
-    def _check_depth(self, model: nn.Module, role: str, field: str, expected: int) -> None:
-        found = len(self_attention_layers(model))
-        if not found:
-            raise ValueError(f"tinybert: the {role} ({type(model).__name__}) has no BERT-style "
-                             "self-attention layers (modules with 'query' and 'key' linear "
-                             "layers); tinybert distils transformer encoders")
-        if found != expected:
-            raise ValueError(f"tinybert: {field} is {expected} but the {role} has {found} "
-                             f"transformer layers; set {field}: {found}")
-
     def wrap_student(self, student: nn.Module) -> nn.Module:
         """The student unchanged, once its depth is checked against ``student_layers``."""
         if self.params.stage != "prediction":
-            self._check_depth(student, "student", "student_layers", self.params.student_layers)
+            check_depth(self.name, student, "student", "student_layers",
+                        self.params.student_layers)
         return student
 
     def teacher_source(self, student: nn.Module,
                        teacher: nn.Module | None) -> TeacherSource | None:
         """The frozen teacher, once its depth is checked against ``teacher_layers``."""
         if teacher is not None and self.params.stage != "prediction":
-            self._check_depth(teacher, "teacher", "teacher_layers", self.params.teacher_layers)
+            check_depth(self.name, teacher, "teacher", "teacher_layers",
+                        self.params.teacher_layers)
         return super().teacher_source(student, teacher)
 
     def build(self, student: Taps, teacher: Taps | None) -> None:
         if self.params.stage == "task":
-            raise ValueError("tinybert: stage 'task' runs as two phases (the intermediate "
-                             "layers, then the prediction layer); in a 'phases' list give a "
-                             "phase with stage 'general' and then one with stage 'prediction'")
+            refuse_task_stage(self.name, "general")
         if self.params.stage == "prediction":
             return
         assert teacher is not None
@@ -211,7 +244,7 @@ class TinyBERT(Recipe):
               state: TrainState) -> dict[str, Term]:
         assert teacher is not None
         if self.params.stage == "prediction":
-            return self._prediction(student, teacher, batch)
+            return prediction_term(student, teacher, batch, self.params.temperature)
         return self._intermediate(student, teacher)
 
     def _intermediate(self, student: Taps, teacher: Taps) -> dict[str, Term]:
@@ -227,22 +260,9 @@ class TinyBERT(Recipe):
                 "hidden": Term(sum(features[1:]), p.hidden_weight, "tokens"),
                 "attention": Term(sum(attention), p.attention_weight, "token_pairs")}
 
-    def _prediction(self, student: Taps, teacher: Taps,
-                    batch: Mapping[str, Any]) -> dict[str, Term]:
-        z_s, z_t = student["logits"], teacher["logits"]
-        rows, unit = valid_rows(z_s, batch)
-        value = losses.soft_ce(z_s[rows], z_t[rows], temperature=self.params.temperature)
-        return {"prediction": Term(value, 1.0, unit)}
-
     def phases(self, epochs: int) -> list[tuple[Recipe, int]]:
         if self.params.stage != "task":
             return [(self, epochs)]
-        if epochs < 2:
-            raise ValueError("tinybert: stage 'task' needs at least 2 epochs: one for the "
-                             "intermediate layers and one for the prediction layer")
-        first = self.params.intermediate_epochs or epochs - max(1, epochs // 4)
-        if first >= epochs:
-            raise ValueError(f"tinybert: intermediate_epochs ({first}) must be smaller than "
-                             f"epochs ({epochs})")
+        first, second = split_budget(self.name, epochs, self.params.intermediate_epochs)
         return [(TinyBERT(self.params, stage="general"), first),
-                (TinyBERT(self.params, stage="prediction"), epochs - first)]
+                (TinyBERT(self.params, stage="prediction"), second)]
