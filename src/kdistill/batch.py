@@ -23,6 +23,15 @@ blank; targets are ids 0 .. C - 2. The ``TARGET_LENGTHS`` key is what marks a ba
 Sentence embeddings (task ``embedding``): samples are texts whose labels, when known, are
 classes (they serve the linear probe of the evaluation); the model answers one embedding per
 text, marked as such by its output (:func:`kdistill.taps.is_sentence_embedding`).
+
+Language modelling (task ``lm``): samples are token blocks already tokenised, read by the model
+as Hugging Face keyword inputs: ``input_ids`` and ``attention_mask`` [L] (plus
+``decoder_input_ids`` and ``decoder_attention_mask`` [T] for an encoder-decoder model).
+``labels`` hold, at each position of the model's output (the decoder's for an encoder-decoder
+model), the next token it must predict, ``UNLABELED`` where nothing is predicted (padding, the
+last token of a text, a prompt); the model answers logits [B, L, V] over its vocabulary.
+``TOKEN_MASK`` [L] marks the positions with a label: the key marks a batch as a language
+modelling batch, and the engine counts its ``tokens`` unit on it.
 """
 
 from __future__ import annotations
@@ -36,7 +45,8 @@ from torch.utils.data import default_collate
 
 UNLABELED = -100
 TARGET_LENGTHS = "target_lengths"
-Task = Literal["classification", "regression", "token_classification", "ctc", "embedding"]
+TOKEN_MASK = "token_mask"
+Task = Literal["classification", "regression", "token_classification", "ctc", "embedding", "lm"]
 
 
 def label_mask(labels: torch.Tensor) -> torch.Tensor:
