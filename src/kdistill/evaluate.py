@@ -14,7 +14,12 @@ CTC decoding; character error rate, line accuracy and agreement with the teacher
 (:func:`ctc_metrics`). A fifth, sentence embeddings, is told by the model's output (a sentence
 encoder's, :func:`kdistill.taps.is_sentence_embedding`): embeddings [B, D], scored by how
 closely their similarities follow the teacher's and by a linear probe on the labels
-(:mod:`kdistill.embedding_metrics`).
+(:mod:`kdistill.embedding_metrics`). A sixth, language modelling, is told by its batches, which
+carry ``token_mask`` (:mod:`kdistill.batch`): logits [B, L, V] against next-token labels,
+scored by held-out perplexity, next-token accuracy and next-token agreement with the teacher
+(:func:`lm_metrics`); each batch's logits are reduced to the predicted token and the label's
+negative log-likelihood at once, as a vocabulary's logits over a whole test set would not fit
+in memory.
 
 Cost is measured by parameter count, size on disk and CPU latency at a stated batch size and
 thread count. :func:`benchmark_models` gathers all of it into one row per model, timing the
@@ -40,7 +45,15 @@ from safetensors.torch import save_model
 from torch import nn
 from torch.utils.data import DataLoader
 
-from kdistill.batch import TARGET_LENGTHS, UNLABELED, Task, collate, label_mask, to_device
+from kdistill.batch import (
+    TARGET_LENGTHS,
+    TOKEN_MASK,
+    UNLABELED,
+    Task,
+    collate,
+    label_mask,
+    to_device,
+)
 from kdistill.contexts import eval_mode, num_threads
 from kdistill.data.base import ArrayDataset, IndexedDataset
 from kdistill.data.shifts import shifted_dataset, value_range_of
@@ -54,6 +67,7 @@ BYTES_PER_MB = 1_000_000
 
 REGRESSION_KEYS = ("mse", "pearson", "spearman")
 REGRESSION_TEACHER_KEYS = ("mse_teacher", "pearson_teacher", "spearman_teacher")
+LM_KEYS = ("perplexity", "accuracy", "agreement")
 
 
 def task_of(outputs: torch.Tensor) -> Task:
@@ -84,7 +98,11 @@ class Predictions:
     ``logits`` are per-frame [N, T, C], ``labels`` the target sequences [N, S] (padded with
     ``-100``) and ``target_lengths`` [N] their lengths; ``None`` for every other task.
     ``embedding`` says the outputs are a sentence encoder's embeddings [N, D] (task
-    ``embedding``), the labels then classes, ``-100`` = no label.
+    ``embedding``), the labels then classes, ``-100`` = no label. For language modelling
+    (task ``lm``), ``logits`` are the predicted next tokens [N, L] (the argmax of each
+    position's logits), ``labels`` the next tokens [N, L], ``mask`` the labelled positions
+    and ``nll`` [N, L] each label's negative log-likelihood under the model (0 where
+    unlabelled); ``None`` for every other task.
     """
 
     logits: torch.Tensor
@@ -92,11 +110,14 @@ class Predictions:
     mask: torch.Tensor | None = None
     target_lengths: torch.Tensor | None = None
     embedding: bool = False
+    nll: torch.Tensor | None = None
 
     @property
     def task(self) -> Task:
         if self.embedding:
             return "embedding"
+        if self.nll is not None:
+            return "lm"
         return "ctc" if self.target_lengths is not None else task_of(self.logits)
 
 
@@ -126,12 +147,15 @@ class BenchmarkRow(TypedDict):
       :func:`ctc_metrics`);
     * embedding: ``similarity_spearman``, ``nn10_overlap`` (against the teacher's embeddings,
       ``None`` when no teacher was named) and ``probe_accuracy`` (see
-      :mod:`kdistill.embedding_metrics`).
+      :mod:`kdistill.embedding_metrics`);
+    * language modelling: ``perplexity``, ``accuracy`` (of the next token) and ``agreement``
+      (see :func:`lm_metrics`).
 
     The cost keys from ``params`` on are in every row.
     """
 
     name: str
+    perplexity: NotRequired[float]
     cer: NotRequired[float]
     accuracy: NotRequired[float]
     macro_f1: NotRequired[float]
@@ -185,7 +209,8 @@ def _synchronize(device: torch.device) -> None:
 
 class _Rows(NamedTuple):
     """One batch's outputs, labels and token mask on the CPU, its ``index``, for CTC its
-    ``target_lengths`` and whether the outputs are sentence embeddings."""
+    ``target_lengths``, whether the outputs are sentence embeddings and, for language
+    modelling, the labels' negative log-likelihoods (the outputs then the predicted tokens)."""
 
     outputs: torch.Tensor
     labels: torch.Tensor
@@ -193,6 +218,7 @@ class _Rows(NamedTuple):
     index: torch.Tensor | None
     target_lengths: torch.Tensor | None = None
     embedding: bool = False
+    nll: torch.Tensor | None = None
 
 
 def _ctc_rows(outputs: torch.Tensor, batch: Mapping[str, Any]) -> _Rows:
@@ -212,12 +238,35 @@ def _ctc_rows(outputs: torch.Tensor, batch: Mapping[str, Any]) -> _Rows:
     return _Rows(outputs, labels, None, batch.get("index"), lengths)
 
 
+def _lm_rows(logits: torch.Tensor, batch: Mapping[str, Any]) -> _Rows:
+    """One language-modelling batch's logits [B, L, V] reduced to the predicted tokens and
+    the labels' negative log-likelihoods, on the CPU."""
+    labels, mask = batch.get("labels"), batch[TOKEN_MASK]
+    if logits.dim() != 3 or labels is None or labels.shape != logits.shape[:2]:
+        raise ValueError(f"language-modelling data (the batch has {TOKEN_MASK}) needs logits "
+                         f"[batch, tokens, vocabulary] and labels [batch, tokens], got logits "
+                         f"{tuple(logits.shape)} and labels "
+                         f"{None if labels is None else tuple(labels.shape)}")
+    labels, mask = labels.to(logits.device).long(), mask.to(logits.device).bool()
+    if mask.any() and int(labels[mask].max()) >= logits.shape[-1]:
+        raise ValueError(f"a label is token {int(labels[mask].max())} but the model predicts "
+                         f"{logits.shape[-1]} tokens: the data was tokenised for another model")
+    log_probs = logits.float().log_softmax(dim=-1)
+    picked = log_probs.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    nll = torch.where(mask, -picked, torch.zeros_like(picked))
+    return _Rows(logits.argmax(dim=-1).cpu(), labels.cpu(), mask.cpu(), batch.get("index"),
+                 nll=nll.cpu())
+
+
 def _batch_rows(outputs: torch.Tensor, batch: Mapping[str, Any],
                 embedding: bool = False) -> _Rows:
     """Check one batch's outputs (sentence embeddings when ``embedding``, else of the task
     their shape says) against its ``labels`` (and ``attention_mask`` for token outputs,
     ``target_lengths`` for CTC) and move them to the CPU; a batch without labels gets ``-100``
-    (NaN for regression) for each label."""
+    (NaN for regression) for each label. A language-modelling batch is reduced by
+    :func:`_lm_rows`."""
+    if TOKEN_MASK in batch:
+        return _lm_rows(outputs, batch)
     outputs = outputs.float().cpu()
     if TARGET_LENGTHS in batch:
         return _ctc_rows(outputs, batch)
@@ -278,6 +327,11 @@ def _in_data_order(rows: Sequence[_Rows]) -> Predictions:
         raise ValueError(f"some batches carry {TARGET_LENGTHS} (CTC data) and some do not")
     if True in ctc:
         return _ctc_in_data_order(rows)
+    lm = {r.nll is not None for r in rows}
+    if len(lm) != 1:
+        raise ValueError(f"some batches carry {TOKEN_MASK} (language modelling) and some do not")
+    if True in lm:
+        return _lm_in_data_order(rows)
     embedding = {r.embedding for r in rows}
     if len(embedding) != 1:
         raise ValueError("some batches gave sentence embeddings and some did not")
@@ -327,6 +381,24 @@ def _ctc_in_data_order(rows: Sequence[_Rows]) -> Predictions:
     if order is not None:
         logits, labels, lengths = logits[order], labels[order], lengths[order]
     return Predictions(logits=logits, labels=labels, target_lengths=lengths)
+
+
+def _lm_in_data_order(rows: Sequence[_Rows]) -> Predictions:
+    """:func:`_in_data_order` for language-modelling rows: predicted tokens, labels, mask and
+    negative log-likelihoods padded to the longest row (unlabelled, masked out)."""
+    length = max(r.outputs.shape[1] for r in rows)
+
+    def joined(values: Sequence[torch.Tensor], fill: float | bool) -> torch.Tensor:
+        return torch.cat([_pad_tokens(v, length, fill) for v in values])
+
+    predicted = joined([r.outputs for r in rows], 0)
+    labels = joined([r.labels for r in rows], UNLABELED)
+    mask = joined([r.mask for r in rows if r.mask is not None], False)
+    nll = joined([r.nll for r in rows if r.nll is not None], 0.0)
+    order = _data_order(rows)
+    if order is not None:
+        predicted, labels, mask, nll = predicted[order], labels[order], mask[order], nll[order]
+    return Predictions(logits=predicted, labels=labels, mask=mask, nll=nll)
 
 
 def predict(model: nn.Module, batches: Iterable[Mapping[str, Any]],
@@ -477,6 +549,37 @@ def _label_metrics(logits: torch.Tensor, predicted: torch.Tensor, labels: torch.
     }
 
 
+def lm_metrics(predictions: Predictions,
+               teacher_tokens: torch.Tensor | None = None) -> dict[str, float]:
+    """Language-modelling quality over the labelled positions of ``predictions`` (task ``lm``),
+    all rows pooled:
+
+    * ``perplexity``: exp of the mean negative log-likelihood of the next token,
+      exp(-(1/N) sum log p(y_t | x_<t)), the held-out perplexity;
+    * ``accuracy``: fraction of positions whose most likely token is the next token;
+    * ``agreement`` (only with ``teacher_tokens``, the teacher's predicted tokens on the same
+      rows): fraction of positions where the model's most likely token is the teacher's
+      (next-token agreement; Stanton et al. 2021 measure it for classifiers).
+
+    With no labelled position every metric is NaN."""
+    if predictions.nll is None or predictions.mask is None:
+        raise ValueError("lm_metrics needs language-modelling predictions (with nll and mask)")
+    mask = predictions.mask
+    if not mask.any():
+        nan = float("nan")
+        return {"perplexity": nan, "accuracy": nan, **({"agreement": nan}
+                                                        if teacher_tokens is not None else {})}
+    predicted = predictions.logits[mask]
+    metrics = {"perplexity": math.exp(float(predictions.nll[mask].double().mean())),
+               "accuracy": float((predicted == predictions.labels[mask]).double().mean())}
+    if teacher_tokens is not None:
+        if teacher_tokens.shape != mask.shape:
+            raise ValueError(f"teacher tokens {tuple(teacher_tokens.shape)} do not match the "
+                             f"student's {tuple(mask.shape)}")
+        metrics["agreement"] = float((predicted == teacher_tokens[mask]).double().mean())
+    return metrics
+
+
 def greedy_decode(logits: torch.Tensor) -> list[list[int]]:
     """Greedy (best path) CTC decoding of per-frame logits [N, T, C], the blank last: each
     frame's most likely class, repeats merged, blanks removed; one token list per row."""
@@ -610,7 +713,8 @@ def task_metrics(predictions: Predictions, teacher_outputs: torch.Tensor | None 
                  n_bins: int = 15) -> dict[str, float]:
     """The metrics of ``predictions``' task: :func:`regression_metrics` for scores,
     :func:`ctc_metrics` for CTC, :func:`~kdistill.embedding_metrics.embedding_metrics` for
-    sentence embeddings, :func:`classification_metrics` (per token, with
+    sentence embeddings, :func:`lm_metrics` for language modelling (the teacher's outputs then
+    its predicted tokens), :func:`classification_metrics` (per token, with
     ``predictions.mask``) for other logits. ``teacher_outputs`` are the teacher's outputs on
     the same rows (``Predictions.logits`` of :func:`predict_source`)."""
     if predictions.target_lengths is not None:
@@ -618,6 +722,8 @@ def task_metrics(predictions: Predictions, teacher_outputs: torch.Tensor | None 
                            teacher_outputs)
     if predictions.embedding:
         return embedding_metrics(predictions.logits, predictions.labels, teacher_outputs)
+    if predictions.task == "lm":
+        return lm_metrics(predictions, teacher_outputs)
     if predictions.task == "regression":
         return regression_metrics(predictions.logits, predictions.labels, teacher_outputs)
     return classification_metrics(predictions.logits, predictions.labels, teacher_outputs,
@@ -762,6 +868,8 @@ def _quality(task: Task, metrics: Mapping[str, float],
         return {key: metrics.get(key) for key in REGRESSION_KEYS + REGRESSION_TEACHER_KEYS}
     if task == "embedding":
         return {key: metrics.get(key) for key in EMBEDDING_KEYS}
+    if task == "lm":
+        return {key: metrics.get(key) for key in LM_KEYS}
     teacher_accuracy = teacher_metrics["accuracy"] if teacher_metrics is not None else None
     label_metrics = ("cer", "accuracy") if task == "ctc" else ("accuracy", "macro_f1", "ece")
     return {
@@ -810,7 +918,8 @@ def evaluate_model(student: nn.Module, batches: Sequence[Mapping[str, Any]],
     regression gives ``mse``, ``pearson``, ``spearman`` and,
     with ``teacher_outputs``, ``mse_teacher``, ``pearson_teacher``, ``spearman_teacher``;
     sentence embeddings give ``probe_accuracy`` and, with ``teacher_outputs``,
-    ``similarity_spearman`` and ``nn10_overlap``.
+    ``similarity_spearman`` and ``nn10_overlap``; language modelling gives ``perplexity``,
+    ``accuracy`` and, with ``teacher_outputs``, ``agreement``.
     ``teacher_outputs`` are the teacher's outputs in data order (:func:`predict_source`).
     """
     return task_metrics(predict(student, batches, device), teacher_outputs)

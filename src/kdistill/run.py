@@ -188,20 +188,24 @@ def check_taps(model: nn.Module, taps: Iterable[str], where: str, phase: str) ->
 # with class labels serve them too (the labels then feed the evaluation's linear probe).
 RECIPE_TASKS = {"classification": ("classification", "embedding"),
                 "token_classification": ("classification",), "ctc": ("classification",),
-                "regression": ("regression",), "embedding": ("embedding",)}
+                "regression": ("regression",), "embedding": ("embedding",), "lm": ("lm",)}
 
 
 def check_task(recipe: Recipe, data: DataSplits, where: str) -> None:
     """Raise a :class:`ConfigError` when ``recipe`` cannot learn ``data``'s task (a regression
     recipe on class labels, a classification recipe on float scores or on texts without
-    labels, a recipe without CTC on target sequences; see :data:`RECIPE_TASKS`)."""
+    labels, a recipe without CTC on target sequences, one that trains no language model on
+    language-modelling data; see :data:`RECIPE_TASKS`)."""
     if data.task == "ctc" and not recipe.ctc:
         fitting = sorted(name for name, entry in RECIPES.items() if entry.cls.ctc)
         raise ConfigError(f"{where}: '{recipe.name}' does not train CTC models but data set "
                           f"'{data.name}' is a ctc task; recipes for it: {fitting}")
+    if data.task == "lm" and recipe.lm:
+        return
     wanted = RECIPE_TASKS[data.task]
     if recipe.task not in wanted:
-        fitting = sorted(name for name, entry in RECIPES.items() if entry.cls.task in wanted)
+        fitting = sorted(name for name, entry in RECIPES.items() if entry.cls.task in wanted
+                         or (data.task == "lm" and entry.cls.lm))
         raise ConfigError(f"{where}: '{recipe.name}' is a {recipe.task} recipe but data set "
                           f"'{data.name}' is a {data.task} task; recipes for it: {fitting}")
 

@@ -21,6 +21,7 @@ from kdistill.recipes import (  # noqa: F401  (registration)
     oracle,
     regression,
     tinybert,
+    token_kd,
 )
 from kdistill.recipes.base import (
     RECIPES,

@@ -88,10 +88,13 @@ class Recipe(nn.Module):
     * ``teacher_finetune``: whether a config run that trains the teacher then fine-tunes it
       adversarially (``teacher.finetune`` with its defaults; ``daft``) unless the teacher
       section says how to train it (``teacher.recipe`` or ``teacher.finetune``);
-    * ``task``: ``classification`` (also per token), ``regression`` or ``embedding`` (sentence
-      encoders; it also trains on texts with class labels, which it ignores);
+    * ``task``: ``classification`` (also per token), ``regression``, ``embedding`` (sentence
+      encoders; it also trains on texts with class labels, which it ignores) or ``lm``
+      (language models alone, data of task ``lm``, see :mod:`kdistill.batch`);
     * ``ctc``: whether the method also trains CTC recognisers (data of task ``ctc``: per-frame
       logits against target sequences, see :mod:`kdistill.batch`);
+    * ``lm``: whether a classification method also trains language models (data of task
+      ``lm``: next-token labels per position);
     * ``architecture``: the kind of model the method is made for, ``None`` when any model
       that gives the taps it reads will do (``tinybert`` needs BERT-style transformer
       encoders); the leaderboard, whose protocol distils a CNN into an MLP, leaves such
@@ -112,8 +115,9 @@ class Recipe(nn.Module):
     keep_best: ClassVar[str | None] = None
     teacher_recipe: ClassVar[tuple[str, dict[str, Any]]] = ("ce", {})
     teacher_finetune: ClassVar[bool] = False
-    task: ClassVar[Literal["classification", "regression", "embedding"]] = "classification"
+    task: ClassVar[Literal["classification", "regression", "embedding", "lm"]] = "classification"
     ctc: ClassVar[bool] = False
+    lm: ClassVar[bool] = False
     architecture: ClassVar[str | None] = None
     teacher_input_change: ClassVar[str | None] = None
 
