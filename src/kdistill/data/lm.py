@@ -190,7 +190,7 @@ def pack(documents: Sequence[Sequence[int]], block_size: int, pad_id: int,
     padded = torch.full((blocks * block_size + 1,), pad_id, dtype=torch.long)
     padded[:len(stream)] = stream
     valid = (torch.arange(blocks * block_size) < predicted).view(blocks, block_size)
-    inputs = padded[:-1].view(blocks, block_size)
+    inputs = padded[:-1].view(blocks, block_size).masked_fill(~valid, pad_id)
     labels = padded[1:].view(blocks, block_size).masked_fill(~valid, UNLABELED)
     return TokenBlocks(inputs, labels, valid.long())
 
@@ -278,7 +278,6 @@ def lm_splits(name: str, train: LMTexts, test: LMTexts | None, tokenizer_folder:
               settings: BlockSettings, test_fraction: float, seed: int) -> DataSplits:
     """Train and test token rows of ``train`` (and ``test``, else a seeded ``test_fraction``
     of the texts held out) for the tokenizer of ``tokenizer_folder``."""
-    settings.check(train.completions is not None)
     tokenizer = read_tokenizer(tokenizer_folder)
     if test is None:
         count = len(train.texts)
@@ -383,6 +382,7 @@ def load_lm_text(path: str | Path, tokenizer: str, block_size: BlockSize = 128,
     texts is the test split."""
     columns = LMColumns(text_column, prompt_column, completion_column)
     settings = BlockSettings(block_size, packing, seq2seq, decoder_start_token_id)
+    settings.check(pairs=columns.prompt is not None)
     train = file_texts(path, columns, separator)
     test = None if test_path is None else file_texts(test_path, columns, separator)
     return lm_splits(Path(path).stem, train, test, tokenizer, settings, test_fraction, seed)
@@ -403,6 +403,7 @@ def load_lm_hf_dataset(path: str | Path, tokenizer: str, block_size: BlockSize =
     datasets = import_datasets()
     columns = LMColumns(text_column, prompt_column, completion_column)
     settings = BlockSettings(block_size, packing, seq2seq, decoder_start_token_id)
+    settings.check(pairs=columns.prompt is not None)
     train, test = read_splits(datasets, Path(path), test_path, train_split, test_split)
 
     def texts(source: str, dataset: Any) -> LMTexts:
