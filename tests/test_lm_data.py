@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lm_models import EOS, ID, PAD, save_tokenizer
 
 from kdistill.batch import TOKEN_MASK, UNLABELED
 from kdistill.batching import unit_counts
@@ -16,7 +17,6 @@ from kdistill.config import parse_config
 from kdistill.data import load_dataset
 from kdistill.data.lm import TokenBlocks, load_lm_hf_dataset, load_lm_text
 from kdistill.errors import KdistillError
-from lm_models import EOS, ID, PAD, save_tokenizer
 
 U = UNLABELED
 
@@ -172,7 +172,8 @@ def test_config_names_the_data_fields_at_fault(tmp_path, tokenizer):
     assert "data.options.tokenizer: Field required" in problems({})
     assert (f"data.options.tokenizer: no tokenizer.json in {tmp_path} (give the teacher's model "
             "folder or GGUF file" in problems({"tokenizer": str(tmp_path)}))
-    assert "data.options.tokenizer: GGUF file not found: m.gguf" in problems({"tokenizer": "m.gguf"})
+    assert "data.options.tokenizer: GGUF file not found: m.gguf" in problems(
+        {"tokenizer": "m.gguf"})
     assert "data.options.block_size: Input should be greater than or equal to 1" in problems(
         {"tokenizer": tokenizer, "block_size": 0})
 

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from lm_models import VOCAB, save_llama, save_tokenizer, tiny_llama
 
 import kdistill.models.lm as lm
 from kdistill.errors import KdistillError
 from kdistill.models import build_model
 from kdistill.models.lm import file_sha256, lm_folder
 from kdistill.settings import cache_dir
-from lm_models import VOCAB, save_llama, save_tokenizer, tiny_llama
 
 BATCH = {"input_ids": torch.tensor([[4, 5, 6, 7, 8], [9, 10, 11, 3, 0]]),
          "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])}
