@@ -129,3 +129,22 @@ def test_reading_a_gguf_file_without_the_gguf_package_says_how_to_install_it(tmp
     with pytest.raises(KdistillError, match=r"m.gguf: reading a GGUF file needs the gguf package; "
                                             r"install it with: pip install gguf"):
         lm_folder(gguf)
+
+
+def test_the_lm_example_is_valid_where_its_model_and_data_are_installed():
+    """examples/lm/token_kd.yaml names the installed SmolLM2 and the fortunes; without them
+    the only problems are how to install them, never another field."""
+    from kdistill.config import ConfigError, load_config
+    from kdistill.models.hf import INSTALLED_MODELS
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "lm" / "token_kd.yaml"
+    install = INSTALLED_MODELS["SmolLM2-135M-Instruct"].install
+    try:
+        config = load_config(path)
+    except ConfigError as error:
+        lines = str(error).splitlines()
+        problems = lines[1:] if len(lines) > 1 else [lines[0]]
+        assert problems and all(install in line or "file not found: /usr/share/games/fortunes"
+                                in line for line in problems), problems
+        return
+    assert (config.recipe["name"], config.data.name) == ("token_kd", "lm_text")

@@ -24,6 +24,7 @@ from kdistill.data.lm import TOKENIZER_FILE
 from kdistill.data.tables import csv_header, printable
 from kdistill.data.text_files import text_file_columns
 from kdistill.errors import KdistillError
+from kdistill.models.hf import model_folder
 from kdistill.models.lm import is_gguf
 from kdistill.models.registry import CONTEXT_PARAMETERS, MODEL_FILE_CHECKS, MODEL_SIZES, MODELS
 from kdistill.names import unknown_name
@@ -493,11 +494,15 @@ def _check_data_options(data: DataConfig) -> list[str]:
 
 def _tokenizer_problems(tokenizer: str) -> list[str]:
     """A language-modelling data set's ``tokenizer``: a GGUF file or a folder holding a
-    ``tokenizer.json``."""
-    if is_gguf(tokenizer):
-        return [] if Path(tokenizer).is_file() else [
+    ``tokenizer.json`` (or the name of an installed model)."""
+    try:
+        located = model_folder(tokenizer)
+    except FileNotFoundError as error:
+        return [f"data.options.tokenizer: {error}"]
+    if is_gguf(located):
+        return [] if located.is_file() else [
             f"data.options.tokenizer: GGUF file not found: {tokenizer}"]
-    if not (Path(tokenizer) / TOKENIZER_FILE).is_file():
+    if not (located / TOKENIZER_FILE).is_file():
         return [f"data.options.tokenizer: no {TOKENIZER_FILE} in {tokenizer} (give the "
                 "teacher's model folder or GGUF file: the student shares its tokenizer)"]
     return []

