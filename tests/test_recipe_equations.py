@@ -58,6 +58,7 @@ PINNED = {
     "regression_kd", "denoise", "adversarial",  # test_recipe_equations_prepared.py
     "tinybert",  # test_recipe_tinybert.py
     "embedding_kd", "ckd",  # test_embedding_recipes.py
+    "token_kd",  # test_recipe_token_kd.py
 }  # fmt: skip
 
 
