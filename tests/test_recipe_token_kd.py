@@ -260,3 +260,20 @@ def test_a_run_pairs_language_modelling_data_with_language_modelling_recipes(tmp
     with pytest.raises(KdistillError, match="teacher.train: recipe 'token_kd' distils a "
                                             "pretrained teacher"):
         parse_config({**raw, "teacher": {**raw["teacher"], "train": {"epochs": 1}}})
+
+
+def test_a_top_k_teacher_cache_serves_forward_kl_alone():
+    from kdistill.losses.topk import TopKLogits
+
+    batch = pairs_data().rows([0, 1])
+    z_s, z_t = torch.randn(2, 7, len(VOCAB)), torch.randn(2, 7, len(VOCAB))
+    kept = z_t.topk(8, dim=-1)
+    rest = z_t.scatter(-1, kept.indices, float("-inf")).logsumexp(-1)
+    top = TopKLogits(kept.values, kept.indices, rest, len(VOCAB))
+    forward = build_recipe("token_kd").terms(Taps({"logits": z_s}), Taps({"logits": top}), batch,
+                                             TrainState())
+    assert torch.isfinite(forward["kd"].value)
+    with pytest.raises(ValueError, match="token_kd: the teacher cache keeps the top-8 logits, "
+                                         "from which only forward_kl is computed"):
+        build_recipe("token_kd", divergence="reverse_kl").terms(
+            Taps({"logits": z_s}), Taps({"logits": top}), batch, TrainState())

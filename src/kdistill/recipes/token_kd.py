@@ -10,6 +10,7 @@ from pydantic import Field, model_validator
 
 from kdistill import losses
 from kdistill.batch import TOKEN_MASK
+from kdistill.losses.topk import TopKLogits
 from kdistill.recipes.base import Recipe, RecipeParams, Term, register
 from kdistill.recipes.shared import Weight, label_term
 from kdistill.schedules import TrainState
@@ -61,7 +62,9 @@ class TokenKD(Recipe):
       Minimization for Sequence-Level Knowledge Distillation".
 
     Teacher and student must predict over one vocabulary (the student shares the teacher's
-    tokenizer: ``lm_student``). Defaults: forward KL at T = 1, no CE. More: docs/lm.md.
+    tokenizer: ``lm_student``). A teacher cache with ``top_k`` serves ``forward_kl`` alone
+    (the KL over the kept tokens plus the tail bucket, :func:`~kdistill.losses.topk_kl`).
+    Defaults: forward KL at T = 1, no CE. More: docs/lm.md.
     """
 
     name = "token_kd"
@@ -92,6 +95,11 @@ class TokenKD(Recipe):
                              f"teacher {z_t.shape[-1]}; token-level KD compares distributions "
                              "over one vocabulary, so the student must share the teacher's "
                              "tokenizer (lm_student)")
+        if isinstance(z_t, TopKLogits) and p.divergence != "forward_kl":
+            raise ValueError(f"token_kd: the teacher cache keeps the top-{z_t.k} logits, from "
+                             f"which only forward_kl is computed (over the kept tokens and the "
+                             f"tail); divergence '{p.divergence}' needs the teacher's full "
+                             "logits: cache without top_k, or run the teacher live")
         kd = self.divergence()(z_s, z_t, mask=batch[TOKEN_MASK])
         terms = {"kd": Term(kd, weight=p.kd_weight, unit="tokens")}
         if p.ce_weight > 0:
