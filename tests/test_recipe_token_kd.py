@@ -11,19 +11,23 @@ import math
 import numpy as np
 import pytest
 import torch
-from lm_models import EOS, PAD, VOCAB, save_llama, tiny_llama
+import transformers
+from lm_models import EOS, PAD, VOCAB, save_llama, save_tokenizer, tiny_llama
 from torch import nn
 
 from kdistill import Distiller
 from kdistill.batch import TOKEN_MASK, UNLABELED
 from kdistill.batching import epoch_global_batches, process_micro_batches
 from kdistill.config import parse_config
-from kdistill.data.lm import TokenBlocks, pack, pad_rows
+from kdistill.data.lm import TokenBlocks, pack, pad_rows, seq2seq_rows
 from kdistill.errors import KdistillError
 from kdistill.evaluate import eval_batches, evaluate_model, predict
+from kdistill.losses.topk import TopKLogits
+from kdistill.models import build_model
 from kdistill.recipes import build_recipe
+from kdistill.run import build_data, check_task
 from kdistill.schedules import TrainState
-from kdistill.taps import Taps
+from kdistill.taps import TapReader, Taps
 
 U = UNLABELED
 
@@ -239,8 +243,6 @@ def test_token_kd_needs_one_vocabulary_and_language_modelling_batches():
 
 
 def test_a_run_pairs_language_modelling_data_with_language_modelling_recipes(tmp_path):
-    from kdistill.run import build_data, check_task
-
     folder = save_llama(tmp_path / "teacher")
     text = tmp_path / "t.txt"
     text.write_text("the cat sat on a mat\na dog ran to it\nthe bird sang\n")
@@ -263,8 +265,6 @@ def test_a_run_pairs_language_modelling_data_with_language_modelling_recipes(tmp
 
 
 def test_a_top_k_teacher_cache_serves_forward_kl_alone():
-    from kdistill.losses.topk import TopKLogits
-
     batch = pairs_data().rows([0, 1])
     z_s, z_t = torch.randn(2, 7, len(VOCAB)), torch.randn(2, 7, len(VOCAB))
     kept = z_t.topk(8, dim=-1)
@@ -277,3 +277,30 @@ def test_a_top_k_teacher_cache_serves_forward_kl_alone():
                                          "from which only forward_kl is computed"):
         build_recipe("token_kd", divergence="reverse_kl").terms(
             Taps({"logits": z_s}), Taps({"logits": top}), batch, TrainState())
+
+
+def test_an_encoder_decoder_model_learns_through_the_same_terms(tmp_path):
+    """A tiny T5 teacher loaded by hf_lm and a T5 student: the decoder's logits line up with
+    the labels, and token_kd is the hand-computed mean over the labelled decoder tokens."""
+    def t5(seed: int) -> transformers.T5ForConditionalGeneration:
+        torch.manual_seed(seed)
+        return transformers.T5ForConditionalGeneration(transformers.T5Config(
+            vocab_size=len(VOCAB), d_model=16, d_ff=32, d_kv=8, num_layers=1, num_heads=2,
+            dropout_rate=0.0, pad_token_id=PAD, eos_token_id=EOS, decoder_start_token_id=PAD))
+
+    t5(1).save_pretrained(tmp_path / "teacher")
+    save_tokenizer(tmp_path / "teacher")
+    teacher = build_model("hf_lm", (), len(VOCAB), path=str(tmp_path / "teacher"), task="lm")
+    assert isinstance(teacher, transformers.T5ForConditionalGeneration)
+    data = seq2seq_rows([[4, 5, 6], [7, 8]], [[9, 10, EOS], [11, EOS]], 8, PAD, PAD)
+    batch = data.rows([0, 1])
+    student = t5(0)
+    with TapReader(student, ["logits"]) as s_reader, TapReader(teacher, ["logits"]) as t_reader:
+        z_s, z_t = s_reader(batch)["logits"], t_reader(batch)["logits"].detach()
+    assert z_s.shape == (*batch["labels"].shape, len(VOCAB))
+    recipe = build_recipe("token_kd", divergence="reverse_kl", temperature=0.5)
+    kd = recipe.terms(Taps({"logits": z_s}), Taps({"logits": z_t}), batch, TrainState())["kd"]
+    mask = batch[TOKEN_MASK].bool()
+    assert int(mask.sum()) == 5
+    expected = hand_divergence("reverse_kl", z_s.detach(), z_t, mask, 0.5, 0.0)
+    assert float(kd.value.detach()) == pytest.approx(expected, rel=1e-5)
