@@ -127,6 +127,8 @@ class BlockTokenizer:
 
 
 def _special(config: Mapping[str, Any], key: str) -> str | None:
+    """The text of the special token ``key`` (``eos_token``...) of a tokenizer configuration,
+    None when it names none."""
     value = config.get(key)
     if isinstance(value, Mapping):  # a serialised AddedToken
         value = value.get("content")
@@ -172,6 +174,7 @@ class LMTexts:
     completions: list[str] | None = None
 
     def select(self, rows: Sequence[int]) -> LMTexts:
+        """The texts at ``rows``, in that order."""
         return LMTexts(self.source, [self.texts[i] for i in rows], [self.where[i] for i in rows],
                        None if self.completions is None else [self.completions[i] for i in rows])
 
@@ -240,6 +243,7 @@ class BlockSettings:
     decoder_start_token_id: int | None
 
     def check(self, pairs: bool) -> None:
+        """Refuse settings that do not fit plain texts (``pairs`` false) or pairs."""
         if pairs and self.packing:
             raise ValueError("packing: prompt/completion pairs are one a row (a completion "
                              "must read its own prompt); remove packing")

@@ -134,6 +134,7 @@ def check_vocabulary(model: nn.Module, tokens: int, name: str) -> nn.Module:
 
 
 def _lm_task(task: Task, name: str) -> None:
+    """Refuse data of another task than language modelling for the model builder ``name``."""
     if task != "lm":
         raise KdistillError(f"{name}: a language model learns language-modelling data (task "
                             f"lm: lm_text, lm_hf_dataset), not {task} data")
