@@ -61,6 +61,7 @@ PINNED = {
     "grain",  # test_recipe_grain.py
     "embedding_kd", "ckd",  # test_embedding_recipes.py
     "lead", "dcd",  # test_retrieval_recipes.py
+    "token_kd",  # test_recipe_token_kd.py
 }  # fmt: skip
 
 

@@ -35,6 +35,15 @@ passages. ``positive`` [B] is the column (0 .. P-1) of each query's own positive
 passage of the batch it is relevant to). Evaluation rows are single texts (queries, then the
 passage collection) whose ``passage`` flag tells them apart; a query's ``labels`` are the
 numbers of its relevant passages in the collection, padded with ``UNLABELED``.
+
+Language modelling (task ``lm``): samples are token blocks already tokenised, read by the model
+as Hugging Face keyword inputs: ``input_ids`` and ``attention_mask`` [L] (plus
+``decoder_input_ids`` and ``decoder_attention_mask`` [T] for an encoder-decoder model).
+``labels`` hold, at each position of the model's output (the decoder's for an encoder-decoder
+model), the next token it must predict, ``UNLABELED`` where nothing is predicted (padding, the
+last token of a text, a prompt); the model answers logits [B, L, V] over its vocabulary.
+``TOKEN_MASK`` [L] marks the positions with a label: the key marks a batch as a language
+modelling batch, and the engine counts its ``tokens`` unit on it.
 """
 
 from __future__ import annotations
@@ -53,8 +62,9 @@ RELEVANT = "relevant"  # a retrieval sample's relevant passage texts
 POSITIVE = "positive"  # a retrieval batch's column of each query's own positive [B]
 RELEVANCE = "relevance"  # a retrieval batch's relevance of each passage to each query [B, P]
 PASSAGE_ROW = "passage"  # an evaluation row of retrieval: a passage (True) or a query (False)
+TOKEN_MASK = "token_mask"
 Task = Literal["classification", "regression", "token_classification", "ctc", "embedding",
-               "retrieval"]
+               "retrieval", "lm"]
 
 
 def label_mask(labels: torch.Tensor) -> torch.Tensor:

@@ -19,10 +19,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
-from kdistill.data import DATASETS, TEXT_DATASETS, UNLABELED_CORPORA
+from kdistill.data import DATASETS, LM_DATASETS, TEXT_DATASETS, UNLABELED_CORPORA
+from kdistill.data.lm import TOKENIZER_FILE
 from kdistill.data.tables import csv_header, printable
 from kdistill.data.text_files import text_file_columns
 from kdistill.errors import KdistillError
+from kdistill.models.hf import model_folder
+from kdistill.models.lm import is_gguf
 from kdistill.models.registry import CONTEXT_PARAMETERS, MODEL_FILE_CHECKS, MODEL_SIZES, MODELS
 from kdistill.names import unknown_name
 from kdistill.recipes import RECIPES, build_recipe
@@ -390,10 +393,10 @@ def _check_recipe(recipe: Mapping[str, Any], path: str) -> list[str]:
     return _recipe_problems(recipe, path)[0]
 
 
-FILE_DATASETS = ("npz", "csv", "text", "conll", "hf_dataset", "sentences", "retrieval")
-# (the data sets that read data.path)
+FILE_DATASETS = ("npz", "csv", "text", "conll", "hf_dataset", "sentences", "retrieval",
+                 *LM_DATASETS)  # the data sets that read data.path
 NAMED_COLUMNS = ("csv", "text", "hf_dataset")  # the data sets that take data.label_column
-FOLDER_DATASETS = ("hf_dataset",)  # data.path may be a folder
+FOLDER_DATASETS = ("hf_dataset", "lm_hf_dataset")  # data.path may be a folder
 
 
 def _check_data(data: DataConfig) -> list[str]:
@@ -485,7 +488,26 @@ def _check_data_options(data: DataConfig) -> list[str]:
         file = data.options.get(option)
         if not problems and isinstance(file, str) and not Path(file).is_file():
             problems.append(f"data.options.{option}: file not found: {file}")
+    tokenizer = data.options.get("tokenizer")
+    if not problems and data.name in LM_DATASETS and isinstance(tokenizer, str):
+        problems += _tokenizer_problems(tokenizer)
     return problems
+
+
+def _tokenizer_problems(tokenizer: str) -> list[str]:
+    """A language-modelling data set's ``tokenizer``: a GGUF file or a folder holding a
+    ``tokenizer.json`` (or the name of an installed model)."""
+    try:
+        located = model_folder(tokenizer)
+    except FileNotFoundError as error:
+        return [f"data.options.tokenizer: {error}"]
+    if is_gguf(located):
+        return [] if located.is_file() else [
+            f"data.options.tokenizer: GGUF file not found: {tokenizer}"]
+    if not (located / TOKENIZER_FILE).is_file():
+        return [f"data.options.tokenizer: no {TOKENIZER_FILE} in {tokenizer} (give the "
+                "teacher's model folder or GGUF file: the student shares its tokenizer)"]
+    return []
 
 
 def folder_problem(path: Path) -> str | None:

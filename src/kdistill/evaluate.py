@@ -19,6 +19,12 @@ the ``passage`` flag of each row (:mod:`kdistill.batch`): the embeddings of quer
 passage collection, scored by how well the queries rank their relevant passages (MRR@10,
 recall@k, nDCG@10) and how much of the teacher's ranking they keep
 (:mod:`kdistill.retrieval_metrics`).
+A seventh, language modelling, is told by its batches, which
+carry ``token_mask`` (:mod:`kdistill.batch`): logits [B, L, V] against next-token labels,
+scored by held-out perplexity, next-token accuracy and next-token agreement with the teacher
+(:func:`lm_metrics`); each batch's logits are reduced to the predicted token and the label's
+negative log-likelihood at once, as a vocabulary's logits over a whole test set would not fit
+in memory.
 
 Cost is measured by parameter count, size on disk and CPU latency at a stated batch size and
 thread count. :func:`benchmark_models` gathers all of it into one row per model, timing the
@@ -47,6 +53,7 @@ from torch.utils.data import DataLoader
 from kdistill.batch import (
     PASSAGE_ROW,
     TARGET_LENGTHS,
+    TOKEN_MASK,
     UNLABELED,
     Task,
     collate,
@@ -67,6 +74,7 @@ BYTES_PER_MB = 1_000_000
 
 REGRESSION_KEYS = ("mse", "pearson", "spearman")
 REGRESSION_TEACHER_KEYS = ("mse_teacher", "pearson_teacher", "spearman_teacher")
+LM_KEYS = ("perplexity", "accuracy", "agreement")
 
 
 def task_of(outputs: torch.Tensor) -> Task:
@@ -100,7 +108,11 @@ class Predictions:
     ``embedding``), the labels then classes, ``-100`` = no label. ``passage`` [N] (bool) marks
     the passage rows of a retrieval evaluation (task ``retrieval``, ``None`` for every other
     task): the outputs are then embeddings of queries and passages, and a query's labels [R]
-    the numbers of its relevant passages (``-100`` = none).
+    the numbers of its relevant passages (``-100`` = none). For language modelling
+    (task ``lm``), ``logits`` are the predicted next tokens [N, L] (the argmax of each
+    position's logits), ``labels`` the next tokens [N, L], ``mask`` the labelled positions
+    and ``nll`` [N, L] each label's negative log-likelihood under the model (0 where
+    unlabelled); ``None`` for every other task.
     """
 
     logits: torch.Tensor
@@ -109,6 +121,7 @@ class Predictions:
     target_lengths: torch.Tensor | None = None
     embedding: bool = False
     passage: torch.Tensor | None = None
+    nll: torch.Tensor | None = None
 
     @property
     def task(self) -> Task:
@@ -116,6 +129,8 @@ class Predictions:
             return "retrieval"
         if self.embedding:
             return "embedding"
+        if self.nll is not None:
+            return "lm"
         return "ctc" if self.target_lengths is not None else task_of(self.logits)
 
 
@@ -148,11 +163,14 @@ class BenchmarkRow(TypedDict):
       :mod:`kdistill.embedding_metrics`);
     * retrieval: ``mrr10``, ``recall10``, ``recall100``, ``ndcg10`` and ``teacher_overlap10``
       (``None`` when no teacher was named; see :mod:`kdistill.retrieval_metrics`).
+    * language modelling: ``perplexity``, ``accuracy`` (of the next token) and ``agreement``
+      (see :func:`lm_metrics`).
 
     The cost keys from ``params`` on are in every row.
     """
 
     name: str
+    perplexity: NotRequired[float]
     cer: NotRequired[float]
     accuracy: NotRequired[float]
     macro_f1: NotRequired[float]
@@ -211,8 +229,9 @@ def _synchronize(device: torch.device) -> None:
 
 class _Rows(NamedTuple):
     """One batch's outputs, labels and token mask on the CPU, its ``index``, for CTC its
-    ``target_lengths``, whether the outputs are sentence embeddings and, for retrieval, which
-    rows are passages."""
+    ``target_lengths``, whether the outputs are sentence embeddings, for retrieval which rows
+    are passages and, for language modelling, the labels' negative log-likelihoods (the
+    outputs then the predicted tokens)."""
 
     outputs: torch.Tensor
     labels: torch.Tensor
@@ -221,6 +240,7 @@ class _Rows(NamedTuple):
     target_lengths: torch.Tensor | None = None
     embedding: bool = False
     passage: torch.Tensor | None = None
+    nll: torch.Tensor | None = None
 
 
 def _ctc_rows(outputs: torch.Tensor, batch: Mapping[str, Any]) -> _Rows:
@@ -256,12 +276,35 @@ def _retrieval_rows(outputs: torch.Tensor, batch: Mapping[str, Any]) -> _Rows:
     return _Rows(outputs, labels, None, batch.get("index"), embedding=True, passage=flags)
 
 
+def _lm_rows(logits: torch.Tensor, batch: Mapping[str, Any]) -> _Rows:
+    """One language-modelling batch's logits [B, L, V] reduced to the predicted tokens and
+    the labels' negative log-likelihoods, on the CPU."""
+    labels, mask = batch.get("labels"), batch[TOKEN_MASK]
+    if logits.dim() != 3 or labels is None or labels.shape != logits.shape[:2]:
+        raise ValueError(f"language-modelling data (the batch has {TOKEN_MASK}) needs logits "
+                         f"[batch, tokens, vocabulary] and labels [batch, tokens], got logits "
+                         f"{tuple(logits.shape)} and labels "
+                         f"{None if labels is None else tuple(labels.shape)}")
+    labels, mask = labels.to(logits.device).long(), mask.to(logits.device).bool()
+    if mask.any() and int(labels[mask].max()) >= logits.shape[-1]:
+        raise ValueError(f"a label is token {int(labels[mask].max())} but the model predicts "
+                         f"{logits.shape[-1]} tokens: the data was tokenised for another model")
+    log_probs = logits.float().log_softmax(dim=-1)
+    picked = log_probs.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    nll = torch.where(mask, -picked, torch.zeros_like(picked))
+    return _Rows(logits.argmax(dim=-1).cpu(), labels.cpu(), mask.cpu(), batch.get("index"),
+                 nll=nll.cpu())
+
+
 def _batch_rows(outputs: torch.Tensor, batch: Mapping[str, Any],
                 embedding: bool = False) -> _Rows:
     """Check one batch's outputs (sentence embeddings when ``embedding``, else of the task
     their shape says) against its ``labels`` (and ``attention_mask`` for token outputs,
     ``target_lengths`` for CTC) and move them to the CPU; a batch without labels gets ``-100``
-    (NaN for regression) for each label."""
+    (NaN for regression) for each label. A language-modelling batch is reduced by
+    :func:`_lm_rows`."""
+    if TOKEN_MASK in batch:
+        return _lm_rows(outputs, batch)
     outputs = outputs.float().cpu()
     if TARGET_LENGTHS in batch:
         return _ctc_rows(outputs, batch)
@@ -329,6 +372,11 @@ def _in_data_order(rows: Sequence[_Rows]) -> Predictions:
         raise ValueError(f"some batches carry '{PASSAGE_ROW}' (retrieval data) and some do not")
     if True in retrieval:
         return _retrieval_in_data_order(rows)
+    lm = {r.nll is not None for r in rows}
+    if len(lm) != 1:
+        raise ValueError(f"some batches carry {TOKEN_MASK} (language modelling) and some do not")
+    if True in lm:
+        return _lm_in_data_order(rows)
     embedding = {r.embedding for r in rows}
     if len(embedding) != 1:
         raise ValueError("some batches gave sentence embeddings and some did not")
@@ -392,6 +440,24 @@ def _retrieval_in_data_order(rows: Sequence[_Rows]) -> Predictions:
     if order is not None:
         logits, labels, passage = logits[order], labels[order], passage[order]
     return Predictions(logits=logits, labels=labels, embedding=True, passage=passage)
+
+
+def _lm_in_data_order(rows: Sequence[_Rows]) -> Predictions:
+    """:func:`_in_data_order` for language-modelling rows: predicted tokens, labels, mask and
+    negative log-likelihoods padded to the longest row (unlabelled, masked out)."""
+    length = max(r.outputs.shape[1] for r in rows)
+
+    def joined(values: Sequence[torch.Tensor], fill: float | bool) -> torch.Tensor:
+        return torch.cat([_pad_tokens(v, length, fill) for v in values])
+
+    predicted = joined([r.outputs for r in rows], 0)
+    labels = joined([r.labels for r in rows], UNLABELED)
+    mask = joined([r.mask for r in rows if r.mask is not None], False)
+    nll = joined([r.nll for r in rows if r.nll is not None], 0.0)
+    order = _data_order(rows)
+    if order is not None:
+        predicted, labels, mask, nll = predicted[order], labels[order], mask[order], nll[order]
+    return Predictions(logits=predicted, labels=labels, mask=mask, nll=nll)
 
 
 def predict(model: nn.Module, batches: Iterable[Mapping[str, Any]],
@@ -542,6 +608,37 @@ def _label_metrics(logits: torch.Tensor, predicted: torch.Tensor, labels: torch.
     }
 
 
+def lm_metrics(predictions: Predictions,
+               teacher_tokens: torch.Tensor | None = None) -> dict[str, float]:
+    """Language-modelling quality over the labelled positions of ``predictions`` (task ``lm``),
+    all rows pooled:
+
+    * ``perplexity``: exp of the mean negative log-likelihood of the next token,
+      exp(-(1/N) sum log p(y_t | x_<t)), the held-out perplexity;
+    * ``accuracy``: fraction of positions whose most likely token is the next token;
+    * ``agreement`` (only with ``teacher_tokens``, the teacher's predicted tokens on the same
+      rows): fraction of positions where the model's most likely token is the teacher's
+      (next-token agreement; Stanton et al. 2021 measure it for classifiers).
+
+    With no labelled position every metric is NaN."""
+    if predictions.nll is None or predictions.mask is None:
+        raise ValueError("lm_metrics needs language-modelling predictions (with nll and mask)")
+    mask = predictions.mask
+    if not mask.any():
+        nan = float("nan")
+        return {"perplexity": nan, "accuracy": nan, **({"agreement": nan}
+                                                        if teacher_tokens is not None else {})}
+    predicted = predictions.logits[mask]
+    metrics = {"perplexity": math.exp(float(predictions.nll[mask].double().mean())),
+               "accuracy": float((predicted == predictions.labels[mask]).double().mean())}
+    if teacher_tokens is not None:
+        if teacher_tokens.shape != mask.shape:
+            raise ValueError(f"teacher tokens {tuple(teacher_tokens.shape)} do not match the "
+                             f"student's {tuple(mask.shape)}")
+        metrics["agreement"] = float((predicted == teacher_tokens[mask]).double().mean())
+    return metrics
+
+
 def greedy_decode(logits: torch.Tensor) -> list[list[int]]:
     """Greedy (best path) CTC decoding of per-frame logits [N, T, C], the blank last: each
     frame's most likely class, repeats merged, blanks removed; one token list per row."""
@@ -676,7 +773,8 @@ def task_metrics(predictions: Predictions, teacher_outputs: torch.Tensor | None 
     """The metrics of ``predictions``' task: :func:`regression_metrics` for scores,
     :func:`ctc_metrics` for CTC, :func:`~kdistill.embedding_metrics.embedding_metrics` for
     sentence embeddings, :func:`~kdistill.retrieval_metrics.retrieval_metrics` for retrieval
-    (against the teacher's top 10 when no row has a relevance label),
+    (against the teacher's top 10 when no row has a relevance label), :func:`lm_metrics` for
+    language modelling (the teacher's outputs then its predicted tokens),
     :func:`classification_metrics` (per token, with ``predictions.mask``) for other logits.
     ``teacher_outputs`` are the teacher's outputs on the same rows (``Predictions.logits`` of
     :func:`predict_source`)."""
@@ -689,6 +787,8 @@ def task_metrics(predictions: Predictions, teacher_outputs: torch.Tensor | None 
                                  predictions.labels if labelled else None, teacher_outputs)
     if predictions.embedding:
         return embedding_metrics(predictions.logits, predictions.labels, teacher_outputs)
+    if predictions.task == "lm":
+        return lm_metrics(predictions, teacher_outputs)
     if predictions.task == "regression":
         return regression_metrics(predictions.logits, predictions.labels, teacher_outputs)
     return classification_metrics(predictions.logits, predictions.labels, teacher_outputs,
@@ -835,6 +935,8 @@ def _quality(task: Task, metrics: Mapping[str, float],
         return {key: metrics.get(key) for key in EMBEDDING_KEYS}
     if task == "retrieval":
         return {key: metrics.get(key) for key in RETRIEVAL_KEYS}
+    if task == "lm":
+        return {key: metrics.get(key) for key in LM_KEYS}
     teacher_accuracy = teacher_metrics["accuracy"] if teacher_metrics is not None else None
     label_metrics = ("cer", "accuracy") if task == "ctc" else ("accuracy", "macro_f1", "ece")
     return {
@@ -884,7 +986,8 @@ def evaluate_model(student: nn.Module, batches: Sequence[Mapping[str, Any]],
     with ``teacher_outputs``, ``mse_teacher``, ``pearson_teacher``, ``spearman_teacher``;
     sentence embeddings give ``probe_accuracy`` and, with ``teacher_outputs``,
     ``similarity_spearman`` and ``nn10_overlap``; retrieval gives ``mrr10``, ``recall10``,
-    ``recall100``, ``ndcg10`` and, with ``teacher_outputs``, ``teacher_overlap10``.
+    ``recall100``, ``ndcg10`` and, with ``teacher_outputs``, ``teacher_overlap10``; language
+    modelling gives ``perplexity``, ``accuracy`` and, with ``teacher_outputs``, ``agreement``.
     ``teacher_outputs`` are the teacher's outputs in data order (:func:`predict_source`).
     """
     return task_metrics(predict(student, batches, device), teacher_outputs)

@@ -84,6 +84,7 @@ class Column:
 COLUMNS = (
     Column("name", "Model", str, numeric=False),
     Column("cer", "CER", _percent),
+    Column("perplexity", "PPL", significant),
     Column("accuracy", "Acc", _percent),
     *(Column(f"accuracy_{shift}", f"Acc {shift}", _percent) for shift in SHIFTS),
     Column("accuracy_shifted", "Acc shifted", _percent),

@@ -44,6 +44,7 @@ from kdistill.config import (
 from kdistill.contexts import num_threads
 from kdistill.data import (
     DATASETS,
+    LM_DATASETS,
     DataSplits,
     TextDataset,
     WordTagDataset,
@@ -62,16 +63,16 @@ from kdistill.evaluate import benchmark_models, eval_batches, predict, shifted_e
 from kdistill.layermap import DEFAULT_SAMPLES, LayerMap, compare_layers, sample_batches
 from kdistill.models import build_model, deployable
 from kdistill.models.export import OutputMeaning, export_run_student
+from kdistill.models.lm import lm_folder
 from kdistill.models.text import TextModel, check_same_tokens
 from kdistill.recipes import RECIPES, Recipe, build_recipe, cache_refusal, layer_map_pending
 from kdistill.report import write_report
 from kdistill.retrieval_metrics import rankings
-from kdistill.settings import TrainerSettings
+from kdistill.settings import TrainerSettings, cache_dir
 from kdistill.taps import TapError, resolve_module_taps, resolve_projection_taps
 from kdistill.teachers import FrozenTeacher, TeacherSource
 from kdistill.text_augment import TextAugmentSettings, augment_corpus, augment_tagged
 
-CACHE_ENV = "KDISTILL_CACHE"
 RUN_RECORD = "run.json"
 # Config fields a resume may change (prefixes of dotted paths): where the run is read from and
 # how it is shown, logged, checkpointed and finally compared, not what is trained.
@@ -80,11 +81,6 @@ RESUMABLE_FIELDS = ("output_dir", "cpu_threads", "evaluation", "teacher.train.pr
 FRESH_HINT = "continue it with --resume or replace it with --overwrite"
 
 logger = logging.getLogger("kdistill")
-
-
-def cache_dir() -> Path:
-    """Where trained teachers are kept: ``$KDISTILL_CACHE`` or ``./.kdistill-cache``."""
-    return Path(os.environ.get(CACHE_ENV, ".kdistill-cache"))
 
 
 def build_data(config: DataConfig) -> DataSplits:
@@ -98,6 +94,8 @@ def build_data(config: DataConfig) -> DataSplits:
     if config.name in NAMED_COLUMNS:
         options["label_column"] = config.label_column
     try:
+        if config.name in LM_DATASETS:  # a GGUF file's tokenizer is in its converted folder
+            options["tokenizer"] = str(lm_folder(options["tokenizer"]))
         data = load_dataset(config.name, **options)
     except (ValueError, OSError) as error:  # the loaders name the file and what is wrong
         field = "data.path" if config.path is not None else "data"
@@ -196,20 +194,24 @@ def check_taps(model: nn.Module, taps: Iterable[str], where: str, phase: str) ->
 RECIPE_TASKS = {"classification": ("classification", "embedding"),
                 "token_classification": ("classification",), "ctc": ("classification",),
                 "regression": ("regression",), "embedding": ("embedding",),
-                "retrieval": ("retrieval",)}
+                "retrieval": ("retrieval",), "lm": ("lm",)}
 
 
 def check_task(recipe: Recipe, data: DataSplits, where: str) -> None:
     """Raise a :class:`ConfigError` when ``recipe`` cannot learn ``data``'s task (a regression
     recipe on class labels, a classification recipe on float scores or on texts without
-    labels, a recipe without CTC on target sequences; see :data:`RECIPE_TASKS`)."""
+    labels, a recipe without CTC on target sequences, one that trains no language model on
+    language-modelling data; see :data:`RECIPE_TASKS`)."""
     if data.task == "ctc" and not recipe.ctc:
         fitting = sorted(name for name, entry in RECIPES.items() if entry.cls.ctc)
         raise ConfigError(f"{where}: '{recipe.name}' does not train CTC models but data set "
                           f"'{data.name}' is a ctc task; recipes for it: {fitting}")
+    if data.task == "lm" and recipe.lm:
+        return
     wanted = RECIPE_TASKS[data.task]
     if recipe.task not in wanted:
-        fitting = sorted(name for name, entry in RECIPES.items() if entry.cls.task in wanted)
+        fitting = sorted(name for name, entry in RECIPES.items() if entry.cls.task in wanted
+                         or (data.task == "lm" and entry.cls.lm))
         raise ConfigError(f"{where}: '{recipe.name}' is a {recipe.task} recipe but data set "
                           f"'{data.name}' is a {data.task} task; recipes for it: {fitting}")
 

@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
+
+CACHE_ENV = "KDISTILL_CACHE"
+
+
+def cache_dir() -> Path:
+    """Where kdistill keeps what it makes once and reuses (trained teachers, converted models):
+    ``$KDISTILL_CACHE`` or ``./.kdistill-cache``."""
+    return Path(os.environ.get(CACHE_ENV, ".kdistill-cache"))
+
 
 Beta = Annotated[float, Field(ge=0, lt=1)]  # an AdamW moment decay
 

@@ -65,7 +65,8 @@ SLICE_TAP_PATTERN = re.compile(
     r":sep=(\d+|none)$")
 SENTENCE_EMBEDDING = "sentence_embedding"  # a sentence encoder's output key (and tap)
 MODULE_PREFIX = "module:"
-HF_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+HF_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids",
+                 "decoder_input_ids", "decoder_attention_mask")
 
 
 class TapError(KdistillError):

@@ -14,13 +14,14 @@ from kdistill.data.base import (
     keep_labels,
     labeled_indices,
 )
-from kdistill.data.builtin import DATASETS, TEXT_DATASETS, load_dataset
+from kdistill.data.builtin import DATASETS, LM_DATASETS, TEXT_DATASETS, load_dataset
 from kdistill.data.sequences import SequenceDataset
 from kdistill.data.text import TextDataset, WordTagDataset
 from kdistill.data.text_corpora import UNLABELED_CORPORA, add_unlabeled
 
 __all__ = [
     "DATASETS",
+    "LM_DATASETS",
     "TEXT_DATASETS",
     "UNLABELED_CORPORA",
     "ArrayDataset",

@@ -4,7 +4,9 @@ Image sets (``digits``, ``mnist5k``, ``fashion-mnist``) give inputs [1, H, W] in
 integer labels; ``digit-lines`` are lines of 8x8 digits with their digit sequences, a CTC
 recognition set (see :mod:`kdistill.data.digit_lines`); ``diabetes`` is a regression set (see
 :mod:`kdistill.data.regression`). The text sets (``text``, ``conll``, ``hf_dataset``,
-``rotten-tomatoes``) keep raw text as inputs (see :mod:`kdistill.data.text`).
+``rotten-tomatoes``) keep raw text as inputs (see :mod:`kdistill.data.text`); the language
+modelling sets (``lm_text``, ``lm_hf_dataset``) tokenise texts into blocks of next-token labels
+(see :mod:`kdistill.data.lm`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from sklearn.model_selection import train_test_split
 from kdistill.data.base import ArrayDataset, DataSplits
 from kdistill.data.digit_lines import load_digit_lines
 from kdistill.data.images import FASHION_MNIST_DIR, read_fashion_mnist, read_mnist5k
+from kdistill.data.lm import load_lm_hf_dataset, load_lm_text
 from kdistill.data.regression import load_diabetes
 from kdistill.data.retrieval import load_retrieval, load_rotten_tomatoes_plots
 from kdistill.data.tables import csv_header, csv_rows, printable
@@ -371,9 +374,13 @@ DATASETS: dict[str, Callable[..., DataSplits]] = {
     "sentences": load_sentences,
     "retrieval": load_retrieval,
     "rotten-tomatoes-plots": load_rotten_tomatoes_plots,
+    "lm_text": load_lm_text,
+    "lm_hf_dataset": load_lm_hf_dataset,
 }
 # The data sets of raw text (the ones that take unlabelled transfer text).
 TEXT_DATASETS = ("text", "conll", "hf_dataset", "rotten-tomatoes", "sentences")
+# The language-modelling data sets (their option ``tokenizer`` names a model folder or GGUF file).
+LM_DATASETS = ("lm_text", "lm_hf_dataset")
 
 
 def load_dataset(name: str, **options: object) -> DataSplits:

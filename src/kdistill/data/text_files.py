@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,17 +98,25 @@ def text_file_columns(path: str | Path) -> list[str]:
         return csv_header(path, csv_reader(handle, kind))
 
 
-def read_text_table(path: str | Path, columns: TextColumns) -> TextTable:
-    """The labelled texts of a CSV, TSV or JSON lines file."""
+def read_columns(path: str | Path,
+                 named: Mapping[str, str]) -> tuple[str, list[tuple[int, dict[str, Any]]]]:
+    """(line, {column: value}) for every row of a CSV, TSV or JSON lines file, for the columns
+    ``named`` maps option names to (each required); also ``field`` (JSON lines) or ``column``,
+    the word for a column in messages."""
     path = existing_file(path)
     kind = table_format(path)
     with opened(path, kind) as handle:
         if kind == "jsonl":
-            rows = [(line, {k: obj[k] for k in _fields(path, line, obj, columns)})
+            rows = [(line, {k: obj[k] for k in _fields(path, line, obj, named)})
                     for line, obj in json_objects(path, handle)]
         else:
-            rows = list(_csv_records(path, handle, kind, columns))
-    what = "field" if kind == "jsonl" else "column"
+            rows = list(_csv_records(path, handle, kind, named))
+    return ("field" if kind == "jsonl" else "column"), rows
+
+
+def read_text_table(path: str | Path, columns: TextColumns) -> TextTable:
+    """The labelled texts of a CSV, TSV or JSON lines file."""
+    what, rows = read_columns(path, columns.named())
 
     def text(line: int, row: dict[str, Any], column: str) -> str:
         return text_value(row[column], f"{path}, line {line}", printable(f"{what} '{column}'"))
@@ -121,15 +129,16 @@ def read_text_table(path: str | Path, columns: TextColumns) -> TextTable:
 
 
 def _csv_records(path: Path, handle: Any, kind: str,
-                 columns: TextColumns) -> Iterator[tuple[int, dict[str, str]]]:
-    """(line, {column: cell}) for the columns in use of every row of a CSV or TSV file."""
+                 named: Mapping[str, str]) -> Iterator[tuple[int, dict[str, str]]]:
+    """(line, {column: cell}) for the columns in use (``named``: option -> column) of every row
+    of a CSV or TSV file."""
     reader = csv_reader(handle, kind)
     header = csv_header(path, reader)
-    for option, column in columns.named().items():
+    for option, column in named.items():
         if column not in header:
             raise ValueError(printable(f"{path}: {option} '{column}' is not a column; columns "
                                        f"present: {', '.join(header)}"))
-    at = {column: header.index(column) for column in columns.named().values()}
+    at = {column: header.index(column) for column in named.values()}
     count = 0
     for line, row in csv_rows(path, reader, len(header)):
         count += 1
@@ -160,13 +169,13 @@ def json_objects(path: Path, handle: Any) -> Iterator[tuple[int, dict[str, Any]]
         raise ValueError(f"{path}: the file is empty (no JSON objects)")
 
 
-def _fields(path: Path, line: int, obj: dict[str, Any], columns: TextColumns) -> list[str]:
-    """The fields in use, each required in ``obj``."""
-    for option, field in columns.named().items():
+def _fields(path: Path, line: int, obj: dict[str, Any], named: Mapping[str, str]) -> list[str]:
+    """The fields in use (``named``: option -> field), each required in ``obj``."""
+    for option, field in named.items():
         if field not in obj:
             raise ValueError(printable(f"{path}, line {line}: no field '{field}' ({option}); "
                                        f"fields present: {', '.join(obj) or 'none'}"))
-    return list(columns.named().values())
+    return list(named.values())
 
 
 def read_conll(path: str | Path, token_column: int = 0, tag_column: int = -1) -> TagTable:

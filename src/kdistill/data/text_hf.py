@@ -105,15 +105,37 @@ def _read_folder(datasets: ModuleType, path: Path, train_split: str,
     return train, split("test_split", "test") if "test" in loaded else None
 
 
+def read_splits(datasets: ModuleType, path: Path, test_path: str | None, train_split: str,
+                test_split: str | None) -> tuple[tuple[str, Any], tuple[str, Any] | None]:
+    """The training split and the test split (None when there is none to use), each with its
+    source name: a ``save_to_disk`` folder's named splits, or the data file ``path`` and
+    ``test_path``."""
+    if path.is_dir():
+        if test_path is not None:
+            raise ValueError(f"{path} is a save_to_disk folder, which holds its own splits; "
+                             "remove test_path (name the split with test_split)")
+        return _read_folder(datasets, path, train_split, test_split)
+    if test_split is not None or train_split != "train":
+        raise ValueError(f"{path} is a data file without named splits; give the test file "
+                         "as test_path instead of train_split/test_split")
+    train = str(path), _read_file(datasets, path)
+    return train, None if test_path is None else (test_path, _read_file(datasets, test_path))
+
+
+def check_columns(source: str, dataset: Any, named: dict[str, str]) -> None:
+    """Refuse a column (``named``: option -> column) that the ``datasets.Dataset`` lacks."""
+    present = list(dataset.column_names)
+    for option, column in named.items():
+        if column not in present:
+            raise ValueError(printable(f"{source}: {option} '{column}' is not a column; "
+                                       f"columns present: {', '.join(present)}"))
+
+
 def _table(datasets: ModuleType, source: str, dataset: Any,
            columns: TextColumns) -> tuple[TextTable, list[str] | None]:
     """The texts of a ``datasets.Dataset`` and the names of its ``ClassLabel`` label column
     (None when the column holds raw labels)."""
-    present = list(dataset.column_names)
-    for option, column in columns.named().items():
-        if column not in present:
-            raise ValueError(printable(f"{source}: {option} '{column}' is not a column; "
-                                       f"columns present: {', '.join(present)}"))
+    check_columns(source, dataset, columns.named())
     values = list(dataset[columns.label])
     feature = dataset.features[columns.label]
     names = None
@@ -143,17 +165,7 @@ def load_hf_dataset(path: str | Path, text_column: str = "text",
     datasets = import_datasets()
     columns = TextColumns(text_column, pair_column, label_column)
     path = Path(path)
-    if path.is_dir():
-        if test_path is not None:
-            raise ValueError(f"{path} is a save_to_disk folder, which holds its own splits; "
-                             "remove test_path (name the split with test_split)")
-        train, test = _read_folder(datasets, path, train_split, test_split)
-    else:
-        if test_split is not None or train_split != "train":
-            raise ValueError(f"{path} is a data file without named splits; give the test file "
-                             "as test_path instead of train_split/test_split")
-        train = str(path), _read_file(datasets, path)
-        test = None if test_path is None else (test_path, _read_file(datasets, test_path))
+    train, test = read_splits(datasets, path, test_path, train_split, test_split)
     train_table, names = _table(datasets, *train, columns)
     test_table = None if test is None else _table(datasets, *test, columns)[0]
     if names is not None and label_type == "score":

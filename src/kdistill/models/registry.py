@@ -9,8 +9,8 @@ builders that declare it (and to no other):
 
 * ``corpus`` (``Sequence[str]``): the training texts (word lists joined by spaces), for
   builders that make a vocabulary from them; a builder given none raises a ``ValueError``;
-* ``task`` (``"classification"``, ``"regression"``, ``"token_classification"``, ``"ctc"`` or
-  ``"embedding"``).
+* ``task`` (``"classification"``, ``"regression"``, ``"token_classification"``, ``"ctc"``,
+  ``"embedding"`` or ``"lm"``).
 
 They are not options: a config cannot set them (:mod:`kdistill.config` leaves them out of
 the options it validates, like ``input_shape`` and ``num_classes``).
@@ -31,6 +31,7 @@ from kdistill.models.ctc import CRNN, OracleCTC
 from kdistill.models.hf import folder_problems, load_hf_model, tokenizer_problems
 from kdistill.models.hf_student import build_hf_student, hf_student_files
 from kdistill.models.hf_text import build_hf_text, hf_text_files
+from kdistill.models.lm import build_hf_lm, build_lm_student, hf_lm_files, lm_student_files
 from kdistill.models.mlp import MLP
 from kdistill.models.oracle import LabelConditioned, LabelDropout
 from kdistill.models.sentence import Pooling, build_hf_embedder
@@ -234,14 +235,14 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "crnn": _crnn, "oracle_ctc": _oracle_ctc,
     "ngram": _ngram, "bilstm": _bilstm, "textcnn": _textcnn, "cmow": _cmow,
     "static": _static, "hf_text": build_hf_text, "hf_student": build_hf_student,
-    "hf_embedder": build_hf_embedder}
+    "hf_embedder": build_hf_embedder, "hf_lm": build_hf_lm, "lm_student": build_lm_student}
 
 # Checks of the files a model's options name, run by config validation before anything is
 # built: (validated options, dotted path of the options) -> problems, each naming its field.
 MODEL_FILE_CHECKS: dict[str, Callable[[Mapping[str, Any], str], list[str]]] = {
     "hf": _hf_files, "bilstm": _init_from_files, "textcnn": _init_from_files,
     "static": _init_from_files, "hf_text": hf_text_files, "hf_student": hf_student_files,
-    "hf_embedder": hf_text_files}
+    "hf_embedder": hf_text_files, "hf_lm": hf_lm_files, "lm_student": lm_student_files}
 
 
 def model_options(name: str, size: str | None, options: dict[str, Any]) -> dict[str, Any]:

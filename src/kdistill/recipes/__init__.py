@@ -25,6 +25,7 @@ from kdistill.recipes import (  # noqa: F401  (registration)
     regression,
     retrieval,
     tinybert,
+    token_kd,
 )
 from kdistill.recipes.base import (
     RECIPES,

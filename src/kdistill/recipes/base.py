@@ -89,10 +89,13 @@ class Recipe(nn.Module):
       adversarially (``teacher.finetune`` with its defaults; ``daft``) unless the teacher
       section says how to train it (``teacher.recipe`` or ``teacher.finetune``);
     * ``task``: ``classification`` (also per token), ``regression``, ``embedding`` (sentence
-      encoders; it also trains on texts with class labels, which it ignores) or ``retrieval``
-      (bi-encoders on queries and passages);
+      encoders; it also trains on texts with class labels, which it ignores), ``retrieval``
+      (bi-encoders on queries and passages) or ``lm`` (language models alone, data of task
+      ``lm``, see :mod:`kdistill.batch`);
     * ``ctc``: whether the method also trains CTC recognisers (data of task ``ctc``: per-frame
       logits against target sequences, see :mod:`kdistill.batch`);
+    * ``lm``: whether a classification method also trains language models (data of task
+      ``lm``: next-token labels per position);
     * ``architecture``: the kind of model the method is made for, ``None`` when any model
       that gives the taps it reads will do (``tinybert`` needs BERT-style transformer
       encoders); the leaderboard, whose protocol distils a CNN into an MLP, leaves such
@@ -116,9 +119,10 @@ class Recipe(nn.Module):
     keep_best: ClassVar[str | None] = None
     teacher_recipe: ClassVar[tuple[str, dict[str, Any]]] = ("ce", {})
     teacher_finetune: ClassVar[bool] = False
-    task: ClassVar[Literal["classification", "regression", "embedding", "retrieval"]] = \
+    task: ClassVar[Literal["classification", "regression", "embedding", "retrieval", "lm"]] = \
         "classification"
     ctc: ClassVar[bool] = False
+    lm: ClassVar[bool] = False
     architecture: ClassVar[str | None] = None
     teacher_input_change: ClassVar[str | None] = None
     pools_tokens: ClassVar[bool] = False

@@ -16,7 +16,8 @@ class CrossEntropy(Recipe):
     """L = CE(y, z_s) on labelled samples only; no teacher. Unlabelled samples are skipped.
 
     On CTC data (per-frame logits, target sequences) the loss is CTC per target token
-    (:func:`kdistill.losses.ctc_loss`) instead of the cross-entropy.
+    (:func:`kdistill.losses.ctc_loss`) instead of the cross-entropy. On language-modelling data
+    it is the cross-entropy of every labelled next token (the usual language-modelling loss).
     """
 
     name = "ce"
@@ -25,6 +26,7 @@ class CrossEntropy(Recipe):
     uses_teacher = False
     uses_unlabeled = False
     ctc = True
+    lm = True
 
     def terms(self, student: Taps, teacher: Taps | None, batch: Mapping[str, Any],
               state: TrainState) -> dict[str, Term]:
