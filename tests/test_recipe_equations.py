@@ -57,6 +57,7 @@ PINNED = {
     "dml", "bdkd", "okdhp", "mean_teacher", "atsen",  # test_recipe_equations_online.py
     "regression_kd", "denoise", "adversarial",  # test_recipe_equations_prepared.py
     "tinybert",  # test_recipe_tinybert.py
+    "hsk",  # test_recipe_hsk.py
     "msd",  # test_recipe_msd.py
     "grain",  # test_recipe_grain.py
     "embedding_kd", "ckd",  # test_embedding_recipes.py
@@ -81,7 +82,7 @@ def test_every_registered_recipe_has_an_equation_test() -> None:
     assert set(RECIPES) == PINNED
 
 
-@pytest.mark.parametrize("name", sorted(PINNED - {"fitnets", "annealing", "tinybert"}))
+@pytest.mark.parametrize("name", sorted(PINNED - {"fitnets", "annealing", "tinybert", "hsk"}))
 def test_single_phase_recipes_keep_the_whole_budget(name: str) -> None:
     params = {"composite": {"terms": [{"loss": "ce"}]},
               "lead": {"student_layers": 3, "teacher_layers": 4}}.get(name, {})
