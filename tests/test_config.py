@@ -728,7 +728,7 @@ def test_every_text_example_is_valid_where_its_model_is_installed() -> None:
     from kdistill.models.hf import INSTALLED_MODELS, model_folder
 
     paths = sorted((EXAMPLES / "text").glob("*.yaml"))
-    assert len(paths) == 7
+    assert len(paths) == 8
     try:
         model_folder("all-MiniLM-L6-v2")
     except FileNotFoundError:

@@ -15,7 +15,7 @@ from kdistill.errors import KdistillError
 from kdistill.losses.slices import Dropped, TokenSlice
 from kdistill.recipes.adapters import make_adapter
 from kdistill.recipes.base import Recipe, RecipeParams, Term, register
-from kdistill.recipes.tinybert import (
+from kdistill.recipes.layer_stages import (
     check_depth,
     prediction_term,
     refuse_task_stage,
