@@ -13,6 +13,7 @@ from kdistill.recipes import (  # noqa: F401  (registration)
     denoise,
     dkd,
     embedding,
+    gkd,
     fitnets,
     grain,
     hinton,
@@ -24,6 +25,7 @@ from kdistill.recipes import (  # noqa: F401  (registration)
     oracle,
     regression,
     retrieval,
+    seqkd,
     tinybert,
     token_kd,
 )

@@ -7,6 +7,7 @@ from functools import partial
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
+from torch import Tensor
 
 from kdistill import losses
 from kdistill.batch import TOKEN_MASK
@@ -17,6 +18,19 @@ from kdistill.schedules import TrainState
 from kdistill.taps import Taps
 
 Divergence = Literal["forward_kl", "reverse_kl", "generalized_jsd", "tvd"]
+
+
+def check_token_logits(recipe: str, z_s: Tensor, z_t: Tensor, batch: Mapping[str, Any]) -> None:
+    """Refuse a batch that is not language modelling, or two models that predict over
+    different vocabularies (token-level KD compares distributions over one)."""
+    if TOKEN_MASK not in batch:
+        raise ValueError(f"{recipe}: the batch has no '{TOKEN_MASK}'; it distils language "
+                         "models on language-modelling data (lm_text, lm_hf_dataset)")
+    if z_s.shape[-1] != z_t.shape[-1]:
+        raise ValueError(f"{recipe}: the student predicts {z_s.shape[-1]} tokens and the "
+                         f"teacher {z_t.shape[-1]}; token-level KD compares distributions "
+                         "over one vocabulary, so the student must share the teacher's "
+                         "tokenizer (lm_student)")
 
 
 class TokenKDParams(RecipeParams):
@@ -85,16 +99,9 @@ class TokenKD(Recipe):
 
     def terms(self, student: Taps, teacher: Taps | None, batch: Mapping[str, Any],
               state: TrainState) -> dict[str, Term]:
-        if TOKEN_MASK not in batch:
-            raise ValueError(f"token_kd: the batch has no '{TOKEN_MASK}'; it distils language "
-                             "models on language-modelling data (lm_text, lm_hf_dataset)")
         p = self.params
         z_s, z_t = student["logits"], teacher["logits"]
-        if z_s.shape[-1] != z_t.shape[-1]:
-            raise ValueError(f"token_kd: the student predicts {z_s.shape[-1]} tokens and the "
-                             f"teacher {z_t.shape[-1]}; token-level KD compares distributions "
-                             "over one vocabulary, so the student must share the teacher's "
-                             "tokenizer (lm_student)")
+        check_token_logits(self.name, z_s, z_t, batch)
         if isinstance(z_t, TopKLogits) and p.divergence != "forward_kl":
             raise ValueError(f"token_kd: the teacher cache keeps the top-{z_t.k} logits, from "
                              f"which only forward_kl is computed (over the kept tokens and the "
