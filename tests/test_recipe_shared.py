@@ -33,7 +33,7 @@ from kdistill.schedules import ScheduleConfig, TrainState
 from kdistill.taps import TapReader
 
 RECIPES_DIR = Path(importlib.import_module("kdistill.recipes").__file__).parent
-HELPER_MODULES = {"base", "shared", "adapters"}
+HELPER_MODULES = {"base", "shared", "adapters", "completions", "completion_store"}
 
 
 def batch_of(rows: int = 3) -> dict:

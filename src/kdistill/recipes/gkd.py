@@ -20,8 +20,7 @@ from kdistill.recipes.completions import (
     completion_rows,
     special_ids,
 )
-from kdistill.recipes.shared import Weight
-from kdistill.recipes.token_kd import check_token_logits
+from kdistill.recipes.shared import Weight, check_token_logits
 from kdistill.schedules import TrainState
 from kdistill.settings import Seed
 from kdistill.taps import Taps

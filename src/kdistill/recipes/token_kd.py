@@ -7,30 +7,16 @@ from functools import partial
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
-from torch import Tensor
 
 from kdistill import losses
 from kdistill.batch import TOKEN_MASK
 from kdistill.losses.topk import TopKLogits
 from kdistill.recipes.base import Recipe, RecipeParams, Term, register
-from kdistill.recipes.shared import Weight, label_term
+from kdistill.recipes.shared import Weight, check_token_logits, label_term
 from kdistill.schedules import TrainState
 from kdistill.taps import Taps
 
 Divergence = Literal["forward_kl", "reverse_kl", "generalized_jsd", "tvd"]
-
-
-def check_token_logits(recipe: str, z_s: Tensor, z_t: Tensor, batch: Mapping[str, Any]) -> None:
-    """Refuse a batch that is not language modelling, or two models that predict over
-    different vocabularies (token-level KD compares distributions over one)."""
-    if TOKEN_MASK not in batch:
-        raise ValueError(f"{recipe}: the batch has no '{TOKEN_MASK}'; it distils language "
-                         "models on language-modelling data (lm_text, lm_hf_dataset)")
-    if z_s.shape[-1] != z_t.shape[-1]:
-        raise ValueError(f"{recipe}: the student predicts {z_s.shape[-1]} tokens and the "
-                         f"teacher {z_t.shape[-1]}; token-level KD compares distributions "
-                         "over one vocabulary, so the student must share the teacher's "
-                         "tokenizer (lm_student)")
 
 
 class TokenKDParams(RecipeParams):
