@@ -63,6 +63,8 @@ PINNED = {
     "embedding_kd", "ckd",  # test_embedding_recipes.py
     "lead", "dcd",  # test_retrieval_recipes.py
     "token_kd",  # test_recipe_token_kd.py
+    "gkd",  # test_recipe_gkd.py
+    "seqkd",  # test_recipe_seqkd.py
 }  # fmt: skip
 
 

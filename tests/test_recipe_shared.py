@@ -33,7 +33,8 @@ from kdistill.schedules import ScheduleConfig, TrainState
 from kdistill.taps import TapReader
 
 RECIPES_DIR = Path(importlib.import_module("kdistill.recipes").__file__).parent
-HELPER_MODULES = {"base", "shared", "adapters", "layer_stages"}
+HELPER_MODULES = {"base", "shared", "adapters", "layer_stages", "completions",
+                  "completion_store"}
 
 
 def batch_of(rows: int = 3) -> dict:

@@ -124,8 +124,39 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--json", action="store_true",
                          help="one JSON object per text, with every class probability")
 
+    generate = commands.add_parser(
+        "generate", help="continue a prompt with the student of a finished language-model run")
+    generate.add_argument("run_dir", help="the run's folder (output_dir/name)")
+    generate.add_argument("prompt", help="the text to continue")
+    generate.add_argument("--max-new-tokens", type=_whole_number(1), default=64,
+                          help="at most this many new tokens (default 64)")
+    generate.add_argument("--temperature", type=_non_negative, default=0.0,
+                          help="0: greedy (default); above: sample from softmax(z / T)")
+    generate.add_argument("--seed", type=_whole_number(0, _max_seed), default=0,
+                          help="seed of the sampling (default 0)")
+
     commands.add_parser("recipes", help="list the registered recipes")
     return parser
+
+
+def _non_negative(text: str) -> float:
+    """An argparse type: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from kdistill.models.lm_export import continue_text, load_lm_run
+
+    model, tokenizer = load_lm_run(args.run_dir)
+    print(continue_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature,
+                        args.seed))
+    return 0
 
 
 def _read_texts(args: argparse.Namespace) -> list[str]:
@@ -302,6 +333,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _demo(args)
         if args.command == "predict":
             return _predict(args)
+        if args.command == "generate":
+            return _generate(args)
         return _run(args)
     except (KdistillError, FileNotFoundError) as error:
         print(f"kdistill: error: {error}", file=sys.stderr)

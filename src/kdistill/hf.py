@@ -172,6 +172,7 @@ class DistillationTrainer(transformers.Trainer):
                     "network (teacher.model) when it reads the student's token ids")
             source = RawTextTeacher(source)
         source.bind(taps, self.args.device)
+        recipe.attach_teacher(source)
         return source
 
     def create_optimizer(self) -> torch.optim.Optimizer:

@@ -64,6 +64,7 @@ from kdistill.layermap import DEFAULT_SAMPLES, LayerMap, compare_layers, sample_
 from kdistill.models import build_model, deployable
 from kdistill.models.export import OutputMeaning, export_run_student
 from kdistill.models.lm import lm_folder
+from kdistill.models.lm_export import export_lm_student
 from kdistill.models.text import TextModel, check_same_tokens
 from kdistill.recipes import RECIPES, Recipe, build_recipe, cache_refusal, layer_map_pending
 from kdistill.report import write_report
@@ -792,7 +793,9 @@ def _run(config: RunConfig, resume: bool, overwrite: bool) -> RunOutcome:
         return RunOutcome(result, [], None)
     models = {"teacher": teacher} if teacher is not None else {}
     models["student"] = deployable(result.student)
-    if isinstance(models["student"], TextModel):
+    if data.task == "lm":
+        export_lm_student(models["student"], run_dir, config.data.options["tokenizer"])
+    elif isinstance(models["student"], TextModel):
         export_run_student(models["student"], run_dir,
                            OutputMeaning(data.task, data.label_names, data.target_scale))
     rows, load = compare(models, data.test, batch_size=config.evaluation.batch_size,

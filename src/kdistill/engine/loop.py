@@ -267,10 +267,11 @@ def make_accelerator(settings: TrainerSettings) -> Accelerator:
 
 def bind_teacher(teacher: TeacherSource | None, phase: Phase, device: torch.device) -> None:
     """Bind the teacher to the phase's teacher taps plus ``logits`` (agreement in
-    evaluations)."""
+    evaluations), and hand it to the phase's recipe (:meth:`Recipe.attach_teacher`)."""
     if teacher is not None:
         names = list(phase.recipe.teacher_taps())
         teacher.bind(names if "logits" in names else [*names, "logits"], device)
+    phase.recipe.attach_teacher(teacher)
 
 
 def broadcast_buffers(models: Sequence[nn.Module]) -> None:

@@ -52,13 +52,16 @@ class OptimizerStep:
        (:mod:`kdistill.engine.feed`);
     2. counts each loss unit (examples, labelled examples, tokens, token pairs) over the whole
        global batch, across processes;
-    3. for every micro-batch: the recipe's ``prepare``, teacher taps, the training module's
+    3. the recipe's ``prepare`` of every micro-batch, before the units are counted: a prepared
+       batch may hold other tokens than the data's (``gkd`` samples completions, ``seqkd``
+       reads the teacher's), and the counts are those of the batches the models read;
+    4. for every micro-batch: teacher taps, the training module's
        ``sum_k w_k * value_k * local_count_k / global_count_k`` backpropagated (gradients are
        synchronised across processes on the last micro-batch only);
-    4. unscales (fp16) and checks in one test that every term and the total gradient norm are
+    5. unscales (fp16) and checks in one test that every term and the total gradient norm are
        finite, agreed across processes (one all-reduce of the term values and the norm, which
        also gives the record its global means, and one transfer to the host);
-    5. clips, steps the optimizer and the LR schedule.
+    6. clips, steps the optimizer and the LR schedule.
 
     A non-finite term or gradient applies no update: the gradients are dropped (with
     ``on_nonfinite: skip`` the buffers, e.g. BatchNorm statistics, are put back as they were
@@ -77,11 +80,14 @@ class OptimizerStep:
                  micro: Sequence[Mapping[str, Any]], state: TrainState,
                  optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LambdaLR) -> StepOutcome:
-        scales = self.unit_scales(micro)
         # A skipped step must leave no trace: keep the buffers (BatchNorm statistics) its
         # forward passes update.
         buffers = [b.detach().clone() for b in module.buffers()] \
             if self.settings.on_nonfinite == "skip" else None
+        device = self.accelerator.device
+        micro = [module.recipe.prepare(to_device(batch, device), module.reader, state)
+                 for batch in micro]
+        scales = self.unit_scales(micro)
         reported: dict[str, torch.Tensor] = {}
         for j, batch in enumerate(micro):
             loss, terms = self.backward(wrapped, module, batch, state, scales[j],
@@ -139,10 +145,11 @@ class OptimizerStep:
     def backward(self, wrapped: nn.Module, module: TrainingModule, batch: Mapping[str, Any],
                  state: TrainState, scales: Mapping[str, float], last: bool
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Forward and backward of one micro-batch; gradients sync on the ``last`` one only."""
+        """Forward and backward of one prepared micro-batch; gradients sync on the ``last``
+        one only. A recipe that reads no teacher taps (``seqkd``) costs no teacher forward."""
         recipe = module.recipe
-        batch = recipe.prepare(to_device(batch, self.accelerator.device), module.reader, state)
-        teacher = self.teacher(batch) if recipe.uses_teacher and module.source is None else None
+        asks = recipe.uses_teacher and module.source is None and bool(recipe.teacher_taps())
+        teacher = self.teacher(batch) if asks else None
         sync = contextlib.nullcontext() if last else self.accelerator.no_sync(wrapped)
         with sync:
             loss, terms = wrapped(batch, teacher, state, scales)

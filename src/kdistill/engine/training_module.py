@@ -81,6 +81,7 @@ def build_recipe_modules(recipe: Recipe, reader: TapReader, teacher: TeacherSour
     ``device``. ``models`` (the student and any peers) run this forward in eval mode, so
     BatchNorm statistics do not absorb an extra batch and dropout draws no random numbers."""
     with eval_mode(*models), torch.no_grad():
-        teacher_taps = call_model("teacher", teacher, batch) if recipe.uses_teacher else None
+        asks = recipe.uses_teacher and bool(recipe.teacher_taps())
+        teacher_taps = call_model("teacher", teacher, batch) if asks else None
         recipe.build(call_model("student", reader, batch), teacher_taps)
     recipe.to(device)

@@ -102,4 +102,7 @@ def load_run_student(run_dir: str | Path) -> tuple[TextModel, OutputMeaning]:
         meaning = OutputMeaning(**json.loads(labels.read_text()))
     except (ValueError, TypeError) as error:
         raise KdistillError(f"{labels}: unreadable ({error})") from None
+    if meaning.task == "lm":
+        raise KdistillError(f"{run_dir}: a language-model run; continue texts with its student "
+                            "with kdistill generate")
     return load_exported(folder), meaning

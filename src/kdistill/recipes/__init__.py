@@ -14,6 +14,7 @@ from kdistill.recipes import (  # noqa: F401  (registration)
     dkd,
     embedding,
     fitnets,
+    gkd,
     grain,
     hinton,
     hsk,
@@ -24,6 +25,7 @@ from kdistill.recipes import (  # noqa: F401  (registration)
     oracle,
     regression,
     retrieval,
+    seqkd,
     tinybert,
     token_kd,
 )

@@ -169,12 +169,18 @@ class Recipe(nn.Module):
                 state: TrainState) -> dict[str, Any]:
         """The training micro-batch as both models should see it (augmented copies,
         adversarial inputs...); ``student(batch)`` runs the unwrapped student, which is
-        ``student.model`` (a :class:`kdistill.taps.TapReader`). A batch that
-        grows must grow every sample by the same factor (terms are normalised by the counts of
-        the original batch): stack the versions of the batch with
-        :func:`kdistill.recipes.shared.stack_views`, which marks each row's view in
-        ``batch["view"]``."""
+        ``student.model`` (a :class:`kdistill.taps.TapReader`). The engine prepares every
+        micro-batch of an optimizer step before it counts the loss units, so terms are
+        normalised by the counts of the prepared batches (a batch may change its tokens: ``gkd``
+        samples completions). A batch that grows must grow every sample by the same factor:
+        stack the versions of the batch with :func:`kdistill.recipes.shared.stack_views`, which
+        marks each row's view in ``batch["view"]``."""
         return batch
+
+    def attach_teacher(self, teacher: TeacherSource | None) -> None:
+        """Called with the run's teacher source before a phase of this recipe trains (after
+        the source is bound): a recipe that uses the teacher beyond its taps (``seqkd``
+        generates with the teacher's model in :meth:`prepare`) keeps it. Default: nothing."""
 
     def build(self, student: Taps, teacher: Taps | None) -> None:
         """Create trainable state whose shapes depend on the taps (called on the first batch)."""

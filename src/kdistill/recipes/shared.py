@@ -25,7 +25,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from kdistill import losses
-from kdistill.batch import TARGET_LENGTHS, hidden_like
+from kdistill.batch import TARGET_LENGTHS, TOKEN_MASK, hidden_like
 from kdistill.losses.registry import Unit
 from kdistill.models.fresh import reinitialise_
 from kdistill.recipes.base import RecipeParams, Term
@@ -74,6 +74,20 @@ def label_term(logits: Tensor, batch: Mapping[str, Any], weight: float = 1.0) ->
         return {"ctc": Term(value, weight=weight, unit="labeled")}
     return {"ce": Term(losses.cross_entropy(logits, batch["labels"]), weight=weight,
                        unit="labeled")}
+
+
+def check_token_logits(recipe: str, z_s: Tensor, z_t: Tensor, batch: Mapping[str, Any]) -> None:
+    """Refuse a batch that is not language modelling, or two models that predict over
+    different vocabularies (token-level KD compares distributions over one)."""
+    if TOKEN_MASK not in batch:
+        raise ValueError(f"{recipe}: the batch has no '{TOKEN_MASK}'; it distils language "
+                         "models on language-modelling data (lm_text, lm_hf_dataset)")
+    if z_s.shape[-1] != z_t.shape[-1]:
+        raise ValueError(f"{recipe}: the student predicts {z_s.shape[-1]} tokens and the "
+                         f"teacher {z_t.shape[-1]}; token-level KD compares distributions "
+                         "over one vocabulary, so the student must share the teacher's "
+                         "tokenizer (lm_student)")
+
 
 
 # -------------------------------------------------------------------- stacked views of a batch

@@ -12,7 +12,7 @@ from kdistill import losses
 from kdistill.batch import TOKEN_MASK
 from kdistill.losses.topk import TopKLogits
 from kdistill.recipes.base import Recipe, RecipeParams, Term, register
-from kdistill.recipes.shared import Weight, label_term
+from kdistill.recipes.shared import Weight, check_token_logits, label_term
 from kdistill.schedules import TrainState
 from kdistill.taps import Taps
 
@@ -85,16 +85,9 @@ class TokenKD(Recipe):
 
     def terms(self, student: Taps, teacher: Taps | None, batch: Mapping[str, Any],
               state: TrainState) -> dict[str, Term]:
-        if TOKEN_MASK not in batch:
-            raise ValueError(f"token_kd: the batch has no '{TOKEN_MASK}'; it distils language "
-                             "models on language-modelling data (lm_text, lm_hf_dataset)")
         p = self.params
         z_s, z_t = student["logits"], teacher["logits"]
-        if z_s.shape[-1] != z_t.shape[-1]:
-            raise ValueError(f"token_kd: the student predicts {z_s.shape[-1]} tokens and the "
-                             f"teacher {z_t.shape[-1]}; token-level KD compares distributions "
-                             "over one vocabulary, so the student must share the teacher's "
-                             "tokenizer (lm_student)")
+        check_token_logits(self.name, z_s, z_t, batch)
         if isinstance(z_t, TopKLogits) and p.divergence != "forward_kl":
             raise ValueError(f"token_kd: the teacher cache keeps the top-{z_t.k} logits, from "
                              f"which only forward_kl is computed (over the kept tokens and the "
