@@ -541,13 +541,17 @@ def build_teacher(config: RunConfig, data: DataSplits, phases: list[Phase], sect
     if config.teacher is None or not users:
         return None, None, phases
     recipe = users[0][0].recipe
-    if recipe.teacher_model in ("fresh", "pretrained"):
+    if recipe.teacher_model == "pretrained" and config.teacher.models is not None:
+        models = several_teachers(config, data)
+        teacher = models[0]  # the run compares the student with the first model
+        handed: nn.Module | TeacherSource = models
+    elif recipe.teacher_model in ("fresh", "pretrained"):
         fresh = recipe.teacher_model == "fresh"
         teacher = build_from(config.teacher.model, data, config.trainer.seed + 1 if fresh else 0,
                              "teacher.model")
         if config.teacher.checkpoint is not None:
             load_weights(teacher, Path(config.teacher.checkpoint), "teacher.checkpoint")
-        handed: nn.Module | TeacherSource = teacher if fresh else \
+        handed = teacher if fresh or recipe.builds_teacher_source else \
             FrozenTeacher(teacher, config.teacher.precision, config.teacher.compile)
     else:
         teacher = trained_teacher(config, data, recipe)
@@ -561,6 +565,15 @@ def build_teacher(config: RunConfig, data: DataSplits, phases: list[Phase], sect
         assert isinstance(handed, FrozenTeacher)  # check_teacher_cache refused the others
         handed = CachedTeacher(teacher_cache(config, data, users, handed), live=handed)
     return teacher, handed, resolved
+
+
+def several_teachers(config: RunConfig, data: DataSplits) -> nn.ModuleList:
+    """The pretrained models of ``teacher.models``, built for ``data`` as they are, in order:
+    what a recipe that learns from several models at once (``several_teachers``) turns into
+    its teacher source."""
+    assert config.teacher is not None and config.teacher.models is not None
+    return nn.ModuleList([build_from(model, data, 0, f"teacher.models.{i}")
+                          for i, model in enumerate(config.teacher.models)])
 
 
 def resolve_run_layer_maps(config: RunConfig, data: DataSplits, phases: list[Phase],
@@ -851,7 +864,7 @@ def preflight(config: RunConfig) -> DataSplits:
                 if not layer_map_pending(phase.recipe):  # the trial measures its map
                     check_taps(student, phase.recipe.student_taps(), where, phase.name or "")
         teacher = None
-        if recipe is not None and "teacher.model" not in unbuilt:
+        if recipe is not None and not any(w.startswith("teacher.") for w in unbuilt):
             teacher = trial_teacher(config, data, recipe, users, teacher_phases)
             rank_by_teacher(data, teacher.model if isinstance(teacher, FrozenTeacher)
                             else teacher, config.evaluation.batch_size)
@@ -866,7 +879,9 @@ def code_running_models(config: RunConfig) -> list[str]:
     the model's folder: an ``hf`` model, or an ``oracle`` on an ``hf`` base, with
     ``trust_remote_code: true``. ``kdistill check`` does not build them."""
     sections = [("student", config.student)]
-    if config.teacher is not None:
+    if config.teacher is not None and config.teacher.models is not None:
+        sections += [(f"teacher.models.{i}", m) for i, m in enumerate(config.teacher.models)]
+    elif config.teacher is not None:
         sections.append(("teacher.model", config.teacher.model))
     found = []
     for where, model in sections:
@@ -961,6 +976,12 @@ def trial_teacher(config: RunConfig, data: DataSplits, recipe: Recipe,
     (``teacher_phases``) gets a trial of its own training first, and of its adversarial
     fine-tuning when it has one (:func:`teacher_finetuning`)."""
     assert config.teacher is not None
+    if recipe.teacher_model == "pretrained" and config.teacher.models is not None:
+        models = several_teachers(config, data)
+        for model in models:
+            for phase, where in users:
+                check_taps(model, phase.recipe.teacher_taps(), where, phase.name or "")
+        return models
     fresh = recipe.teacher_model == "fresh"
     train = config.teacher.train
     seed = config.trainer.seed + 1 if fresh else train.seed if train is not None else 0
@@ -983,6 +1004,8 @@ def trial_teacher(config: RunConfig, data: DataSplits, recipe: Recipe,
             trial_fit(teacher, FrozenTeacher(copy.deepcopy(teacher)),
                       [Phase(finetune.objective(), finetune.epochs)], finetune.settings(train),
                       full, "teacher.finetune")
+    if recipe.builds_teacher_source:
+        return teacher
     return FrozenTeacher(teacher, config.teacher.precision, config.teacher.compile)
 
 

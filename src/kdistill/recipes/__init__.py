@@ -17,6 +17,7 @@ from kdistill.recipes import (  # noqa: F401  (registration)
     grain,
     hinton,
     hsk,
+    ka,
     mean_teacher,
     msd,
     mutual,
