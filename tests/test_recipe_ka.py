@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -231,3 +232,22 @@ def test_ka_needs_its_members_and_one_vocabulary():
                                          "90; .* must share the student's tokenizer"):
         recipe.terms(Taps({"logits": z_s}), other.with_members([other, Taps({"logits": z_s})]),
                      batch, TrainState())
+
+
+def test_the_ka_example_is_valid_where_its_models_and_data_are_installed():
+    """examples/lm/ka.yaml: without SmolLM2 or the fortunes the only problems say how to
+    install them, never another field."""
+    from kdistill.config import load_config
+    from kdistill.models.hf import INSTALLED_MODELS
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "lm" / "ka.yaml"
+    install = INSTALLED_MODELS["SmolLM2-135M-Instruct"].install
+    try:
+        config = load_config(path)
+    except ConfigError as error:
+        lines = str(error).splitlines()
+        problems = lines[1:] if len(lines) > 1 else [lines[0]]
+        assert problems and all(install in line or "file not found: /usr/share/games/fortunes"
+                                in line for line in problems), problems
+        return
+    assert (config.recipe["name"], len(config.teacher.models)) == ("ka", 2)

@@ -257,7 +257,7 @@ def test_a_run_pairs_language_modelling_data_with_language_modelling_recipes(tmp
     check_task(build_recipe("ce"), data, "recipe")
     with pytest.raises(KdistillError, match="recipe: 'hinton' is a classification recipe but "
                                             r"data set 't' is a lm task; recipes for it: "
-                                            r"\['ce', 'ka', 'token_kd'\]"):
+                                            r"\['ce', 'ka', 'span_kd', 'token_kd'\]"):
         check_task(build_recipe("hinton"), data, "recipe")
     with pytest.raises(KdistillError, match="teacher.train: recipe 'token_kd' distils a "
                                             "pretrained teacher"):

@@ -547,8 +547,8 @@ def build_teacher(config: RunConfig, data: DataSplits, phases: list[Phase], sect
         handed: nn.Module | TeacherSource = models
     elif recipe.teacher_model in ("fresh", "pretrained"):
         fresh = recipe.teacher_model == "fresh"
-        teacher = build_from(config.teacher.model, data, config.trainer.seed + 1 if fresh else 0,
-                             "teacher.model")
+        teacher = build_from(config.teacher.model, teacher_view(data, recipe),
+                             config.trainer.seed + 1 if fresh else 0, "teacher.model")
         if config.teacher.checkpoint is not None:
             load_weights(teacher, Path(config.teacher.checkpoint), "teacher.checkpoint")
         handed = teacher if fresh or recipe.builds_teacher_source else \
@@ -565,6 +565,13 @@ def build_teacher(config: RunConfig, data: DataSplits, phases: list[Phase], sect
         assert isinstance(handed, FrozenTeacher)  # check_teacher_cache refused the others
         handed = CachedTeacher(teacher_cache(config, data, users, handed), live=handed)
     return teacher, handed, resolved
+
+
+def teacher_view(data: DataSplits, recipe: Recipe) -> DataSplits:
+    """``data`` as the teacher of ``recipe`` is built for: with no token count to cover when
+    the teacher reads its own tokenization of the text (``Recipe.own_teacher_tokens``: its
+    vocabulary is its tokenizer's, not the data's)."""
+    return dataclasses.replace(data, num_classes=0) if recipe.own_teacher_tokens else data
 
 
 def several_teachers(config: RunConfig, data: DataSplits) -> nn.ModuleList:
@@ -767,7 +774,8 @@ def train_run(config: RunConfig, data: DataSplits, eval_data: Any = None, *,
     a resume's config against the run's); once the run has started, the config is saved there
     as ``config.json`` (and ``run.json``) and the engine writes its metrics log, checkpoints
     and final student there. A run that fails before it starts writes nothing there. Returns
-    the teacher model (None without one) and the fit; ``deployable(fit.student)`` is the
+    the teacher model (None without one, or when it reads other tokens than the student's
+    test rows hold) and the fit; ``deployable(fit.student)`` is the
     model to ship.
     """
     folder = RunFolder.open(run_dir, config, resume=resume, overwrite=overwrite) \
@@ -788,6 +796,8 @@ def train_run(config: RunConfig, data: DataSplits, eval_data: Any = None, *,
     distiller = Distiller(student, source, phases=phases, trainer=config.trainer,
                           run_dir=run_dir)
     evaluation = data.test if eval_data is None else eval_data
+    if distiller.teacher is not None and distiller.teacher.evaluation_source() is None:
+        teacher = None  # it reads other tokens (span_kd): no score on the student's test rows
     return teacher, distiller.fit(data.train, evaluation, resume=resume, overwrite=overwrite,
                                   on_start=folder.started if folder is not None else None)
 
@@ -985,7 +995,8 @@ def trial_teacher(config: RunConfig, data: DataSplits, recipe: Recipe,
     fresh = recipe.teacher_model == "fresh"
     train = config.teacher.train
     seed = config.trainer.seed + 1 if fresh else train.seed if train is not None else 0
-    teacher = build_from(config.teacher.model, data, seed, "teacher.model")
+    teacher = build_from(config.teacher.model, teacher_view(data, recipe), seed,
+                         "teacher.model")
     if config.teacher.checkpoint is not None:
         load_weights(teacher, Path(config.teacher.checkpoint), "teacher.checkpoint")
     for phase, where in users:

@@ -25,6 +25,7 @@ from kdistill.recipes import (  # noqa: F401  (registration)
     oracle,
     regression,
     retrieval,
+    span_kd,
     tinybert,
     token_kd,
 )

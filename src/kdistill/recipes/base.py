@@ -128,6 +128,7 @@ class Recipe(nn.Module):
     pools_tokens: ClassVar[bool] = False
     builds_teacher_source: ClassVar[bool] = False
     several_teachers: ClassVar[bool] = False
+    own_teacher_tokens: ClassVar[bool] = False
 
     def __init__(self, params: RecipeParams | None = None, **overrides: Any):
         super().__init__()

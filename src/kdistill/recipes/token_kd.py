@@ -94,7 +94,9 @@ class TokenKD(Recipe):
             raise ValueError(f"token_kd: the student predicts {z_s.shape[-1]} tokens and the "
                              f"teacher {z_t.shape[-1]}; token-level KD compares distributions "
                              "over one vocabulary, so the student must share the teacher's "
-                             "tokenizer (lm_student)")
+                             "tokenizer (lm_student); to distil across tokenizers use span_kd "
+                             "(likelihoods of word-aligned text spans) or sequence-level KD "
+                             "on the teacher's generated text")
         if isinstance(z_t, TopKLogits) and p.divergence != "forward_kl":
             raise ValueError(f"token_kd: the teacher cache keeps the top-{z_t.k} logits, from "
                              f"which only forward_kl is computed (over the kept tokens and the "
