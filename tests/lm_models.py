@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import functools
+import tempfile
 from pathlib import Path
 
 import torch
@@ -49,3 +51,10 @@ def save_llama(folder: Path, layers: int = 2, hidden: int = 32, seed: int = 0) -
     """A tiny Llama causal LM and its tokenizer saved together in ``folder``."""
     tiny_llama(layers, hidden, seed).save_pretrained(folder)
     return save_tokenizer(folder)
+
+
+@functools.cache
+def tokenizer_folder() -> str:
+    """A folder holding :func:`save_tokenizer`'s tokenizer, written once per test session
+    (for recipes that take tokenizer folders as parameters, built without a ``tmp_path``)."""
+    return str(save_tokenizer(Path(tempfile.mkdtemp(prefix="kdistill-tokenizer-"))))

@@ -16,6 +16,7 @@ import math
 
 import pytest
 import torch
+from lm_models import tokenizer_folder
 from recipe_maths import (
     ce,
     ce_rows,
@@ -65,6 +66,8 @@ PINNED = {
     "token_kd",  # test_recipe_token_kd.py
     "gkd",  # test_recipe_gkd.py
     "seqkd",  # test_recipe_seqkd.py
+    "ka",  # test_recipe_ka.py
+    "span_kd",  # test_recipe_span_kd.py
 }  # fmt: skip
 
 
@@ -87,7 +90,9 @@ def test_every_registered_recipe_has_an_equation_test() -> None:
 @pytest.mark.parametrize("name", sorted(PINNED - {"fitnets", "annealing", "tinybert", "hsk"}))
 def test_single_phase_recipes_keep_the_whole_budget(name: str) -> None:
     params = {"composite": {"terms": [{"loss": "ce"}]},
-              "lead": {"student_layers": 3, "teacher_layers": 4}}.get(name, {})
+              "lead": {"student_layers": 3, "teacher_layers": 4},
+              "span_kd": {"student_tokenizer": tokenizer_folder(),
+                          "teacher_tokenizer": tokenizer_folder()}}.get(name, {})
     recipe = build_recipe(name, **params)
     assert recipe.phases(7) == [(recipe, 7)]
 

@@ -257,7 +257,8 @@ def test_a_run_pairs_language_modelling_data_with_language_modelling_recipes(tmp
     check_task(build_recipe("ce"), data, "recipe")
     with pytest.raises(KdistillError, match="recipe: 'hinton' is a classification recipe but "
                                             r"data set 't' is a lm task; recipes for it: "
-                                            r"\['ce', 'gkd', 'seqkd', 'token_kd'\]"):
+                                            r"\['ce', 'gkd', 'ka', 'seqkd', 'span_kd', "
+                                            r"'token_kd'\]"):
         check_task(build_recipe("hinton"), data, "recipe")
     with pytest.raises(KdistillError, match="teacher.train: recipe 'token_kd' distils a "
                                             "pretrained teacher"):

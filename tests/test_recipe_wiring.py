@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+from lm_models import tokenizer_folder
 from recipe_maths import d, seeded
 from torch import nn
 
@@ -103,7 +104,9 @@ def test_shape_dependent_state_does_not_exist_before_the_first_batch() -> None:
 def test_a_recipe_reads_teacher_taps_exactly_when_it_uses_a_teacher(name) -> None:
     params = {"composite": {"terms": [{"loss": "ce"}]},
               "lead": {"student_layers": 3, "teacher_layers": 4},
-              "grain": {"hidden_layers": [[0, 0], [2, 4]]}}.get(name, {})
+              "grain": {"hidden_layers": [[0, 0], [2, 4]]},
+              "span_kd": {"student_tokenizer": tokenizer_folder(),
+                          "teacher_tokenizer": tokenizer_folder()}}.get(name, {})
     recipe = build_recipe(name, **params)
     # seqkd uses its teacher's model to generate (test_recipe_seqkd.py), never its taps.
     assert bool(recipe.teacher_taps()) == (recipe.uses_teacher and name != "seqkd")

@@ -8,12 +8,14 @@ import copy
 
 import pytest
 import torch
+from lm_models import tokenizer_folder
 
 from kdistill import Distiller
 from kdistill.recipes import RECIPES, Recipe, build_recipe
 
 # Recipes that cannot be built from defaults get their configuration here.
 RECIPE_PARAMS: dict[str, dict] = {
+    "span_kd": {"student_tokenizer": tokenizer_folder(), "teacher_tokenizer": tokenizer_folder()},
     "composite": {"terms": [
         {"loss": "kd", "params": {"temperature": 2.0}},
         {"loss": "hidden_mse", "student": "module:features", "teacher": "module:features",

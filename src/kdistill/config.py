@@ -151,9 +151,14 @@ class TeacherConfig(Strict):
     from ``checkpoint``: give no ``train``. ``cache``
     runs the frozen teacher once and trains the student from its stored answers. A frozen
     teacher runs its forward in ``precision`` (autocast; taps come back in float32) and, with
-    ``compile``, through ``torch.compile`` (see :class:`kdistill.teachers.FrozenTeacher`)."""
+    ``compile``, through ``torch.compile`` (see :class:`kdistill.teachers.FrozenTeacher`).
+
+    A recipe that learns from several pretrained models at once (``ka``) takes them as
+    ``models``, a list of model sections, in place of ``model`` (which then stands for the
+    first of them)."""
 
     model: ModelConfig
+    models: list[ModelConfig] | None = Field(default=None, min_length=1)
     checkpoint: str | None = None
     train: TrainerSettings | None = None
     recipe: dict[str, Any] | None = None
@@ -162,8 +167,23 @@ class TeacherConfig(Strict):
     compile: bool = False
     cache: CacheConfig | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _model_or_models(cls, value: Any) -> Any:
+        if isinstance(value, Mapping) and value.get("models") is not None:
+            if "model" in value:
+                raise ValueError("both 'model' and 'models' are given; give 'model' for one "
+                                 "teacher or 'models' for several")
+            models = value["models"]
+            if isinstance(models, list) and models:
+                return {**value, "model": models[0]}
+        return value
+
     @model_validator(mode="after")
     def _one_source(self) -> TeacherConfig:
+        if self.models is not None and self.checkpoint is not None:
+            raise ValueError("'checkpoint' loads the weights of one teacher; with 'models' "
+                             "give each model's own weights in its options (e.g. hf_lm's path)")
         if self.checkpoint is not None and self.train is not None:
             raise ValueError("both 'checkpoint' and 'train' are given; give one (load weights "
                              "from 'checkpoint' or train the teacher with 'train')")
@@ -555,7 +575,10 @@ def check_registered(config: RunConfig) -> list[str]:
     problems = (check_output_folder(config) + _check_data(config.data)
                 + _check_model(config.student, "student"))
     if config.teacher is not None:
-        problems += _check_model(config.teacher.model, "teacher.model")
+        if config.teacher.models is None:
+            problems += _check_model(config.teacher.model, "teacher.model")
+        for i, model in enumerate(config.teacher.models or []):
+            problems += _check_model(model, f"teacher.models.{i}")
         if config.teacher.checkpoint and not Path(config.teacher.checkpoint).is_file():
             problems.append(f"teacher.checkpoint: file not found: {config.teacher.checkpoint}")
     specs = ([("recipe", config.recipe)] if config.recipe is not None else
@@ -589,6 +612,16 @@ def _check_teacher_role(teacher: TeacherConfig | None, recipe: Any) -> list[str]
             "'teacher' section"]
     if teacher is None:
         return [f"teacher: recipe '{recipe.name}' needs a teacher; add a 'teacher' section"]
+    if teacher.models is not None and not recipe.several_teachers:
+        several = sorted(name for name, entry in RECIPES.items() if entry.cls.several_teachers)
+        return [f"teacher.models: recipe '{recipe.name}' distils one teacher; give it as "
+                f"teacher.model (recipes that learn from several models: {several})"]
+    if recipe.builds_teacher_source:
+        for field, value, default in (("precision", teacher.precision, "fp32"),
+                                      ("compile", teacher.compile, False)):
+            if value != default:
+                return [f"teacher.{field}: recipe '{recipe.name}' runs its teacher models "
+                        f"itself, in fp32 and uncompiled; remove teacher.{field}"]
     if kind == "pretrained" and teacher.train is not None:
         return [f"teacher.train: recipe '{recipe.name}' distils a pretrained teacher as it is "
                 "(built from teacher.model, or loaded from teacher.checkpoint); remove "

@@ -542,13 +542,17 @@ def build_teacher(config: RunConfig, data: DataSplits, phases: list[Phase], sect
     if config.teacher is None or not users:
         return None, None, phases
     recipe = users[0][0].recipe
-    if recipe.teacher_model in ("fresh", "pretrained"):
+    if recipe.teacher_model == "pretrained" and config.teacher.models is not None:
+        models = several_teachers(config, data)
+        teacher = models[0]  # the run compares the student with the first model
+        handed: nn.Module | TeacherSource = models
+    elif recipe.teacher_model in ("fresh", "pretrained"):
         fresh = recipe.teacher_model == "fresh"
-        teacher = build_from(config.teacher.model, data, config.trainer.seed + 1 if fresh else 0,
-                             "teacher.model")
+        teacher = build_from(config.teacher.model, teacher_view(data, recipe),
+                             config.trainer.seed + 1 if fresh else 0, "teacher.model")
         if config.teacher.checkpoint is not None:
             load_weights(teacher, Path(config.teacher.checkpoint), "teacher.checkpoint")
-        handed: nn.Module | TeacherSource = teacher if fresh else \
+        handed = teacher if fresh or recipe.builds_teacher_source else \
             FrozenTeacher(teacher, config.teacher.precision, config.teacher.compile)
     else:
         teacher = trained_teacher(config, data, recipe)
@@ -562,6 +566,22 @@ def build_teacher(config: RunConfig, data: DataSplits, phases: list[Phase], sect
         assert isinstance(handed, FrozenTeacher)  # check_teacher_cache refused the others
         handed = CachedTeacher(teacher_cache(config, data, users, handed), live=handed)
     return teacher, handed, resolved
+
+
+def teacher_view(data: DataSplits, recipe: Recipe) -> DataSplits:
+    """``data`` as the teacher of ``recipe`` is built for: with no token count to cover when
+    the teacher reads its own tokenization of the text (``Recipe.own_teacher_tokens``: its
+    vocabulary is its tokenizer's, not the data's)."""
+    return dataclasses.replace(data, num_classes=0) if recipe.own_teacher_tokens else data
+
+
+def several_teachers(config: RunConfig, data: DataSplits) -> nn.ModuleList:
+    """The pretrained models of ``teacher.models``, built for ``data`` as they are, in order:
+    what a recipe that learns from several models at once (``several_teachers``) turns into
+    its teacher source."""
+    assert config.teacher is not None and config.teacher.models is not None
+    return nn.ModuleList([build_from(model, data, 0, f"teacher.models.{i}")
+                          for i, model in enumerate(config.teacher.models)])
 
 
 def resolve_run_layer_maps(config: RunConfig, data: DataSplits, phases: list[Phase],
@@ -755,7 +775,8 @@ def train_run(config: RunConfig, data: DataSplits, eval_data: Any = None, *,
     a resume's config against the run's); once the run has started, the config is saved there
     as ``config.json`` (and ``run.json``) and the engine writes its metrics log, checkpoints
     and final student there. A run that fails before it starts writes nothing there. Returns
-    the teacher model (None without one) and the fit; ``deployable(fit.student)`` is the
+    the teacher model (None without one, or when it reads other tokens than the student's
+    test rows hold) and the fit; ``deployable(fit.student)`` is the
     model to ship.
     """
     folder = RunFolder.open(run_dir, config, resume=resume, overwrite=overwrite) \
@@ -776,6 +797,8 @@ def train_run(config: RunConfig, data: DataSplits, eval_data: Any = None, *,
     distiller = Distiller(student, source, phases=phases, trainer=config.trainer,
                           run_dir=run_dir)
     evaluation = data.test if eval_data is None else eval_data
+    if distiller.teacher is not None and distiller.teacher.evaluation_source() is None:
+        teacher = None  # it reads other tokens (span_kd): no score on the student's test rows
     return teacher, distiller.fit(data.train, evaluation, resume=resume, overwrite=overwrite,
                                   on_start=folder.started if folder is not None else None)
 
@@ -854,7 +877,7 @@ def preflight(config: RunConfig) -> DataSplits:
                 if not layer_map_pending(phase.recipe):  # the trial measures its map
                     check_taps(student, phase.recipe.student_taps(), where, phase.name or "")
         teacher = None
-        if recipe is not None and "teacher.model" not in unbuilt:
+        if recipe is not None and not any(w.startswith("teacher.") for w in unbuilt):
             teacher = trial_teacher(config, data, recipe, users, teacher_phases)
             rank_by_teacher(data, teacher.model if isinstance(teacher, FrozenTeacher)
                             else teacher, config.evaluation.batch_size)
@@ -869,7 +892,9 @@ def code_running_models(config: RunConfig) -> list[str]:
     the model's folder: an ``hf`` model, or an ``oracle`` on an ``hf`` base, with
     ``trust_remote_code: true``. ``kdistill check`` does not build them."""
     sections = [("student", config.student)]
-    if config.teacher is not None:
+    if config.teacher is not None and config.teacher.models is not None:
+        sections += [(f"teacher.models.{i}", m) for i, m in enumerate(config.teacher.models)]
+    elif config.teacher is not None:
         sections.append(("teacher.model", config.teacher.model))
     found = []
     for where, model in sections:
@@ -964,10 +989,17 @@ def trial_teacher(config: RunConfig, data: DataSplits, recipe: Recipe,
     (``teacher_phases``) gets a trial of its own training first, and of its adversarial
     fine-tuning when it has one (:func:`teacher_finetuning`)."""
     assert config.teacher is not None
+    if recipe.teacher_model == "pretrained" and config.teacher.models is not None:
+        models = several_teachers(config, data)
+        for model in models:
+            for phase, where in users:
+                check_taps(model, phase.recipe.teacher_taps(), where, phase.name or "")
+        return models
     fresh = recipe.teacher_model == "fresh"
     train = config.teacher.train
     seed = config.trainer.seed + 1 if fresh else train.seed if train is not None else 0
-    teacher = build_from(config.teacher.model, data, seed, "teacher.model")
+    teacher = build_from(config.teacher.model, teacher_view(data, recipe), seed,
+                         "teacher.model")
     if config.teacher.checkpoint is not None:
         load_weights(teacher, Path(config.teacher.checkpoint), "teacher.checkpoint")
     for phase, where in users:
@@ -986,6 +1018,8 @@ def trial_teacher(config: RunConfig, data: DataSplits, recipe: Recipe,
             trial_fit(teacher, FrozenTeacher(copy.deepcopy(teacher)),
                       [Phase(finetune.objective(), finetune.epochs)], finetune.settings(train),
                       full, "teacher.finetune")
+    if recipe.builds_teacher_source:
+        return teacher
     return FrozenTeacher(teacher, config.teacher.precision, config.teacher.compile)
 
 

@@ -302,6 +302,71 @@ class EMATeacher(TeacherSource):
             self.generator.set_state(state["generator"])
 
 
+class SnapshotTeacher(TeacherSource):
+    """A frozen copy of a model (the student) taken at the first ``bind`` and refreshed from it
+    every ``every`` optimizer steps: the model's *previous version*, as knowledge-inheritance
+    terms read it (``ka``).
+
+    After the optimizer step with ``state.step`` = s (0-based), the copy is refreshed when
+    s + 1 is a multiple of ``every``, or, with ``every="epoch"``, of ``state.steps_per_epoch``
+    (the copy then answers for the whole next epoch with the weights the model ended the
+    previous one with; during the first epoch, with the weights it started with). Frozen (eval
+    mode, no gradients); the copy's weights are checkpointed, so a resume reads the same
+    previous version.
+    """
+
+    def __init__(self, model: nn.Module, every: int | Literal["epoch"] = "epoch"):
+        if every != "epoch" and not (isinstance(every, int) and every >= 1):
+            raise ValueError(f"SnapshotTeacher every must be a number of steps >= 1 or "
+                             f"'epoch', got {every!r}")
+        self.followed = model
+        self.every = every
+        self.model: nn.Module | None = None
+        self.frozen: FrozenTeacher | None = None
+
+    @property
+    def static(self) -> bool:
+        return False
+
+    def bind(self, tap_names: Iterable[str], device: torch.device) -> None:
+        if self.model is None:
+            self.model = copy.deepcopy(self.followed)
+        self.close()
+        self.frozen = FrozenTeacher(self.model)
+        self.frozen.bind(tap_names, device)
+
+    def __call__(self, batch: Mapping[str, Any]) -> Taps:
+        if self.frozen is None:
+            raise RuntimeError("SnapshotTeacher.bind must be called before the teacher is used")
+        return self.frozen(batch)
+
+    def refreshes_after(self, state: TrainState) -> bool:
+        """Whether the copy is refreshed after the optimizer step of ``state``."""
+        period = state.steps_per_epoch if self.every == "epoch" else self.every
+        return (state.step + 1) % max(period, 1) == 0
+
+    @torch.no_grad()
+    def after_step(self, student: nn.Module, state: TrainState) -> None:
+        if self.model is None:
+            raise RuntimeError("SnapshotTeacher.after_step called before bind")
+        if self.refreshes_after(state):
+            self.model.load_state_dict(self.followed.state_dict())
+
+    def close(self) -> None:
+        if self.frozen is not None:
+            self.frozen.close()
+            self.frozen = None
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {} if self.model is None else dict(self.model.state_dict())
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        if state:
+            if self.model is None:
+                self.model = copy.deepcopy(self.followed)
+            self.model.load_state_dict(dict(state))
+
+
 class PeerTeacher(TeacherSource):
     """Peers that train alongside the student (online distillation: deep mutual learning,
     BD-KD, ATSEN's second student).

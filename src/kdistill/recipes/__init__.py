@@ -18,6 +18,7 @@ from kdistill.recipes import (  # noqa: F401  (registration)
     grain,
     hinton,
     hsk,
+    ka,
     mean_teacher,
     msd,
     mutual,
@@ -26,6 +27,7 @@ from kdistill.recipes import (  # noqa: F401  (registration)
     regression,
     retrieval,
     seqkd,
+    span_kd,
     tinybert,
     token_kd,
 )

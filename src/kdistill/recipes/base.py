@@ -126,6 +126,9 @@ class Recipe(nn.Module):
     architecture: ClassVar[str | None] = None
     teacher_input_change: ClassVar[str | None] = None
     pools_tokens: ClassVar[bool] = False
+    builds_teacher_source: ClassVar[bool] = False
+    several_teachers: ClassVar[bool] = False
+    own_teacher_tokens: ClassVar[bool] = False
 
     def __init__(self, params: RecipeParams | None = None, **overrides: Any):
         super().__init__()

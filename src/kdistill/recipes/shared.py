@@ -86,7 +86,9 @@ def check_token_logits(recipe: str, z_s: Tensor, z_t: Tensor, batch: Mapping[str
         raise ValueError(f"{recipe}: the student predicts {z_s.shape[-1]} tokens and the "
                          f"teacher {z_t.shape[-1]}; token-level KD compares distributions "
                          "over one vocabulary, so the student must share the teacher's "
-                         "tokenizer (lm_student)")
+                         "tokenizer (lm_student); to distil across tokenizers use span_kd "
+                         "(likelihoods of word-aligned text spans) or seqkd (sequence-level "
+                         "KD on the teacher's generated text)")
 
 
 
