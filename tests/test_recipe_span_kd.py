@@ -172,7 +172,8 @@ def test_token_kd_across_vocabularies_is_refused_naming_the_alternatives():
     with pytest.raises(ValueError, match="token_kd: the student predicts 100 tokens and the "
                                          "teacher 40; .* to distil across tokenizers use "
                                          r"span_kd \(likelihoods of word-aligned text spans\) "
-                                         "or sequence-level KD"):
+                                         r"or seqkd \(sequence-level KD on the teacher's "
+                                         r"generated text\)$"):
         build_recipe("token_kd").terms(Taps({"logits": z_s}), Taps({"logits": z_t}), batch,
                                        TrainState())
 
