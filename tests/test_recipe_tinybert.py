@@ -25,7 +25,8 @@ from kdistill.layermap import auto_layer_map
 from kdistill.models.hf_text import build_hf_text
 from kdistill.models.text import TextModel, token_level_taps
 from kdistill.recipes import build_recipe
-from kdistill.recipes.tinybert import TinyBERT, attention_scores, resolve_layer_map
+from kdistill.recipes.layer_stages import resolve_layer_map
+from kdistill.recipes.tinybert import TinyBERT, attention_scores
 from kdistill.schedules import TrainState
 from kdistill.taps import TapError, TapReader, Taps
 from kdistill.teachers import FrozenTeacher

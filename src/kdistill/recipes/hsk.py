@@ -4,50 +4,39 @@ can hold, then its predictions."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
 from torch import nn
 
 from kdistill import losses
-from kdistill.errors import KdistillError
 from kdistill.losses.slices import Dropped, TokenSlice
 from kdistill.recipes.adapters import make_adapter
-from kdistill.recipes.base import Recipe, RecipeParams, Term, register
+from kdistill.recipes.base import RecipeParams, Term, register
 from kdistill.recipes.layer_stages import (
-    check_depth,
+    LayerStagesParams,
+    LayerStagesRecipe,
     prediction_term,
-    refuse_task_stage,
-    resolve_layer_map,
-    split_budget,
 )
 from kdistill.schedules import TrainState
 from kdistill.taps import Taps, slice_tap
-from kdistill.teachers import TeacherSource
 
 Stage = Literal["hidden", "task", "prediction"]
 TokenAttention = Literal["uniform", "mapped"]
 
 
-class HSKParams(RecipeParams):
+class HSKParams(LayerStagesParams):
     stage: Stage = "task"
-    student_layers: int = Field(default=4, ge=1)
-    teacher_layers: int = Field(default=12, ge=1)
-    layer_map: list[int] | Literal["auto"] | None = None
     layers: int = Field(default=1, ge=1)
     tokens: int | None = Field(default=10, ge=1)
     width: float = Field(default=0.1, gt=0, le=1)
     token_attention: TokenAttention = "uniform"
     sep_token_id: int | None = Field(default=102, ge=0)
     dropped: Dropped = "zero"
-    temperature: float = Field(default=1.0, gt=0)
-    intermediate_epochs: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
     def _valid(self) -> HSKParams:
-        if self.layer_map != "auto":
-            resolve_layer_map(self.layer_map, self.student_layers, self.teacher_layers)
         if self.layers > self.student_layers + 1:
             raise ValueError(f"layers ({self.layers}) counts the student's hidden states kept "
                              "from the top, the embeddings included: at most student_layers + "
@@ -62,13 +51,13 @@ class HSKParams(RecipeParams):
 
 
 @register
-class HSK(Recipe):
+class HSK(LayerStagesRecipe):
     """Hidden-state knowledge compression: distil a slice of the teacher's hidden states.
 
     Liu, Meng, Lin, Wang & Zhou (2021), "Marginal Utility Diminishes: Exploring the Minimum
     Knowledge for BERT Knowledge Distillation" (ACL). Student layer m = 0..M (0: the
     embeddings) learns teacher layer g(m) (g(0) = 0; g(1..M) from ``layer_map``: the uniform
-    g(m) = m N / M of :func:`~kdistill.recipes.tinybert.resolve_layer_map`, a list, or ``auto``,
+    g(m) = m N / M of :func:`~kdistill.recipes.layer_stages.resolve_layer_map`, a list, or ``auto``,
     measured before training). Only a slice of the teacher's hidden states is distilled:
 
     * depth: the student's top ``layers`` hidden states, m in D = {M - layers + 1, ..., M};
@@ -109,32 +98,18 @@ class HSK(Recipe):
     Params = HSKParams
     architecture = "BERT-style transformer encoders (self-attention with query and key layers)"
 
+    intermediate_stage = "hidden"
+
     def __init__(self, params: RecipeParams | None = None, **overrides: Any):
         super().__init__(params, **overrides)
-        p = self.params
-        self.layer_map: tuple[int, ...] | None = None if p.layer_map == "auto" else \
-            resolve_layer_map(p.layer_map, p.student_layers, p.teacher_layers)
         self.projection: nn.Module | None = None
-
-    @property
-    def layer_map_pending(self) -> bool:
-        """Whether ``layer_map`` is ``auto`` and not measured yet (see :class:`LayerMapped`)."""
-        return self.layer_map is None
-
-    def with_layer_map(self, mapping: Sequence[int]) -> HSK:
-        """This recipe with the layer map g(1), ..., g(M) = ``mapping``."""
-        return HSK(self.params, layer_map=list(mapping))
 
     # -- taps -------------------------------------------------------------------------------
     def kept_layers(self) -> list[tuple[int, int, int]]:
         """(m, g(m), a(m)) of every kept student layer m (0: the embeddings): the teacher's
         hidden state it learns and the self-attention layer (from 0) choosing its tokens."""
-        if self.layer_map is None:
-            raise KdistillError("hsk: layer_map 'auto' is measured on the student and the "
-                                "teacher before training (kdistill train and Distiller.fit do "
-                                "it); this recipe was asked for its taps before that")
         p = self.params
-        mapping = (0, *self.layer_map)
+        mapping = (0, *self.mapped())
         step = p.teacher_layers // p.student_layers
         kept = []
         for m in range(p.student_layers - p.layers + 1, p.student_layers + 1):
@@ -162,25 +137,9 @@ class HSK(Recipe):
             return ["logits"]
         return [t for _, t in self._pairs()]
 
-    # -- models -----------------------------------------------------------------------------
-    def wrap_student(self, student: nn.Module) -> nn.Module:
-        """The student unchanged, once its depth is checked against ``student_layers``."""
-        if self.params.stage != "prediction":
-            check_depth(self.name, student, "student", "student_layers",
-                        self.params.student_layers)
-        return student
-
-    def teacher_source(self, student: nn.Module,
-                       teacher: nn.Module | None) -> TeacherSource | None:
-        """The frozen teacher, once its depth is checked against ``teacher_layers``."""
-        if teacher is not None and self.params.stage != "prediction":
-            check_depth(self.name, teacher, "teacher", "teacher_layers",
-                        self.params.teacher_layers)
-        return super().teacher_source(student, teacher)
-
+    # -- modules ----------------------------------------------------------------------------
     def build(self, student: Taps, teacher: Taps | None) -> None:
-        if self.params.stage == "task":
-            refuse_task_stage(self.name, "hidden")
+        super().build(student, teacher)
         if self.params.stage == "prediction":
             return
         assert teacher is not None
@@ -204,10 +163,3 @@ class HSK(Recipe):
             projected = self.projection(losses.gather_tokens(student[s], cut.positions))
             total.append(losses.sliced_mse(projected, cut, self.params.dropped))
         return {"hidden": Term(sum(total), 1.0, "examples")}
-
-    def phases(self, epochs: int) -> list[tuple[Recipe, int]]:
-        if self.params.stage != "task":
-            return [(self, epochs)]
-        first, second = split_budget(self.name, epochs, self.params.intermediate_epochs)
-        return [(HSK(self.params, stage="hidden"), first),
-                (HSK(self.params, stage="prediction"), second)]

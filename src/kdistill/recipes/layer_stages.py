@@ -1,18 +1,22 @@
 """What the layer-to-layer recipes of transformer encoders (``tinybert``, ``hsk``) share:
-the layer map, the depth check of a model, the prediction-layer term and the split of stage
-``task`` into an intermediate phase and a prediction phase."""
+the layer map (:class:`LayerStagesParams`), the depth check of a model, the prediction-layer
+term and the stages, stage ``task`` split into an intermediate phase and a prediction phase
+(:class:`LayerStagesRecipe`)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar, Literal, Self
 
+from pydantic import Field, model_validator
 from torch import nn
 
 from kdistill import losses
-from kdistill.recipes.base import Term
+from kdistill.errors import KdistillError
+from kdistill.recipes.base import Recipe, RecipeParams, Term
 from kdistill.recipes.shared import valid_rows
 from kdistill.taps import Taps, self_attention_layers
+from kdistill.teachers import TeacherSource
 
 
 def resolve_layer_map(layer_map: Sequence[int] | None, student_layers: int,
@@ -85,3 +89,81 @@ def refuse_task_stage(recipe: str, intermediate: str) -> None:
     raise ValueError(f"{recipe}: stage 'task' runs as two phases (the intermediate layers, then "
                      f"the prediction layer); in a 'phases' list give a phase with stage "
                      f"'{intermediate}' and then one with stage 'prediction'")
+
+
+class LayerStagesParams(RecipeParams):
+    """What every layer-to-layer recipe takes (its ``stage`` is its own): the depths M and N,
+    the layer map (``None``: uniform; a list; ``auto``: measured before training), the
+    prediction layer's temperature and stage ``task``'s intermediate epochs."""
+
+    student_layers: int = Field(default=4, ge=1)
+    teacher_layers: int = Field(default=12, ge=1)
+    layer_map: list[int] | Literal["auto"] | None = None
+    temperature: float = Field(default=1.0, gt=0)
+    intermediate_epochs: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _valid_map(self) -> Self:
+        if self.layer_map != "auto":
+            resolve_layer_map(self.layer_map, self.student_layers, self.teacher_layers)
+        return self
+
+
+class LayerStagesRecipe(Recipe):
+    """A layer-to-layer recipe of transformer encoders with stages: ``intermediate_stage``
+    (the layers through the layer map), ``prediction`` (:func:`prediction_term`) and ``task``
+    (both, as two phases, :func:`split_budget`). Its models' depths are checked against the
+    declared ones; ``layer_map: auto`` waits for its measurement (a
+    :class:`~kdistill.recipes.base.LayerMapped` recipe)."""
+
+    intermediate_stage: ClassVar[str]
+
+    def __init__(self, params: RecipeParams | None = None, **overrides: Any):
+        super().__init__(params, **overrides)
+        p = self.params
+        self.layer_map: tuple[int, ...] | None = None if p.layer_map == "auto" else \
+            resolve_layer_map(p.layer_map, p.student_layers, p.teacher_layers)
+
+    @property
+    def layer_map_pending(self) -> bool:
+        """Whether ``layer_map`` is ``auto`` and not measured yet."""
+        return self.layer_map is None
+
+    def with_layer_map(self, mapping: Sequence[int]) -> Self:
+        """This recipe with the layer map g(1), ..., g(M) = ``mapping``."""
+        return type(self)(self.params, layer_map=list(mapping))
+
+    def mapped(self) -> tuple[int, ...]:
+        """g(1), ..., g(M); an error while ``layer_map: auto`` is not measured."""
+        if self.layer_map is None:
+            raise KdistillError(f"{self.name}: layer_map 'auto' is measured on the student and "
+                                "the teacher before training (kdistill train and Distiller.fit "
+                                "do it); this recipe was asked for its taps before that")
+        return self.layer_map
+
+    def wrap_student(self, student: nn.Module) -> nn.Module:
+        """The student unchanged, once its depth is checked against ``student_layers``."""
+        if self.params.stage != "prediction":
+            check_depth(self.name, student, "student", "student_layers",
+                        self.params.student_layers)
+        return student
+
+    def teacher_source(self, student: nn.Module,
+                       teacher: nn.Module | None) -> TeacherSource | None:
+        """The frozen teacher, once its depth is checked against ``teacher_layers``."""
+        if teacher is not None and self.params.stage != "prediction":
+            check_depth(self.name, teacher, "teacher", "teacher_layers",
+                        self.params.teacher_layers)
+        return super().teacher_source(student, teacher)
+
+    def build(self, student: Taps, teacher: Taps | None) -> None:
+        """Refuse stage ``task`` run as one phase (:meth:`phases` splits it)."""
+        if self.params.stage == "task":
+            refuse_task_stage(self.name, self.intermediate_stage)
+
+    def phases(self, epochs: int) -> list[tuple[Recipe, int]]:
+        if self.params.stage != "task":
+            return [(self, epochs)]
+        first, second = split_budget(self.name, epochs, self.params.intermediate_epochs)
+        return [(type(self)(self.params, stage=self.intermediate_stage), first),
+                (type(self)(self.params, stage="prediction"), second)]

@@ -4,26 +4,22 @@ hidden states and attention scores through a layer map - then its prediction lay
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import Tensor, nn
 
 from kdistill import losses
-from kdistill.errors import KdistillError
 from kdistill.recipes.adapters import make_adapter
-from kdistill.recipes.base import Recipe, RecipeParams, Term, register
+from kdistill.recipes.base import RecipeParams, Term, register
 from kdistill.recipes.layer_stages import (
-    check_depth,
+    LayerStagesParams,
+    LayerStagesRecipe,
     prediction_term,
-    refuse_task_stage,
-    resolve_layer_map,
-    split_budget,
 )
 from kdistill.schedules import TrainState
 from kdistill.taps import Taps
-from kdistill.teachers import TeacherSource
 
 Stage = Literal["general", "task", "prediction"]
 Projection = Literal["shared", "per_layer"]
@@ -36,27 +32,16 @@ def attention_scores(query: Tensor, key: Tensor) -> Tensor:
     return (query.transpose(1, 2) @ key.permute(0, 2, 3, 1)) / math.sqrt(query.shape[-1])
 
 
-class TinyBERTParams(RecipeParams):
+class TinyBERTParams(LayerStagesParams):
     stage: Stage = "task"
-    student_layers: int = Field(default=4, ge=1)
-    teacher_layers: int = Field(default=12, ge=1)
-    layer_map: list[int] | Literal["auto"] | None = None
     projection: Projection = "shared"
-    temperature: float = Field(default=1.0, gt=0)
-    intermediate_epochs: int | None = Field(default=None, ge=1)
     embedding_weight: float = Field(default=1.0, ge=0)
     hidden_weight: float = Field(default=1.0, ge=0)
     attention_weight: float = Field(default=1.0, ge=0)
 
-    @model_validator(mode="after")
-    def _valid_map(self) -> TinyBERTParams:
-        if self.layer_map != "auto":
-            resolve_layer_map(self.layer_map, self.student_layers, self.teacher_layers)
-        return self
-
 
 @register
-class TinyBERT(Recipe):
+class TinyBERT(LayerStagesRecipe):
     """TinyBERT: a transformer student learns the teacher layer by layer, then its predictions.
 
     Jiao, Yin, Shang, Jiang, Chen, Li, Wang & Liu (2020), "TinyBERT: Distilling BERT for
@@ -95,38 +80,21 @@ class TinyBERT(Recipe):
     Params = TinyBERTParams
     architecture = "BERT-style transformer encoders (self-attention with query and key layers)"
 
+    intermediate_stage = "general"
+
     def __init__(self, params: RecipeParams | None = None, **overrides: Any):
         super().__init__(params, **overrides)
-        p = self.params
-        self.layer_map: tuple[int, ...] | None = None if p.layer_map == "auto" else \
-            resolve_layer_map(p.layer_map, p.student_layers, p.teacher_layers)
         self.projections: nn.ModuleList | None = None
 
-    @property
-    def layer_map_pending(self) -> bool:
-        """Whether ``layer_map`` is ``auto`` and not measured yet (see :class:`LayerMapped`)."""
-        return self.layer_map is None
-
-    def with_layer_map(self, mapping: Sequence[int]) -> TinyBERT:
-        """This recipe with the layer map g(1), ..., g(M) = ``mapping``."""
-        return TinyBERT(self.params, layer_map=list(mapping))
-
     # -- taps -------------------------------------------------------------------------------
-    def _mapped(self) -> tuple[int, ...]:
-        if self.layer_map is None:
-            raise KdistillError("tinybert: layer_map 'auto' is measured on the student and the "
-                                "teacher before training (kdistill train and Distiller.fit do "
-                                "it); this recipe was asked for its taps before that")
-        return self.layer_map
-
     def _pairs(self) -> list[tuple[str, str]]:
         """(student, teacher) feature taps: the embeddings, then each mapped hidden state."""
         return [("embeddings", "embeddings"),
-                *((f"hidden.{m}", f"hidden.{g}") for m, g in enumerate(self._mapped(), 1))]
+                *((f"hidden.{m}", f"hidden.{g}") for m, g in enumerate(self.mapped(), 1))]
 
     def _attention_layers(self) -> list[tuple[int, int]]:
         """(student, teacher) self-attention layer indices from 0, as the taps count them."""
-        return [(m - 1, g - 1) for m, g in enumerate(self._mapped(), 1)]
+        return [(m - 1, g - 1) for m, g in enumerate(self.mapped(), 1)]
 
     def student_taps(self) -> list[str]:
         if self.params.stage == "prediction":
@@ -142,25 +110,9 @@ class TinyBERT(Recipe):
         taps += [f"{kind}.{t}" for _, t in self._attention_layers() for kind in ("query", "key")]
         return taps + (["logits"] if self.params.stage == "task" else [])
 
-    # -- models -----------------------------------------------------------------------------
-    def wrap_student(self, student: nn.Module) -> nn.Module:
-        """The student unchanged, once its depth is checked against ``student_layers``."""
-        if self.params.stage != "prediction":
-            check_depth(self.name, student, "student", "student_layers",
-                        self.params.student_layers)
-        return student
-
-    def teacher_source(self, student: nn.Module,
-                       teacher: nn.Module | None) -> TeacherSource | None:
-        """The frozen teacher, once its depth is checked against ``teacher_layers``."""
-        if teacher is not None and self.params.stage != "prediction":
-            check_depth(self.name, teacher, "teacher", "teacher_layers",
-                        self.params.teacher_layers)
-        return super().teacher_source(student, teacher)
-
+    # -- modules ----------------------------------------------------------------------------
     def build(self, student: Taps, teacher: Taps | None) -> None:
-        if self.params.stage == "task":
-            refuse_task_stage(self.name, "general")
+        super().build(student, teacher)
         if self.params.stage == "prediction":
             return
         assert teacher is not None
@@ -193,10 +145,3 @@ class TinyBERT(Recipe):
         return {"embeddings": Term(features[0], p.embedding_weight, "tokens"),
                 "hidden": Term(sum(features[1:]), p.hidden_weight, "tokens"),
                 "attention": Term(sum(attention), p.attention_weight, "token_pairs")}
-
-    def phases(self, epochs: int) -> list[tuple[Recipe, int]]:
-        if self.params.stage != "task":
-            return [(self, epochs)]
-        first, second = split_budget(self.name, epochs, self.params.intermediate_epochs)
-        return [(TinyBERT(self.params, stage="general"), first),
-                (TinyBERT(self.params, stage="prediction"), second)]
