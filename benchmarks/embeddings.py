@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from pages import write_results
+from resumable import saved_results, write_json
 from torch import nn
 
 from kdistill.checkpoint import atomic_write_text
@@ -206,20 +207,6 @@ def results_markdown(results: Mapping[str, Any]) -> str:
             f"thread; load average of the machine while measuring (1, 5, 15 min): {load}.\n")
 
 
-def saved_results(path: Path, fresh: bool) -> dict[str, Any]:
-    """What an earlier run of the same protocol saved (nothing when ``fresh``)."""
-    if not fresh and path.is_file():
-        saved = json.loads(path.read_text())
-        if saved.get("protocol") == __doc__:
-            return saved
-    return {"protocol": __doc__, "students": {}}
-
-
-def write(path: Path, results: Mapping[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(results, indent=1, default=str) + "\n")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -229,7 +216,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=THREADS, help="threads for training")
     args = parser.parse_args()
     output = QUICK_OUTPUT.with_suffix(".json") if args.quick else OUTPUT
-    results = saved_results(output, args.fresh or args.quick)
+    results = saved_results(output, args.fresh or args.quick, __doc__, {"students": {}})
     fortunes, results["fortunes"] = fortunes_file()
     results["model2vec"] = ("No model2vec row: it needs its own virtual environment "
                             "(transformers < 5.4), not built here.")
@@ -245,12 +232,12 @@ def main() -> None:
                                                  reuse=not args.fresh)
         results["students"].setdefault(name, figures)
         print(name, results["students"][name])
-        write(output, results)
+        write_json(output, results)
     teacher = build_from(first.teacher.model, data, 0, "teacher.model")
     results["rows"] = [{**row, **results["students"].get(row["name"], {})}
                        for row in measure({"teacher": teacher, **students}, data)]
     results["load_average"] = os.getloadavg()
-    write(output, results)
+    write_json(output, results)
     tables = results_markdown(results)
     page = output.with_suffix(".md") if args.quick else PAGE
     write_results(page, tables, Path(__file__).name)

@@ -31,7 +31,6 @@ Protocol:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -40,8 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from pages import write_results
+from resumable import saved_results, write_json
 
-from kdistill.checkpoint import atomic_write_text
 from kdistill.config import RunConfig, load_config
 from kdistill.contexts import num_threads
 from kdistill.data import DataSplits
@@ -119,12 +118,12 @@ def main(argv: list[str] | None = None) -> None:
     seeds = [0] if args.quick else args.seeds
     output = QUICK_OUTPUT.with_suffix(".json") if args.quick else OUTPUT
     corpus = quick_corpus() if args.quick else None
-    results = saved_results(output, args.fresh)
+    results = saved_results(output, args.fresh, __doc__, {"runs": []}, keep=("cache",))
     first = variant_config("slice-cache", seeds[0], args.quick, corpus=corpus)
     data = build_data(first.data)
     if "slice-cache" in args.variants and "cache" not in results:
         results["cache"] = build_cache(first, args.threads)  # trains the teacher if needed
-        write(output, results)
+        write_json(output, results)
     for variant in args.variants:
         for seed in seeds:
             if any(r["variant"] == variant and r["seed"] == seed for r in results["runs"]):
@@ -134,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
                    "threads": args.threads}
             results["runs"].append(run)
             print(run, flush=True)
-            write(output, results)
+            write_json(output, results)
     tables = report(results)
     page = output.with_suffix(".md") if args.quick else PAGE
     write_results(page, tables, Path(__file__).name)
@@ -148,22 +147,6 @@ def quick_corpus() -> Path:
     from text_sentiment import quick_corpus as first_snippets
 
     return first_snippets(QUICK_TEXTS, QUICK_OUTPUT / "corpus.csv.bz2")
-
-
-def saved_results(path: Path, fresh: bool) -> dict[str, Any]:
-    """The runs (and cache record) saved by an earlier run of the same protocol (none when
-    ``fresh``, or when the protocol changed)."""
-    if not fresh and path.is_file():
-        saved = json.loads(path.read_text())
-        if saved.get("protocol") == __doc__:
-            kept = {key: saved[key] for key in ("runs", "cache") if key in saved}
-            return {"protocol": __doc__, "runs": [], **kept}
-    return {"protocol": __doc__, "runs": []}
-
-
-def write(path: Path, results: Mapping[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(results, indent=1, default=str) + "\n")
 
 
 def report(results: Mapping[str, Any]) -> str:

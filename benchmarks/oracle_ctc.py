@@ -28,7 +28,6 @@ Protocol:
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import time
@@ -38,9 +37,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from resumable import saved_results, write_json
 from torch import nn
 
-from kdistill.checkpoint import atomic_write_text
 from kdistill.config import RunConfig, load_config
 from kdistill.data import DataSplits, SequenceDataset
 from kdistill.evaluate import ctc_metrics, eval_batches, predict, task_metrics
@@ -121,7 +120,7 @@ def main() -> None:
                         help="train every run again (default: keep the runs already saved)")
     parser.add_argument("--output", type=Path, default=OUTPUT)
     args = parser.parse_args()
-    results = saved_results(args.output, args.fresh)
+    results = saved_results(args.output, args.fresh, __doc__, {"runs": [], "teachers": []})
     torch.set_num_threads(THREADS)
     data = build_data(variant_config("oracle", 0).data)
     for seed in args.seeds:
@@ -137,29 +136,13 @@ def main() -> None:
                                             "model": config.teacher.model.name, **figures,
                                             **origin, "threads": THREADS})
                 print(results["teachers"][-1])
-                write(args.output, results)
+                write_json(args.output, results)
             run = {"variant": variant, "seed": seed, **student_run(config, data),
                    "threads": THREADS}
             results["runs"].append(run)
             print(run)
-            write(args.output, results)
+            write_json(args.output, results)
     print(summary(results))
-
-
-def saved_results(path: Path, fresh: bool) -> dict[str, Any]:
-    """The runs and teachers saved by an earlier run of the same protocol (none when
-    ``fresh`` or when the protocol changed)."""
-    if not fresh and path.is_file():
-        saved = json.loads(path.read_text())
-        if saved.get("protocol") == __doc__:
-            return {"protocol": __doc__, "runs": saved.get("runs", []),
-                    "teachers": saved.get("teachers", [])}
-    return {"protocol": __doc__, "runs": [], "teachers": []}
-
-
-def write(path: Path, results: Mapping[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(results, indent=1, default=str) + "\n")
 
 
 def cell(runs: list[dict[str, Any]], key: str) -> str:

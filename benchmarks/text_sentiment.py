@@ -45,9 +45,9 @@ from pathlib import Path
 from typing import Any
 
 from pages import write_results
+from resumable import saved_results, write_json
 from torch import nn
 
-from kdistill.checkpoint import atomic_write_text
 from kdistill.config import RunConfig, load_config
 from kdistill.contexts import num_threads
 from kdistill.data import DataSplits
@@ -151,7 +151,7 @@ def main() -> None:
     args = parser.parse_args()
     seeds = [0] if args.quick else args.seeds
     output = QUICK_OUTPUT.with_suffix(".json") if args.quick else OUTPUT
-    results = saved_results(output, args.fresh)
+    results = saved_results(output, args.fresh, __doc__, {"runs": []}, keep=("teacher",))
     first = variant_config(args.kinds[0], "hinton", 0, args.quick)
     data = {False: build_data(first.data)}
     teacher_started = time.perf_counter()
@@ -181,31 +181,15 @@ def main() -> None:
                        "threads": args.threads}
                 results["runs"].append(run)
                 print(run)
-                write(output, results)
+                write_json(output, results)
     deployed = {"teacher": teacher, **{kind: load_exported(students / kind)
                                        for kind in args.kinds}}
     results["timing"] = timing(deployed, data[False])
-    write(output, results)
+    write_json(output, results)
     tables = report(results)
     page = output.with_suffix(".md") if args.quick else PAGE
     write_results(page, tables, Path(__file__).name)
     print(tables)
-
-
-def saved_results(path: Path, fresh: bool) -> dict[str, Any]:
-    """The runs saved by an earlier, interrupted run of the same protocol (none when
-    ``fresh``, or when the protocol changed)."""
-    if not fresh and path.is_file():
-        saved = json.loads(path.read_text())
-        if saved.get("protocol") == __doc__:
-            kept = {key: saved[key] for key in ("runs", "teacher") if key in saved}
-            return {"protocol": __doc__, "runs": [], **kept}
-    return {"protocol": __doc__, "runs": []}
-
-
-def write(path: Path, results: Mapping[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(results, indent=1, default=str) + "\n")
 
 
 def report(results: Mapping[str, Any]) -> str:

@@ -12,9 +12,10 @@ import transformers
 from lm_models import VOCAB, save_llama, save_tokenizer, tiny_llama
 
 import kdistill.models.lm as lm
+from kdistill.checkpoint import file_sha256
 from kdistill.errors import KdistillError
 from kdistill.models import build_model
-from kdistill.models.lm import file_sha256, lm_folder
+from kdistill.models.lm import lm_folder
 from kdistill.settings import cache_dir
 
 BATCH = {"input_ids": torch.tensor([[4, 5, 6, 7, 8], [9, 10, 11, 3, 0]]),

@@ -3,7 +3,6 @@ teacher figures and the resumption of saved runs."""
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -78,17 +77,6 @@ def test_the_target_probability_of_a_uniform_teacher() -> None:
     figures = bench.teacher_figures(Uniform(), data)
     assert "cer_with_other_targets" not in figures  # it reads no targets
 
-
-def test_saved_runs_are_kept_only_under_the_same_protocol(tmp_path: Path) -> None:
-    path = tmp_path / "results.json"
-    saved = {"protocol": bench.__doc__, "runs": [{"variant": "ce", "seed": 0}],
-             "teachers": [{"variant": "oracle", "seed": 0}]}
-    bench.write(path, saved)
-    assert bench.saved_results(path, fresh=False) == saved
-    assert bench.saved_results(path, fresh=True)["runs"] == []
-    path.write_text(json.dumps({**saved, "protocol": "another protocol"}))
-    assert bench.saved_results(path, fresh=False) == {"protocol": bench.__doc__, "runs": [],
-                                                      "teachers": []}
 
 
 def test_the_summary_gives_mean_and_spread_per_recipe() -> None:

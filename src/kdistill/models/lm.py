@@ -31,7 +31,6 @@ Models are used as transformers returns them: a batch's ``input_ids`` and ``atte
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import shutil
@@ -44,6 +43,7 @@ from pydantic import StrictBool
 from torch import nn
 
 from kdistill.batch import Task
+from kdistill.checkpoint import file_sha256
 from kdistill.errors import KdistillError
 from kdistill.models.hf import folder_problems, load_hf_model, model_folder, tokenizer_problems
 from kdistill.models.hf_student import LayerIndex, Size, student_from_teacher
@@ -51,15 +51,6 @@ from kdistill.settings import cache_dir
 
 GGUF_SUFFIX = ".gguf"
 GGUF_INSTALL = "pip install gguf"
-
-
-def file_sha256(path: Path) -> str:
-    """The SHA-256 of a file's bytes, read in blocks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def is_gguf(path: str | Path) -> bool:
