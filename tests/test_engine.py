@@ -415,3 +415,48 @@ def test_agreement_follows_data_order_when_the_eval_loader_shuffles(digits_subse
                        optimizer={"lr": 1e-12}).fit(train, loader).evaluations()[-1]
     assert record["eval_accuracy"] > 0.5  # varied predictions: a wrong order would disagree
     assert record["eval_agreement"] == 1.0
+
+
+def test_scaled_gradients_that_overflow_are_left_to_the_scaler(
+        tmp_path, monkeypatch, digits_subset, make_mlp) -> None:
+    # The scaled loss overflows (a scale of 2^127): the terms are finite, so the engine lets
+    # the gradient scaler skip the step and lower its scale rather than stop the run.
+    import accelerate
+
+    import kdistill.engine.loop
+    from kdistill.checkpoint import latest_checkpoint, load_checkpoint
+
+    class OverflowingAccelerator(accelerate.Accelerator):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)
+            self.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 127)
+
+    monkeypatch.setattr(kdistill.engine.loop, "Accelerator", OverflowingAccelerator)
+    result = Distiller(make_mlp(seed=0), make_mlp(seed=1, hidden=(32,)), "hinton", epochs=1,
+                       batch_size=16, progress=False, run_dir=tmp_path).fit(
+                           digits_subset(64, labeled=20))
+    assert result.skipped_steps() == 0
+    assert load_checkpoint(latest_checkpoint(tmp_path)).trainer["scaler"]["scale"] < 2.0 ** 127
+
+
+def test_the_fit_description_holds_the_global_batch(tmp_path, digits_subset, make_mlp) -> None:
+    from kdistill.checkpoint import latest_checkpoint, load_checkpoint
+
+    Distiller(make_mlp(seed=0), make_mlp(seed=1, hidden=(32,)), "hinton", epochs=1,
+              batch_size=4, accumulation=3, progress=False, run_dir=tmp_path).fit(
+                  digits_subset(48, labeled=48))
+    assert load_checkpoint(latest_checkpoint(tmp_path)).trainer["fit"]["global_batch"] == 12
+
+
+def test_the_progress_shows_each_phase_by_its_name_or_its_recipe(
+        monkeypatch, digits_subset, make_mlp) -> None:
+    from kdistill.engine import Phase
+    from kdistill.progress import TrainingProgress
+
+    shown: list[str] = []
+    monkeypatch.setattr(TrainingProgress, "start_phase",
+                        lambda self, name, total, completed=0: shown.append(name))
+    phases = [Phase(build_recipe("ce"), 1), Phase(build_recipe("hinton"), 1, name="kd")]
+    Distiller(make_mlp(seed=0), make_mlp(seed=1, hidden=(32,)), phases=phases, batch_size=16,
+              progress=False).fit(digits_subset(32, labeled=32))
+    assert shown == ["ce", "kd"]
