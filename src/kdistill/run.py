@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 from torch import nn
 
-from kdistill.cache import CachedTeacher, CacheError, TeacherCache
+from kdistill.cache import CachedTeacher, CacheError, LogitSample, TeacherCache
 from kdistill.checkpoint import (
     RunFolderError,
     atomic_save_tensors,
@@ -628,6 +628,10 @@ def teacher_cache(config: RunConfig, data: DataSplits, users: Sequence[tuple[Pha
         return TeacherCache.build(teacher, data.train, list(dict.fromkeys(taps)),
                                   Path(settings.path), batch_size=settings.batch_size,
                                   dtype=settings.dtype, top_k=settings.top_k,
+                                  sample=(LogitSample(settings.sample,
+                                                      settings.sample_temperature,
+                                                      settings.sample_seed)
+                                          if settings.sample is not None else None),
                                   progress=config.trainer.progress)
     except CacheError as error:
         raise ConfigError(f"teacher.cache: {error}") from None
