@@ -87,8 +87,9 @@ class HiddenSlice:
 class LogitSample:
     """Logits stored as ``draws`` tokens sampled from the teacher's distribution with their
     importance weights (random-sampling KD, :class:`kdistill.losses.SampledLogits`): the
-    proposal is ``softmax(z / proposal_temperature)``, and row block ``start`` of the plan is
-    drawn with the generator seeded ``(seed << 32) + start``, so a rebuilt shard is identical."""
+    proposal is ``softmax(z / proposal_temperature)``, and the batch of the plan starting at row
+    ``start`` is drawn with a generator seeded from ``(seed, start)``, so a rebuilt shard is
+    identical."""
 
     draws: int
     proposal_temperature: float = 1.0
@@ -104,8 +105,10 @@ class LogitSample:
             raise CacheError(f"sample seed must be in [0, 2**31), got {self.seed}")
 
     def generator(self, start: int) -> torch.Generator:
-        """The generator of the batch whose first row is ``start``."""
-        return torch.Generator().manual_seed((self.seed << 32) + start)
+        """The generator of the batch whose first row is ``start``: seeded with 32 bits of the
+        SHA-256 of both (a CPU generator keeps only the low 32 bits of its seed)."""
+        digest = hashlib.sha256(f"kdistill sample {self.seed} {start}".encode()).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest[:4], "little"))
 
 
 @dataclass(frozen=True)
