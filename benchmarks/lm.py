@@ -215,9 +215,12 @@ class Benchmark:
         """The cache of ``signal``, built once (the dense one by the teacher's one pass)."""
         if signal not in self.caches:
             if signal == DENSE:
+                # A shard is held in memory while written: 32 blocks of dense logits are
+                # 400 MB in fp16 (the default 4,096 rows would be 51 GB).
                 built = TeacherCache.build(self.teacher, self.train, ["logits"],
                                            self.work / DENSE, dtype="fp16", device="cpu",
-                                           batch_size=self.settings.cache_batch_size)
+                                           batch_size=self.settings.cache_batch_size,
+                                           shard_rows=32)
                 if built.build_seconds is not None:
                     self.saved["teacher_pass_s"] = built.build_seconds
                     self.save()
@@ -347,6 +350,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--teacher", default=Settings.teacher)
     parser.add_argument("--texts", default=str(FORTUNES))
     parser.add_argument("--work", type=Path, default=None, help="caches' folder")
+    parser.add_argument("--train-tokens", type=int, default=Settings.train_tokens)
+    parser.add_argument("--epochs", type=int, default=Settings.epochs)
     args = parser.parse_args(argv)
     chosen = args.rows or (QUICK_ROWS if args.quick else None)
     rows = [r for r in ROWS if not chosen or r.name in chosen]
@@ -357,7 +362,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         results, page = work / "lm.json", work / "lm.md"
     else:
         work = args.work or ROOT / ".kdistill-cache" / "benchmark-lm"
-        settings, results, page = Settings(teacher=args.teacher, texts=args.texts), RESULTS, PAGE
+        settings = Settings(teacher=args.teacher, texts=args.texts,
+                            train_tokens=args.train_tokens, epochs=args.epochs)
+        results, page = RESULTS, PAGE
     with num_threads(settings.threads):
         benchmark = Benchmark(settings, results, work, args.fresh)
         benchmark.run(rows)
