@@ -246,8 +246,8 @@ class Benchmark:
         return build_model("lm_student", (), self.vocabulary, task="lm",
                            teacher=self.settings.teacher, **self.settings.student)
 
-    def run_row(self, row: Row) -> dict[str, Any]:
-        """Train and score one row."""
+    def run_row(self, row: Row) -> tuple[dict[str, Any], nn.Module]:
+        """Train and score one row; also return its student."""
         s = self.settings
         source: Any = (None if row.signal == "none" else
                        FrozenTeacher(self.teacher) if row.signal == "live" else
@@ -259,19 +259,24 @@ class Benchmark:
                   optimizer={"name": "adamw", "lr": s.lr, "weight_decay": 0.01}).fit(self.train)
         trained = time.monotonic() - started
         quality = evaluate_model(student, self.batches, "cpu", self.teacher_tokens())
-        speed = benchmark_models({"teacher": self.teacher, "student": student},
-                                 self.batches[:1], reference="teacher",
-                                 latency_batch=self.batches[0], threads=s.threads,
-                                 repeats=s.repeats)
         cache = (self.cache(row.signal) if row.signal not in ("none", "live") else None)
         return {"recipe": dict(row.recipe), "signal": row.signal,
                 "perplexity": quality["perplexity"], "agreement": quality["agreement"],
                 "accuracy": quality["accuracy"],
                 "cache_mb_per_1k": (cache.nbytes / 1e6 / (self.train.token_count() / 1000)
                                     if cache is not None else None),
-                "train_s": trained, "params": count_parameters(student),
-                "teacher_tok_s": speed[0]["tokens_per_s"],
-                "student_tok_s": speed[1]["tokens_per_s"], "speedup": speed[1]["speedup"],
+                "train_s": trained, "params": count_parameters(student)}, student
+
+    def speed(self, student: nn.Module) -> dict[str, Any]:
+        """Teacher and student tokens/s, timed in alternating rounds on one held-out batch
+        (every row trains the same architecture: its speed is measured once)."""
+        s = self.settings
+        rows = benchmark_models({"teacher": self.teacher, "student": student}, self.batches[:1],
+                                reference="teacher", latency_batch=self.batches[0],
+                                threads=s.threads, repeats=s.repeats)
+        return {"teacher_tok_s": rows[0]["tokens_per_s"],
+                "student_tok_s": rows[1]["tokens_per_s"], "speedup": rows[1]["speedup"],
+                "params": rows[1]["params"],
                 "load": [round(v, 2) for v in os.getloadavg()]}
 
     def run(self, rows: Sequence[Row]) -> None:
@@ -282,13 +287,15 @@ class Benchmark:
                 print(f"{row.name}: recipe '{row.recipe['name']}' is not registered; skipped")
                 continue
             print(f"{row.name} ...", flush=True)
-            self.saved["rows"][row.name] = self.run_row(row)
+            self.saved["rows"][row.name], student = self.run_row(row)
+            if "speed" not in self.saved:
+                self.saved["speed"] = self.speed(student)
             self.save()
 
 
 def tables(saved: Mapping[str, Any]) -> str:
     """The results as markdown: one line per row, then the setting."""
-    s, rows = saved["settings"], saved["rows"]
+    s, rows, speed = saved["settings"], saved["rows"], saved.get("speed")
     header = ["Student", "Signal", "Held-out PPL", "Agreement", "Cache MB / 1k tok",
               "Teacher pass s", "Student tok/s", "Speed-up"]
     ce = rows.get("ce", {}).get("perplexity")
@@ -297,25 +304,27 @@ def tables(saved: Mapping[str, Any]) -> str:
         cached = row["cache_mb_per_1k"]
         ppl = significant(row["perplexity"])
         if ce and name != "ce":
-            ppl += f" ({100 * (row['perplexity'] / ce - 1):+.0f}%)"
+            ppl += f" ({100 * (row['perplexity'] / ce - 1):+.1f}%)"
         return [name, row["signal"], ppl, f"{100 * row['agreement']:.1f}%",
                 significant(cached) if cached is not None else "–",
                 significant(saved["teacher_pass_s"]) if cached is not None else "–",
-                significant(row["student_tok_s"]), f"{significant(row['speedup'])}×"]
+                significant(speed["student_tok_s"]) if speed else "–",
+                f"{significant(speed['speedup'])}×" if speed else "–"]
 
-    teacher = saved.get("teacher", {})
-    first = next(iter(rows.values()), None)
     lines = [markdown_grid(header, [line(n, r) for n, r in rows.items()],
                            [False, False] + [True] * 6)]
-    if first is not None:
+    if speed is not None:
+        teacher = saved.get("teacher", {})
         lines.append(
-            f"\nTeacher ({s['teacher']}): held-out perplexity "
+            f"\nTeacher ({Path(s['teacher']).name}): held-out perplexity "
             f"{significant(teacher.get('perplexity', float('nan')))}, "
-            f"{significant(first['teacher_tok_s'])} tok/s; student {first['params']:,} "
-            f"parameters. {s['train_tokens']:,} training tokens x {s['epochs']} epochs for every "
-            f"row, {s['test_tokens']:,} held-out tokens, blocks of {s['block_size']}, batch "
-            f"{s['batch_size']}, {s['threads']} threads; PPL in brackets: against `ce`. Load "
-            f"average while timing the last row: {rows[list(rows)[-1]]['load']}.\n")
+            f"{significant(speed['teacher_tok_s'])} tok/s; student {speed['params']:,} "
+            f"parameters (one architecture for every row, timed once, in alternating rounds "
+            f"with the teacher on one held-out batch of {s['batch_size']} x {s['block_size']} "
+            f"tokens, {s['threads']} threads, load average {speed['load']}). "
+            f"{s['train_tokens']:,} training tokens x {s['epochs']} epoch(s) for every row, "
+            f"{s['test_tokens']:,} held-out tokens; PPL in brackets: against `ce`; teacher pass: "
+            "the one teacher forward over the training split, shared by every cached row.\n")
     return "\n".join(lines)
 
 

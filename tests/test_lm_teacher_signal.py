@@ -12,19 +12,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from lm_models import EOS, PAD, VOCAB, tiny_llama
+from lm_models import EOS, PAD, VOCAB, save_llama, tiny_llama
 from pydantic import ValidationError
 from torch import nn
 
 from kdistill import losses
 from kdistill.batch import TOKEN_MASK
 from kdistill.cache import CachedTeacher, CacheMismatch, LogitSample, TeacherCache
-from kdistill.config import CacheConfig
+from kdistill.config import CacheConfig, parse_config
 from kdistill.data.lm import TokenBlocks, pack, pad_rows
 from kdistill.evaluate import benchmark_models, eval_batches
 from kdistill.losses import SampledLogits, TopKLogits, TopKLogitsError, sample_logits
 from kdistill.recipes import build_recipe
 from kdistill.report import markdown_table
+from kdistill.run import build_teacher_cache
 from kdistill.schedules import TrainState
 from kdistill.taps import Taps
 
@@ -261,6 +262,28 @@ def test_the_cache_settings_take_top_k_or_sample_not_both():
     with pytest.raises(ValidationError, match=r"\['sample_seed'\] set the sampling of the "
                                               "logits; set sample"):
         CacheConfig(path="c", sample_seed=3)
+
+
+def test_a_run_builds_the_sampled_cache_its_config_asks_for(tmp_path):
+    folder = save_llama(tmp_path / "teacher")
+    text = tmp_path / "t.txt"
+    text.write_text("the cat sat on a mat\na dog ran to it\nthe bird sang a song\n" * 4)
+    cache = tmp_path / "cache"
+    config = parse_config({
+        "data": {"name": "lm_text", "path": str(text),
+                 "options": {"tokenizer": str(folder), "test_path": str(text),
+                             "block_size": 8}},
+        "student": {"name": "lm_student", "options": {"teacher": str(folder), "layers": [0]}},
+        "teacher": {"model": {"name": "hf_lm", "options": {"path": str(folder)}},
+                    "cache": {"path": str(cache), "sample": 8, "sample_temperature": 2.0,
+                              "sample_seed": 5, "shard_rows": 2, "batch_size": 1}},
+        "recipe": {"name": "token_kd"}, "trainer": {"progress": False}})
+    built = build_teacher_cache(config)
+    assert built.spec.sample == LogitSample(8, 2.0, 5) and built.spec.top_k is None
+    assert built.rows > 4
+    assert [s["rows"] for s in built.shards] == [[i, min(i + 2, built.rows)]
+                                                 for i in range(0, built.rows, 2)]
+    assert built.layouts["logits"].sampled
 
 
 def test_the_comparison_gives_teacher_and_student_tokens_per_second():

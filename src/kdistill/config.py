@@ -100,8 +100,9 @@ class CacheConfig(Strict):
     largest values plus the tail's mass; ``sample`` stores them as that many tokens drawn from
     the teacher's distribution with importance weights (random-sampling KD; the draws'
     proposal is the teacher at ``sample_temperature``, their generator seeded ``sample_seed``);
-    ``batch_size`` is the teacher's batch while building. ``teacher.cache: PATH`` is short for
-    ``{path: PATH}``."""
+    ``batch_size`` is the teacher's batch while building; ``shard_rows`` the rows of a shard
+    (default 4,096), which the build holds in memory while writing it: lower it for large rows
+    (a language model's dense logits). ``teacher.cache: PATH`` is short for ``{path: PATH}``."""
 
     path: str = Field(min_length=1)
     dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
@@ -110,6 +111,7 @@ class CacheConfig(Strict):
     sample_temperature: float = Field(default=1.0, gt=0)
     sample_seed: int = Field(default=0, ge=0, lt=2**31)
     batch_size: int = Field(default=64, ge=1)
+    shard_rows: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
     def _one_sparse_form(self) -> CacheConfig:

@@ -638,6 +638,7 @@ def teacher_cache(config: RunConfig, data: DataSplits, users: Sequence[tuple[Pha
                                                       settings.sample_temperature,
                                                       settings.sample_seed)
                                           if settings.sample is not None else None),
+                                  shard_rows=settings.shard_rows,
                                   progress=config.trainer.progress)
     except CacheError as error:
         raise ConfigError(f"teacher.cache: {error}") from None
