@@ -22,7 +22,6 @@ from kdistill.config import parse_config
 from kdistill.data.lm import TokenBlocks, pack, pad_rows, seq2seq_rows
 from kdistill.errors import KdistillError
 from kdistill.evaluate import eval_batches, evaluate_model, predict
-from kdistill.losses.topk import TopKLogits
 from kdistill.models import build_model
 from kdistill.recipes import build_recipe
 from kdistill.run import build_data, check_task
@@ -263,21 +262,6 @@ def test_a_run_pairs_language_modelling_data_with_language_modelling_recipes(tmp
     with pytest.raises(KdistillError, match="teacher.train: recipe 'token_kd' distils a "
                                             "pretrained teacher"):
         parse_config({**raw, "teacher": {**raw["teacher"], "train": {"epochs": 1}}})
-
-
-def test_a_top_k_teacher_cache_serves_forward_kl_alone():
-    batch = pairs_data().rows([0, 1])
-    z_s, z_t = torch.randn(2, 7, len(VOCAB)), torch.randn(2, 7, len(VOCAB))
-    kept = z_t.topk(8, dim=-1)
-    rest = z_t.scatter(-1, kept.indices, float("-inf")).logsumexp(-1)
-    top = TopKLogits(kept.values, kept.indices, rest, len(VOCAB))
-    forward = build_recipe("token_kd").terms(Taps({"logits": z_s}), Taps({"logits": top}), batch,
-                                             TrainState())
-    assert torch.isfinite(forward["kd"].value)
-    with pytest.raises(ValueError, match="token_kd: the teacher cache keeps the top-8 logits, "
-                                         "from which only forward_kl is computed"):
-        build_recipe("token_kd", divergence="reverse_kl").terms(
-            Taps({"logits": z_s}), Taps({"logits": top}), batch, TrainState())
 
 
 def test_an_encoder_decoder_model_learns_through_the_same_terms(tmp_path):

@@ -487,8 +487,9 @@ def test_padding_rows_of_top_k_logits_give_no_nan_gradient() -> None:
 def test_losses_that_need_dense_logits_say_so_for_top_k() -> None:
     z = torch.randn(4, 10)
     message = (r"is not available: the teacher's logits are top-k logits \(k=3 of 10 classes, "
-               r"from a teacher cache\) and only the KL losses kd and forward_kl read them; "
-               r"build the cache with dense logits \(no top_k\) for this recipe")
+               r"from a teacher cache\) and only the KL losses kd and forward_kl \(and the "
+               r"token-level tvd and generalized_jsd\) read them; build the cache with dense "
+               r"logits \(no top_k\) for this recipe")
     with pytest.raises(TopKLogitsError, match=message):
         losses.dkd(z, topk_of(z, 3), torch.tensor([0, 1, 2, 3]))
     with pytest.raises(TopKLogitsError, match="'argmax' " + message):  # deit's hard targets

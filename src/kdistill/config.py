@@ -97,13 +97,31 @@ class CacheConfig(Strict):
     over the training split (transfer rows too) and the student reads its taps from the folder
     ``path``, built on first use and reused while it matches the teacher, data and taps.
     ``dtype`` stores float taps in fp32, fp16 or bf16; ``top_k`` stores the logits as their k
-    largest values plus the tail's mass; ``batch_size`` is the teacher's batch while
-    building. ``teacher.cache: PATH`` is short for ``{path: PATH}``."""
+    largest values plus the tail's mass; ``sample`` stores them as that many tokens drawn from
+    the teacher's distribution with importance weights (random-sampling KD; the draws'
+    proposal is the teacher at ``sample_temperature``, their generator seeded ``sample_seed``);
+    ``batch_size`` is the teacher's batch while building; ``shard_rows`` the rows of a shard
+    (default 4,096), which the build holds in memory while writing it: lower it for large rows
+    (a language model's dense logits). ``teacher.cache: PATH`` is short for ``{path: PATH}``."""
 
     path: str = Field(min_length=1)
     dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
     top_k: int | None = Field(default=None, ge=1)
+    sample: int | None = Field(default=None, ge=1)
+    sample_temperature: float = Field(default=1.0, gt=0)
+    sample_seed: int = Field(default=0, ge=0, lt=2**31)
     batch_size: int = Field(default=64, ge=1)
+    shard_rows: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _one_sparse_form(self) -> CacheConfig:
+        if self.top_k is not None and self.sample is not None:
+            raise ValueError("top_k and sample are two ways to store the logits; give one")
+        unused = {"sample_temperature", "sample_seed"} & self.model_fields_set
+        if self.sample is None and unused:
+            raise ValueError(f"{sorted(unused)} set the sampling of the logits; set sample (the "
+                             "number of draws) too, or remove them")
+        return self
 
     @model_validator(mode="before")
     @classmethod

@@ -166,7 +166,8 @@ class BenchmarkRow(TypedDict):
     * language modelling: ``perplexity``, ``accuracy`` (of the next token) and ``agreement``
       (see :func:`lm_metrics`).
 
-    The cost keys from ``params`` on are in every row.
+    The cost keys from ``params`` on are in every row, except ``tokens_per_s``: language
+    models only, the latency batch's input tokens (its ``attention_mask``'s ones) per second.
     """
 
     name: str
@@ -196,6 +197,7 @@ class BenchmarkRow(TypedDict):
     latency_ms: float
     per_example_ms: float
     throughput: float
+    tokens_per_s: NotRequired[float]
     speedup: float
     batch_size: int
     threads: int
@@ -906,7 +908,10 @@ def benchmark_models(models: Mapping[str, nn.Module], eval_batches: list[dict[st
     Latency is timed on ``latency_batch`` for all models in this one call, in interleaved rounds
     (see :func:`_interleaved_latency`), and ``speedup`` is the ``reference`` model's median batch
     latency divided by this model's (1.0 for the reference itself). ``throughput`` is examples
-    per second at the stated batch size and thread count; ``size_mb`` is in 10^6 bytes.
+    per second at the stated batch size and thread count, and for language models
+    ``tokens_per_s`` is input tokens per second (:func:`input_tokens` of ``latency_batch`` over
+    the median batch time: teacher and student timed in the same rounds, so comparable);
+    ``size_mb`` is in 10^6 bytes.
     """
     for role, name in (("reference", reference), ("teacher_logits_from", teacher_logits_from)):
         if name is not None and name not in models:
@@ -918,11 +923,21 @@ def benchmark_models(models: Mapping[str, nn.Module], eval_batches: list[dict[st
     latency = _interleaved_latency(models, latency_batch, threads=threads, repeats=repeats,
                                    warmup=LATENCY_WARMUP)
     teacher_metrics = metrics[teacher_logits_from] if teacher_logits_from is not None else None
+    tokens = input_tokens(latency_batch)
     return [
         _row(name, model, _quality(predictions[name].task, metrics[name], teacher_metrics),
-             latency[name], latency[reference])
+             latency[name], latency[reference],
+             tokens if predictions[name].task == "lm" else None)
         for name, model in models.items()
     ]
+
+
+def input_tokens(batch: Mapping[str, Any]) -> int | None:
+    """The input tokens a language-modelling batch feeds its model (the ones of its
+    ``attention_mask``, padding left out); ``None`` for a batch of another task."""
+    if TOKEN_MASK not in batch or "attention_mask" not in batch:
+        return None
+    return int(batch["attention_mask"].sum())
 
 
 def _quality(task: Task, metrics: Mapping[str, float],
@@ -947,8 +962,8 @@ def _quality(task: Task, metrics: Mapping[str, float],
 
 
 def _row(name: str, model: nn.Module, quality: Mapping[str, float | None], latency: Latency,
-         reference: Latency) -> BenchmarkRow:
-    return BenchmarkRow(
+         reference: Latency, tokens: int | None = None) -> BenchmarkRow:
+    row = BenchmarkRow(
         name=name,
         **quality,  # type: ignore[typeddict-item]
         params=count_parameters(model),
@@ -960,6 +975,9 @@ def _row(name: str, model: nn.Module, quality: Mapping[str, float | None], laten
         batch_size=latency.batch_size,
         threads=latency.threads,
     )
+    if tokens is not None:
+        row["tokens_per_s"] = tokens * 1000.0 / latency.median_batch_ms
+    return row
 
 
 def eval_batches(data: Any, batch_size: int,

@@ -111,6 +111,7 @@ COLUMNS = (
     Column("latency_ms", "ms/batch", significant),
     Column("per_example_ms", "ms/ex", significant),
     Column("throughput", "ex/s", significant),
+    Column("tokens_per_s", "tok/s", significant),
     Column("speedup", "Speed-up", _times),
     Column("batch_size", "Batch"),
     Column("threads", "Threads"),

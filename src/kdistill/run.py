@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 from torch import nn
 
-from kdistill.cache import CachedTeacher, CacheError, TeacherCache
+from kdistill.cache import CachedTeacher, CacheError, LogitSample, TeacherCache
 from kdistill.checkpoint import (
     RunFolderError,
     atomic_save_tensors,
@@ -59,7 +59,13 @@ from kdistill.engine import Distiller, FitResult, Phase, recipe_phases
 from kdistill.engine.phases import resolve_layer_maps
 from kdistill.engine.state import RESUMABLE_SETTINGS, changed_fields, format_changes
 from kdistill.errors import KdistillError
-from kdistill.evaluate import benchmark_models, eval_batches, predict, shifted_evaluation
+from kdistill.evaluate import (
+    benchmark_models,
+    eval_batches,
+    input_tokens,
+    predict,
+    shifted_evaluation,
+)
 from kdistill.layermap import DEFAULT_SAMPLES, LayerMap, compare_layers, sample_batches
 from kdistill.models import build_model, deployable
 from kdistill.models.export import OutputMeaning, export_run_student
@@ -649,6 +655,11 @@ def teacher_cache(config: RunConfig, data: DataSplits, users: Sequence[tuple[Pha
         return TeacherCache.build(teacher, data.train, list(dict.fromkeys(taps)),
                                   Path(settings.path), batch_size=settings.batch_size,
                                   dtype=settings.dtype, top_k=settings.top_k,
+                                  sample=(LogitSample(settings.sample,
+                                                      settings.sample_temperature,
+                                                      settings.sample_seed)
+                                          if settings.sample is not None else None),
+                                  shard_rows=settings.shard_rows,
                                   progress=config.trainer.progress)
     except CacheError as error:
         raise ConfigError(f"teacher.cache: {error}") from None
@@ -718,8 +729,12 @@ def compare(models: dict[str, nn.Module], test: Any, *, batch_size: int, threads
                             teacher_logits_from="teacher" if "teacher" in models else None,
                             latency_batch=batches[0], threads=threads, repeats=repeats)
     load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    tokens = input_tokens(batches[0])
+    per_token = (f" tok/s: that batch's {tokens} input tokens per second." if tokens is not None
+                 else "")
     return list(rows), (f"Latency: median forward time of one batch of {batch_size} on "
-                        f"{threads} thread(s), models timed in alternating rounds. Load average "
+                        f"{threads} thread(s), models timed in alternating rounds.{per_token} "
+                        "Load average "
                         f"of the machine while timing (1, 5, 15 min): {load}.")
 
 

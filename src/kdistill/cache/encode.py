@@ -4,8 +4,15 @@ Per tap ``name``, a shard holds:
 
 * dense taps: the tensor itself, ``name`` ``[rows, ...]``, float tensors in the cache's dtype;
 * top-k logits: ``name.topk.values`` ``[rows, ..., k]`` (the cache's dtype),
-  ``name.topk.indices`` (int32) and ``name.topk.tail`` (float32), see
+  ``name.topk.indices`` and ``name.topk.tail`` (float32), see
   :class:`kdistill.losses.TopKLogits`;
+* sampled logits: ``name.sampled.indices`` ``[rows, ..., k]`` (the k draws),
+  ``name.sampled.weights`` (float32, their importance weights) and ``name.sampled.entropy``
+  ``[rows, ...]`` (float32, the teacher's negative entropy), see
+  :class:`kdistill.losses.SampledLogits`;
+* class ids (top-k and sampled indices) are int16 for up to 65,536 classes (ids of 32,768 and
+  more stored as ``id - 65536``, read back modulo 65,536: a 49,152-token vocabulary fits),
+  int32 beyond;
 * slice taps (``slice:...``, a :class:`kdistill.losses.TokenSlice` of k tokens of width d):
   ``name.slice.positions`` ``[rows, k]`` (int32, -1 for an empty slot), and the kept entries
   only, ``name.slice.values`` ``[rows, K]`` (the cache's dtype) at ``name.slice.entries``
@@ -14,6 +21,11 @@ Per tap ``name``, a shard holds:
 * for a tap with a sequence dimension (dim 1) whose length varies from batch to batch (text
   padded per batch), ``name.length`` (int32): each row's length. Rows are padded with zeros to
   the shard's longest, and positions past a row's length hold zeros.
+
+A language model's logits ``[B, L, V]`` follow the batch's ``attention_mask`` like any
+per-token logits: every position of a row's prefix is stored, the labelled ones (the batch's
+``token_mask``) and the others (a prompt's positions, the last token of a text) alike, as
+dense rows of fixed width cannot leave positions out; the losses read the labelled ones.
 
 A row's length comes from a mask. Per-sample and per-word taps (``logits``) follow the batch's
 ``attention_mask`` (layout ``batch``): the cache answers them as long as the asking batch's
@@ -36,42 +48,62 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdistill.cache.format import DTYPES, CacheError, HiddenSlice
-from kdistill.losses import TokenSlice, TopKLogits
+from kdistill.cache.format import DTYPES, CacheError, HiddenSlice, LogitSample
+from kdistill.losses import SampledLogits, TokenSlice, TopKLogits, sample_logits
 from kdistill.taps import SliceTap, parse_tap
 
 LENGTH = ".length"
 TOPK = (".topk.values", ".topk.indices", ".topk.tail")
+SAMPLED = (".sampled.indices", ".sampled.weights", ".sampled.entropy")
+SHORT_IDS = 1 << 16  # class ids below it are stored in 16 bits
 SLICE = (".slice.positions", ".slice.values", ".slice.entries")
 BATCH, TOKENS = "batch", "tokens"
 
 
 @dataclass(frozen=True)
 class TapStorage:
-    """How one tap is stored: ``top_k`` (logits only), the float ``dtype``, a hidden slice."""
+    """How one tap is stored: ``top_k`` or ``sample`` (logits only), the float ``dtype``, a
+    hidden slice."""
 
     name: str
     dtype: str
     top_k: int | None = None
     slice: HiddenSlice | None = None
+    sample: LogitSample | None = None
 
 
 @dataclass(frozen=True)
 class TapLayout:
     """What a built tap looks like: its sequence ``layout`` (``batch``, ``tokens`` or ``None``
-    for a fixed shape); for top-k logits, the number of classes; for a slice tap, the hidden
-    state's width ``features``."""
+    for a fixed shape); for top-k or ``sampled`` logits, the number of classes; for a slice
+    tap, the hidden state's width ``features``."""
 
     layout: str | None
     classes: int | None = None
     features: int | None = None
+    sampled: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        return {"layout": self.layout, "classes": self.classes, "features": self.features}
+        return {"layout": self.layout, "classes": self.classes, "features": self.features,
+                **({"sampled": True} if self.sampled else {})}
 
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> TapLayout:
-        return cls(raw["layout"], raw["classes"], raw.get("features"))
+        return cls(raw["layout"], raw["classes"], raw.get("features"), raw.get("sampled", False))
+
+
+def pack_ids(ids: Tensor, classes: int) -> Tensor:
+    """Class ids in as few bits as ``classes`` allows: int16 up to :data:`SHORT_IDS` classes
+    (ids from 32,768 on wrap to ``id - 65536``), int32 beyond."""
+    if classes > SHORT_IDS:
+        return ids.int()
+    return torch.where(ids >= SHORT_IDS // 2, ids - SHORT_IDS, ids).to(torch.int16)
+
+
+def unpack_ids(stored: Tensor) -> Tensor:
+    """The int64 class ids :func:`pack_ids` stored."""
+    ids = stored.long()
+    return ids % SHORT_IDS if stored.dtype == torch.int16 else ids
 
 
 def prefix_lengths(mask: Tensor, tap: str) -> Tensor:
@@ -171,8 +203,10 @@ def decode_slice(positions: Tensor, values: Tensor, entries: Tensor,
 
 
 def encode_tap(storage: TapStorage, value: Tensor | TokenSlice, batch_mask: Tensor | None,
-               token_mask: Tensor | None) -> tuple[dict[str, Tensor], TapLayout]:
-    """The tensors to store for one batch of a tap (on the CPU), and the tap's layout."""
+               token_mask: Tensor | None, generator: torch.Generator | None = None
+               ) -> tuple[dict[str, Tensor], TapLayout]:
+    """The tensors to store for one batch of a tap (on the CPU), and the tap's layout;
+    ``generator`` draws the tokens of sampled logits."""
     name = storage.name
     if isinstance(value, TokenSlice):
         return encode_slice(storage, value)
@@ -196,12 +230,25 @@ def encode_tap(storage: TapStorage, value: Tensor | TokenSlice, batch_mask: Tens
         if lengths is not None:
             tail = _zero_padding(tail.unsqueeze(-1), lengths).squeeze(-1)
             indices = _zero_padding(indices, lengths)
-        stored.update(zip(TOPK, (values.to(dtype), indices.int(), tail.float()), strict=True))
+        stored.update(zip(TOPK, (values.to(dtype), pack_ids(indices, classes), tail.float()),
+                          strict=True))
+    elif storage.sample is not None:
+        classes = value.shape[-1]
+        drawn = sample_logits(value, storage.sample.draws, storage.sample.proposal_temperature,
+                              generator)
+        ids, weights, entropy = drawn.indices, drawn.weights, drawn.neg_entropy
+        if lengths is not None:  # the draws are on the CPU
+            at = lengths.cpu()
+            ids, weights = _zero_padding(ids, at), _zero_padding(weights, at)
+            entropy = _zero_padding(entropy.unsqueeze(-1), at).squeeze(-1)
+        stored.update(zip(SAMPLED, (pack_ids(ids, classes), weights.float(), entropy.float()),
+                          strict=True))
     else:
         stored[""] = value.to(dtype) if value.is_floating_point() else value
     if lengths is not None:
         stored[LENGTH] = lengths.int()
-    return {name + suffix: t.cpu() for suffix, t in stored.items()}, TapLayout(layout, classes)
+    return ({name + suffix: t.cpu() for suffix, t in stored.items()},
+            TapLayout(layout, classes, sampled=storage.sample is not None))
 
 
 def assemble(parts: Sequence[Mapping[str, Tensor]], padded: Collection[str]) -> dict[str, Tensor]:
@@ -233,6 +280,8 @@ def pad_to(value: Tensor, length: int) -> Tensor:
 # -- reading ----------------------------------------------------------------------------------
 def value_keys(name: str, layout: TapLayout) -> list[str]:
     """The stored tensors of tap ``name``'s values (its lengths aside)."""
+    if layout.sampled:
+        return [name + suffix for suffix in SAMPLED]
     if layout.classes is not None:
         return [name + suffix for suffix in TOPK]
     if layout.features is not None:
@@ -256,14 +305,18 @@ def answer_length(name: str, layout: str, lengths: Tensor, batch: Mapping[str, A
 
 
 def as_taps(tensors: Mapping[str, Tensor], name: str, layout: TapLayout,
-            device: Any) -> Tensor | TopKLogits | TokenSlice:
+            device: Any) -> Tensor | TopKLogits | SampledLogits | TokenSlice:
     """The tap ``name`` from its gathered tensors, on ``device``: float32 for the losses,
-    :class:`TopKLogits` for top-k logits, or a :class:`TokenSlice` for a slice tap."""
+    :class:`TopKLogits` for top-k logits, :class:`SampledLogits` for sampled ones, or a
+    :class:`TokenSlice` for a slice tap."""
     if layout.features is not None:
         positions, values, entries = (tensors[name + suffix].to(device) for suffix in SLICE)
         return decode_slice(positions, values, entries, layout.features)
     if layout.classes is None:
         value = tensors[name].to(device)
         return value.float() if value.is_floating_point() else value
+    if layout.sampled:
+        ids, weights, entropy = (tensors[name + suffix].to(device) for suffix in SAMPLED)
+        return SampledLogits(unpack_ids(ids), weights.float(), entropy.float(), layout.classes)
     values, indices, tail = (tensors[name + suffix].to(device) for suffix in TOPK)
-    return TopKLogits(values.float(), indices.long(), tail.float(), layout.classes)
+    return TopKLogits(values.float(), unpack_ids(indices), tail.float(), layout.classes)

@@ -84,10 +84,38 @@ class HiddenSlice:
 
 
 @dataclass(frozen=True)
+class LogitSample:
+    """Logits stored as ``draws`` tokens sampled from the teacher's distribution with their
+    importance weights (random-sampling KD, :class:`kdistill.losses.SampledLogits`): the
+    proposal is ``softmax(z / proposal_temperature)``, and the batch of the plan starting at row
+    ``start`` is drawn with a generator seeded from ``(seed, start)``, so a rebuilt shard is
+    identical."""
+
+    draws: int
+    proposal_temperature: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.draws < 1:
+            raise CacheError(f"sample draws must be at least 1, got {self.draws}")
+        if not self.proposal_temperature > 0:
+            raise CacheError(f"sample proposal_temperature must be > 0, got "
+                             f"{self.proposal_temperature}")
+        if not 0 <= self.seed < 2**31:
+            raise CacheError(f"sample seed must be in [0, 2**31), got {self.seed}")
+
+    def generator(self, start: int) -> torch.Generator:
+        """The generator of the batch whose first row is ``start``: seeded with 32 bits of the
+        SHA-256 of both (a CPU generator keeps only the low 32 bits of its seed)."""
+        digest = hashlib.sha256(f"kdistill sample {self.seed} {start}".encode()).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest[:4], "little"))
+
+
+@dataclass(frozen=True)
 class CacheSpec:
     """What a cache answers for: the teacher's and the data's fingerprints (``inputs``: the
     sample keys the data's fingerprint hashes), the taps and how they are stored (``dtype`` of
-    float tensors; ``top_k`` for the logits; hidden slices)."""
+    float tensors; ``top_k`` or ``sample`` for the logits; hidden slices)."""
 
     teacher: str
     precision: str
@@ -98,6 +126,7 @@ class CacheSpec:
     dtype: str
     top_k: int | None
     hidden: dict[str, HiddenSlice] = field(default_factory=dict)
+    sample: LogitSample | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "taps": list(self.taps), "inputs": list(self.inputs),
@@ -108,11 +137,16 @@ class CacheSpec:
         hidden = {k: HiddenSlice(tuple(v["positions"]) if v["positions"] is not None else None,
                                  v["width"]) for k, v in raw["hidden"].items()}
         return cls(raw["teacher"], raw["precision"], raw["data"], raw["rows"],
-                   tuple(raw["inputs"]), tuple(raw["taps"]), raw["dtype"], raw["top_k"], hidden)
+                   tuple(raw["inputs"]), tuple(raw["taps"]), raw["dtype"], raw["top_k"], hidden,
+                   LogitSample(**raw["sample"]) if raw.get("sample") else None)
 
     def storage(self) -> str:
-        """``fp16, top-32 logits`` or ``fp32, dense logits`` (plus the hidden slices)."""
-        logits = f"top-{self.top_k} logits" if self.top_k else "dense logits"
+        """``fp16, top-32 logits``, ``fp32, 12 sampled logits (proposal T 1.0, seed 0)`` or
+        ``fp32, dense logits`` (plus the hidden slices)."""
+        logits = (f"top-{self.top_k} logits" if self.top_k else
+                  f"{self.sample.draws} sampled logits (proposal T "
+                  f"{self.sample.proposal_temperature}, seed {self.sample.seed})" if self.sample
+                  else "dense logits")
         slices = f", slices {self.to_json()['hidden']}" if self.hidden else ""
         return f"{self.dtype}, {logits}{slices}"
 
@@ -247,7 +281,8 @@ def spec_differences(found: CacheSpec, wanted: CacheSpec) -> list[str]:
     if missing:
         differences.append(f"the taps differ (the cache holds {list(found.taps)}, not "
                            f"{missing})")
-    if (found.dtype, found.top_k, found.hidden) != (wanted.dtype, wanted.top_k, wanted.hidden):
+    if ((found.dtype, found.top_k, found.hidden, found.sample)
+            != (wanted.dtype, wanted.top_k, wanted.hidden, wanted.sample)):
         differences.append(f"the storage differs ({found.storage()} in the cache, "
                            f"{wanted.storage()} asked)")
     return differences

@@ -25,7 +25,8 @@ class CachedTeacher(TeacherSource):
     was built on: ``live`` (the same teacher, a model or a source) answers the end-of-epoch
     evaluation's agreement with the teacher; without it there is no agreement metric. Taps come
     on the bound device, float32 (dense), as :class:`kdistill.losses.TopKLogits` (a cache of
-    top-k logits) or as :class:`kdistill.losses.TokenSlice` (slice taps). With a dense fp32
+    top-k logits), :class:`kdistill.losses.SampledLogits` (sampled logits) or as
+    :class:`kdistill.losses.TokenSlice` (slice taps). With a dense fp32
     cache, training equals training with the live teacher.
     """
 

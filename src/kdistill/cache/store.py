@@ -23,6 +23,7 @@ from kdistill.cache.format import (
     CacheSpec,
     DamagedCache,
     HiddenSlice,
+    LogitSample,
     data_fingerprint,
     make_plan,
     read_json,
@@ -34,7 +35,7 @@ from kdistill.cache.format import (
     teacher_input_keys,
 )
 from kdistill.cache.write import write_cache
-from kdistill.losses import TokenSlice, TopKLogits
+from kdistill.losses import SampledLogits, TokenSlice, TopKLogits
 from kdistill.teachers import FrozenTeacher
 
 
@@ -126,8 +127,9 @@ class TeacherCache:
     @classmethod
     def build(cls, teacher: nn.Module | FrozenTeacher, data: Dataset, taps: Sequence[str],
               path: str | Path, *, batch_size: int, dtype: str = "fp32",
-              top_k: int | None = None, hidden: Mapping[str, HiddenSlice] | None = None,
-              progress: bool = True, shard_rows: int | None = None,
+              top_k: int | None = None, sample: LogitSample | None = None,
+              hidden: Mapping[str, HiddenSlice] | None = None, progress: bool = True,
+              shard_rows: int | None = None,
               device: str | torch.device | None = None) -> TeacherCache:
         """Run the frozen ``teacher`` once over ``data`` and store what ``taps`` need, keyed by
         sample index, in folder ``path``; return the opened cache.
@@ -138,7 +140,9 @@ class TeacherCache:
         :func:`kdistill.batch.collate`). ``taps``: tap names; ``logits`` is always stored (the
         engine binds every teacher to it). ``dtype``: ``fp32``, ``fp16`` or ``bf16`` for the
         stored float tensors. ``top_k``: store the logits as their k largest values plus the
-        tail's mass (:class:`kdistill.losses.TopKLogits`). ``hidden``: a
+        tail's mass (:class:`kdistill.losses.TopKLogits`). ``sample``: store them as tokens
+        drawn from the teacher's distribution with importance weights
+        (:class:`kdistill.losses.SampledLogits`, random-sampling KD). ``hidden``: a
         :class:`HiddenSlice` per tap to keep only some positions or features of it.
         ``shard_rows``: rows per shard (rounded to whole batches). ``device``: where the teacher
         runs (default the GPU if any).
@@ -151,7 +155,7 @@ class TeacherCache:
         no teacher, but hashes the teacher's weights and every sample's inputs.
         """
         source = teacher if isinstance(teacher, FrozenTeacher) else FrozenTeacher(teacher)
-        wanted = build_spec(source, data, taps, dtype, top_k, hidden)
+        wanted = build_spec(source, data, taps, dtype, top_k, hidden, sample)
         path = Path(path)
         found = read_spec(path)
         if found is not None:
@@ -167,7 +171,7 @@ class TeacherCache:
         return cache
 
     def read(self, tap: str, rows: Tensor, batch: Mapping[str, Any],
-             device: torch.device) -> Tensor | TopKLogits | TokenSlice:
+             device: torch.device) -> Tensor | TopKLogits | SampledLogits | TokenSlice:
         """Tap ``tap`` of the samples ``rows`` (int64 indices on the CPU), as the teacher
         answers ``batch``, on ``device`` (see :mod:`kdistill.cache.encode`)."""
         layout = self.layouts[tap]
@@ -198,12 +202,16 @@ class TeacherCache:
 
 
 def build_spec(source: FrozenTeacher, data: Dataset, taps: Sequence[str], dtype: str,
-               top_k: int | None, hidden: Mapping[str, HiddenSlice] | None) -> CacheSpec:
+               top_k: int | None, hidden: Mapping[str, HiddenSlice] | None,
+               sample: LogitSample | None = None) -> CacheSpec:
     """The spec of a cache of ``source`` on ``data``, its arguments checked."""
     if dtype not in DTYPES:
         raise CacheError(f"cache dtype must be one of {sorted(DTYPES)}, got '{dtype}'")
     if top_k is not None and top_k < 1:
         raise CacheError(f"top_k must be at least 1, got {top_k}")
+    if top_k is not None and sample is not None:
+        raise CacheError(f"the logits are stored either as the top-{top_k} or as "
+                         f"{sample.draws} sampled tokens, not both: give top_k or sample")
     names = tuple(dict.fromkeys(["logits", *taps]))
     hidden = dict(hidden or {})
     for name in hidden:
@@ -215,4 +223,4 @@ def build_spec(source: FrozenTeacher, data: Dataset, taps: Sequence[str], dtype:
     inputs = teacher_input_keys(source.model)
     return CacheSpec(teacher_fingerprint(source.model), source.precision,
                      data_fingerprint(data, inputs), len(data),  # type: ignore[arg-type]
-                     inputs, names, dtype, top_k, hidden)
+                     inputs, names, dtype, top_k, hidden, sample)

@@ -116,7 +116,8 @@ def write_cache(source: FrozenTeacher, data: Dataset, spec: CacheSpec, plan: Sha
     mine = rank_shards(len(plan.ranges()), rank, world)
     todo = [shard for shard in mine if not shard_intact(folder, shard, plan)]
     storages = [TapStorage(name, spec.dtype, spec.top_k if name == "logits" else None,
-                           spec.hidden.get(name)) for name in spec.taps]
+                           spec.hidden.get(name), spec.sample if name == "logits" else None)
+                for name in spec.taps]
     bar = TrainingProgress(enabled=progress and rank == 0)
     total = sum(len(plan.batches(shard)) for shard in mine)
     bar.start_phase("teacher cache", total, total - sum(len(plan.batches(s)) for s in todo))
@@ -144,7 +145,9 @@ def write_shard(run: TeacherRun, data: Dataset, plan: ShardPlan, shard: int,
         taps, token_mask = run(collate([sample_at(data, i) for i in rows]))
         encoded: dict[str, torch.Tensor] = {}
         for storage in storages:
-            stored, layout = encode_tap(storage, taps[storage.name], taps.mask, token_mask)
+            generator = storage.sample.generator(rows.start) if storage.sample else None
+            stored, layout = encode_tap(storage, taps[storage.name], taps.mask, token_mask,
+                                        generator)
             if layouts.setdefault(storage.name, layout) != layout:
                 raise CacheError(f"tap '{storage.name}' is laid out as "
                                  f"{layouts[storage.name].to_json()} in one batch and as "

@@ -3,8 +3,10 @@
 Families:
     logits.py     kd, soft_ce, dkd (+ dkd_parts), logit_mse, cross_entropy, topk_kl
     ctc.py        ctc_loss (per target token) and the checks of CTC targets
-    topk.py       TopKLogits: a teacher cache's top-k logits plus a tail bucket, read by kd
-                  and forward_kl
+    topk.py       TopKLogits: a teacher cache's top-k logits plus a tail bucket, read by kd,
+                  forward_kl, tvd and generalized_jsd
+    sampled.py    SampledLogits: tokens sampled from the teacher with importance weights
+                  (random-sampling KD), read by forward_kl as an unbiased estimate
     slices.py     TokenSlice: a few tokens and entries of a hidden state (hidden-state
                   knowledge compression), slice_tokens to take one, sliced_mse to distil it
     features.py   hidden_mse, cosine, attention_mse, attention_transfer
@@ -33,6 +35,7 @@ from .registry import (
     loss_params,
 )
 from .relations import pkt, rkd_angle, rkd_distance
+from .sampled import SampledLogits, sample_logits, sampled_kl
 from .sequence import (
     forward_kl,
     generalized_jsd,
@@ -50,6 +53,7 @@ __all__ = [
     "ALIASES",
     "LOSSES",
     "LossSpec",
+    "SampledLogits",
     "TokenSlice",
     "TopKLogits",
     "TopKLogitsError",
@@ -82,6 +86,8 @@ __all__ = [
     "reverse_kl",
     "rkd_angle",
     "rkd_distance",
+    "sample_logits",
+    "sampled_kl",
     "slice_tokens",
     "sliced_mse",
     "soft_ce",

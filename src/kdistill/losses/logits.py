@@ -125,13 +125,20 @@ def topk_kl(student_logits: Tensor, teacher: TopKLogits, temperature: float = 1.
     Paper: G. Hinton, O. Vinyals, J. Dean (2015), "Distilling the Knowledge in a Neural
     Network" (the KL), here on the support a teacher cache keeps.
     """
-    _check_same_shape("topk_kl", student_logits, teacher)  # type: ignore[arg-type]
-    _check_temperature("topk_kl", temperature)
+    log_q_buckets, log_p_buckets = topk_buckets("topk_kl", student_logits, teacher, temperature)
+    return _kl_last_dim(log_p_buckets, log_q_buckets)
+
+
+def topk_buckets(fn: str, student_logits: Tensor, teacher: TopKLogits,
+                 temperature: float) -> tuple[Tensor, Tensor]:
+    """The student's and the teacher's log-probabilities over the teacher's ``k + 1`` buckets
+    (its kept classes, then the tail), ``[..., k + 1]`` each (see :func:`topk_kl`)."""
+    _check_same_shape(fn, student_logits, teacher)  # type: ignore[arg-type]
+    _check_temperature(fn, temperature)
     log_q = F.log_softmax(_as_float(student_logits) / temperature, dim=-1)
     kept = log_q.gather(-1, teacher.indices)
     tail = torch.logsumexp(log_q.scatter(-1, teacher.indices, float("-inf")), dim=-1)
-    log_q_buckets = torch.cat([kept, tail.unsqueeze(-1)], dim=-1)
-    return _kl_last_dim(teacher.bucket_log_probs(temperature), log_q_buckets)
+    return torch.cat([kept, tail.unsqueeze(-1)], dim=-1), teacher.bucket_log_probs(temperature)
 
 
 def _log_probs(fn: str, student_logits: Tensor, teacher_logits: Tensor,

@@ -15,6 +15,28 @@ neither the value nor the gradient.
 ``p = softmax(z / T)``. No ``T^2`` factor is applied (unlike :func:`kdistill.losses.kd`), as in
 TRL's GKD trainer. The ``per_token_*`` functions return the unreduced ``[...]`` divergences for
 recipes that weight tokens or samples themselves (e.g. BD-KD's per-sample mix).
+
+**Sparse teacher logits** from a teacher cache. Top-k logits plus a tail bucket
+(:class:`~kdistill.losses.topk.TopKLogits`): each divergence is computed over the k + 1
+buckets (the student's distribution summed into the teacher's kept tokens and its tail,
+:func:`~kdistill.losses.logits.topk_buckets`). Coarsening two distributions never increases an
+f-divergence (data-processing inequality), so every bucket value is a lower bound of the dense
+one; at T = 1 what it misses is bounded by the teacher's tail mass ``P`` (``Q``: the student's):
+
+* ``forward_kl``: exactly ``P KL(p_t | tail || p_s | tail)`` (the chain rule of KL);
+* ``tvd``: ``0.5 (sum_tail |p_t - p_s| - |P - Q|) <= min(P, Q) <= P``;
+* ``generalized_jsd`` (0 < beta < 1): at most ``M h(beta P / M)`` with ``M = beta P + (1 - beta)
+  Q`` and ``h`` the binary entropy (bound each tail KL to the mixture by ``m >= (beta P / M) p``
+  and ``m >= ((1 - beta) Q / M) q``), so at most ``beta P (1 + log(1 + (1 - beta) / (beta P)))``;
+* ``reverse_kl`` (and ``generalized_jsd`` at beta = 1, which is reverse KL) misses
+  ``Q KL(p_s | tail || p_t | tail)``: weighted by the *student's* tail mass, with the teacher's
+  tail logits unknown, it is bounded by nothing the cache keeps, so it is refused.
+
+At T != 1 the teacher's tempered tail bucket takes the tail's mass as spread evenly over its
+classes (see :func:`~kdistill.losses.logits.topk_kl`). Importance-sampled logits
+(:class:`~kdistill.losses.sampled.SampledLogits`) serve ``forward_kl`` at T = 1 alone, as an
+unbiased estimate (:func:`~kdistill.losses.sampled.sampled_kl`); the other divergences are not
+linear in the teacher's probabilities and are refused.
 """
 
 from __future__ import annotations
@@ -32,8 +54,10 @@ from .logits import (
     _log_probs,
     _valid_mask,
     _zero_invalid,
+    topk_buckets,
     topk_kl,
 )
+from .sampled import SampledLogits, sampled_kl
 from .topk import TopKLogits
 
 __all__ = [
@@ -48,6 +72,33 @@ __all__ = [
 ]
 
 Normalizer = float | Tensor | None
+SPARSE = (TopKLogits, SampledLogits)
+
+
+def _divergence_log_probs(fn: str, student_logits: Tensor, teacher_logits: Tensor,
+                          temperature: float) -> tuple[Tensor, Tensor]:
+    """The student's and the teacher's log-probabilities the divergence ``fn`` compares: over
+    the vocabulary, or over the k + 1 buckets of top-k teacher logits (see the module notes);
+    importance-sampled teacher logits are refused (forward KL alone reads them)."""
+    if isinstance(teacher_logits, SampledLogits):
+        raise ValueError(f"{fn}: sampled teacher logits ({teacher_logits.k} draws from a teacher "
+                         f"cache) give an unbiased estimate of the forward KL alone; {fn} is not "
+                         "linear in the teacher's probabilities: use forward_kl, or cache dense "
+                         "or top-k logits")
+    if isinstance(teacher_logits, TopKLogits):
+        return topk_buckets(fn, student_logits, teacher_logits, temperature)
+    return _log_probs(fn, student_logits, teacher_logits, temperature)
+
+
+def _refuse_top_k_reverse(fn: str, teacher_logits: Tensor) -> None:
+    """Refuse a reverse KL against top-k teacher logits (see the module notes)."""
+    if isinstance(teacher_logits, TopKLogits):
+        raise ValueError(f"{fn}: top-k teacher logits (k={teacher_logits.k} of "
+                         f"{teacher_logits.num_classes} classes, from a teacher cache) give no "
+                         "sound reverse KL: KL(p_s || p_t) misses the student's tail mass times "
+                         "its divergence inside the teacher's tail, whose logits the cache does "
+                         "not keep; use forward_kl, tvd or generalized_jsd with beta < 1, or "
+                         "dense logits")
 
 
 def _check_beta(fn: str, beta: float) -> None:
@@ -76,7 +127,7 @@ def _token_average(
         count: Tensor | int = max(values.numel(), 1)
     else:
         valid = _valid_mask(fn, mask, student_logits.shape[:-1], "logits")
-        teacher = (teacher_logits.where_valid(valid) if isinstance(teacher_logits, TopKLogits)
+        teacher = (teacher_logits.where_valid(valid) if isinstance(teacher_logits, SPARSE)
                    else _zero_invalid(teacher_logits, valid))
         values = per_token(_zero_invalid(student_logits, valid), teacher)
         values = torch.where(valid, values, torch.zeros_like(values))
@@ -93,9 +144,13 @@ def per_token_forward_kl(
 ) -> Tensor:
     """``KL(p_t || p_s)`` for every position, shape ``[...]`` (see :func:`forward_kl`); for
     top-k teacher logits (:class:`~kdistill.losses.topk.TopKLogits`) the bucket KL of
-    :func:`~kdistill.losses.logits.topk_kl`."""
+    :func:`~kdistill.losses.logits.topk_kl`, for sampled ones
+    (:class:`~kdistill.losses.sampled.SampledLogits`) the estimate of
+    :func:`~kdistill.losses.sampled.sampled_kl`."""
     if isinstance(teacher_logits, TopKLogits):
         return topk_kl(student_logits, teacher_logits, temperature)
+    if isinstance(teacher_logits, SampledLogits):
+        return sampled_kl(student_logits, teacher_logits, temperature)
     log_ps, log_pt = _log_probs("forward_kl", student_logits, teacher_logits, temperature)
     return _kl_last_dim(log_pt, log_ps)
 
@@ -112,7 +167,9 @@ def forward_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | No
 
     The teacher's logits may be top-k logits from a teacher cache
     (:class:`~kdistill.losses.topk.TopKLogits`): the KL is then over the kept classes plus one
-    tail bucket (:func:`~kdistill.losses.logits.topk_kl`).
+    tail bucket (:func:`~kdistill.losses.logits.topk_kl`); or importance-sampled logits
+    (:class:`~kdistill.losses.sampled.SampledLogits`): the loss is then an unbiased estimate
+    (:func:`~kdistill.losses.sampled.sampled_kl`, T = 1 only).
 
     Reduction: sum over valid tokens divided by their count, or by ``normalizer``.
     """
@@ -123,8 +180,11 @@ def forward_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | No
 def per_token_reverse_kl(
     student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0
 ) -> Tensor:
-    """``KL(p_s || p_t)`` for every position, shape ``[...]`` (see :func:`reverse_kl`)."""
-    log_ps, log_pt = _log_probs("reverse_kl", student_logits, teacher_logits, temperature)
+    """``KL(p_s || p_t)`` for every position, shape ``[...]`` (see :func:`reverse_kl`); top-k
+    teacher logits are refused (see the module notes)."""
+    _refuse_top_k_reverse("reverse_kl", teacher_logits)
+    log_ps, log_pt = _divergence_log_probs("reverse_kl", student_logits, teacher_logits,
+                                           temperature)
     return _kl_last_dim(log_ps, log_pt)
 
 
@@ -149,8 +209,9 @@ def reverse_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | No
 def per_token_tvd(
     student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0
 ) -> Tensor:
-    """``0.5 * sum_v |p_t - p_s|`` for every position, shape ``[...]`` (see :func:`tvd`)."""
-    log_ps, log_pt = _log_probs("tvd", student_logits, teacher_logits, temperature)
+    """``0.5 * sum_v |p_t - p_s|`` for every position, shape ``[...]`` (see :func:`tvd`); over
+    the k + 1 buckets of top-k teacher logits."""
+    log_ps, log_pt = _divergence_log_probs("tvd", student_logits, teacher_logits, temperature)
     return 0.5 * (log_pt.exp() - log_ps.exp()).abs().sum(dim=-1)
 
 
@@ -177,9 +238,13 @@ def per_token_generalized_jsd(
     beta: float = 0.5,
     temperature: float = 1.0,
 ) -> Tensor:
-    """Generalised JSD(beta) for every position, shape ``[...]`` (see :func:`generalized_jsd`)."""
+    """Generalised JSD(beta) for every position, shape ``[...]`` (see :func:`generalized_jsd`);
+    over the k + 1 buckets of top-k teacher logits (beta < 1 only: at 1 it is reverse KL)."""
     _check_beta("generalized_jsd", beta)
-    log_ps, log_pt = _log_probs("generalized_jsd", student_logits, teacher_logits, temperature)
+    if beta == 1.0:
+        _refuse_top_k_reverse("generalized_jsd at beta 1", teacher_logits)
+    log_ps, log_pt = _divergence_log_probs("generalized_jsd", student_logits, teacher_logits,
+                                           temperature)
     if beta == 0.0:
         return _kl_last_dim(log_pt, log_ps)
     if beta == 1.0:

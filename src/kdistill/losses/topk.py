@@ -5,8 +5,10 @@ k largest ``z_i`` (``i`` in ``K``, ``|K| = k``, largest first), their class ids 
 logit as one bucket, ``t = log sum_{j not in K} exp(z_j)`` (float32). At a vocabulary of 30k
 and k = 32 a row shrinks about 450 times. :class:`TopKLogits` carries them; the KL losses
 :func:`kdistill.losses.kd` and :func:`kdistill.losses.forward_kl` accept it as the teacher's
-logits (see :func:`kdistill.losses.logits.topk_kl` for the formula) and every other use fails
-with :class:`TopKLogitsError`, which says so.
+logits (see :func:`kdistill.losses.logits.topk_kl` for the formula), as do the token-level
+:func:`kdistill.losses.tvd` and :func:`kdistill.losses.generalized_jsd` (over the same k + 1
+buckets, see :mod:`kdistill.losses.sequence`); every other use fails with
+:class:`TopKLogitsError`, which says so.
 
 The tail is stored as a log-sum-exp of its own (rather than the row's log-sum-exp ``L``, from
 which ``1 - sum_K p_i`` would be the tail) so that a tail mass of 1e-6 stays exact when the kept
@@ -26,7 +28,8 @@ __all__ = ["TopKLogits", "TopKLogitsError"]
 
 
 class TopKLogitsError(AttributeError):
-    """A tensor operation asked of :class:`TopKLogits`, which only the KL losses read."""
+    """A tensor operation asked of sparse teacher logits (:class:`TopKLogits`,
+    :class:`~kdistill.losses.sampled.SampledLogits`), which only some losses read."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -82,5 +85,5 @@ class TopKLogits:
         raise TopKLogitsError(
             f"'{name}' is not available: the teacher's logits are top-k logits (k={self.k} of "
             f"{self.num_classes} classes, from a teacher cache) and only the KL losses kd and "
-            "forward_kl read them; build the cache with dense logits (no top_k) for this "
-            "recipe")
+            "forward_kl (and the token-level tvd and generalized_jsd) read them; build the "
+            "cache with dense logits (no top_k) for this recipe")

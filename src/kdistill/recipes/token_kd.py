@@ -10,6 +10,7 @@ from pydantic import Field, model_validator
 
 from kdistill import losses
 from kdistill.batch import TOKEN_MASK
+from kdistill.losses.sampled import SampledLogits
 from kdistill.losses.topk import TopKLogits
 from kdistill.recipes.base import Recipe, RecipeParams, Term, register
 from kdistill.recipes.shared import Weight, check_token_logits, label_term
@@ -62,8 +63,12 @@ class TokenKD(Recipe):
       Minimization for Sequence-Level Knowledge Distillation".
 
     Teacher and student must predict over one vocabulary (the student shares the teacher's
-    tokenizer: ``lm_student``). A teacher cache with ``top_k`` serves ``forward_kl`` alone
-    (the KL over the kept tokens plus the tail bucket, :func:`~kdistill.losses.topk_kl`).
+    tokenizer: ``lm_student``). A teacher cache with ``top_k`` serves ``forward_kl``, ``tvd``
+    and ``generalized_jsd`` with beta < 1, each over the kept tokens plus one tail bucket
+    (a lower bound of the dense value, short of it by at most a function of the teacher's tail
+    mass, see :mod:`kdistill.losses.sequence`); ``reverse_kl`` is refused. A cache with
+    ``sample`` (random-sampling KD, Anshumann et al. 2025) serves ``forward_kl`` at T = 1, as
+    an unbiased estimate (:func:`~kdistill.losses.sampled_kl`).
     Defaults: forward KL at T = 1, no CE. More: docs/lm.md.
     """
 
@@ -83,16 +88,36 @@ class TokenKD(Recipe):
             return partial(losses.generalized_jsd, beta=p.beta, temperature=p.temperature)
         return partial(getattr(losses, p.divergence), temperature=p.temperature)
 
+    def sparse_refusal(self, teacher_logits: Any) -> str | None:
+        """Why the divergence cannot be computed from the sparse teacher logits of a teacher
+        cache (see :mod:`kdistill.losses.sequence`), or ``None``."""
+        p = self.params
+        if isinstance(teacher_logits, SampledLogits) and (p.divergence != "forward_kl"
+                                                          or p.temperature != 1.0):
+            return (f"the teacher cache keeps {teacher_logits.k} tokens sampled from the "
+                    "teacher's distribution, an unbiased estimate of the forward KL at "
+                    f"temperature 1 alone; divergence '{p.divergence}' at temperature "
+                    f"{p.temperature} has no such estimate: use forward_kl at temperature 1 "
+                    "with this cache, or cache dense or top-k logits")
+        reverse = p.divergence == "reverse_kl" or (p.divergence == "generalized_jsd"
+                                                   and p.beta == 1.0)
+        if isinstance(teacher_logits, TopKLogits) and reverse:
+            name = "generalized_jsd at beta 1" if p.divergence != "reverse_kl" else "reverse_kl"
+            return (f"the teacher cache keeps the top-{teacher_logits.k} logits plus the "
+                    f"tail's mass; divergence '{name}' (KL(p_s || p_t)) misses the student's "
+                    "tail mass times its divergence inside the teacher's tail, which nothing "
+                    "the cache keeps bounds: use forward_kl, tvd or generalized_jsd with "
+                    "beta < 1 with this cache, or cache dense logits")
+        return None
+
     def terms(self, student: Taps, teacher: Taps | None, batch: Mapping[str, Any],
               state: TrainState) -> dict[str, Term]:
         p = self.params
         z_s, z_t = student["logits"], teacher["logits"]
         check_token_logits(self.name, z_s, z_t, batch)
-        if isinstance(z_t, TopKLogits) and p.divergence != "forward_kl":
-            raise ValueError(f"token_kd: the teacher cache keeps the top-{z_t.k} logits, from "
-                             f"which only forward_kl is computed (over the kept tokens and the "
-                             f"tail); divergence '{p.divergence}' needs the teacher's full "
-                             "logits: cache without top_k, or run the teacher live")
+        refusal = self.sparse_refusal(z_t)
+        if refusal is not None:
+            raise ValueError(f"token_kd: {refusal}")
         kd = self.divergence()(z_s, z_t, mask=batch[TOKEN_MASK])
         terms = {"kd": Term(kd, weight=p.kd_weight, unit="tokens")}
         if p.ce_weight > 0:

@@ -1,0 +1,55 @@
+"""The language-model benchmark's --quick path on a 100-token vocabulary: one row of each
+teacher signal, the table it writes between the page's markers, the caches' sizes, and a
+rerun that resumes (no row trained twice)."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+from lm_models import WORDS, save_llama
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import lm as bench  # noqa: E402
+
+
+def fortunes(path: Path) -> Path:
+    rng = random.Random(0)
+    texts = [" ".join(rng.choice(WORDS[:20]) for _ in range(rng.randint(6, 14)))
+             for _ in range(200)]
+    path.write_text("\n%\n".join(texts) + "\n%\n")
+    return path
+
+
+@pytest.mark.slow
+def test_the_quick_benchmark_scores_each_signal_and_resumes(tmp_path, monkeypatch):
+    args = ["--quick", "--teacher", str(save_llama(tmp_path / "tokenizer")),
+            "--texts", str(fortunes(tmp_path / "fortunes")), "--work", str(tmp_path / "work")]
+    bench.main(args)
+    saved = json.loads((tmp_path / "work" / "lm.json").read_text())
+    rows = saved["rows"]
+    assert list(rows) == list(bench.QUICK_ROWS)
+    assert saved["teacher_pass_s"] > 0 and saved["teacher"]["perplexity"] > 1
+    for name, row in rows.items():
+        assert row["perplexity"] > 1 and 0 <= row["agreement"] <= 1, name
+        assert (row["cache_mb_per_1k"] is None) == (name == "ce"), name
+    speed = saved["speed"]  # one architecture: timed once, against the teacher
+    assert speed["student_tok_s"] > 0 and speed["teacher_tok_s"] > 0
+    assert speed["speedup"] == pytest.approx(speed["student_tok_s"] / speed["teacher_tok_s"])
+    # Per stored token: 100 fp16 logits (dense); 8 fp16 logits, 8 int16 ids and a tail; 32
+    # int16 ids, 32 float32 weights and the entropy; headers and the int32 lengths on top.
+    assert rows["dense forward_kl"]["cache_mb_per_1k"] > 100 * 2 / 1000
+    assert rows["top-8 forward_kl"]["cache_mb_per_1k"] < rows["dense forward_kl"][
+        "cache_mb_per_1k"] / 4
+    page = (tmp_path / "work" / "lm.md").read_text()
+    assert page.startswith("<!-- results: benchmarks/lm.py -->\n| Student | Signal |")
+    assert all(f"| {name} |" in page for name in bench.QUICK_ROWS)
+
+    def trained_again(*_):
+        raise AssertionError("a saved row was trained again")
+
+    monkeypatch.setattr(bench.Benchmark, "run_row", trained_again)
+    bench.main(args)  # everything saved: nothing to train
