@@ -28,6 +28,7 @@ from kdistill.models.hf_text import HFTextEncoder, build_hf_text, export_pretrai
 from kdistill.models.text import WORD_STARTS, TextModel, check_same_tokens
 from kdistill.recipes.base import build_recipe
 from kdistill.settings import TrainerSettings
+from kdistill.taps import TapReader
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat", "on", "mat",
          "play", "##ing", "##ed", "dog", "a", "big", "red", "ran", "to", "it"]
@@ -150,6 +151,20 @@ def test_hf_text_classifies_raw_text_with_the_folders_network(tmp_path: Path):
     assert five.model.classifier.out_features == 5
     assert torch.equal(five.model.bert.embeddings.word_embeddings.weight,
                        network.bert.embeddings.word_embeddings.weight)
+
+
+def test_attention_taps_of_a_text_model_are_its_networks_attention_probabilities(
+        tmp_path: Path):
+    folder = save_bert(tmp_path / "bert", labels=3)
+    model = build_model("hf_text", (), 3, path=str(folder)).eval()
+    assert model.model.config._attn_implementation != "eager"  # switched by the tap reader
+    with TapReader(model, ["attention.1"]) as reader:
+        tapped = reader({"input": ["a dog", "the cat sat on the mat"]})["attention.1"]
+    network = transformers.BertForSequenceClassification.from_pretrained(
+        folder, attn_implementation="eager").eval()
+    encoded = model.encoder(["a dog", "the cat sat on the mat"])
+    expected = network(**encoded, output_attentions=True).attentions[1]
+    torch.testing.assert_close(tapped, expected, rtol=0, atol=1e-6)
 
 
 def test_hf_text_regression_has_one_output(tmp_path: Path):

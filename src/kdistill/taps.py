@@ -456,6 +456,17 @@ def _heads_reader(head_size: int) -> HookReader:
     return lambda _args, _kwargs, output: output.unflatten(-1, (-1, head_size))
 
 
+def eager_attention(model: nn.Module) -> None:
+    """Switch the Hugging Face models in ``model`` (itself, or the outermost ones it wraps,
+    such as a text model's network) to eager attention: only it returns the attention
+    probabilities."""
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation("eager")
+        return
+    for child in model.children():
+        eager_attention(child)
+
+
 class TapReader:
     """Runs a model on batches and returns the requested :class:`Taps`.
 
@@ -478,8 +489,8 @@ class TapReader:
         # Resolve every path before touching the model, so a bad name leaves no hook behind.
         targets = resolve_module_taps(model, self.names)
         projections = resolve_projection_taps(model, self.names)
-        if self.wants_attentions and hasattr(model, "set_attn_implementation"):
-            model.set_attn_implementation("eager")
+        if self.wants_attentions:
+            eager_attention(model)
         self._handles = ([self._hook(tap, module, _module_reader(tap)) for tap, module in targets]
                          + [self._hook(tap, linear, _heads_reader(size))
                             for tap, linear, size in projections])
