@@ -27,8 +27,9 @@ from kdistill.models.hf_student import build_hf_student, student_from_teacher
 from kdistill.models.hf_text import HFTextEncoder, build_hf_text, export_pretrained
 from kdistill.models.text import WORD_STARTS, TextModel, check_same_tokens
 from kdistill.recipes.base import build_recipe
+from kdistill.schedules import TrainState
 from kdistill.settings import TrainerSettings
-from kdistill.taps import TapReader
+from kdistill.taps import TapReader, Taps
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat", "on", "mat",
          "play", "##ing", "##ed", "dog", "a", "big", "red", "ran", "to", "it"]
@@ -165,6 +166,25 @@ def test_attention_taps_of_a_text_model_are_its_networks_attention_probabilities
     encoded = model.encoder(["a dog", "the cat sat on the mat"])
     expected = network(**encoded, output_attentions=True).attentions[1]
     torch.testing.assert_close(tapped, expected, rtol=0, atol=1e-6)
+
+
+def test_a_composite_token_loss_on_raw_text_leaves_the_padding_out(tmp_path: Path):
+    folder = save_bert(tmp_path / "bert", labels=3)
+    model = build_model("hf_text", (), 3, path=str(folder)).eval()
+    texts = ["a dog", "the cat sat on the mat"]
+    with TapReader(model, ["hidden.2"]) as reader:
+        taps = reader({"input": texts})
+    mask = model.encoder(texts)["attention_mask"]
+    assert mask[0].sum() < mask[1].sum() and torch.equal(taps.mask, mask)  # the short text pads
+    target = torch.randn_like(taps["hidden.2"])
+    recipe = build_recipe("composite", terms=[
+        {"loss": "hidden_mse", "student": "hidden.2", "teacher": "hidden.2"}])
+    teacher = Taps({"hidden.2": target}, mask)
+    recipe.build(taps, teacher)
+    term = recipe.terms(taps, teacher, {"input": texts}, TrainState())[recipe.term_names[0]]
+    real = mask.bool()
+    expected = ((taps["hidden.2"] - target)[real] ** 2).mean()
+    torch.testing.assert_close(term.value, expected, rtol=1e-6, atol=0)
 
 
 def test_hf_text_regression_has_one_output(tmp_path: Path):

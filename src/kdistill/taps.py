@@ -76,8 +76,9 @@ class TapError(KdistillError):
 class Taps(Mapping[str, torch.Tensor]):
     """Read-only mapping from tap name to tensor for one forward pass.
 
-    ``Taps`` also carries the batch's ``attention_mask`` (when there is one) so that losses on
-    token features can mask padding without seeing the batch. A source made of several models
+    ``Taps`` also carries the batch's ``attention_mask`` (when there is one; for a model that
+    tokenises raw text for itself, its own tokens' mask) so that losses on token features can
+    mask padding without seeing the batch. A source made of several models
     (peers, an ensemble, a group) also gives each model's own taps as ``members``.
     """
 
@@ -507,8 +508,11 @@ class TapReader:
         self._recorded = {}
         output = run_model(self.model, batch, hidden=self.wants_hidden,
                            attentions=self.wants_attentions)
-        mask = batch.get("attention_mask")
         tokens = output_mask(output, batch)  # a model's own tokens, for pooling
+        # The batch's mask (a word list's words) or else the model's own tokens' (raw text)
+        mask = batch.get("attention_mask")
+        if mask is None:
+            mask = tokens
         values = {name: output_tap(output, name, tokens) for name in self.output_names}
         for tap in self.hooked_taps:
             if tap.name not in self._recorded:
