@@ -205,13 +205,14 @@ def test_ema_teacher_state_is_resumed(tmp_path, data, make_mlp):
 
 
 def test_resume_errors(tmp_path, data, make_mlp):
-    with pytest.raises(ValueError, match="resume needs a run directory"):
+    with pytest.raises(ValueError, match="^resume needs a run directory$"):
         Distiller(make_mlp(), make_mlp(seed=1), "hinton", epochs=1,
                   progress=False).fit(data, resume=True)
     with pytest.raises(RunFolderError, match="nothing to resume: no checkpoint in"):
         Distiller(make_mlp(), make_mlp(seed=1), "hinton", epochs=1, run_dir=tmp_path,
                   progress=False).fit(data, resume=True)
-    with pytest.raises(ValueError, match="give one of them"):
+    with pytest.raises(ValueError, match="^resume continues the run in run_dir and overwrite "
+                                         "replaces it: give one of them$"):
         Distiller(make_mlp(), make_mlp(seed=1), "hinton", epochs=1, run_dir=tmp_path,
                   progress=False).fit(data, resume=True, overwrite=True)
     assert list(tmp_path.iterdir()) == []

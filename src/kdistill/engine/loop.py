@@ -84,7 +84,6 @@ class TrainingRun:
             settings, phases, self.micro_batch * settings.accumulation *
             self.accelerator.num_processes, self.data.length)
         self.log = MetricsLog(None)  # the run folder's log once the run has started (begin)
-        self.opening = RunOpening(run_dir, main)
         self.progress = TrainingProgress(enabled=settings.progress and main)
         self.evaluation = EpochEvaluation(student, teacher, eval_data, evaluator,
                                           settings.batch_size, self.data.collate_fn,
