@@ -408,3 +408,12 @@ def test_tiny_bert_unknown_path_suggests_the_real_one() -> None:
     with pytest.raises(TapError) as err:
         TapReader(model, ["module:encoder.layer.1.outptu"])
     assert "did you mean 'encoder.layer.1.output'" in str(err.value)
+
+
+def test_the_mask_applies_to_per_position_taps_only() -> None:
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    taps = Taps({}, mask)
+    assert taps.mask_for(torch.zeros(2, 3, 5)) is mask  # [B, L, D]: one value per position
+    assert taps.mask_for(torch.zeros(2, 3)) is None  # a sentence's logits over 3 classes
+    assert taps.mask_for(torch.zeros(2, 4, 5)) is mask  # other positions: the loss refuses it
+    assert Taps({}).mask_for(torch.zeros(2, 3, 5)) is None

@@ -101,6 +101,14 @@ class Taps(Mapping[str, torch.Tensor]):
     def __len__(self) -> int:
         return len(self._values)
 
+    def mask_for(self, value: torch.Tensor) -> torch.Tensor | None:
+        """The mask of ``value``'s positions: :attr:`mask` [B, L] for a per-position tensor
+        [B, L, ...] of one more dimension (a shape that still differs is the loss's to refuse),
+        None for anything else, such as a sentence's logits [B, C]."""
+        if self.mask is None or value.dim() != self.mask.dim() + 1:
+            return None
+        return self.mask
+
     def detached(self) -> Taps:
         """A copy whose tensors are ordinary (non-inference) tensors cut from any graph."""
         return Taps({k: v.detach().clone() for k, v in self._values.items()}, self.mask,

@@ -105,8 +105,9 @@ class Composite(Recipe):
                 args.append(labels_or_teacher_argmax(batch, teacher[term.teacher]))
         else:
             args = [student[term.student], batch["labels"]]
-        if spec.inputs == "mask" and student.mask is not None:
-            kwargs["mask"] = student.mask
+        mask = student.mask_for(args[0]) if spec.inputs == "mask" else None
+        if mask is not None:
+            kwargs["mask"] = mask
         return spec.fn(*args, **kwargs)
 
     def terms(self, student: Taps, teacher: Taps | None, batch: Mapping[str, Any],
