@@ -315,14 +315,15 @@ def test_a_cache_of_the_slices_answers_and_trains_like_the_live_teacher(
     for name in taps[:2]:
         assert torch.equal(answer[name].positions, live[name].positions)
         assert torch.equal(answer[name].kept, live[name].kept)
-        torch.testing.assert_close(answer[name].values, live[name].values, rtol=0, atol=1e-6)
+        # float32 rounding of batches padded to other lengths: within 1e-6 (+1e-6 relative)
+        torch.testing.assert_close(answer[name].values, live[name].values, rtol=1e-6, atol=1e-6)
     student = build_hf_text((), 3, folders["student"])
     hidden = HSK(recipe.params, stage="hidden")
     s = read(student, hidden.student_taps(), batch)
     hidden.build(s, live)
     torch.testing.assert_close(hidden.terms(s, answer, batch, STATE)["hidden"].value,
                                hidden.terms(s, live, batch, STATE)["hidden"].value,
-                               rtol=0, atol=1e-6)
+                               rtol=1e-6, atol=1e-6)
 
     runs = []
     for teacher_source in (FrozenTeacher(teacher), CachedTeacher(cache)):
