@@ -17,6 +17,7 @@ from kdistill import Distiller
 from kdistill.batch import UNLABELED
 from kdistill.batching import epoch_global_batches, process_micro_batches
 from kdistill.data.base import ArrayDataset
+from kdistill.errors import KdistillError
 from kdistill.metrics_log import read_metrics
 from kdistill.recipes import build_recipe
 from kdistill.teachers import EMATeacher, FrozenTeacher
@@ -460,3 +461,24 @@ def test_the_progress_shows_each_phase_by_its_name_or_its_recipe(
     Distiller(make_mlp(seed=0), make_mlp(seed=1, hidden=(32,)), phases=phases, batch_size=16,
               progress=False).fit(digits_subset(32, labeled=32))
     assert shown == ["ce", "kd"]
+
+
+@pytest.mark.parametrize("kind, name", [("FSDP", "FSDP"), ("DEEPSPEED", "DeepSpeed")])
+def test_a_sharded_accelerate_launch_is_refused_before_any_work(
+        kind, name, monkeypatch, digits_subset, make_mlp) -> None:
+    import accelerate
+    from accelerate.utils import DistributedType
+
+    import kdistill.engine.loop
+
+    class ShardingAccelerator(accelerate.Accelerator):
+        @property
+        def distributed_type(self) -> DistributedType:
+            return DistributedType[kind]
+
+    monkeypatch.setattr(kdistill.engine.loop, "Accelerator", ShardingAccelerator)
+    student = make_mlp(seed=0)
+    with pytest.raises(KdistillError, match=f"^the Accelerate launch config asks for {name}, "
+                                            "which kdistill does not run yet"):
+        Distiller(student, make_mlp(seed=1), "hinton", epochs=1, progress=False).fit(
+            digits_subset(32, labeled=32))

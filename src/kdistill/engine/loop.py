@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -25,6 +25,7 @@ from kdistill.engine.run_folder import RunOpening, StartHook
 from kdistill.engine.state import RunState, fit_description
 from kdistill.engine.step import OptimizerStep
 from kdistill.engine.training_module import TrainingModule, build_recipe_modules
+from kdistill.errors import KdistillError
 from kdistill.metrics_log import MetricsLog
 from kdistill.progress import TrainingProgress
 from kdistill.schedules import TrainState
@@ -250,6 +251,10 @@ class TrainingRun:
             self.teacher.close()
 
 
+SHARDED_TRAINING = {DistributedType.FSDP: "FSDP", DistributedType.DEEPSPEED: "DeepSpeed",
+                    DistributedType.MEGATRON_LM: "Megatron-LM"}
+
+
 def make_accelerator(settings: TrainerSettings) -> Accelerator:
     """A fresh :class:`Accelerator` for one fit.
 
@@ -258,10 +263,19 @@ def make_accelerator(settings: TrainerSettings) -> Accelerator:
     distributed set-up (``PartialState``) is kept.
     """
     AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(cpu=settings.cpu or not torch.cuda.is_available(),
-                       mixed_precision=settings.mixed_precision,
-                       kwargs_handlers=[DistributedDataParallelKwargs(
-                           find_unused_parameters=True)])
+    accelerator = Accelerator(cpu=settings.cpu or not torch.cuda.is_available(),
+                              mixed_precision=settings.mixed_precision,
+                              kwargs_handlers=[DistributedDataParallelKwargs(
+                                  find_unused_parameters=True)])
+    sharding = SHARDED_TRAINING.get(accelerator.distributed_type)
+    if sharding is not None:
+        raise KdistillError(f"the Accelerate launch config asks for {sharding}, which kdistill "
+                            "does not run yet: it wraps the student for data-parallel training "
+                            f"alone, so under {sharding} the student's gradients would not be "
+                            "synchronised or its parameters would not be the optimizer's; "
+                            "launch with a multi-process config without it (accelerate launch "
+                            "--multi_gpu, or torchrun), see docs/lm.md, 'Scale'")
+    return accelerator
 
 
 def bind_teacher(teacher: TeacherSource | None, phase: Phase, device: torch.device) -> None:
