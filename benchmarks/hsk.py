@@ -31,23 +31,19 @@ Protocol:
 from __future__ import annotations
 
 import argparse
-import os
-import sys
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from pages import write_results
 from resumable import saved_results, write_json
+from text_sentiment import quick_corpus as first_snippets
+from text_sentiment import train_one
 
 from kdistill.config import RunConfig, load_config
 from kdistill.contexts import num_threads
-from kdistill.data import DataSplits
-from kdistill.evaluate import classification_metrics, eval_batches, predict
-from kdistill.models import deployable
 from kdistill.report import markdown_grid, mean_std, mean_std_text
-from kdistill.run import build_data, build_teacher_cache, cache_dir, train_run
+from kdistill.run import build_data, build_teacher_cache, cache_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "text" / "hsk.yaml"
@@ -82,21 +78,6 @@ def variant_config(variant: str, seed: int, quick: bool, base: Path = EXAMPLE,
     return load_config(base, overrides)
 
 
-def accuracy(model: Any, data: DataSplits) -> float:
-    outputs = predict(model, eval_batches(data.test, 64))
-    return classification_metrics(outputs.logits, data.test.labels)["accuracy"]
-
-
-def train_one(config: RunConfig, data: DataSplits, threads: int) -> dict[str, Any]:
-    """One student's test accuracy and wall time (with the load average at the end)."""
-    started = time.perf_counter()
-    with num_threads(threads):
-        _, fit = train_run(config, data)
-    seconds = time.perf_counter() - started
-    return {"accuracy": accuracy(deployable(fit.student), data), "train_seconds": seconds,
-            "load_average": os.getloadavg()}
-
-
 def build_cache(config: RunConfig, threads: int) -> dict[str, Any]:
     """Build (or reuse) the slice cache of ``config``: its build time, size and rows."""
     with num_threads(threads):
@@ -129,7 +110,8 @@ def main(argv: list[str] | None = None) -> None:
             if any(r["variant"] == variant and r["seed"] == seed for r in results["runs"]):
                 continue
             config = variant_config(variant, seed, args.quick, corpus=corpus)
-            run = {"variant": variant, "seed": seed, **train_one(config, data, args.threads),
+            _, figures = train_one(config, data, args.threads)
+            run = {"variant": variant, "seed": seed, **figures,
                    "threads": args.threads}
             results["runs"].append(run)
             print(run, flush=True)
@@ -143,9 +125,6 @@ def main(argv: list[str] | None = None) -> None:
 def quick_corpus() -> Path:
     """The first ``QUICK_TEXTS`` fresh and rotten snippets (the text benchmark's quick corpus,
     smaller)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from text_sentiment import quick_corpus as first_snippets
-
     return first_snippets(QUICK_TEXTS, QUICK_OUTPUT / "corpus.csv.bz2")
 
 
