@@ -1,22 +1,26 @@
 """L2KD (kdistill.lifelong): each stage's loss against a hand computation with a non-default
 temperature and weights, one SGD step per stage checked against the hand gradient from that
 task's teacher, each teacher trained on its task alone, the forgetting matrix against direct
-evaluations of the saved per-stage students, and the errors. Tiny Llamas (never a real model)."""
+evaluations of the saved per-stage students, a YAML config run, and the errors (each naming
+its field). Tiny Llamas (never a real model)."""
 
 from __future__ import annotations
 
 import copy
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from lm_models import EOS, PAD, tiny_llama
+from lm_models import EOS, PAD, save_llama, tiny_llama
 from pydantic import ValidationError
 from torch import nn
 
 from kdistill import Distiller
 from kdistill.batch import TOKEN_MASK
+from kdistill.config import ConfigError
 from kdistill.data.lm import TokenBlocks, pad_rows
 from kdistill.errors import KdistillError
 from kdistill.evaluate import eval_batches, evaluate_model
@@ -27,6 +31,7 @@ from kdistill.lifelong import (
     forgetting,
     l2kd,
 )
+from kdistill.lifelong_run import load_l2kd_config, parse_l2kd_config, run_l2kd_config
 from kdistill.schedules import TrainState
 from kdistill.settings import TrainerSettings
 from kdistill.taps import Taps
@@ -210,3 +215,62 @@ def test_bad_settings_and_tasks_name_the_field():
     empty = [tasks[0], LifelongTask("colours", tasks[1].train, tasks[1].test.select([]))]
     with pytest.raises(KdistillError, match=r"^tasks\.1\.test: task 'colours' has no test rows$"):
         l2kd(student, empty)
+
+
+def jsonl(path, pairs: list[tuple[str, str]]) -> str:
+    path.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in pairs))
+    return str(path)
+
+
+def test_a_config_runs_l2kd_over_its_tasks(tmp_path):
+    model = save_llama(tmp_path / "llama", seed=0)
+    qa = jsonl(tmp_path / "qa.jsonl", [("Q: what is the sky A:", " blue"),
+                                       ("Q: what is grass A:", " green"),
+                                       ("Q: what is the cat A:", " big"),
+                                       ("Q: what is the dog A:", " red")] * 2)
+    story = jsonl(tmp_path / "story.jsonl", [("the cat", " sat on a mat"),
+                                             ("the dog", " ran to the tree"),
+                                             ("a bird", " sang a song"),
+                                             ("the cat", " slept under the tree")] * 2)
+    data = {"name": "lm_text", "test_fraction": 0.25,
+            "options": {"tokenizer": str(model), "prompt_column": "prompt",
+                        "completion_column": "completion", "block_size": 16}}
+    raw = {"student": {"name": "hf_lm", "options": {"path": str(model)}},
+           "tasks": [{"name": "qa", "data": {**data, "path": qa}},
+                     {"name": "story", "data": {**data, "path": story}}],
+           "l2kd": {"temperature": 2.0, "trainer": SGD | {"batch_size": 2}}}
+    result = run_l2kd_config(parse_l2kd_config(raw))
+    assert result.tasks == ["qa", "story"]
+    assert math.isnan(result.scores["perplexity"][0][1])
+    assert all(math.isfinite(v) for v in [*result.scores["accuracy"][1],
+                                          *result.mean_forgetting.values()])
+
+
+def test_bad_configs_name_the_field():
+    good = {"student": {"name": "hf_lm"},
+            "tasks": [{"name": "a", "data": {"name": "lm_text", "path": "a.jsonl"}}]}
+
+    def problems(**changes) -> str:
+        with pytest.raises(ConfigError) as error:
+            parse_l2kd_config({**good, **changes}, "l2kd.yaml")
+        return str(error.value)
+
+    assert problems(tasks=[]) == ("l2kd.yaml: tasks: List should have at least 1 item after "
+                                  "validation, not 0")
+    assert problems(l2kd={"temperature": -1.0}) == (
+        "l2kd.yaml: l2kd.temperature: Input should be greater than 0 (got -1.0)")
+    assert problems(l2kd={"kd_weight": 0.0, "ce_weight": 0.0}).startswith(
+        "l2kd.yaml: l2kd: kd_weight and ce_weight are both 0")
+    assert problems(tasks=[{"name": "a", "data": {"name": "digits"}}]).startswith(
+        "l2kd.yaml: tasks.0.data.name: unknown language-modelling data set 'digits'")
+    assert problems(tasks=[good["tasks"][0]] * 2) == (
+        "l2kd.yaml: tasks.1.name: task 'a' is already the name of an earlier task; give each "
+        "task its own name")
+    assert "tasks.0.dat" in problems(tasks=[{"name": "a", "dat": {}}])
+
+
+def test_the_l2kd_example_is_a_valid_config():
+    path = Path(__file__).resolve().parents[1] / "examples" / "lm" / "l2kd.yaml"
+    config = load_l2kd_config(path)
+    assert [task.name for task in config.tasks] == ["qa", "fortunes"]
+    assert (config.l2kd.temperature, config.l2kd.kd_weight, config.l2kd.ce_weight) == (2, 1, 1)
