@@ -107,9 +107,11 @@ def check_outcome(outcome: RunOutcome, config: RunConfig) -> list[dict[str, Any]
 
 
 def recipes_of(path: Path) -> set[str]:
-    """The recipe names an example config uses (its recipe, or each phase's)."""
+    """The recipe names an example config uses (its recipe, or each phase's; none for an L2KD
+    config, examples/lm/l2kd.yaml, whose stages always use token_kd)."""
     raw = yaml.safe_load(path.read_text())
-    sections = [raw["recipe"]] if "recipe" in raw else [p["recipe"] for p in raw["phases"]]
+    sections = ([raw["recipe"]] if "recipe" in raw else
+                [p["recipe"] for p in raw.get("phases", [])])
     return {section if isinstance(section, str) else section["name"] for section in sections}
 
 
