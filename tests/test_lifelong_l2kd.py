@@ -14,11 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from lm_models import EOS, PAD, save_llama, tiny_llama
 from pydantic import ValidationError
 from torch import nn
 
-from kdistill import Distiller
+from kdistill import Distiller, cli
 from kdistill.batch import TOKEN_MASK
 from kdistill.config import ConfigError
 from kdistill.data.lm import TokenBlocks, pad_rows
@@ -222,7 +223,7 @@ def jsonl(path, pairs: list[tuple[str, str]]) -> str:
     return str(path)
 
 
-def test_a_config_runs_l2kd_over_its_tasks(tmp_path):
+def test_a_config_runs_l2kd_over_its_tasks(tmp_path, capsys):
     model = save_llama(tmp_path / "llama", seed=0)
     qa = jsonl(tmp_path / "qa.jsonl", [("Q: what is the sky A:", " blue"),
                                        ("Q: what is grass A:", " green"),
@@ -244,6 +245,11 @@ def test_a_config_runs_l2kd_over_its_tasks(tmp_path):
     assert math.isnan(result.scores["perplexity"][0][1])
     assert all(math.isfinite(v) for v in [*result.scores["accuracy"][1],
                                           *result.mean_forgetting.values()])
+    config = tmp_path / "l2kd.yaml"  # the same through the command line: the same matrices
+    config.write_text(yaml.safe_dump(raw))
+    capsys.readouterr()
+    assert cli.main(["lifelong", str(config)]) == 0
+    assert capsys.readouterr().out == describe(result) + "\n"
 
 
 def test_bad_configs_name_the_field():

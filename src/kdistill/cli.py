@@ -135,6 +135,11 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=_whole_number(0, _max_seed), default=0,
                           help="seed of the sampling (default 0)")
 
+    lifelong = commands.add_parser(
+        "lifelong", help="run an L2KD config: tasks learnt one after another, each from its own "
+                         "teacher, with the matrix of what the student keeps of earlier tasks")
+    lifelong.add_argument("config")
+
     commands.add_parser("recipes", help="list the registered recipes")
     return parser
 
@@ -156,6 +161,14 @@ def _generate(args: argparse.Namespace) -> int:
     model, tokenizer = load_lm_run(args.run_dir)
     print(continue_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature,
                         args.seed))
+    return 0
+
+
+def _lifelong(args: argparse.Namespace) -> int:
+    from kdistill.lifelong import describe
+    from kdistill.lifelong_run import load_l2kd_config, run_l2kd_config
+
+    print(describe(run_l2kd_config(load_l2kd_config(args.config))))
     return 0
 
 
@@ -335,6 +348,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _predict(args)
         if args.command == "generate":
             return _generate(args)
+        if args.command == "lifelong":
+            return _lifelong(args)
         return _run(args)
     except (KdistillError, FileNotFoundError) as error:
         print(f"kdistill: error: {error}", file=sys.stderr)
