@@ -403,7 +403,7 @@ def test_a_cache_of_the_hidden_states_and_projections_trains_like_the_live_teach
     valid = read(teacher, ["token_mask"], batch)["token_mask"].bool()
     for name in ("embeddings", "hidden.4", "query.3", "key.1"):
         assert answer[name].shape == live[name].shape
-        torch.testing.assert_close(answer[name][valid], live[name][valid], rtol=0, atol=1e-6)
+        torch.testing.assert_close(answer[name][valid], live[name][valid], rtol=1e-5, atol=1e-6)
         assert not answer[name][~valid].any()  # padding holds zeros, which the mask drops
     # Training: SGD, so the float noise of the teacher's batch composition stays noise (Adam
     # would turn it into full-size steps for the weights with a near-zero gradient).
