@@ -404,3 +404,10 @@ def test_the_oracle_teacher_refuses_bad_targets(labels: torch.Tensor, message: s
 def test_oracle_heads_must_divide_the_frame_size() -> None:
     with pytest.raises(ValueError, match="oracle_ctc: dim 10 must be a multiple of heads 4"):
         build_model("oracle_ctc", SHAPE, 11, channels=[4], dim=10, hidden=4, heads=4)
+
+
+def test_labels_for_other_rows_than_the_logits_are_refused_naming_both() -> None:
+    with pytest.raises(ValueError, match=r"^ctc_loss: labels of shape \(3, 2\) for 2 rows of "
+                                         r"logits$"):
+        ctc_loss(torch.zeros(2, 5, 4), torch.zeros(3, 2, dtype=torch.long),
+                 torch.tensor([2, 2, 2]))

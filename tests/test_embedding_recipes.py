@@ -160,3 +160,10 @@ def test_info_nce_leaves_out_excluded_keys_but_never_the_positive() -> None:
     with pytest.raises(ValueError, match=r"info_nce: expected query \[B, D\] and keys "
                                          r"\[K >= B, D\], got query \(2, 3\) and keys \(1, 3\)"):
         losses.info_nce(q, k[:1], 1.0)
+
+
+def test_a_params_object_passed_as_it_is_sets_the_recipe() -> None:
+    from kdistill.recipes.embedding import EmbeddingKD, EmbeddingKDParams
+
+    assert EmbeddingKD(EmbeddingKDParams(loss="cosine", head="linear")).params.model_dump() == {
+        "loss": "cosine", "head": "linear"}

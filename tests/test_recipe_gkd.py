@@ -204,3 +204,10 @@ def test_gkd_refuses_a_teacher_cache_and_encoder_decoder_rows():
     with pytest.raises(ValueError, match="gkd: encoder-decoder rows"):
         build_recipe("gkd").prepare({**rows, "decoder_input_ids": rows["input_ids"]},
                                     lambda b: Taps({}), TrainState())
+
+
+def test_the_branch_draw_depends_on_the_phase_as_on_the_step() -> None:
+    recipe = GKD(lmbda=0.5, seed=4)
+    draws = [[recipe.on_policy(TrainState(phase=phase, step=step)) for step in range(64)]
+             for phase in (0, 1)]
+    assert draws[0] != draws[1] and 16 < sum(draws[0]) < 48

@@ -192,3 +192,14 @@ def test_the_span_kd_example_is_valid_but_for_the_student_it_asks_for():
     assert problems and all("models/my-student" in line or install in line
                             or "file not found: /usr/share/games/fortunes" in line
                             for line in problems), problems
+
+
+def test_a_batch_that_is_not_language_modelling_is_refused(tokenizers):
+    student_tok, teacher_tok = tokenizers
+    recipe = build_recipe("span_kd", student_tokenizer=student_tok,
+                          teacher_tokenizer=teacher_tok)
+    batch = {k: v for k, v in rows().rows([0]).items() if k != TOKEN_MASK}
+    with pytest.raises(ValueError, match=r"^span_kd: the batch has no 'token_mask'; it distils "
+                                         r"language models on language-modelling data "
+                                         r"\(lm_text, lm_hf_dataset\)$"):
+        recipe.prepare(batch, None, TrainState())
