@@ -211,3 +211,26 @@ def test_the_branch_draw_depends_on_the_phase_as_on_the_step() -> None:
     draws = [[recipe.on_policy(TrainState(phase=phase, step=step)) for step in range(64)]
              for phase in (0, 1)]
     assert draws[0] != draws[1] and 16 < sum(draws[0]) < 48
+
+
+def test_special_ids_prefer_the_generation_config_then_the_model_config() -> None:
+    from types import SimpleNamespace
+
+    from kdistill.recipes.completions import special_ids
+
+    model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[2, 9],
+                                                              pad_token_id=5),
+                            config=SimpleNamespace(eos_token_id=3, pad_token_id=7))
+    assert special_ids(model) == (2, 5)
+    model.generation_config = SimpleNamespace(eos_token_id=None, pad_token_id=None)
+    assert special_ids(model) == (3, 7)
+    model.config.pad_token_id = None
+    assert special_ids(model) == (3, 3)  # no pad id: the end-of-sequence id pads
+
+
+def test_sampling_asks_generate_for_the_whole_softmax_at_the_temperature() -> None:
+    from kdistill.recipes.completions import Decoding
+
+    assert Decoding(8, sample=True, temperature=0.7).options() == {
+        "do_sample": True, "temperature": 0.7, "top_k": 0, "top_p": 1.0, "num_beams": 1}
+    assert Decoding(8, num_beams=3).options() == {"do_sample": False, "num_beams": 3}

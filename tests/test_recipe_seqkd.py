@@ -189,3 +189,20 @@ def test_seqkd_refuses_a_cache_and_half_a_tokenizer_pair():
         "teacher's model, which a cache does not hold, so the teacher must run live")
     with pytest.raises(ValueError, match="tokenizer and teacher_tokenizer go together"):
         build_recipe("seqkd", teacher_tokenizer="somewhere")
+
+
+def test_a_prompt_reaches_the_teacher_as_its_text_without_the_datas_special_tokens(tmp_path):
+    from kdistill.data.lm import read_tokenizer
+    from kdistill.recipes.seqkd import Retokeniser
+
+    folders = []
+    for name, vocab in (("data", VOCAB), ("teacher", ["<pad>", "<unk>", "<s>", "</s>",
+                                                     *reversed(WORDS)])):
+        folder = save_word_tokenizer(tmp_path / name, vocab)
+        backend = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        backend.add_special_tokens(["<s>", "</s>", "<pad>"])
+        backend.save(str(folder / "tokenizer.json"))
+        folders.append(folder)
+    data, teacher = (read_tokenizer(f) for f in folders)
+    retokenise = Retokeniser(data, teacher)
+    assert retokenise.prompt([ID["<s>"], ID["the"], ID["cat"]]) == teacher.encode(["the cat"])[0]
