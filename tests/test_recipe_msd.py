@@ -360,3 +360,15 @@ def test_a_config_run_trains_the_teacher_with_channels_and_caches_them(
     assert origin["cached"] is True and isinstance(again, ChannelModel)
     for key, value in teacher.state_dict().items():
         assert torch.equal(again.state_dict()[key], value), key
+
+
+def test_a_model_with_channels_is_kept_when_they_are_the_ones_asked_for(
+        folders: dict[str, str]) -> None:
+    wrapped = MSD(channel_layers=[1, 2], dropout=0.0).wrap_student(tagger(folders, "student"))
+    assert MSD(channel_layers=[1, 2]).wrap_student(wrapped) is wrapped
+    assert MSD().wrap_student(wrapped) is wrapped
+    with pytest.raises(ValueError, match=r"^msd: channel_layers is \[2\] but the model already "
+                                         r"has channels on layers \[1, 2\]$"):
+        MSD(channel_layers=[2]).wrap_student(wrapped)
+    with pytest.raises(RuntimeError, match="^msd: build\\(\\) creates omega on the first batch$"):
+        MSD().mixture()
