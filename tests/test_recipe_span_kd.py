@@ -203,3 +203,13 @@ def test_a_batch_that_is_not_language_modelling_is_refused(tokenizers):
                                          r"language models on language-modelling data "
                                          r"\(lm_text, lm_hf_dataset\)$"):
         recipe.prepare(batch, None, TrainState())
+
+
+def test_the_batchs_spans_are_numbered_from_0_without_gaps(tokenizers):
+    student_tok, teacher_tok = tokenizers
+    recipe = build_recipe("span_kd", student_tokenizer=student_tok,
+                          teacher_tokenizer=teacher_tok)
+    batch = recipe.prepare(rows().rows([0, 1]), None, TrainState())
+    used = {int(s) for s in batch["student_span"].flatten() if int(s) != NO_SPAN}
+    assert used == set(range(batch["span_count"])) and batch["span_count"] > 2
+    assert {int(s) for s in batch["teacher_span"].flatten() if int(s) != NO_SPAN} == used
