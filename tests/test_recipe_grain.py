@@ -291,3 +291,34 @@ def test_a_student_without_bert_layers_is_refused() -> None:
 def test_bad_parameters_name_the_field(params: dict[str, Any], field: str) -> None:
     with pytest.raises(ValidationError, match=field):
         build_recipe("grain", **params)
+
+
+def test_the_terms_follow_their_equations_and_leave_padding_out(
+        folders: dict[str, str]) -> None:
+    recipe = GRAIN(temperature=3.0, kd_weight=0.7, ce_weight=0.2, hidden_weight=0.5,
+                   hidden_layers=[[1, 1], [2, 2]])
+    student = recipe.wrap_student(bert(folders, "student"))
+    teacher = bert(folders, "teacher")
+    batch = collate(samples()[:4])  # texts of different lengths: padding
+    with TapReader(student, recipe.student_taps()) as reader:
+        s = reader(batch)
+    with TapReader(teacher, recipe.teacher_taps()) as reader:
+        t = reader(batch)
+    recipe.build(s, t)
+    with torch.no_grad():
+        terms = recipe.terms(s, t, batch, TrainState())
+    mask = s["token_mask"].bool()
+    assert not mask.all()
+    z_s, z_t, labels = s["logits"], t["logits"], batch["labels"]
+    kd = -(torch.softmax(z_t / 3, -1) * torch.log_softmax(z_s / 3, -1)).sum(-1).mean()
+    ce = torch.nn.functional.cross_entropy(z_s, labels)
+    hidden = sum(((proj(s[f"hidden.{m}"]) - t[f"hidden.{m}"])[mask] ** 2).mean()
+                 for proj, m in zip(recipe.projections, (1, 2), strict=True))
+    for name, value, weight in (("kd", kd, 0.7), ("ce", ce, 0.2), ("hidden", hidden, 0.5)):
+        torch.testing.assert_close(terms[name].value, value, rtol=1e-5, atol=1e-7)
+        assert terms[name].weight == weight
+    spoiled = t.replace(**{f"hidden.{m}": t[f"hidden.{m}"].masked_fill(~mask[..., None], 1e3)
+                           for m in (1, 2)})
+    with torch.no_grad():
+        again = recipe.terms(s, spoiled, batch, TrainState())["hidden"].value
+    torch.testing.assert_close(again, terms["hidden"].value, rtol=0, atol=0)
