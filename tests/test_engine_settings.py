@@ -282,13 +282,17 @@ def test_progress_shows_or_hides_the_bar(capsys, digits_subset, make_mlp, progre
 
 def test_cpu_keeps_the_run_off_the_gpu(monkeypatch) -> None:
     # No GPU here: pretend there is one and read what the engine asks Accelerate for.
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
     from kdistill.engine import loop
 
     asked: list[dict[str, Any]] = []
 
-    def accelerator(**kwargs: Any) -> dict[str, Any]:
+    def accelerator(**kwargs: Any) -> SimpleNamespace:
         asked.append(kwargs)
-        return kwargs
+        return SimpleNamespace(distributed_type=DistributedType.NO)
 
     monkeypatch.setattr(loop, "Accelerator", accelerator)
     monkeypatch.setattr(loop.torch.cuda, "is_available", lambda: True)

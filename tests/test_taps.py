@@ -416,4 +416,5 @@ def test_the_mask_applies_to_per_position_taps_only() -> None:
     assert taps.mask_for(torch.zeros(2, 3, 5)) is mask  # [B, L, D]: one value per position
     assert taps.mask_for(torch.zeros(2, 3)) is None  # a sentence's logits over 3 classes
     assert taps.mask_for(torch.zeros(2, 4, 5)) is mask  # other positions: the loss refuses it
+    assert taps.mask_for(torch.zeros(2, 2, 3, 3)) is mask  # attention [B, H, L, L]
     assert Taps({}).mask_for(torch.zeros(2, 3, 5)) is None

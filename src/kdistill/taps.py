@@ -102,10 +102,11 @@ class Taps(Mapping[str, torch.Tensor]):
         return len(self._values)
 
     def mask_for(self, value: torch.Tensor) -> torch.Tensor | None:
-        """The mask of ``value``'s positions: :attr:`mask` [B, L] for a per-position tensor
-        [B, L, ...] of one more dimension (a shape that still differs is the loss's to refuse),
-        None for anything else, such as a sentence's logits [B, C]."""
-        if self.mask is None or value.dim() != self.mask.dim() + 1:
+        """The mask of ``value``'s positions: :attr:`mask` [B, L] for a tensor with positions,
+        i.e. more dimensions than the mask (token features [B, L, D], attention [B, H, L, L]:
+        the loss reads the mask its way and refuses a shape that does not fit), None for a
+        tensor without, such as a sentence's logits [B, C]."""
+        if self.mask is None or value.dim() <= self.mask.dim():
             return None
         return self.mask
 
