@@ -35,7 +35,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pages import write_results
+from pages import load_note, write_results
 from resumable import saved_results, write_json
 from text_sentiment import quick_corpus as first_snippets
 from text_sentiment import train_one
@@ -149,11 +149,8 @@ def report(results: Mapping[str, Any]) -> str:
         text += (f"\n\nSlice cache: {cache['rows']:,} texts, {cache['bytes'] / 1e6:.1f} MB "
                  f"({cache['bytes'] / cache['rows'] / 1e3:.2f} kB per text with the logits)"
                  + (f", built in {built:.0f} s" if built is not None else "") + ".\n")
-    loads = [r["load_average"][0] for r in results["runs"]]
-    if loads:
-        text += (f"\nLoad average (1 min) at the end of the runs: {min(loads):.2f} to "
-                 f"{max(loads):.2f}.\n")
-    return text
+    note = load_note(results["runs"])
+    return text + (f"\n{note}" if note else "")
 
 
 if __name__ == "__main__":

@@ -26,3 +26,12 @@ def write_results(path: Path, tables: str, script: str) -> None:
     """Put ``tables`` between ``script``'s markers in the page at ``path`` (atomically)."""
     atomic_write_text(path, with_results(path.read_text() if path.is_file() else "", tables,
                                          script))
+
+
+def load_note(runs: list[dict]) -> str:
+    """The range of the 1-minute load average saved at the end of each run (``load_average``),
+    as a sentence for a results page; empty without runs."""
+    loads = [run["load_average"][0] for run in runs]
+    if not loads:
+        return ""
+    return f"Load average (1 min) at the end of the runs: {min(loads):.2f} to {max(loads):.2f}.\n"

@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pages import write_results
+from pages import load_note, write_results
 from resumable import saved_results, write_json
 from text_sentiment import train_one
 
@@ -114,11 +114,8 @@ def report(results: Mapping[str, Any]) -> str:
                          f"{mean_std([r['train_seconds'] for r in runs])[0]:.0f}"])
     text = markdown_grid(["student (teacher layers)", "map", "g(1), g(2)", "accuracy %",
                           "seeds", "train s"], rows)
-    loads = [r["load_average"][0] for r in results["runs"]]
-    if loads:
-        text += (f"\n\nLoad average (1 min) at the end of the runs: {min(loads):.2f} to "
-                 f"{max(loads):.2f}.\n")
-    return text
+    note = load_note(results["runs"])
+    return text + (f"\n\n{note}" if note else "")
 
 
 if __name__ == "__main__":
