@@ -17,7 +17,13 @@ Protocol:
 * data: the fortunes (the UTF-8 ``*.u8`` files of ``/usr/share/games/fortunes``, one text
   between ``%`` lines), shuffled with seed 0; the first texts up to ``test_tokens`` tokens are
   the held-out split, the next ones up to ``train_tokens`` the training split; both packed into
-  blocks of 128 tokens with the teacher's tokenizer (docs/lm.md);
+  blocks of 128 tokens with the teacher's tokenizer (docs/lm.md). The rows that complete
+  prompts (``seqkd``, ``gkd``) read the same training fortunes as prompt/completion pairs
+  instead, one a row: a fortune's first ``prompt_words`` (8) words (at most half of them) are
+  the prompt, the rest its completion, cut at 128 tokens; their loss counts completion tokens
+  only, so they learn from fewer tokens than the packed rows (the token counts are saved with
+  the results), and the completions they generate (the teacher's beam search for ``seqkd``,
+  the student's samples for ``gkd``) stop at ``MAX_NEW_TOKENS`` (64);
 * teacher: SmolLM2-135M-Instruct (its GGUF converted once), fp32, never trained;
 * student: ``lm_student`` with 4 layers of width 256 (4 heads, MLP 768) from the teacher's
   configuration, embeddings tied as the teacher's, about 16M parameters; every row starts from
@@ -41,8 +47,7 @@ budget (100,000 training tokens, 1 epoch, 11 rows) is one teacher pass of 6-30 m
 10-20 min a row: 2-4 h in all, 10 GB of dense cache on disk (plus 13 MB for top-32). Rows are
 saved one by one, so the run can be split over several sittings (``--rows``).
 
-Rows are :data:`ROWS`; a row whose recipe is not registered (``seqkd``, ``gkd``, being built)
-is skipped with a note, so the list can name them already.
+Rows are :data:`ROWS`.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -66,7 +72,15 @@ from kdistill import Distiller
 from kdistill.cache import CachedTeacher, LogitSample, TeacherCache
 from kdistill.checkpoint import atomic_write_text
 from kdistill.contexts import num_threads
-from kdistill.data.lm import TokenBlocks, pack, plain_texts, read_tokenizer
+from kdistill.data.lm import (
+    BlockSettings,
+    BlockTokenizer,
+    LMTexts,
+    TokenBlocks,
+    pack,
+    plain_texts,
+    read_tokenizer,
+)
 from kdistill.evaluate import (
     benchmark_models,
     count_parameters,
@@ -77,7 +91,7 @@ from kdistill.evaluate import (
 )
 from kdistill.models import build_model
 from kdistill.models.lm import lm_folder, load_lm
-from kdistill.recipes import RECIPES, build_recipe
+from kdistill.recipes import build_recipe
 from kdistill.report import markdown_grid, significant
 from kdistill.teachers import FrozenTeacher
 
@@ -86,6 +100,7 @@ FORTUNES = Path("/usr/share/games/fortunes")
 RESULTS = ROOT / "benchmarks" / "results" / "lm.json"
 PAGE = ROOT / "docs" / "lm.md"
 DENSE = "dense"
+MAX_NEW_TOKENS = 64  # of the completions seqkd's teacher and gkd's student generate
 
 
 @dataclass(frozen=True)
@@ -107,8 +122,8 @@ ROWS = [
     *(Row(f"top-32 {d}", {"name": "token_kd", "divergence": d}, "top-32")
       for d in ("generalized_jsd", "tvd")),
     Row("sampled-32 forward_kl", {"name": "token_kd"}, "sampled-32"),
-    Row("seqkd", {"name": "seqkd"}, "live"),
-    Row("gkd", {"name": "gkd"}, "live"),
+    Row("seqkd", {"name": "seqkd", "max_new_tokens": MAX_NEW_TOKENS}, "live"),
+    Row("gkd", {"name": "gkd", "max_new_tokens": MAX_NEW_TOKENS}, "live"),
 ]
 
 
@@ -130,6 +145,7 @@ class Settings:
     threads: int = 2
     repeats: int = 5
     cache_batch_size: int = 4
+    prompt_words: int = 8
 
 
 def fortune_texts(folder: Path) -> list[str]:
@@ -140,24 +156,56 @@ def fortune_texts(folder: Path) -> list[str]:
     return [text for path in files for text in plain_texts(path, "%").texts]
 
 
-def splits(settings: Settings, tokenizer_folder: Path) -> tuple[TokenBlocks, TokenBlocks]:
-    """The packed training and held-out splits (see the module notes)."""
-    tokenizer = read_tokenizer(tokenizer_folder)
+def split_texts(settings: Settings, tokenizer: BlockTokenizer) -> tuple[list[str], list[str]]:
+    """The held-out and training fortunes: shuffled with seed 0, the first ones up to
+    ``test_tokens`` tokens held out, the next ones up to ``train_tokens`` for training."""
     texts = fortune_texts(Path(settings.texts))
     random.Random(0).shuffle(texts)
-    eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
-    documents = [ids + eos for ids in tokenizer.encode(texts)]
-    parts: list[list[list[int]]] = [[], []]
+    eos = 0 if tokenizer.eos_id is None else 1
+    parts: tuple[list[str], list[str]] = ([], [])
     budget, count = [settings.test_tokens, settings.train_tokens], [0, 0]
-    for document in documents:
+    for text, ids in zip(texts, tokenizer.encode(texts), strict=True):
         part = 0 if count[0] < budget[0] else 1
         if count[1] >= budget[1]:
             break
-        parts[part].append(document)
-        count[part] += len(document)
-    test, train = (pack(p, settings.block_size, tokenizer.pad_id, name)
-                   for p, name in zip(parts, ("fortunes test", "fortunes train"), strict=True))
-    return train, test
+        parts[part].append(text)
+        count[part] += len(ids) + eos
+    return parts
+
+
+def packed(texts: Sequence[str], settings: Settings, tokenizer: BlockTokenizer,
+           name: str) -> TokenBlocks:
+    """``texts`` each ended by the end-of-sequence token, packed into blocks."""
+    eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    return pack([ids + eos for ids in tokenizer.encode(texts)], settings.block_size,
+                tokenizer.pad_id, name)
+
+
+def prompt_pairs(texts: Sequence[str], words: int) -> LMTexts:
+    """Each text of two words or more cut after its first ``words`` words (at most half of
+    them): the prompt, and the rest (from the whitespace after the cut) as its completion."""
+    prompts, completions = [], []
+    for text in texts:
+        ends = [m.end() for m in re.finditer(r"\S+", text)]
+        if len(ends) >= 2:
+            cut = ends[min(words, len(ends) // 2) - 1]
+            prompts.append(text[:cut])
+            completions.append(text[cut:])
+    return LMTexts("fortunes train pairs", prompts, [f"pair {i}" for i in range(len(prompts))],
+                   completions)
+
+
+def splits(settings: Settings, tokenizer_folder: Path) -> tuple[TokenBlocks, TokenBlocks,
+                                                                  TokenBlocks]:
+    """The packed training and held-out splits, and the training fortunes as prompt /
+    completion rows for the recipes that complete prompts (see the module notes)."""
+    tokenizer = read_tokenizer(tokenizer_folder)
+    test, train = split_texts(settings, tokenizer)
+    rows = BlockSettings(settings.block_size, packing=False, seq2seq=False,
+                         decoder_start_token_id=None)
+    return (packed(train, settings, tokenizer, "fortunes train"),
+            packed(test, settings, tokenizer, "fortunes test"),
+            rows.blocks(prompt_pairs(train, settings.prompt_words), tokenizer))
 
 
 def data_key(settings: Settings) -> str:
@@ -203,7 +251,7 @@ class Benchmark:
         self.settings, self.results = settings, results
         self.work = work / data_key(settings)
         folder = lm_folder(settings.teacher)
-        self.train, self.test = splits(settings, folder)
+        self.train, self.test, self.pairs = splits(settings, folder)
         self.teacher = load_lm(folder).eval()
         self.vocabulary = self.teacher.get_output_embeddings().weight.shape[0]
         self.batches = eval_batches(self.test, settings.batch_size)
@@ -261,9 +309,10 @@ class Benchmark:
                        CachedTeacher(self.cache(row.signal)))
         student = self.student()
         started = time.monotonic()
+        data = self.pairs if row.signal == "live" else self.train
         Distiller(student, source, build_recipe(**row.recipe), epochs=s.epochs,
                   batch_size=s.batch_size, cpu=True, progress=False, seed=0,
-                  optimizer={"name": "adamw", "lr": s.lr, "weight_decay": 0.01}).fit(self.train)
+                  optimizer={"name": "adamw", "lr": s.lr, "weight_decay": 0.01}).fit(data)
         trained = time.monotonic() - started
         quality = evaluate_model(student, self.batches, "cpu", self.teacher_tokens())
         cache = (self.cache(row.signal) if row.signal not in ("none", "live") else None)
@@ -272,7 +321,8 @@ class Benchmark:
                 "accuracy": quality["accuracy"],
                 "cache_mb_per_1k": (cache.nbytes / 1e6 / (self.train.token_count() / 1000)
                                     if cache is not None else None),
-                "train_s": trained, "params": count_parameters(student)}, student
+                "train_s": trained, "labelled_tokens": data.token_count(),
+                "params": count_parameters(student)}, student
 
     def speed(self, student: nn.Module) -> dict[str, Any]:
         """Teacher and student tokens/s, timed in alternating rounds on one held-out batch
@@ -289,9 +339,6 @@ class Benchmark:
     def run(self, rows: Sequence[Row]) -> None:
         for row in rows:
             if row.name in self.saved["rows"]:
-                continue
-            if row.recipe["name"] not in RECIPES:
-                print(f"{row.name}: recipe '{row.recipe['name']}' is not registered; skipped")
                 continue
             print(f"{row.name} ...", flush=True)
             self.saved["rows"][row.name], student = self.run_row(row)
@@ -354,7 +401,8 @@ def quick_teacher(work: Path, tokenizer_of: str) -> str:
 QUICK = {"train_tokens": 1_000, "test_tokens": 500, "epochs": 1, "repeats": 1,
          "student": {"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2,
                      "num_key_value_heads": 2, "intermediate_size": 64}}
-QUICK_ROWS = ("ce", "dense forward_kl", "top-8 forward_kl", "top-32 tvd", "sampled-32 forward_kl")
+QUICK_ROWS = ("ce", "dense forward_kl", "top-8 forward_kl", "top-32 tvd", "sampled-32 forward_kl",
+              "seqkd", "gkd")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -35,7 +35,10 @@ def test_the_quick_benchmark_scores_each_signal_and_resumes(tmp_path, monkeypatc
     assert saved["teacher_pass_s"] > 0 and saved["teacher"]["perplexity"] > 1
     for name, row in rows.items():
         assert row["perplexity"] > 1 and 0 <= row["agreement"] <= 1, name
-        assert (row["cache_mb_per_1k"] is None) == (name == "ce"), name
+        assert (row["cache_mb_per_1k"] is None) == (name in ("ce", "seqkd", "gkd")), name
+    # The completing rows learn from the completions of the same fortunes: fewer tokens.
+    assert 0 < rows["gkd"]["labelled_tokens"] == rows["seqkd"]["labelled_tokens"] < rows[
+        "ce"]["labelled_tokens"]
     speed = saved["speed"]  # one architecture: timed once, against the teacher
     assert speed["student_tok_s"] > 0 and speed["teacher_tok_s"] > 0
     assert speed["speedup"] == pytest.approx(speed["student_tok_s"] / speed["teacher_tok_s"])
@@ -53,3 +56,9 @@ def test_the_quick_benchmark_scores_each_signal_and_resumes(tmp_path, monkeypatc
 
     monkeypatch.setattr(bench.Benchmark, "run_row", trained_again)
     bench.main(args)  # everything saved: nothing to train
+
+
+def test_prompt_pairs_cut_after_the_first_words_at_most_half_and_keep_the_whitespace():
+    pairs = bench.prompt_pairs(["one", "a b", "w1 w2 w3 w4\nw5 w6", "x " * 20], words=3)
+    assert pairs.texts == ["a", "w1 w2 w3", "x x x"]
+    assert pairs.completions == [" b", " w4\nw5 w6", " x" * 17 + " "]
