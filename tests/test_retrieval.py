@@ -273,6 +273,20 @@ def test_lead_across_tokenisers_beats_the_students_own_contrastive_loss_and_keep
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+DCD_TINY = {"name": "dcd", "negatives": 3, "similarity": "cosine", "temperature": 0.1}
+
+
+def test_dcds_distillation_term_beats_its_twin_without_it_and_keeps_the_teacher(
+        folders: dict[str, Path]) -> None:
+    # alpha 0 keeps the teacher's choice of negatives and its weights but drops the MSE
+    # between the similarities: the gain is the distillation term's.
+    distilled, before, after = fit(folders, **DCD_TINY, alpha=0.5)
+    baseline, _, _ = fit(folders, **DCD_TINY, alpha=0.0)
+    assert distilled[-1]["eval_recall10"] > baseline[-1]["eval_recall10"] + 0.05
+    assert distilled[-1]["eval_ndcg10"] > baseline[-1]["eval_ndcg10"] + 0.03
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
 def test_a_config_run_ranks_unlabelled_queries_by_the_teacher_and_says_so(
         folders: dict[str, Path], tmp_path: Path) -> None:
     config = parse_config({
