@@ -250,7 +250,7 @@ def test_teacher_with_neither_checkpoint_nor_train() -> None:
     del raw["teacher"]["train"]
     assert problem_lines(error_of(raw)) == [
         "teacher: recipe 'hinton' distils a trained teacher; give teacher.checkpoint or "
-        "teacher.train"]
+        "teacher.train (or a fine-tuned model folder: hf, hf_text)"]
 
 
 def test_teacher_recipe_needs_train_and_a_known_recipe() -> None:

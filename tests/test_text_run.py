@@ -21,6 +21,7 @@ from kdistill.data.base import labeled_indices
 from kdistill.evaluate import eval_batches, predict
 from kdistill.models import deployable
 from kdistill.models.export import load_run_student
+from kdistill.models.hf import missing_head
 from kdistill.predict import predict_texts
 from kdistill.run import build_data, run, train_run
 
@@ -190,3 +191,69 @@ def test_token_level_terms_between_different_tokenisers_are_refused(tmp_path: Pa
     with pytest.raises(ConfigError, match=r"recipe: taps \['hidden.0', 'hidden.1'\] compare "
                                           r"the student's and the teacher's tokens"):
         train_run(config, build_data(config.data))
+
+
+# --- a fine-tuned teacher folder used as it is --------------------------------------------------
+
+def folder_teacher_config(tmp_path: Path, folder: Path, recipe: dict[str, Any]) -> Any:
+    return text_config(
+        tmp_path, data={"name": "text", "path": str(write_reviews(tmp_path / "r.csv", 24))},
+        teacher={"model": {"name": "hf_text", "options": {"path": str(folder)}}},
+        student={"name": "ngram", "size": "tiny"}, recipe=recipe, epochs=1)
+
+
+def test_a_fine_tuned_teacher_folder_is_distilled_as_it_is_without_train(tmp_path: Path) -> None:
+    folder = save_bert(tmp_path / "bert", layers=2, labels=2, seed=3)
+    config = folder_teacher_config(tmp_path, folder, {"name": "hinton", "temperature": 2.0})
+    splits = build_data(config.data)
+    teacher, _ = train_run(config, splits)
+    texts = splits.test.raw
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    network = transformers.AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    with torch.no_grad():
+        plain = network(**tokenizer(texts, padding=True, return_tensors="pt")).logits
+        ours = teacher.eval()(texts)["logits"]
+    torch.testing.assert_close(ours, plain)  # the folder's weights, head included, untouched
+
+
+@pytest.mark.parametrize(("head", "labels", "problem"), [
+    (transformers.BertModel, 2, "its config.json names BertModel, no *ForSequenceClassification "
+                                "head"),
+    (transformers.BertForSequenceClassification, 3, "its head has 3 outputs, the data 2")])
+def test_a_teacher_folder_without_the_datas_head_is_refused_for_logit_recipes(
+        tmp_path: Path, head: type, labels: int, problem: str) -> None:
+    folder = save_bert(tmp_path / "bert", labels=labels, head=head)
+    config = folder_teacher_config(tmp_path, folder, {"name": "hinton"})
+    with pytest.raises(ConfigError) as error:
+        train_run(config, build_data(config.data))
+    assert str(error.value) == (
+        f"teacher.model.options.path: '{folder}' is used as it is (no teacher.train or "
+        f"teacher.checkpoint), but {problem}, so its classification head would start "
+        "untrained; give a folder fine-tuned for this data, or train the teacher here with "
+        "teacher.train")
+
+
+def test_a_bare_encoder_folder_teaches_terms_that_do_not_read_its_logits(tmp_path: Path) -> None:
+    folder = save_bert(tmp_path / "bert", layers=2, head=transformers.BertModel, seed=4)
+    config = text_config(
+        tmp_path, data={"name": "text", "path": str(write_reviews(tmp_path / "r.csv", 24))},
+        teacher={"model": {"name": "hf_text", "options": {"path": str(folder)}}},
+        student={"name": "hf_student", "options": {"teacher": str(folder), "layers": [1]}},
+        recipe={"name": "tinybert", "stage": "general", "student_layers": 1,
+                "teacher_layers": 2}, epochs=1)
+    splits = build_data(config.data)
+    teacher, _ = train_run(config, splits)
+    encoder = transformers.BertModel.from_pretrained(folder).state_dict()
+    loaded = {name.removeprefix("bert."): value
+              for name, value in teacher.model.state_dict().items() if name.startswith("bert.")}
+    assert loaded.keys() == encoder.keys()
+    assert all(torch.equal(value, encoder[name]) for name, value in loaded.items())
+
+
+def test_missing_head_reads_the_folders_architecture_and_label_count(tmp_path: Path) -> None:
+    folder = save_bert(tmp_path / "one", labels=1)
+    assert missing_head(folder, "regression", 5) is None  # one output whatever the classes
+    assert missing_head(folder, "classification", 1) is None
+    assert missing_head(folder, "token_classification", 1) == (
+        "its config.json names BertForSequenceClassification, no *ForTokenClassification head")
+    assert missing_head(folder, "encoder", 7) is None

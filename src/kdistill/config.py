@@ -26,7 +26,13 @@ from kdistill.data.text_files import text_file_columns
 from kdistill.errors import KdistillError
 from kdistill.models.hf import model_folder
 from kdistill.models.lm import is_gguf
-from kdistill.models.registry import CONTEXT_PARAMETERS, MODEL_FILE_CHECKS, MODEL_SIZES, MODELS
+from kdistill.models.registry import (
+    CONTEXT_PARAMETERS,
+    FOLDER_CLASSIFIERS,
+    MODEL_FILE_CHECKS,
+    MODEL_SIZES,
+    MODELS,
+)
 from kdistill.names import unknown_name
 from kdistill.recipes import RECIPES, build_recipe
 from kdistill.recipes.adversarial_training import AdversarialFinetune, AdversarialFinetuneParams
@@ -166,7 +172,9 @@ class TeacherConfig(Strict):
     ``teacher_finetune`` is set (``daft``). A recipe whose peers train online
     (``teacher_model: fresh``) takes the model freshly initialised, and an embedding recipe
     (``teacher_model: pretrained``) the model as built (a sentence encoder from its folder) or
-    from ``checkpoint``: give no ``train``. ``cache``
+    from ``checkpoint``: give no ``train``. A model read from its folder (``hf``, ``hf_text``) with
+    neither ``train`` nor ``checkpoint`` is a fine-tuned teacher used as it is
+    (:func:`kdistill.run.folder_teacher`). ``cache``
     runs the frozen teacher once and trains the student from its stored answers. A frozen
     teacher runs its forward in ``precision`` (autocast; taps come back in float32) and, with
     ``compile``, through ``torch.compile`` (see :class:`kdistill.teachers.FrozenTeacher`).
@@ -648,9 +656,11 @@ def _check_teacher_role(teacher: TeacherConfig | None, recipe: Any) -> list[str]
         return [f"teacher.train: recipe '{recipe.name}' trains its teacher online with the "
                 "student from a fresh model; remove teacher.train (or give a checkpoint to "
                 "start from)"]
-    if kind == "trained" and teacher.train is None and teacher.checkpoint is None:
+    if (kind == "trained" and teacher.train is None and teacher.checkpoint is None
+            and teacher.model.name not in FOLDER_CLASSIFIERS):
         return [f"teacher: recipe '{recipe.name}' distils a trained teacher; give "
-                "teacher.checkpoint or teacher.train"]
+                f"teacher.checkpoint or teacher.train (or a fine-tuned model folder: "
+                f"{', '.join(FOLDER_CLASSIFIERS)})"]
     return []
 
 

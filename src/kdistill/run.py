@@ -69,8 +69,10 @@ from kdistill.evaluate import (
 from kdistill.layermap import DEFAULT_SAMPLES, LayerMap, compare_layers, sample_batches
 from kdistill.models import build_model, deployable
 from kdistill.models.export import OutputMeaning, export_run_student
+from kdistill.models.hf import missing_head
 from kdistill.models.lm import lm_folder
 from kdistill.models.lm_export import export_lm_student
+from kdistill.models.registry import model_options
 from kdistill.models.text import TextModel, check_same_tokens
 from kdistill.recipes import RECIPES, Recipe, build_recipe, cache_refusal, layer_map_pending
 from kdistill.report import write_report
@@ -616,8 +618,11 @@ def resolve_run_layer_maps(config: RunConfig, data: DataSplits, phases: list[Pha
 def trained_teacher(config: RunConfig, data: DataSplits, recipe: Recipe | None) -> nn.Module:
     """The teacher the teacher-using ``recipe`` distils from (None: no recipe reads one), from
     ``teacher.checkpoint``, the cache, or trained now as :func:`teacher_training` and
-    :func:`teacher_finetuning` say (see :func:`obtain_teacher`)."""
+    :func:`teacher_finetuning` say (see :func:`obtain_teacher`); with neither ``train`` nor
+    ``checkpoint``, the fine-tuned model of its folder (:func:`folder_teacher`)."""
     assert config.teacher is not None
+    if config.teacher.train is None and config.teacher.checkpoint is None:
+        return folder_teacher(config.teacher.model, data, recipe)
     training = teacher_training(config.teacher, recipe)
     finetune = teacher_finetuning(config.teacher, recipe)
     if config.teacher.train is not None:
@@ -627,6 +632,25 @@ def trained_teacher(config: RunConfig, data: DataSplits, recipe: Recipe | None) 
                                 progress=config.trainer.progress, recipe=training,
                                 finetune=finetune)
     return teacher
+
+
+def folder_teacher(model: ModelConfig, data: DataSplits, recipe: Recipe | None) -> nn.Module:
+    """The teacher as the folder of ``model`` (``hf``, ``hf_text``) holds it: a model already
+    fine-tuned, used as it is. Refused before loading when the recipe reads its logits and the
+    folder has no head for the data (:func:`~kdistill.models.hf.missing_head`): that head
+    would start at random."""
+    options = model_options(model.name, model.size, model.options)
+    task = options.get("head", "classification") if model.name == "hf" else data.task
+    if recipe is not None and "logits" in recipe.teacher_taps():
+        problem = missing_head(options["path"], task, data.num_classes)
+        if problem is not None:
+            raise ConfigError(
+                f"teacher.model.options.path: '{options['path']}' is used as it is (no "
+                f"teacher.train or teacher.checkpoint), but {problem}, so its {task} head "
+                "would start untrained; give a folder fine-tuned for this data, or train the "
+                "teacher here with teacher.train")
+    logger.info("teacher: %s as its folder holds it", options["path"])
+    return build_from(model, data, 0, "teacher.model")
 
 
 # -- the teacher-signal cache (``teacher.cache``) ---------------------------------------------

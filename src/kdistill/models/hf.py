@@ -239,6 +239,32 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrai
     return tokenizer
 
 
+HEAD_ARCHITECTURES = {"classification": "ForSequenceClassification",
+                      "regression": "ForSequenceClassification",
+                      "token_classification": "ForTokenClassification"}
+
+
+def missing_head(path: str | Path, task: HFTask, num_labels: int) -> str | None:
+    """Why :func:`load_hf_model` would give the folder ``path`` a new, untrained head for
+    ``task`` with ``num_labels`` outputs (one for regression), or None when the folder holds
+    that head: its ``config.json`` names no architecture with the task's head (a bare encoder,
+    or a language model), or a head of another number of labels. Read from the config alone
+    (nothing is loaded). Tasks without such a head (``encoder``, ``lm``) always give None."""
+    suffix = HEAD_ARCHITECTURES.get(task)
+    if suffix is None:
+        return None
+    config = json.loads((model_folder(path) / "config.json").read_text())
+    architectures = config.get("architectures") or []
+    if not any(name.endswith(suffix) for name in architectures):
+        return (f"its config.json names {', '.join(architectures) or 'no architecture'}, "
+                f"no *{suffix} head")
+    wanted = 1 if task == "regression" else num_labels
+    labels = len(config["id2label"]) if "id2label" in config else config.get("num_labels", 2)
+    if labels != wanted:
+        return f"its head has {labels} outputs, the data {wanted}"
+    return None
+
+
 def load_hf_model(path: str | Path, task: HFTask = "classification",
                   num_labels: int | None = None, trust_remote_code: bool = False) -> nn.Module:
     """Load a transformers model from the local folder ``path`` (``local_files_only=True``,

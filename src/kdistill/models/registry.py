@@ -237,6 +237,10 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "static": _static, "hf_text": build_hf_text, "hf_student": build_hf_student,
     "hf_embedder": build_hf_embedder, "hf_lm": build_hf_lm, "lm_student": build_lm_student}
 
+# Models whose weights come from the folder their options name: a fine-tuned one is a trained
+# teacher as it is (no teacher.train or teacher.checkpoint needed).
+FOLDER_CLASSIFIERS = ("hf", "hf_text")
+
 # Checks of the files a model's options name, run by config validation before anything is
 # built: (validated options, dotted path of the options) -> problems, each naming its field.
 MODEL_FILE_CHECKS: dict[str, Callable[[Mapping[str, Any], str], list[str]]] = {
