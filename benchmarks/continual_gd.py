@@ -6,16 +6,16 @@ in ``.venv`` and the Debian package ``fortunes``): ``.venv/bin/python
 benchmarks/continual_gd.py`` writes ``benchmarks/results/continual_gd.json`` (rewritten after
 every row; a rerun keeps the rows already measured under the same protocol and settings unless
 ``--fresh``) and the results section of the tinybert part of ``docs/recipes.md``. The runs'
-folders (the teacher's checkpoint, the exported students the continual rows start from) are
+folders (the exported students the continual rows start from) are
 under ``runs/continual-gd/``. ``--quick`` is a smoke run (64 training and 64 held-out texts per
 domain, one epoch, seed 0, the probe on 400 + 200 snippets) that writes
 ``runs/continual-gd-quick.{json,md}``: about a minute.
 
 Protocol:
 
-* teacher: all-MiniLM-L6-v2 as pre-trained (not fine-tuned), ``max_length`` 64; a run takes
-  it as ``teacher.checkpoint``, its weights saved once as built (the classification head the
-  ``hf_text`` builder adds is never read: general distillation reads no logits);
+* teacher: all-MiniLM-L6-v2 as pre-trained (not fine-tuned), ``max_length`` 64, named as its
+  folder with no ``teacher.train`` (the classification head the ``hf_text`` builder adds is
+  never read: general distillation reads no logits);
 * student: ``hf_student`` keeping the teacher's layers 3 and 6 (``--layers``, indices from 0),
   the teacher's tokenizer;
 * domains, texts fixed for every seed (seed 0): A = the Rotten Tomatoes snippets (the seeded
@@ -72,7 +72,6 @@ from torch import nn
 
 from kdistill.batch import UNLABELED
 from kdistill.batching import unit_counts
-from kdistill.checkpoint import atomic_save_tensors
 from kdistill.config import ModelConfig, RunConfig, parse_config
 from kdistill.contexts import eval_mode, num_threads
 from kdistill.data import DataSplits, TextDataset, load_dataset
@@ -216,13 +215,13 @@ def recipe_section(layers: Sequence[int]) -> dict[str, Any]:
 
 
 def gd_config(name: str, layers: Sequence[int], start: Path | None, seed: int, epochs: int,
-              checkpoint: Path, output: Path) -> RunConfig:
+              output: Path) -> RunConfig:
     """The config of one GD run, validated as ``kdistill run`` validates a YAML file. Its
     ``data`` section only names the task the models are built for: the script hands the run
     the domain's texts (``train_run``'s data)."""
     raw = {"name": name, "output_dir": str(output),
            "data": {"name": "rotten-tomatoes", "test_fraction": 0.2, "seed": 0},
-           "teacher": {"model": teacher_section(), "checkpoint": str(checkpoint)},
+           "teacher": {"model": teacher_section()},
            "student": student_section(layers, start),
            "recipe": recipe_section(layers),
            "trainer": {"epochs": epochs, "batch_size": BATCH, "seed": seed, "progress": False,
@@ -242,14 +241,9 @@ def unlabelled(name: str, train: Sequence[str], held_out: Sequence[str]) -> Data
                       num_classes=len(LABELS), input_shape=(), label_names=LABELS)
 
 
-def pretrained_teacher(data: DataSplits, checkpoint: Path) -> nn.Module:
-    """The pre-trained encoder as the runs' ``hf_text`` teacher, its weights saved at
-    ``checkpoint`` (once) for their ``teacher.checkpoint``."""
-    teacher = build_from(ModelConfig(**teacher_section()), data, 0, "teacher.model")
-    if not checkpoint.is_file():
-        checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        atomic_save_tensors(teacher.state_dict(), checkpoint)
-    return teacher
+def pretrained_teacher(data: DataSplits) -> nn.Module:
+    """The pre-trained encoder, as the runs' ``hf_text`` teacher is built."""
+    return build_from(ModelConfig(**teacher_section()), data, 0, "teacher.model")
 
 
 # -- measurements --------------------------------------------------------------------------
@@ -332,7 +326,6 @@ class Setup:
     domains: dict[str, Domain]
     sentiment: DataSplits
     teacher: nn.Module
-    checkpoint: Path
     runs: Path
     layers: tuple[int, ...]
     epochs: int
@@ -342,8 +335,7 @@ class Setup:
 def start_student(setup: Setup) -> nn.Module:
     """The student as built from the teacher's layers (the ``start`` row)."""
     data = unlabelled("start", [], [])
-    config = gd_config("start", setup.layers, None, 0, setup.epochs, setup.checkpoint,
-                       setup.runs)
+    config = gd_config("start", setup.layers, None, 0, setup.epochs, setup.runs)
     return build_from(config.student, data, 0, "student")
 
 
@@ -355,8 +347,7 @@ def train_row(row: str, seed: int, setup: Setup) -> tuple[nn.Module, Recipe, dic
     assert spec.texts is not None
     start = None if spec.start is None else student_folder(setup.runs, spec.start, seed)
     folder = student_folder(setup.runs, row, seed).parent
-    config = gd_config(folder.name, setup.layers, start, seed, setup.epochs, setup.checkpoint,
-                       folder.parent)
+    config = gd_config(folder.name, setup.layers, start, seed, setup.epochs, folder.parent)
     domain = setup.domains[spec.texts]
     started = time.perf_counter()
     with num_threads(setup.threads):
@@ -514,9 +505,9 @@ def main(argv: list[str] | None = None) -> None:
     sentiment = probe_data(snippets, settings["probe_texts"], args.quick)
     domains = make_domains(snippets.train.raw, snippets.test.raw, read_fortunes(FORTUNES),
                            settings["texts"], settings["eval_texts"])
-    teacher = pretrained_teacher(unlabelled("teacher", [], []), runs / "teacher.safetensors")
-    setup = Setup(domains, sentiment, teacher, runs / "teacher.safetensors", runs,
-                  tuple(args.layers), settings["epochs"], args.threads)
+    teacher = pretrained_teacher(unlabelled("teacher", [], []))
+    setup = Setup(domains, sentiment, teacher, runs, tuple(args.layers), settings["epochs"],
+                  args.threads)
     if "teacher" not in results:
         with num_threads(args.threads):
             results["teacher"] = {"probe_accuracy": probe(teacher, sentiment)}
