@@ -38,10 +38,11 @@ from typing import Any
 from pages import load_note, write_results
 from resumable import saved_results, write_json
 from text_sentiment import quick_corpus as first_snippets
-from text_sentiment import train_one
+from text_sentiment import subset_note, train_one, training_subset
 
 from kdistill.config import RunConfig, load_config
 from kdistill.contexts import num_threads
+from kdistill.data import DataSplits
 from kdistill.report import markdown_grid, mean_std, mean_std_text
 from kdistill.run import build_data, build_teacher_cache, cache_dir
 
@@ -58,9 +59,10 @@ THREADS = 2
 
 
 def variant_config(variant: str, seed: int, quick: bool, base: Path = EXAMPLE,
-                   corpus: Path | None = None) -> RunConfig:
+                   corpus: Path | None = None, train_texts: int | None = None) -> RunConfig:
     """``base`` (the example) with the variant's hidden phase and teacher source, ``seed``;
-    ``corpus`` replaces the data file (the quick run's)."""
+    ``corpus`` replaces the data file (the quick run's); the slice cache of a subset of
+    ``train_texts`` training texts is a folder of its own."""
     overrides = [f"trainer.seed={seed}", "trainer.progress=false"]
     if quick:
         overrides += ["phases.0.epochs=1", "phases.1.epochs=1",
@@ -73,15 +75,17 @@ def variant_config(variant: str, seed: int, quick: bool, base: Path = EXAMPLE,
     if variant.endswith("-live"):
         overrides.append("teacher.cache=null")
     else:
-        name = "hsk-teacher-slices" + ("-quick" if quick else "")
+        name = ("hsk-teacher-slices" + ("-quick" if quick else "")
+                + (f"-{train_texts}" if train_texts is not None else ""))
         overrides.append(f"teacher.cache={cache_dir() / name}")
     return load_config(base, overrides)
 
 
-def build_cache(config: RunConfig, threads: int) -> dict[str, Any]:
-    """Build (or reuse) the slice cache of ``config``: its build time, size and rows."""
+def build_cache(config: RunConfig, data: DataSplits, threads: int) -> dict[str, Any]:
+    """Build (or reuse) the slice cache of ``config`` on ``data``: its build time, size and
+    rows."""
     with num_threads(threads):
-        cache = build_teacher_cache(config)
+        cache = build_teacher_cache(config, data)
     hidden = cache.spec.taps[1:]
     return {"path": str(cache.path), "taps": list(hidden), "rows": cache.rows,
             "bytes": cache.nbytes, "build_seconds": cache.build_seconds}
@@ -95,21 +99,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fresh", action="store_true",
                         help="train every run again (default: keep the runs already saved)")
     parser.add_argument("--threads", type=int, default=THREADS)
+    parser.add_argument("--train-texts", type=int, default=None,
+                        help="train on this many training texts (a seeded sample; default all)")
     args = parser.parse_args(argv)
     seeds = [0] if args.quick else args.seeds
     output = QUICK_OUTPUT.with_suffix(".json") if args.quick else OUTPUT
     corpus = quick_corpus() if args.quick else None
-    results = saved_results(output, args.fresh, __doc__, {"runs": []}, keep=("cache",))
-    first = variant_config("slice-cache", seeds[0], args.quick, corpus=corpus)
-    data = build_data(first.data)
+    protocol = f"{__doc__}\ntraining texts: {args.train_texts or 'all'}"
+    results = saved_results(output, args.fresh, protocol, {"runs": []}, keep=("cache",))
+    results["train_texts"] = args.train_texts
+    first = variant_config("slice-cache", seeds[0], args.quick, corpus, args.train_texts)
+    data = training_subset(build_data(first.data), args.train_texts)
     if "slice-cache" in args.variants and "cache" not in results:
-        results["cache"] = build_cache(first, args.threads)  # trains the teacher if needed
+        results["cache"] = build_cache(first, data, args.threads)  # trains the teacher if needed
         write_json(output, results)
     for variant in args.variants:
         for seed in seeds:
             if any(r["variant"] == variant and r["seed"] == seed for r in results["runs"]):
                 continue
-            config = variant_config(variant, seed, args.quick, corpus=corpus)
+            config = variant_config(variant, seed, args.quick, corpus, args.train_texts)
             _, figures = train_one(config, data, args.threads)
             run = {"variant": variant, "seed": seed, **figures,
                    "threads": args.threads}
@@ -150,7 +158,7 @@ def report(results: Mapping[str, Any]) -> str:
                  f"({cache['bytes'] / cache['rows'] / 1e3:.2f} kB per text with the logits)"
                  + (f", built in {built:.0f} s" if built is not None else "") + ".\n")
     note = load_note(results["runs"])
-    return text + (f"\n{note}" if note else "")
+    return subset_note(results) + text + (f"\n{note}" if note else "")
 
 
 if __name__ == "__main__":

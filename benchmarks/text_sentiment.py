@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import bz2
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -44,6 +45,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from pages import write_results
 from resumable import saved_results, write_json
 from torch import nn
@@ -106,6 +108,27 @@ def quick_corpus(per_class: int = 400, path: Path = QUICK_OUTPUT / "corpus.csv.b
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(bz2.compress(text.getvalue().encode()))
     return path
+
+
+def training_subset(data: DataSplits, count: int | None, seed: int = 0) -> DataSplits:
+    """``data`` with ``count`` of its training texts, drawn at random with ``seed`` (all of
+    them when ``count`` is None); the test split is kept whole."""
+    if count is None:
+        return data
+    if not 0 < count <= len(data.train):
+        raise SystemExit(f"--train-texts: {count} asked for, the training split has "
+                         f"{len(data.train)}")
+    order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed))
+    return dataclasses.replace(data, train=data.train.select(sorted(order[:count].tolist())))
+
+
+def subset_note(results: Mapping[str, Any]) -> str:
+    """The sentence saying how many training texts the students saw (``train_texts``), with a
+    blank line after it; empty when they saw them all."""
+    count = results.get("train_texts")
+    return ("" if count is None else
+            f"Students trained on {count:,} of the training texts (a seeded random sample, "
+            "seed 0); the teacher and the test split are the full benchmark's.\n\n")
 
 
 def accuracy(model: nn.Module, data: DataSplits) -> float:

@@ -32,9 +32,10 @@ from typing import Any
 
 from pages import load_note, write_results
 from resumable import saved_results, write_json
-from text_sentiment import train_one
+from text_sentiment import subset_note, train_one, training_subset
 
 from kdistill.config import RunConfig, load_config
+from kdistill.data import DataSplits
 from kdistill.recipes.layer_stages import resolve_layer_map
 from kdistill.report import markdown_grid, mean_std, mean_std_text
 from kdistill.run import build_data, measure_layer_map
@@ -60,12 +61,13 @@ def variant_config(student: str, layer_map: str, seed: int) -> RunConfig:
     return load_config(EXAMPLE, overrides)
 
 
-def map_used(config: RunConfig) -> list[int]:
+def map_used(config: RunConfig, data: DataSplits) -> list[int]:
     """g(1), g(2) of ``config``'s intermediate phase: the uniform map, or the one ``auto``
-    measures (:func:`~kdistill.run.measure_layer_map`, which measures it as the run does)."""
+    measures on ``data`` (:func:`~kdistill.run.measure_layer_map`, which measures it as the
+    run does)."""
     recipe = dict(config.phases[0].recipe)
     if recipe.get("layer_map") == "auto":
-        return measure_layer_map(config).proposed[1:]
+        return measure_layer_map(config, data=data).proposed[1:]
     return list(resolve_layer_map(None, recipe["student_layers"], recipe["teacher_layers"]))
 
 
@@ -77,9 +79,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fresh", action="store_true",
                         help="train every run again (default: keep the runs already saved)")
     parser.add_argument("--threads", type=int, default=THREADS)
+    parser.add_argument("--train-texts", type=int, default=None,
+                        help="train on this many training texts (a seeded sample; default all)")
     args = parser.parse_args(argv)
-    results = saved_results(OUTPUT, args.fresh, __doc__, {"runs": []})
-    data = build_data(variant_config(args.students[0], "uniform", 0).data)
+    protocol = f"{__doc__}\ntraining texts: {args.train_texts or 'all'}"
+    results = saved_results(OUTPUT, args.fresh, protocol, {"runs": []})
+    results["train_texts"] = args.train_texts
+    data = training_subset(build_data(variant_config(args.students[0], "uniform", 0).data),
+                           args.train_texts)
     for student in args.students:
         for layer_map in args.maps:
             for seed in args.seeds:
@@ -89,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
                 config = variant_config(student, layer_map, seed)
                 _, figures = train_one(config, data, args.threads)
                 run = {"student": student, "map": layer_map, "seed": seed, **figures,
-                       "layer_map": map_used(config), "threads": args.threads}
+                       "layer_map": map_used(config, data), "threads": args.threads}
                 results["runs"].append(run)
                 print(run, flush=True)
                 write_json(OUTPUT, results)
@@ -115,7 +122,7 @@ def report(results: Mapping[str, Any]) -> str:
     text = markdown_grid(["student (teacher layers)", "map", "g(1), g(2)", "accuracy %",
                           "seeds", "train s"], rows)
     note = load_note(results["runs"])
-    return text + (f"\n\n{note}" if note else "")
+    return subset_note(results) + text + (f"\n\n{note}" if note else "")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,8 @@ def test_the_variants_change_only_the_hidden_phases_slice_and_the_teacher_source
     quick = bench.variant_config("slice-cache", 0, quick=True)
     assert [p.epochs for p in quick.phases] == [1, 1]
     assert quick.teacher.cache.path.endswith("hsk-teacher-slices-quick")
+    subset = bench.variant_config("slice-cache", 0, quick=False, train_texts=3000)
+    assert subset.teacher.cache.path.endswith("hsk-teacher-slices-3000")  # a cache of its own
 
 
 def test_the_report_gives_accuracy_time_speed_up_and_cache_size() -> None:

@@ -419,12 +419,13 @@ def test_layermap_needs_a_trained_teacher(tmp_path: Path, bert_folder: Path,
     config = layermap_config(tmp_path, {})
     raw = yaml.safe_load(config.read_text())
     raw["recipe"] = {"name": "dml"}
+    raw["teacher"]["model"] = {"name": "ngram", "size": "tiny"}  # not read from a folder
     config.write_text(yaml.safe_dump(raw))
     capsys.readouterr()
     assert cli.main(["layermap", str(config)]) == 2
     assert capsys.readouterr().err == (
         "kdistill: error: teacher: layermap compares the student with a trained teacher; give "
-        "teacher.checkpoint or teacher.train\n")
+        "teacher.checkpoint or teacher.train (or a fine-tuned model folder: hf, hf_text)\n")
 
 
 def test_layermap_checks_the_output_folder_before_any_work(

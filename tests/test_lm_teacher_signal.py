@@ -25,7 +25,7 @@ from kdistill.evaluate import benchmark_models, eval_batches
 from kdistill.losses import SampledLogits, TopKLogits, TopKLogitsError, sample_logits
 from kdistill.recipes import build_recipe
 from kdistill.report import markdown_table
-from kdistill.run import build_teacher_cache
+from kdistill.run import build_data, build_teacher_cache
 from kdistill.schedules import TrainState
 from kdistill.taps import Taps
 
@@ -284,6 +284,13 @@ def test_a_run_builds_the_sampled_cache_its_config_asks_for(tmp_path):
     assert [s["rows"] for s in built.shards] == [[i, min(i + 2, built.rows)]
                                                  for i in range(0, built.rows, 2)]
     assert built.layouts["logits"].sampled
+    # For data given by hand (a subset of the training split, as train_run takes it).
+    data = build_data(config.data)
+    data.train = data.train.select([0, 2, 3])
+    other = config.model_copy(update={"teacher": config.teacher.model_copy(update={
+        "cache": config.teacher.cache.model_copy(update={"path": str(tmp_path / "subset")})})})
+    subset = build_teacher_cache(other, data)
+    assert subset.rows == 3 < built.rows and subset.path == tmp_path / "subset"
 
 
 def test_the_comparison_gives_teacher_and_student_tokens_per_second():

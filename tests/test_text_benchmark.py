@@ -46,3 +46,24 @@ def test_each_variant_changes_only_the_recipe_the_transfer_set_and_the_seed() ->
     assert hinton.teacher.cache.path != augmented.teacher.cache.path  # one per transfer set
     assert hinton.teacher.model_copy(update={"cache": None}) == ce.teacher
     assert augmented.trainer.epochs == 1  # 5 epochs / (4 copies + 1): the same steps
+
+
+def test_a_training_subset_is_a_seeded_sample_of_the_training_split_alone() -> None:
+    import torch
+
+    from kdistill.data import DataSplits
+    from kdistill.data.text import TextDataset
+
+    def texts(prefix: str, count: int) -> TextDataset:
+        return TextDataset([f"{prefix}{i}" for i in range(count)], torch.arange(count) % 2)
+
+    data = DataSplits("t", texts("train", 10), texts("test", 4), num_classes=2, input_shape=())
+    assert ts.training_subset(data, None) is data
+    subset = ts.training_subset(data, 4)
+    expected = sorted(torch.randperm(10, generator=torch.Generator().manual_seed(0))[:4].tolist())
+    assert subset.train.raw == [f"train{i}" for i in expected]
+    assert subset.train.labels.tolist() == [i % 2 for i in expected]
+    assert subset.test is data.test and ts.training_subset(data, 4).train.raw == subset.train.raw
+    with pytest.raises(SystemExit, match="--train-texts: 11 asked for, the training split has "
+                                         "10"):
+        ts.training_subset(data, 11)

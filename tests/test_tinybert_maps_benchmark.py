@@ -27,7 +27,7 @@ def test_the_variants_change_only_the_student_layers_the_map_and_the_seed() -> N
     assert top.data.augment is None and bottom.data.augment is None
     assert (top.trainer.seed, bottom.trainer.seed) == (1, 2)
     assert top.phases[1] == bottom.phases[1] and [p.epochs for p in top.phases] == [3, 2]
-    assert bench.map_used(top) == [3, 6]
+    assert bench.map_used(top, None) == [3, 6]  # uniform: no data read
 
 
 def test_the_report_gives_each_student_and_map_with_the_maps_used() -> None:
@@ -43,3 +43,13 @@ def test_the_report_gives_each_student_and_map_with_the_maps_used() -> None:
     assert lines[3].split("|")[1:-1] == [" bottom ", " auto ", " [1, 2] ", " 76.00 ± 1.41 ",
                                          " 2 ", " 100 "]
     assert "Load average (1 min) at the end of the runs: 2.00 to 2.00." in lines[-1]
+
+
+def test_a_subset_report_says_how_many_texts_the_students_saw() -> None:
+    runs = [{"student": "top", "map": "auto", "seed": 0, "accuracy": 0.7, "train_seconds": 1.0,
+             "layer_map": [2, 6], "load_average": [2.0, 1, 1]}]
+    text = bench.report({"runs": runs, "train_texts": 3000})
+    assert text.startswith("Students trained on 3,000 of the training texts (a seeded random "
+                           "sample, seed 0); the teacher and the test split are the full "
+                           "benchmark's.\n\n| student")
+    assert bench.report({"runs": runs, "train_texts": None}).startswith("| student")

@@ -72,7 +72,7 @@ from kdistill.models.export import OutputMeaning, export_run_student
 from kdistill.models.hf import missing_head
 from kdistill.models.lm import lm_folder
 from kdistill.models.lm_export import export_lm_student
-from kdistill.models.registry import model_options
+from kdistill.models.registry import FOLDER_CLASSIFIERS, model_options
 from kdistill.models.text import TextModel, check_same_tokens
 from kdistill.recipes import RECIPES, Recipe, build_recipe, cache_refusal, layer_map_pending
 from kdistill.report import write_report
@@ -689,15 +689,17 @@ def teacher_cache(config: RunConfig, data: DataSplits, users: Sequence[tuple[Pha
         raise ConfigError(f"teacher.cache: {error}") from None
 
 
-def build_teacher_cache(config: RunConfig) -> TeacherCache:
+def build_teacher_cache(config: RunConfig, data: DataSplits | None = None) -> TeacherCache:
     """``kdistill cache``: the run's teacher cache (``teacher.cache``), built as
-    :func:`train_run` would build it (the same data and teacher), without training."""
+    :func:`train_run` would build it (the same data and teacher), without training; for
+    ``data`` when given (as :func:`train_run` takes it, e.g. a subset of the training split),
+    else the config's."""
     if config.teacher is None or config.teacher.cache is None:
         raise ConfigError("teacher.cache: not set; name the folder to build, e.g. "
                           "--set teacher.cache=cache/teacher")
     check_before_work(config)
     with num_threads(config.cpu_threads):
-        data = build_data(config.data)
+        data = data if data is not None else build_data(config.data)
         phases = build_phases(config)
         sections = (["recipe"] * len(phases) if config.phases is None else
                     [f"phases.{i}.recipe" for i in range(len(phases))])
@@ -707,20 +709,24 @@ def build_teacher_cache(config: RunConfig) -> TeacherCache:
     return source.cache
 
 
-def measure_layer_map(config: RunConfig, samples: int = DEFAULT_SAMPLES) -> LayerMap:
+def measure_layer_map(config: RunConfig, samples: int = DEFAULT_SAMPLES,
+                      data: DataSplits | None = None) -> LayerMap:
     """``kdistill layermap``: linear CKA between every hidden state of the config's student,
     as built before training (the network itself, without what a recipe wraps around it), and
     of its teacher, obtained as the run obtains it (:func:`trained_teacher`: from its
-    checkpoint, the cache, or trained now and cached), on ``samples`` training inputs drawn
-    with ``data.seed``; with the proposed and the uniform maps (:mod:`kdistill.layermap`)."""
+    checkpoint, its folder, the cache, or trained now and cached), on ``samples`` training
+    inputs drawn with ``data.seed`` (from ``data`` when given, as :func:`train_run` takes it,
+    else the config's); with the proposed and the uniform maps (:mod:`kdistill.layermap`)."""
     teacher_config = config.teacher
     if teacher_config is None or (teacher_config.checkpoint is None
-                                  and teacher_config.train is None):
+                                  and teacher_config.train is None
+                                  and teacher_config.model.name not in FOLDER_CLASSIFIERS):
         raise ConfigError("teacher: layermap compares the student with a trained teacher; give "
-                          "teacher.checkpoint or teacher.train")
+                          "teacher.checkpoint or teacher.train (or a fine-tuned model folder: "
+                          f"{', '.join(FOLDER_CLASSIFIERS)})")
     check_before_work(config)
     with num_threads(config.cpu_threads):
-        data = build_data(config.data)
+        data = data if data is not None else build_data(config.data)
         users = [phase.recipe for phase in build_phases(config) if phase.recipe.uses_teacher]
         student = build_from(config.student, data, config.trainer.seed, "student")
         teacher = trained_teacher(config, data, users[0] if users else None)
