@@ -287,6 +287,20 @@ def test_a_cache_for_another_teacher_data_taps_or_storage_is_refused_naming_it(
     assert build(teacher, relabelled, path).build_seconds is None
 
 
+def test_a_teacher_input_the_data_lacks_leaves_the_cache_fitting(
+        tmp_path: Path, train: ArrayDataset, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "cache"
+    teacher = mlp(1)
+    assert build(teacher, train, path).build_seconds is not None
+    # kdistill learns to pass a new Hugging Face input (as decoder_input_ids once came): the
+    # samples have no such key, so what the teacher reads of them, and the cache, are the same.
+    monkeypatch.setattr("kdistill.cache.format.HF_INPUT_KEYS", ("input_ids", "new_input"))
+    assert build(teacher, train, path).build_seconds is None
+    teacher.batch_inputs = ("labels",)  # a teacher that reads the labels reads other data
+    with pytest.raises(CacheMismatch, match="the data differ"):
+        build(teacher, train, path)
+
+
 def test_opening_checks_what_it_is_given_and_binding_checks_the_taps(
         tmp_path: Path, train: ArrayDataset) -> None:
     path = tmp_path / "cache"
