@@ -5,9 +5,10 @@ budget; the ``all`` setting).
 
 Every student and teacher is scored on the clean test split and on the four shifts of
 ``examples/daft.yaml`` (noise, blur, contrast, rotation at severity 3; :mod:`kdistill.data.shifts`).
-Run on demand: ``.venv/bin/python benchmarks/daft_shifts.py [--seeds 0 1 2]`` (one process, one
-thread; teachers cached in ``$KDISTILL_CACHE``, the leaderboard's shared CNN among them) prints a
-markdown table and writes ``runs/daft-shifts.json``.
+Run on demand: ``.venv/bin/python benchmarks/daft_shifts.py`` (seeds 0, 1, 2 by default; one
+process, one thread; teachers cached in ``$KDISTILL_CACHE``, the leaderboard's shared CNN among
+them) prints a markdown table (students: mean ± sd over the seeds) and writes
+``benchmarks/results/daft_shifts.json``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from kdistill import run as kdrun
 from kdistill.config import RunConfig
 from kdistill.evaluate import classification_metrics, eval_batches, predict, shifted_evaluation
 from kdistill.models import deployable
+from kdistill.report import mean_std, mean_std_text
 
 SHIFTS, SEVERITY = ("noise", "blur", "contrast", "rotation"), 3.0  # as examples/daft.yaml
 # daft's teacher before the fine-tuning: the adversarial recipe from scratch (its former default).
@@ -90,7 +92,7 @@ def measure(seeds: Sequence[int]) -> dict[str, Any]:
 
 
 def table(results: dict[str, Any]) -> str:
-    """Markdown: teachers, then students (mean over seeds), accuracies in %."""
+    """Markdown: teachers, then students (mean ± sd over seeds), accuracies in %."""
     columns = ["clean", *SHIFTS, "shifted"]
     lines = ["| model | teacher | " + " | ".join(columns) + " | seconds |",
              "|---" * (len(columns) + 3) + "|"]
@@ -100,15 +102,16 @@ def table(results: dict[str, Any]) -> str:
     for row, by_seed in results["students"].items():
         runs = list(by_seed.values())
         lines.append(f"| `{row}` | {runs[0]['teacher']} | " + " | ".join(
-            f"{100 * statistics.fmean(r[c] for r in runs):.2f}" for c in columns)
+            mean_std_text(*mean_std([r[c] for r in runs])) for c in columns)
             + f" | {statistics.fmean(r['seconds'] for r in runs):.0f} |")
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--json", type=Path, default=lb.ROOT / "runs" / "daft-shifts.json")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--json", type=Path,
+                        default=lb.ROOT / "benchmarks" / "results" / "daft_shifts.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     results = measure(args.seeds)
