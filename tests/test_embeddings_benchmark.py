@@ -3,14 +3,19 @@ its rows, the targets and the results section it writes."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+from test_model2vec_encoder import TEXTS, by_hand, save_model2vec, write_check
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import embeddings as eb  # noqa: E402
+from model2vec_encoder import Model2VecEncoder  # noqa: E402
 
+from kdistill.errors import KdistillError  # noqa: E402
 from kdistill.models.hf import model_folder  # noqa: E402
 
 
@@ -50,7 +55,7 @@ def test_the_results_section_has_a_line_per_model_and_the_notes() -> None:
     results = {"rows": [row("teacher", 1.0, 1.0, 0.768, 1.0),
                         row("static ckd", 0.61, 0.35, 0.77, 210.0),
                         row("transformer-2L ckd", 0.9, 0.6, 0.75, 2.9)],
-               "fortunes": "fortunes not installed", "model2vec": "No model2vec row.",
+               "fortunes": "fortunes not installed", "model2vec": {"note": "No model2vec row."},
                "load_average": (1.0, 2.0, 3.5)}
     text = eb.results_markdown(results)
     lines = text.splitlines()
@@ -86,3 +91,59 @@ def test_each_row_changes_only_its_recipe_and_shares_the_teacher_cache(tmp_path:
     quick = eb.row_config("static ckd", True, fortunes)
     assert quick.trainer.epochs == 1 and quick.data.unlabeled_sources == [str(fortunes)]
     assert quick.teacher.cache.path not in caches  # other texts: a cache of their own
+
+
+RECORD = {"model2vec": "0.10.0", "transformers": "5.3.0", "torch": "2.13.0+cpu",
+          "teacher": "/models/minilm",
+          "arguments": {"pca_dims": 256, "sif_coefficient": 1e-4, "quantize_to": "float16",
+                        "model_name": "/models/minilm"},
+          "seconds": 29.6, "threads": 1, "vectors": [8, 3], "dtype": "float16"}
+
+
+def test_without_a_model2vec_folder_there_is_no_row_but_the_commands_to_make_one(
+        tmp_path: Path) -> None:
+    model, entry = eb.model2vec_row(tmp_path / "none")
+    assert model is None
+    teacher, student = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
+    assert list(eb.measured_models(teacher, {"static ckd": student}, model)) == [
+        "teacher", "static ckd"]
+    assert entry == {"note": f"No model2vec row: {tmp_path / 'none'} does not exist; make it "
+                             f"with {eb.MODEL2VEC_COMMANDS}."}
+    assert "pip install torch==2.13.0" in eb.MODEL2VEC_COMMANDS
+    assert "benchmarks/model2vec_distill.py runs/model2vec-minilm" in eb.MODEL2VEC_COMMANDS
+
+
+def test_a_model2vec_folder_gives_the_row_checked_with_where_it_came_from(
+        tmp_path: Path) -> None:
+    folder = save_model2vec(tmp_path, normalize=True)
+    (folder / "distillation.json").write_text(json.dumps(RECORD))
+    write_check(folder, by_hand(True), by_hand(True).half().float())
+    model, entry = eb.model2vec_row(folder)
+    assert isinstance(model, Model2VecEncoder)
+    teacher, student = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
+    models = eb.measured_models(teacher, {"static ckd": student}, model)
+    assert list(models) == ["teacher", "static ckd", "model2vec"] and models["model2vec"] is model
+    torch.testing.assert_close(model(TEXTS)["sentence_embedding"], by_hand(True), atol=1e-6,
+                               rtol=0)
+    assert {k: entry[k] for k in RECORD} == RECORD and entry["folder"] == str(folder)
+    assert entry["check"]["texts"] == len(TEXTS)
+    assert entry["note"].startswith(
+        "model2vec: model2vec 0.10.0's `distill` of the teacher with its defaults (pca_dims "
+        "256, sif_coefficient 0.0001, float16 vectors of 8 tokens), 30 s on 1 thread(s) in "
+        "its own environment (benchmarks/model2vec_distill.py), not trained by kdistill; its "
+        "embeddings of 5 check texts, read here without model2vec, are its own to ")
+
+
+def test_a_model2vec_folder_without_its_record_or_check_is_refused(tmp_path: Path) -> None:
+    folder = save_model2vec(tmp_path, normalize=True)
+    with pytest.raises(KdistillError, match="distillation.json is missing: the model2vec row "
+                                            "needs a folder made by benchmarks/model2vec_"):
+        eb.model2vec_row(folder)
+    (folder / "distillation.json").write_text(json.dumps(RECORD))
+    with pytest.raises(KdistillError, match="encode_check.json: unreadable"):
+        eb.model2vec_row(folder)
+    write_check(folder, by_hand(True), by_hand(True))
+    (folder / "distillation.json").write_text(json.dumps({"model2vec": "0.10.0"}))
+    with pytest.raises(KdistillError, match="distillation.json: not a record of benchmarks/"
+                                            "model2vec_distill.py"):
+        eb.model2vec_row(folder)
