@@ -14,7 +14,7 @@ import os
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
@@ -755,16 +755,25 @@ def invalid(source: str, problems: Sequence[str]) -> ConfigError:
     return ConfigError(f"{source}: invalid configuration\n  " + "\n  ".join(problems))
 
 
-def parse_config(raw: Any, source: str = "config") -> RunConfig:
-    """Validate a raw mapping into a :class:`RunConfig`; raise :class:`ConfigError` listing
-    every problem."""
+Model = TypeVar("Model", bound=BaseModel)
+
+
+def validated_sections(raw: Any, schema: type[Model], source: str) -> Model:
+    """``raw`` (a mapping of sections read from ``source``) validated as ``schema``; a
+    :class:`ConfigError` lists every problem by its field."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections, got "
                           f"{type(raw).__name__}")
     try:
-        config = RunConfig.model_validate(raw)
+        return schema.model_validate(raw)
     except ValidationError as error:
-        raise invalid(source, format_validation_error(error, RunConfig)) from None
+        raise invalid(source, format_validation_error(error, schema)) from None
+
+
+def parse_config(raw: Any, source: str = "config") -> RunConfig:
+    """Validate a raw mapping into a :class:`RunConfig`; raise :class:`ConfigError` listing
+    every problem."""
+    config = validated_sections(raw, RunConfig, source)
     problems = check_registered(config)
     if problems:
         raise invalid(source, problems)

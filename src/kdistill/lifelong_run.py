@@ -14,15 +14,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationError
+from pydantic import Field
 
 from kdistill.config import (
     ConfigError,
     DataConfig,
     ModelConfig,
-    format_validation_error,
     invalid,
     safe_load_yaml,
+    validated_sections,
 )
 from kdistill.data import LM_DATASETS
 from kdistill.lifelong import L2KDSettings, LifelongResult, LifelongTask, check_tasks, l2kd
@@ -50,13 +50,7 @@ class L2KDConfig(Strict):
 
 def parse_l2kd_config(raw: Any, source: str = "config") -> L2KDConfig:
     """Validate a raw mapping; a :class:`ConfigError` lists every problem by its field."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: the top level must be a mapping of sections, got "
-                          f"{type(raw).__name__}")
-    try:
-        config = L2KDConfig.model_validate(raw)
-    except ValidationError as error:
-        raise invalid(source, format_validation_error(error, L2KDConfig)) from None
+    config = validated_sections(raw, L2KDConfig, source)
     problems = [f"tasks.{i}.data.name: "
                 f"{unknown_name('language-modelling data set', task.data.name, LM_DATASETS)}"
                 for i, task in enumerate(config.tasks) if task.data.name not in LM_DATASETS]
