@@ -37,8 +37,8 @@ from typing import Any
 
 from pages import load_note, write_results
 from resumable import saved_results, write_json
+from text_sentiment import add_run_arguments, subset_note, train_one, training_subset
 from text_sentiment import quick_corpus as first_snippets
-from text_sentiment import subset_note, train_one, training_subset
 
 from kdistill.config import RunConfig, load_config
 from kdistill.contexts import num_threads
@@ -95,12 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
-    parser.add_argument("--fresh", action="store_true",
-                        help="train every run again (default: keep the runs already saved)")
-    parser.add_argument("--threads", type=int, default=THREADS)
-    parser.add_argument("--train-texts", type=int, default=None,
-                        help="train on this many training texts (a seeded sample; default all)")
+    add_run_arguments(parser, SEEDS, THREADS)
     args = parser.parse_args(argv)
     seeds = [0] if args.quick else args.seeds
     output = QUICK_OUTPUT.with_suffix(".json") if args.quick else OUTPUT

@@ -122,6 +122,19 @@ def training_subset(data: DataSplits, count: int | None, seed: int = 0) -> DataS
     return dataclasses.replace(data, train=data.train.select(sorted(order[:count].tolist())))
 
 
+def add_run_arguments(parser: argparse.ArgumentParser, seeds: Sequence[int],
+                      threads: int) -> None:
+    """The options the text benchmarks that train students from the sentiment teacher share:
+    ``--seeds``, ``--fresh``, ``--threads`` and ``--train-texts`` (see
+    :func:`training_subset`)."""
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(seeds))
+    parser.add_argument("--fresh", action="store_true",
+                        help="train every run again (default: keep the runs already saved)")
+    parser.add_argument("--threads", type=int, default=threads)
+    parser.add_argument("--train-texts", type=int, default=None,
+                        help="train on this many training texts (a seeded sample; default all)")
+
+
 def subset_note(results: Mapping[str, Any]) -> str:
     """The sentence saying how many training texts the students saw (``train_texts``), with a
     blank line after it; empty when they saw them all."""

@@ -32,7 +32,7 @@ from typing import Any
 
 from pages import load_note, write_results
 from resumable import saved_results, write_json
-from text_sentiment import subset_note, train_one, training_subset
+from text_sentiment import add_run_arguments, subset_note, train_one, training_subset
 
 from kdistill.config import RunConfig, load_config
 from kdistill.data import DataSplits
@@ -75,12 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--students", nargs="+", choices=list(STUDENTS), default=list(STUDENTS))
     parser.add_argument("--maps", nargs="+", choices=MAPS, default=list(MAPS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
-    parser.add_argument("--fresh", action="store_true",
-                        help="train every run again (default: keep the runs already saved)")
-    parser.add_argument("--threads", type=int, default=THREADS)
-    parser.add_argument("--train-texts", type=int, default=None,
-                        help="train on this many training texts (a seeded sample; default all)")
+    add_run_arguments(parser, SEEDS, THREADS)
     args = parser.parse_args(argv)
     protocol = f"{__doc__}\ntraining texts: {args.train_texts or 'all'}"
     results = saved_results(OUTPUT, args.fresh, protocol, {"runs": []})
