@@ -629,6 +629,17 @@ def check_registered(config: RunConfig) -> list[str]:
     return problems
 
 
+TRAINED_WEIGHTS_HINT = ("give teacher.checkpoint or teacher.train (or a fine-tuned model "
+                        f"folder: {', '.join(FOLDER_CLASSIFIERS)})")
+
+
+def has_trained_weights(teacher: TeacherConfig) -> bool:
+    """Whether the teacher comes trained: loaded from ``checkpoint``, trained by the run
+    (``train``), or a model folder (:data:`FOLDER_CLASSIFIERS`) used as it is."""
+    return (teacher.checkpoint is not None or teacher.train is not None
+            or teacher.model.name in FOLDER_CLASSIFIERS)
+
+
 def _check_teacher_role(teacher: TeacherConfig | None, recipe: Any) -> list[str]:
     """Whether the teacher section gives what the recipe's ``teacher_model`` asks for."""
     kind = recipe.teacher_model
@@ -656,12 +667,11 @@ def _check_teacher_role(teacher: TeacherConfig | None, recipe: Any) -> list[str]
         return [f"teacher.train: recipe '{recipe.name}' trains its teacher online with the "
                 "student from a fresh model; remove teacher.train (or give a checkpoint to "
                 "start from)"]
-    if (kind == "trained" and teacher.train is None and teacher.checkpoint is None
-            and teacher.model.name not in FOLDER_CLASSIFIERS):
-        return [f"teacher: recipe '{recipe.name}' distils a trained teacher; give "
-                f"teacher.checkpoint or teacher.train (or a fine-tuned model folder: "
-                f"{', '.join(FOLDER_CLASSIFIERS)})"]
+    if kind == "trained" and not has_trained_weights(teacher):
+        return [f"teacher: recipe '{recipe.name}' distils a trained teacher; "
+                f"{TRAINED_WEIGHTS_HINT}"]
     return []
+
 
 
 # -- loading ----------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from kdistill.checkpoint import (
 from kdistill.config import (
     FILE_DATASETS,
     NAMED_COLUMNS,
+    TRAINED_WEIGHTS_HINT,
     ConfigError,
     DataConfig,
     FinetuneConfig,
@@ -39,6 +40,7 @@ from kdistill.config import (
     RunConfig,
     TeacherConfig,
     check_output_folder,
+    has_trained_weights,
     unlabeled_problems,
 )
 from kdistill.contexts import num_threads
@@ -72,7 +74,7 @@ from kdistill.models.export import OutputMeaning, export_run_student
 from kdistill.models.hf import missing_head
 from kdistill.models.lm import lm_folder
 from kdistill.models.lm_export import export_lm_student
-from kdistill.models.registry import FOLDER_CLASSIFIERS, model_options
+from kdistill.models.registry import model_options
 from kdistill.models.text import TextModel, check_same_tokens
 from kdistill.recipes import RECIPES, Recipe, build_recipe, cache_refusal, layer_map_pending
 from kdistill.report import write_report
@@ -717,13 +719,9 @@ def measure_layer_map(config: RunConfig, samples: int = DEFAULT_SAMPLES,
     checkpoint, its folder, the cache, or trained now and cached), on ``samples`` training
     inputs drawn with ``data.seed`` (from ``data`` when given, as :func:`train_run` takes it,
     else the config's); with the proposed and the uniform maps (:mod:`kdistill.layermap`)."""
-    teacher_config = config.teacher
-    if teacher_config is None or (teacher_config.checkpoint is None
-                                  and teacher_config.train is None
-                                  and teacher_config.model.name not in FOLDER_CLASSIFIERS):
-        raise ConfigError("teacher: layermap compares the student with a trained teacher; give "
-                          "teacher.checkpoint or teacher.train (or a fine-tuned model folder: "
-                          f"{', '.join(FOLDER_CLASSIFIERS)})")
+    if config.teacher is None or not has_trained_weights(config.teacher):
+        raise ConfigError("teacher: layermap compares the student with a trained teacher; "
+                          f"{TRAINED_WEIGHTS_HINT}")
     check_before_work(config)
     with num_threads(config.cpu_threads):
         data = data if data is not None else build_data(config.data)
