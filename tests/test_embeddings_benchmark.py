@@ -16,7 +16,6 @@ import embeddings as eb  # noqa: E402
 from model2vec_encoder import Model2VecEncoder  # noqa: E402
 
 from kdistill.errors import KdistillError  # noqa: E402
-from kdistill.models.hf import model_folder  # noqa: E402
 
 
 def test_fortunes_are_read_one_text_per_fortune_with_their_lines_joined(tmp_path: Path) -> None:
@@ -71,11 +70,8 @@ def test_the_results_section_has_a_line_per_model_and_the_notes() -> None:
     assert text.endswith("(1, 5, 15 min): 1.00, 2.00, 3.50.\n")
 
 
+@pytest.mark.usefixtures("minilm")
 def test_each_row_changes_only_its_recipe_and_shares_the_teacher_cache(tmp_path: Path) -> None:
-    try:
-        model_folder("all-MiniLM-L6-v2")
-    except FileNotFoundError:
-        pytest.skip("the embedding examples name all-MiniLM-L6-v2, which is not installed here")
     configs = {name: eb.row_config(name, False, None) for name in eb.ROWS}
     kd, ckd = configs["transformer-2L embedding_kd"], configs["transformer-2L ckd"]
     assert kd.recipe == {"name": "embedding_kd", "loss": "cosine"}

@@ -11,14 +11,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import hsk as bench  # noqa: E402
 
-from kdistill.models.hf import model_folder  # noqa: E402
 
-
+@pytest.mark.usefixtures("minilm")
 def test_the_variants_change_only_the_hidden_phases_slice_and_the_teacher_source() -> None:
-    try:
-        model_folder("all-MiniLM-L6-v2")
-    except FileNotFoundError:
-        pytest.skip("the text examples name all-MiniLM-L6-v2, which is not installed here")
     full, live, cached = (bench.variant_config(v, 2, quick=False) for v in bench.VARIANTS)
     assert full.phases[0].recipe == {"name": "hsk", "stage": "hidden", "student_layers": 2,
                                      "teacher_layers": 6, "layers": 3, "tokens": None,

@@ -327,14 +327,9 @@ def test_configs_refuse_a_missing_collection_and_classification_recipes(
         run(parse_config(raw))
 
 
+@pytest.mark.usefixtures("minilm")
 def test_the_retrieval_examples_are_valid_where_their_model_is_installed() -> None:
     from kdistill.config import load_config
-    from kdistill.models.hf import model_folder
-
-    try:
-        model_folder("all-MiniLM-L6-v2")
-    except FileNotFoundError:
-        pytest.skip("the retrieval examples name all-MiniLM-L6-v2, which is not installed here")
     examples = Path(__file__).resolve().parents[1] / "examples" / "retrieval"
     configs = {path.stem: load_config(path) for path in sorted(examples.glob("*.yaml"))}
     assert {name: c.recipe["name"] for name, c in configs.items()} == {"dcd": "dcd",

@@ -12,8 +12,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import text_sentiment as ts  # noqa: E402
 from pages import results_markers, with_results, write_results  # noqa: E402
 
-from kdistill.models.hf import model_folder  # noqa: E402
-
 
 def test_the_results_replace_only_the_text_between_the_markers(tmp_path: Path) -> None:
     start, end = results_markers("text_sentiment.py")
@@ -30,11 +28,8 @@ def test_the_results_replace_only_the_text_between_the_markers(tmp_path: Path) -
     assert path.read_text() == f"{results_markers('a.py')[0]}\nsecond\n{end}\n"
 
 
+@pytest.mark.usefixtures("minilm")
 def test_each_variant_changes_only_the_recipe_the_transfer_set_and_the_seed() -> None:
-    try:
-        model_folder("all-MiniLM-L6-v2")
-    except FileNotFoundError:
-        pytest.skip("the text examples name all-MiniLM-L6-v2, which is not installed here")
     hinton = ts.variant_config("ngram", "hinton", 2, quick=False)
     ce = ts.variant_config("ngram", "ce", 2, quick=False)
     augmented = ts.variant_config("ngram", "hinton+aug", 2, quick=False)

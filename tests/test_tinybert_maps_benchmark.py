@@ -11,14 +11,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import tinybert_maps as bench  # noqa: E402
 
-from kdistill.models.hf import model_folder  # noqa: E402
 
-
+@pytest.mark.usefixtures("minilm")
 def test_the_variants_change_only_the_student_layers_the_map_and_the_seed() -> None:
-    try:
-        model_folder("all-MiniLM-L6-v2")
-    except FileNotFoundError:
-        pytest.skip("the text examples name all-MiniLM-L6-v2, which is not installed here")
     top = bench.variant_config("top", "uniform", 1)
     bottom = bench.variant_config("bottom", "auto", 2)
     assert top.student.options["layers"] == [2, 5] and bottom.student.options["layers"] == [0, 1]
