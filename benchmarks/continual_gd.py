@@ -66,7 +66,7 @@ from typing import Any
 
 import torch
 from embeddings import FORTUNES, read_fortunes
-from pages import load_note, write_results
+from pages import load_note, publish_results
 from resumable import saved_results, write_json
 from torch import nn
 
@@ -521,10 +521,8 @@ def main(argv: list[str] | None = None) -> None:
         results["runs"].append(run)
         print({k: run[k] for k in ("row", "seed", "A", "B", "probe_accuracy")}, flush=True)
         write_json(output, results)
-    tables = report(results)
-    page = output.with_suffix(".md") if args.quick else PAGE
-    write_results(page, tables, Path(__file__).name)
-    print(tables)
+    publish_results(report(results), PAGE, output if args.quick else None,
+                    Path(__file__).name)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from model2vec_encoder import RECORD_FILE, Model2VecEncoder, check_encoding
-from pages import write_results
+from pages import publish_results
 from resumable import saved_results, write_json
 from torch import nn
 
@@ -297,10 +297,8 @@ def main() -> None:
                        for row in measure(models, data)]
     results["load_average"] = os.getloadavg()
     write_json(output, results)
-    tables = results_markdown(results)
-    page = output.with_suffix(".md") if args.quick else PAGE
-    write_results(page, tables, Path(__file__).name)
-    print(tables)
+    publish_results(results_markdown(results), PAGE, output if args.quick else None,
+                    Path(__file__).name)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pages import load_note, write_results
+from pages import load_note, publish_results
 from resumable import saved_results, write_json
 from text_sentiment import add_run_arguments, subset_note, train_one, training_subset
 from text_sentiment import quick_corpus as first_snippets
@@ -119,10 +119,8 @@ def main(argv: list[str] | None = None) -> None:
             results["runs"].append(run)
             print(run, flush=True)
             write_json(output, results)
-    tables = report(results)
-    page = output.with_suffix(".md") if args.quick else PAGE
-    write_results(page, tables, Path(__file__).name)
-    print(tables)
+    publish_results(report(results), PAGE, output if args.quick else None,
+                    Path(__file__).name)
 
 
 def quick_corpus() -> Path:

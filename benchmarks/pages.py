@@ -28,6 +28,14 @@ def write_results(path: Path, tables: str, script: str) -> None:
                                          script))
 
 
+def publish_results(tables: str, page: Path, quick_output: Path | None, script: str) -> None:
+    """Write ``tables`` between ``script``'s markers of the docs ``page``, or of the page
+    beside ``quick_output`` (its ``.md``) for a smoke run, and print them."""
+    write_results(page if quick_output is None else quick_output.with_suffix(".md"), tables,
+                  script)
+    print(tables)
+
+
 def load_note(runs: list[dict]) -> str:
     """The range of the 1-minute load average saved at the end of each run (``load_average``),
     as a sentence for a results page; empty without runs."""

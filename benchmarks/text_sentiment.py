@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pages import write_results
+from pages import publish_results
 from resumable import saved_results, write_json
 from torch import nn
 
@@ -222,10 +222,8 @@ def main() -> None:
                                        for kind in args.kinds}}
     results["timing"] = timing(deployed, data[False])
     write_json(output, results)
-    tables = report(results)
-    page = output.with_suffix(".md") if args.quick else PAGE
-    write_results(page, tables, Path(__file__).name)
-    print(tables)
+    publish_results(report(results), PAGE, output if args.quick else None,
+                    Path(__file__).name)
 
 
 def report(results: Mapping[str, Any]) -> str:

@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import text_sentiment as ts  # noqa: E402
-from pages import results_markers, with_results, write_results  # noqa: E402
+from pages import publish_results, results_markers, with_results, write_results  # noqa: E402
 
 
 def test_the_results_replace_only_the_text_between_the_markers(tmp_path: Path) -> None:
@@ -62,3 +62,15 @@ def test_a_training_subset_is_a_seeded_sample_of_the_training_split_alone() -> N
     with pytest.raises(SystemExit, match="--train-texts: 11 asked for, the training split has "
                                          "10"):
         ts.training_subset(data, 11)
+
+
+def test_published_results_go_to_the_docs_page_or_beside_a_smoke_runs_json(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    page, quick = tmp_path / "docs.md", tmp_path / "runs" / "quick.json"
+    quick.parent.mkdir()
+    start, end = results_markers("b.py")
+    publish_results("full\n", page, None, "b.py")
+    publish_results("smoke\n", page, quick, "b.py")
+    assert page.read_text() == f"{start}\nfull\n{end}\n"
+    assert quick.with_suffix(".md").read_text() == f"{start}\nsmoke\n{end}\n"
+    assert capsys.readouterr().out == "full\n\nsmoke\n\n"
