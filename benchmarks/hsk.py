@@ -58,9 +58,9 @@ QUICK_TEXTS = 100  # per class
 THREADS = 2
 
 
-def variant_config(variant: str, seed: int, quick: bool, base: Path = EXAMPLE,
-                   corpus: Path | None = None, train_texts: int | None = None) -> RunConfig:
-    """``base`` (the example) with the variant's hidden phase and teacher source, ``seed``;
+def variant_config(variant: str, seed: int, quick: bool, corpus: Path | None = None,
+                   train_texts: int | None = None) -> RunConfig:
+    """The example with the variant's hidden phase and teacher source, ``seed``;
     ``corpus`` replaces the data file (the quick run's); the slice cache of a subset of
     ``train_texts`` training texts is a folder of its own."""
     overrides = [f"trainer.seed={seed}", "trainer.progress=false"]
@@ -78,7 +78,7 @@ def variant_config(variant: str, seed: int, quick: bool, base: Path = EXAMPLE,
         name = ("hsk-teacher-slices" + ("-quick" if quick else "")
                 + (f"-{train_texts}" if train_texts is not None else ""))
         overrides.append(f"teacher.cache={cache_dir() / name}")
-    return load_config(base, overrides)
+    return load_config(EXAMPLE, overrides)
 
 
 def build_cache(config: RunConfig, data: DataSplits, threads: int) -> dict[str, Any]:
