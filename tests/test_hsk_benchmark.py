@@ -25,8 +25,9 @@ def test_the_variants_change_only_the_hidden_phases_slice_and_the_teacher_source
     assert full.trainer.seed == live.trainer.seed == cached.trainer.seed == 2
     assert full.phases[1] == live.phases[1] == cached.phases[1]
     assert [p.epochs for p in cached.phases] == [3, 2]
-    quick = bench.variant_config("slice-cache", 0, quick=True)
+    quick = bench.variant_config("slice-cache", 0, True, Path("corpus.csv.bz2"))
     assert [p.epochs for p in quick.phases] == [1, 1]
+    assert quick.data.options["path"] == "corpus.csv.bz2"  # the quick run's corpus as data
     assert quick.teacher.cache.path.endswith("hsk-teacher-slices-quick")
     subset = bench.variant_config("slice-cache", 0, quick=False, train_texts=3000)
     assert subset.teacher.cache.path.endswith("hsk-teacher-slices-3000")  # a cache of its own
