@@ -16,9 +16,10 @@ def with_results(page: str, tables: str, script: str) -> str:
     """``page`` with the text between ``script``'s markers replaced by ``tables`` (the rest of
     the page, written by hand, is kept); a page without markers gets them at its end."""
     start, end = results_markers(script)
-    if start in page and end in page:
-        return page[:page.index(start)] + f"{start}\n{tables}{end}" + page[page.index(end)
-                                                                            + len(end):]
+    if start in page and end in page[page.index(start):]:
+        begins = page.index(start)
+        ends = page.index(end, begins)  # this script's end marker, not an earlier section's
+        return page[:begins] + f"{start}\n{tables}{end}" + page[ends + len(end):]
     return f"{page}{start}\n{tables}{end}\n"
 
 

@@ -22,6 +22,10 @@ def test_the_results_replace_only_the_text_between_the_markers(tmp_path: Path) -
     assert with_results("", "table\n", "text_sentiment.py") == f"{start}\ntable\n{end}\n"
     other = results_markers("other.py")[0]  # another script's results go after the page
     assert with_results(page, "x\n", "other.py") == f"{page}{other}\nx\n{end}\n"
+    both = f"{other}\nx\n{end}\n\n{page}"  # another script's section comes first
+    assert with_results(both, "new table\n", "text_sentiment.py") == (
+        f"{other}\nx\n{end}\n\n# Text\n\nwritten by hand\n\n{start}\nnew table\n{end}\n\n"
+        "## What it says\nmore\n")
     path = tmp_path / "page.md"
     write_results(path, "first\n", "a.py")
     write_results(path, "second\n", "a.py")
