@@ -44,7 +44,7 @@ import argparse
 import json
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -128,9 +128,10 @@ def fortunes_file(folder: Path = FORTUNES) -> tuple[Path | None, str]:
     return path, f"fortunes: {len(texts):,} texts from {folder} added to the training texts"
 
 
-def row_config(name: str, quick: bool, fortunes: Path | None) -> RunConfig:
-    """The example of row ``name`` with its recipe, the fortunes, seed 0 and the shared
-    teacher cache (one per set of training texts)."""
+def row_config(name: str, quick: bool, fortunes: Path | None,
+               extra: Sequence[str] = ()) -> RunConfig:
+    """The example of row ``name`` with its recipe, the fortunes, seed 0, the shared teacher
+    cache (one per set of training texts) and the overrides ``extra``."""
     example, recipe, _ = ROWS[name]
     cache = "embeddings-teacher" + ("-quick" if quick else "") + ("-fortunes" if fortunes else "")
     overrides = ["trainer.seed=0", "trainer.progress=false",
@@ -141,7 +142,7 @@ def row_config(name: str, quick: bool, fortunes: Path | None) -> RunConfig:
         overrides.append(f"data.unlabeled=[{fortunes}]")
     if quick:
         overrides.append("trainer.epochs=1")
-    return load_config(EXAMPLES / f"{example}.yaml", overrides)
+    return load_config(EXAMPLES / f"{example}.yaml", [*overrides, *extra])
 
 
 def quick_data(data: DataSplits) -> DataSplits:

@@ -87,6 +87,9 @@ def test_each_row_changes_only_its_recipe_and_shares_the_teacher_cache(tmp_path:
     quick = eb.row_config("static ckd", True, fortunes)
     assert quick.trainer.epochs == 1 and quick.data.unlabeled_sources == [str(fortunes)]
     assert quick.teacher.cache.path not in caches  # other texts: a cache of their own
+    swept = eb.row_config("static embedding_kd", False, None, ["trainer.epochs=5"])
+    assert swept.trainer.epochs == 5 and configs["static embedding_kd"].trainer.epochs == 10
+    assert swept.recipe == configs["static embedding_kd"].recipe  # the sweep's one change
 
 
 RECORD = {"model2vec": "0.10.0", "transformers": "5.3.0", "torch": "2.13.0+cpu",
