@@ -16,11 +16,11 @@ def with_results(page: str, tables: str, script: str) -> str:
     """``page`` with the text between ``script``'s markers replaced by ``tables`` (the rest of
     the page, written by hand, is kept); a page without markers gets them at its end."""
     start, end = results_markers(script)
-    if start in page and end in page[page.index(start):]:
-        begins = page.index(start)
-        ends = page.index(end, begins)  # this script's end marker, not an earlier section's
-        return page[:begins] + f"{start}\n{tables}{end}" + page[ends + len(end):]
-    return f"{page}{start}\n{tables}{end}\n"
+    begins = page.find(start)
+    ends = page.find(end, begins) if begins >= 0 else -1  # this script's end, not an earlier one
+    if ends < 0:
+        return f"{page}{start}\n{tables}{end}\n"
+    return page[:begins] + f"{start}\n{tables}{end}" + page[ends + len(end):]
 
 
 def write_results(path: Path, tables: str, script: str) -> None:

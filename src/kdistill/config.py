@@ -673,7 +673,6 @@ def _check_teacher_role(teacher: TeacherConfig | None, recipe: Any) -> list[str]
     return []
 
 
-
 # -- loading ----------------------------------------------------------------------------------
 class _SafeUniqueLoader(yaml.SafeLoader):
     """PyYAML's safe loader (plain data only: no Python objects), refusing duplicate keys."""
