@@ -321,7 +321,8 @@ class Benchmark:
                 "accuracy": quality["accuracy"],
                 "cache_mb_per_1k": (cache.nbytes / 1e6 / (self.train.token_count() / 1000)
                                     if cache is not None else None),
-                "train_s": trained, "labelled_tokens": data.token_count(),
+                "train_s": trained, "load": [round(v, 2) for v in os.getloadavg()],
+                "labelled_tokens": data.token_count(),
                 "params": count_parameters(student)}, student
 
     def speed(self, student: nn.Module) -> dict[str, Any]:
