@@ -142,11 +142,12 @@ def cka_matrix(student: nn.Module, teacher: nn.Module,
     return _cka_between(*pooled_features(student, teacher, batches))
 
 
-def propose_layer_map(matrix: Tensor) -> list[int]:
+def propose_layer_map(matrix: Tensor, pin_last: bool = True) -> list[int]:
     """The map (hidden-state indices, see the module docstring) maximising the total of
-    ``matrix[m, map[m]]`` [M + 1, N + 1] among maps with ``map[0] = 0`` and strictly
-    increasing ``map[1..M]``: dynamic programming in O(M N). Among equal totals, the map whose
-    choices are the earliest teacher layers."""
+    ``matrix[m, map[m]]`` [M + 1, N + 1] among maps with ``map[0] = 0``, strictly
+    increasing ``map[1..M]`` and, with ``pin_last``, ``map[M] = N`` (the student's last layer
+    learns the teacher's last, whose features the prediction head reads): dynamic programming
+    in O(M N). Among equal totals, the map whose choices are the earliest teacher layers."""
     rows, columns = matrix.shape
     if rows > columns:
         raise LayerMapError(
@@ -164,7 +165,8 @@ def propose_layer_map(matrix: Tensor) -> list[int]:
                 running, arg = best[m - 1][n - 1], n - 1
             best[m][n] = running + scores[m][n]
             previous[m][n] = arg
-    mapping = [max(range(columns), key=lambda n: best[rows - 1][n])]
+    mapping = [columns - 1 if pin_last and rows > 1
+               else max(range(columns), key=lambda n: best[rows - 1][n])]
     for m in range(rows - 1, 0, -1):
         mapping.append(previous[m][mapping[-1]])
     return mapping[::-1]
