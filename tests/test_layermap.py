@@ -136,8 +136,20 @@ def test_the_map_is_monotone_where_each_row_s_best_column_is_not() -> None:
     matrix = torch.tensor([[1.0, 0.0, 0.0, 0.0],
                            [0.0, 0.1, 0.9, 0.0],   # alone, student 1 would take teacher 2
                            [0.0, 0.0, 1.0, 0.2]])  # but student 2 loses more without it
-    assert propose_layer_map(matrix) == [0, 1, 2]
+    assert propose_layer_map(matrix, pin_last=False) == [0, 1, 2]
     assert map_total(matrix, [0, 1, 2]) == pytest.approx(2.1)
+    # pinned to teacher 3, student 1 is free to take teacher 2 (2.1 against [0, 1, 3]'s 1.3)
+    assert propose_layer_map(matrix) == [0, 2, 3]
+    assert map_total(matrix, [0, 2, 3]) == pytest.approx(2.1)
+
+
+def test_the_pinned_map_ends_on_the_teacher_s_last_layer_at_a_cost() -> None:
+    matrix = torch.tensor([[1.0, 0.0, 0.0, 0.0],
+                           [0.0, 0.9, 0.1, 0.0],
+                           [0.0, 0.0, 1.0, 0.1]])   # free: [0, 1, 2], 2.9
+    assert propose_layer_map(matrix, pin_last=False) == [0, 1, 2]
+    assert propose_layer_map(matrix) == [0, 1, 3]
+    assert map_total(matrix, [0, 1, 3]) == pytest.approx(2.0)
 
 
 def test_embeddings_map_to_embeddings_whatever_the_scores() -> None:
@@ -161,12 +173,16 @@ def test_the_uniform_map_is_tinybert_s(student: int, teacher: int, expected: lis
     assert uniform_layer_map(student, teacher) == expected
 
 
-def test_a_layer_map_holds_both_maps_and_their_totals() -> None:
-    matrix = torch.tensor([[1.0, 0.2, 0.1], [0.3, 0.9, 0.4]])
+def test_a_layer_map_holds_the_three_maps_and_their_totals() -> None:
+    matrix = torch.tensor([[1.0, 0.2, 0.1, 0.0],
+                           [0.3, 0.2, 0.9, 0.1],
+                           [0.1, 0.2, 0.8, 0.0]])
     result = LayerMap.from_matrix(matrix, samples=7)
-    assert (result.proposed, result.uniform) == ([0, 1], [0, 2])
+    assert (result.proposed, result.free, result.uniform) == ([0, 2, 3], [0, 1, 2], [0, 1, 3])
     assert result.proposed_total == pytest.approx(1.9)
-    assert result.uniform_total == pytest.approx(1.4)
+    assert result.free_total == pytest.approx(2.0)
+    assert result.uniform_total == pytest.approx(1.2)
+    assert (result.chosen(True), result.chosen(False)) == ([0, 2, 3], [0, 1, 2])
     assert result.samples == 7
 
 
@@ -249,9 +265,12 @@ def test_a_student_of_the_teacher_s_first_layers_maps_onto_them(tokenizer: Path)
     student = student_from_teacher(teacher, layers=[0, 1])  # hidden.1, .2 are the teacher's
     result = compare_layers(student, teacher, token_batches(tokenizer, TEXTS))
     assert result.samples == len(TEXTS)
-    assert result.proposed == [0, 1, 2]
+    assert result.free == [0, 1, 2]
+    assert result.free_total == pytest.approx(3.0, abs=1e-6)
+    assert result.proposed == [0, 1, 4]  # pinned: the last layer learns the teacher's last
+    assert result.proposed_total == pytest.approx(2.0 + float(result.matrix[2, 4]), abs=1e-6)
+    assert result.proposed_total < result.free_total - 0.01
     assert result.uniform == [0, 2, 4]
-    assert result.proposed_total == pytest.approx(3.0, abs=1e-6)
     assert result.uniform_total < result.proposed_total - 0.01
 
 
@@ -295,7 +314,9 @@ def test_auto_layer_map_on_text_models_built_from_a_folder(tmp_path: Path) -> No
     folder = save_bert(tmp_path / "bert", layers=4)
     teacher = build_model("hf_text", (), 3, path=str(folder))
     student = build_model("hf_student", (), 3, teacher=str(folder), layers=[0, 1])
-    assert auto_layer_map(student, teacher, text_dataset(), samples=10) == [0, 1, 2]
+    assert auto_layer_map(student, teacher, text_dataset(), samples=10) == [0, 1, 4]
+    assert auto_layer_map(student, teacher, text_dataset(), samples=10,
+                          pin_last=False) == [0, 1, 2]
 
 
 def test_a_model_without_hidden_states_is_refused() -> None:
@@ -379,7 +400,7 @@ def teacher_checkpoint(tmp_path: Path) -> Path:
     return path
 
 
-def test_layermap_prints_the_matrix_and_both_maps_and_writes_a_heat_map(
+def test_layermap_prints_the_matrix_and_the_maps_and_writes_a_heat_map(
         tmp_path: Path, bert_folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = layermap_config(tmp_path, {"checkpoint": str(teacher_checkpoint(tmp_path))})
     png = tmp_path / "map.png"
@@ -392,8 +413,11 @@ def test_layermap_prints_the_matrix_and_both_maps_and_writes_a_heat_map(
     rows = [line for line in out.splitlines() if line.startswith("│ s")]
     assert len(rows) == 3
     assert rows[0].count("*") == 1 and "1.000*" in rows[0]
-    assert "1.000*" in rows[1] and "1.000*" in rows[2]
-    assert "proposed map: [0, 1, 2]  total similarity 3.000" in out
+    assert "1.000*" in rows[1] and rows[1].count("*") == 1
+    assert "1.000 " in rows[2] and rows[2].rstrip(" │").endswith("*")  # pinned on t3
+    assert "proposed map: [0, 1, 3]  total similarity " in out
+    assert ("free map:     [0, 1, 2]  total similarity 3.000  (layer_map: auto_free)"
+            in out)
     assert "uniform map:  [0, 1, 3]  total similarity " in out
     assert f"heat map: {png}" in out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -454,20 +478,26 @@ def tinybert_auto_config(tmp_path: Path, layer_map: Any) -> RunConfig:
     raw["recipe"] = {"name": "tinybert", "stage": "general", "student_layers": 2,
                      "teacher_layers": 3, "layer_map": layer_map}
     raw["trainer"].update({"epochs": 2, "batch_size": 4})
-    raw["name"] = "tinybert-auto" if layer_map == "auto" else "tinybert-given"
+    raw["name"] = f"tinybert-{layer_map}" if isinstance(layer_map, str) else "tinybert-given"
     return parse_config(raw)
 
 
+@pytest.mark.parametrize(("layer_map", "expected", "note"),
+                         [("auto", [1, 3], ""), ("auto_free", [1, 2], ", last layer free")])
 def test_layer_map_auto_trains_as_the_map_kdistill_layermap_proposes(
-        tmp_path: Path, bert_folder: Path, caplog: pytest.LogCaptureFixture) -> None:
-    auto = tinybert_auto_config(tmp_path, "auto")
+        tmp_path: Path, bert_folder: Path, caplog: pytest.LogCaptureFixture, layer_map: str,
+        expected: list[int], note: str) -> None:
+    auto = tinybert_auto_config(tmp_path, layer_map)
     run.preflight(auto)  # kdistill check measures the map on its trial teacher
     with caplog.at_level(logging.INFO, logger="kdistill"):
         measured = run.run(auto)
-    assert run.measure_layer_map(auto).proposed == [0, 1, 2]  # the student's two layers
-    assert [p.recipe.layer_map for p in measured.fit.phases] == [(1, 2)]
-    assert "layer_map auto: student layers 1-2 learn from teacher layers [1, 2]" in caplog.text
-    given = run.run(tinybert_auto_config(tmp_path, [1, 2]))
+    maps = run.measure_layer_map(auto)
+    # the student's two layers are the teacher's first two; pinned, the last learns t3
+    assert (maps.proposed, maps.free) == ([0, 1, 3], [0, 1, 2])
+    assert [p.recipe.layer_map for p in measured.fit.phases] == [tuple(expected)]
+    assert (f"layer_map of 0-tinybert: student layers 1-2 learn from teacher layers {expected} "
+            f"(linear CKA on up to 256 training inputs{note})") in caplog.text
+    given = run.run(tinybert_auto_config(tmp_path, expected))
     trained, expected = measured.fit.student.state_dict(), given.fit.student.state_dict()
     for key, value in expected.items():
         assert torch.equal(trained[key], value), key

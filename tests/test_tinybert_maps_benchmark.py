@@ -7,6 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from kdistill.layermap import LayerMap
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import tinybert_maps as bench  # noqa: E402
@@ -23,6 +26,9 @@ def test_the_variants_change_only_the_student_layers_the_map_and_the_seed() -> N
     assert (top.trainer.seed, bottom.trainer.seed) == (1, 2)
     assert top.phases[1] == bottom.phases[1] and [p.epochs for p in top.phases] == [3, 2]
     assert bench.map_used(top, None) == [3, 6]  # uniform: no data read
+    free = bench.variant_config("bottom", "auto_free", 0)
+    assert free.phases[0].recipe["layer_map"] == "auto_free"
+    assert bench.MAPS == ("uniform", "auto", "auto_free")
 
 
 def test_the_report_gives_each_student_and_map_with_the_maps_used() -> None:
@@ -48,3 +54,15 @@ def test_a_subset_report_says_how_many_texts_the_students_saw() -> None:
                            "sample, seed 0); the teacher and the test split are the full "
                            "benchmark's.\n\n| student")
     assert bench.report({"runs": runs, "train_texts": None}).startswith("| student")
+
+
+@pytest.mark.usefixtures("minilm")
+def test_each_measured_map_saves_the_map_its_run_trains_with(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    matrix = torch.tensor([[1.0, 0.0, 0.0, 0.0],
+                           [0.0, 0.9, 0.1, 0.0],
+                           [0.0, 0.0, 1.0, 0.1]])  # pinned [0, 1, 3], free [0, 1, 2]
+    monkeypatch.setattr(bench, "measure_layer_map",
+                        lambda config, data: LayerMap.from_matrix(matrix, samples=2))
+    assert bench.map_used(bench.variant_config("top", "auto", 0), None) == [1, 3]
+    assert bench.map_used(bench.variant_config("top", "auto_free", 0), None) == [1, 2]

@@ -287,7 +287,7 @@ def _cache(config: RunConfig) -> int:
 
 
 def _layermap(config: RunConfig, samples: int, output: str | None) -> int:
-    """Print the CKA matrix of a config's student and teacher, the proposed and the uniform
+    """Print the CKA matrix of a config's student and teacher, the proposed, free and uniform
     layer maps with their total similarity; with ``output``, write the heat map there."""
     from rich.console import Console
 
@@ -301,7 +301,10 @@ def _layermap(config: RunConfig, samples: int, output: str | None) -> int:
           "mean-pooled over the input's real tokens: student hidden.m (rows s<m>) against "
           "teacher hidden.n (columns t<n>); * marks the proposed map")
     Console(width=max(80, 8 + 9 * result.matrix.shape[1])).print(layer_map_table(result))
-    print(f"proposed map: {result.proposed}  total similarity {result.proposed_total:.3f}")
+    print(f"proposed map: {result.proposed}  total similarity {result.proposed_total:.3f}"
+          "  (layer_map: auto; the last layer on the teacher's last)")
+    print(f"free map:     {result.free}  total similarity {result.free_total:.3f}"
+          "  (layer_map: auto_free)")
     print(f"uniform map:  {result.uniform}  total similarity {result.uniform_total:.3f}")
     print("(student hidden.m learns from teacher hidden.map[m]; hidden.0 is the embeddings)")
     if output is not None:

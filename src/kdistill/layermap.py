@@ -36,6 +36,15 @@ same function; distinct layers keep one target per student layer, in the teacher
 This needs N >= M. The map maximises the sum of CKA(student m, teacher map[m]) over m by
 dynamic programming in O(M N): ``best[m][n]`` (student layers 0..m placed, m on teacher n) is
 ``S[m][n] + max(best[m-1][k] for k < n)``, with the running maximum over k carried along n.
+
+**The last layer is pinned: map[M] = N** (the ``proposed`` map, what ``layer_map: auto``
+uses). A student that copies the teacher's prediction head, or is scored on its last layer,
+needs its last layer to carry the teacher's last-layer features. Left free, the map follows
+the untrained student: measured on a student built from teacher layers 3 and 6 of a 6-layer
+teacher, the free map was [0, 1, 2] (CKA of the untrained student is highest with the
+teacher's early layers), the copied head then read layer-2-like features, and TinyBERT's
+accuracy fell from 76.0% (uniform map [0, 3, 6]) to 60.2% (docs/layermap.md). The free map
+(``free``, ``layer_map: auto_free``) stays available for comparison.
 """
 
 from __future__ import annotations
@@ -186,12 +195,16 @@ def map_total(matrix: Tensor, mapping: Sequence[int]) -> float:
 @dataclass(frozen=True)
 class LayerMap:
     """CKA between the hidden states of a student and a teacher, and the maps it suggests:
-    ``proposed`` (:func:`propose_layer_map`) and, for comparison, TinyBERT's ``uniform`` map,
-    each with its total similarity; ``samples`` is the number of inputs measured."""
+    ``proposed`` (:func:`propose_layer_map`, the last layer pinned to the teacher's: what
+    ``layer_map: auto`` uses), ``free`` (the same without the pin: ``layer_map: auto_free``)
+    and, for comparison, TinyBERT's ``uniform`` map, each with its total similarity;
+    ``samples`` is the number of inputs measured."""
 
     matrix: Tensor  # [M + 1, N + 1]: student hidden.m (rows) against teacher hidden.n
     proposed: list[int]
     proposed_total: float
+    free: list[int]
+    free_total: float
     uniform: list[int]
     uniform_total: float
     samples: int
@@ -200,9 +213,14 @@ class LayerMap:
     def from_matrix(cls, matrix: Tensor, samples: int) -> LayerMap:
         """The maps and totals of a CKA ``matrix`` measured on ``samples`` inputs."""
         proposed = propose_layer_map(matrix)
+        free = propose_layer_map(matrix, pin_last=False)
         uniform = uniform_layer_map(matrix.shape[0] - 1, matrix.shape[1] - 1)
-        return cls(matrix, proposed, map_total(matrix, proposed), uniform,
-                   map_total(matrix, uniform), samples)
+        return cls(matrix, proposed, map_total(matrix, proposed), free, map_total(matrix, free),
+                   uniform, map_total(matrix, uniform), samples)
+
+    def chosen(self, pin_last: bool) -> list[int]:
+        """``proposed`` with ``pin_last``, else ``free``."""
+        return self.proposed if pin_last else self.free
 
 
 def compare_layers(student: nn.Module, teacher: nn.Module,
@@ -232,17 +250,24 @@ def sample_batches(data: Dataset, samples: int = DEFAULT_SAMPLES, *, batch_size:
     return DataLoader(Subset(data, chosen.tolist()), batch_size=batch_size, collate_fn=collate)
 
 
-def auto_layer_map(student: nn.Module, teacher: nn.Module, data: Dataset,
-                   samples: int = DEFAULT_SAMPLES, *, batch_size: int = 32,
-                   seed: int = 0) -> list[int]:
-    """The proposed map for ``layer_map: auto``: CKA between ``student``'s and ``teacher``'s
-    hidden states (nn.Modules: a frozen teacher's ``.model``) on ``samples`` inputs of
-    ``data`` drawn with ``seed``, then :func:`propose_layer_map`.
-
-    The result lists M + 1 hidden-state indices: student ``hidden.m`` learns from teacher
-    ``hidden.map[m]``; ``map[0]`` is 0 (embeddings) and the rest are distinct increasing
-    teacher layers. Raises :class:`LayerMapError` (a :class:`KdistillError`) for a model
-    without hidden states or a teacher shallower than the student.
-    """
+def compare_layers_on_data(student: nn.Module, teacher: nn.Module, data: Dataset,
+                           samples: int = DEFAULT_SAMPLES, *, batch_size: int = 32,
+                           seed: int = 0) -> LayerMap:
+    """CKA between ``student``'s and ``teacher``'s hidden states (nn.Modules: a frozen
+    teacher's ``.model``) on ``samples`` inputs of ``data`` drawn with ``seed``
+    (:func:`sample_batches`), with the maps it proposes (:class:`LayerMap`). Raises
+    :class:`LayerMapError` (a :class:`KdistillError`) for a model without hidden states or a
+    teacher shallower than the student."""
     batches = sample_batches(data, samples, batch_size=batch_size, seed=seed)
-    return compare_layers(student, teacher, batches).proposed
+    return compare_layers(student, teacher, batches)
+
+
+def auto_layer_map(student: nn.Module, teacher: nn.Module, data: Dataset,
+                   samples: int = DEFAULT_SAMPLES, *, batch_size: int = 32, seed: int = 0,
+                   pin_last: bool = True) -> list[int]:
+    """The map of ``layer_map: auto`` (``auto_free`` without ``pin_last``), measured by
+    :func:`compare_layers_on_data`: M + 1 hidden-state indices, student ``hidden.m`` learning
+    from teacher ``hidden.map[m]``; ``map[0]`` is 0 (embeddings), the rest distinct increasing
+    teacher layers, the last the teacher's last when ``pin_last``."""
+    return compare_layers_on_data(student, teacher, data, samples, batch_size=batch_size,
+                                  seed=seed).chosen(pin_last)

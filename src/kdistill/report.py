@@ -324,8 +324,9 @@ def layer_map_table(result: LayerMap) -> Table:
 
 def plot_layer_map(result: LayerMap, path: str | os.PathLike[str]) -> Path:
     """Save a heat map PNG of a :class:`~kdistill.layermap.LayerMap`'s CKA matrix (teacher
-    hidden states across, student hidden states up), the proposed map as a red line of dots
-    and the uniform map as white crosses, each with its total similarity in the legend."""
+    hidden states across, student hidden states up), the proposed map as a red line of dots,
+    the free map (when it differs) as a dashed orange line and the uniform map as white
+    crosses, each with its total similarity in the legend."""
     rows, columns = result.matrix.shape
     figure = Figure(figsize=(2.5 + 0.45 * columns, 1.8 + 0.45 * rows), layout="constrained")
     FigureCanvasAgg(figure)
@@ -335,6 +336,9 @@ def plot_layer_map(result: LayerMap, path: str | os.PathLike[str]) -> Path:
     figure.colorbar(image, ax=axes, label="linear CKA")
     axes.plot(result.proposed, range(rows), "o-", color="red", markerfacecolor="none",
               label=f"proposed {result.proposed} ({result.proposed_total:.3f})")
+    if result.free != result.proposed:
+        axes.plot(result.free, range(rows), "s--", color="orange", markerfacecolor="none",
+                  label=f"free {result.free} ({result.free_total:.3f})")
     axes.plot(result.uniform, range(rows), "x", color="white", markersize=9,
               label=f"uniform {result.uniform} ({result.uniform_total:.3f})")
     axes.set(xticks=range(columns), yticks=range(rows), xlabel="teacher hidden.n",

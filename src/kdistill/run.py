@@ -68,7 +68,7 @@ from kdistill.evaluate import (
     predict,
     shifted_evaluation,
 )
-from kdistill.layermap import DEFAULT_SAMPLES, LayerMap, compare_layers, sample_batches
+from kdistill.layermap import DEFAULT_SAMPLES, LayerMap, compare_layers_on_data
 from kdistill.models import build_model, deployable
 from kdistill.models.export import OutputMeaning, export_run_student
 from kdistill.models.hf import missing_head
@@ -718,7 +718,7 @@ def measure_layer_map(config: RunConfig, samples: int = DEFAULT_SAMPLES,
     of its teacher, obtained as the run obtains it (:func:`trained_teacher`: from its
     checkpoint, its folder, the cache, or trained now and cached), on ``samples`` training
     inputs drawn with ``data.seed`` (from ``data`` when given, as :func:`train_run` takes it,
-    else the config's); with the proposed and the uniform maps (:mod:`kdistill.layermap`)."""
+    else the config's); with the proposed, free and uniform maps (:mod:`kdistill.layermap`)."""
     if config.teacher is None or not has_trained_weights(config.teacher):
         raise ConfigError("teacher: layermap compares the student with a trained teacher; "
                           f"{TRAINED_WEIGHTS_HINT}")
@@ -728,9 +728,9 @@ def measure_layer_map(config: RunConfig, samples: int = DEFAULT_SAMPLES,
         users = [phase.recipe for phase in build_phases(config) if phase.recipe.uses_teacher]
         student = build_from(config.student, data, config.trainer.seed, "student")
         teacher = trained_teacher(config, data, users[0] if users else None)
-        batches = sample_batches(data.train, samples, batch_size=config.evaluation.batch_size,
-                                 seed=config.data.seed)
-        return compare_layers(student, teacher, batches)
+        return compare_layers_on_data(student, teacher, data.train, samples,
+                                      batch_size=config.evaluation.batch_size,
+                                      seed=config.data.seed)
 
 
 @dataclass

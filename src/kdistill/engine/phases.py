@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from kdistill.errors import KdistillError
-from kdistill.layermap import DEFAULT_SAMPLES, auto_layer_map
+from kdistill.layermap import DEFAULT_SAMPLES, compare_layers_on_data
 from kdistill.recipes.base import LayerMapped, Recipe, layer_map_pending
 from kdistill.settings import OptimizerSettings, SchedulerSettings
 from kdistill.teachers import FrozenTeacher, TeacherSource
@@ -85,11 +85,13 @@ def resolve_layer_maps(phases: Sequence[Phase], student: nn.Module,
                        teacher: nn.Module | TeacherSource | None, data: Dataset | DataLoader,
                        *, seed: int, samples: int = DEFAULT_SAMPLES,
                        batch_size: int = 32) -> list[Phase]:
-    """``phases`` with every ``layer_map: auto`` measured (:func:`layer_map_pending`): one
-    map, :func:`~kdistill.layermap.auto_layer_map` between ``student`` and the teacher's
-    model on ``samples`` inputs of ``data`` drawn with ``seed``, set on each such recipe
-    (student layer m learns from teacher layer map[m]; the embeddings keep the embeddings).
-    A teacher with no model at hand (a cached one) is a :class:`KdistillError`."""
+    """``phases`` with every ``layer_map: auto`` / ``auto_free`` measured
+    (:func:`layer_map_pending`): CKA between ``student`` and the teacher's model measured
+    once (:func:`~kdistill.layermap.compare_layers_on_data`: ``samples`` inputs of ``data``
+    drawn with ``seed``), and each such recipe given the map it asks for (the proposed map,
+    last layer pinned, or the free one; student layer m learns from teacher layer map[m], the
+    embeddings keep the embeddings). A teacher with no model at hand (a cached one) is a
+    :class:`KdistillError`."""
     if not any(layer_map_pending(phase.recipe) for phase in phases):
         return list(phases)
     model = teacher.model if isinstance(teacher, FrozenTeacher) else teacher
@@ -98,15 +100,17 @@ def resolve_layer_maps(phases: Sequence[Phase], student: nn.Module,
                             f"teacher model's, and a {type(teacher).__name__} teacher has no "
                             "model at hand: give layer_map (kdistill layermap proposes one)")
     source = data.dataset if isinstance(data, DataLoader) else data
-    mapping = auto_layer_map(student, model, source, samples, batch_size=batch_size,
-                             seed=seed)[1:]
-    logger.info("layer_map auto: student layers 1-%d learn from teacher layers %s (linear CKA "
-                "on up to %d training inputs)", len(mapping), mapping, samples)
+    measured = compare_layers_on_data(student, model, source, samples,
+                                      batch_size=batch_size, seed=seed)
     resolved = []
     for phase in phases:
         recipe = phase.recipe
         if layer_map_pending(recipe):
             assert isinstance(recipe, LayerMapped)
+            mapping = measured.chosen(recipe.pins_last_layer)[1:]
+            logger.info("layer_map of %s: student layers 1-%d learn from teacher layers %s "
+                        "(linear CKA on up to %d training inputs%s)", phase.name, len(mapping),
+                        mapping, samples, "" if recipe.pins_last_layer else ", last layer free")
             phase = replace(phase, recipe=recipe.with_layer_map(mapping))
         resolved.append(phase)
     return resolved

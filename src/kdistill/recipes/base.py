@@ -200,12 +200,17 @@ class Recipe(nn.Module):
 @runtime_checkable
 class LayerMapped(Protocol):
     """A recipe distilling student layers from teacher layers through a map that can be
-    measured on the two models (``layer_map: auto``): ``layer_map_pending`` until then, and
-    ``with_layer_map(g)`` the recipe with student layer m = 1..M learning from teacher layer
-    g[m - 1] (:func:`kdistill.engine.phases.resolve_layer_maps` measures and sets it)."""
+    measured on the two models (``layer_map: auto`` or ``auto_free``): ``layer_map_pending``
+    until then, ``pins_last_layer`` whether the measured map must send the student's last
+    layer to the teacher's last, and ``with_layer_map(g)`` the recipe with student layer
+    m = 1..M learning from teacher layer g[m - 1]
+    (:func:`kdistill.engine.phases.resolve_layer_maps` measures and sets it)."""
 
     @property
     def layer_map_pending(self) -> bool: ...
+
+    @property
+    def pins_last_layer(self) -> bool: ...
 
     def with_layer_map(self, mapping: Sequence[int]) -> Recipe: ...
 

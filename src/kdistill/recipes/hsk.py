@@ -57,8 +57,9 @@ class HSK(LayerStagesRecipe):
     Liu, Meng, Lin, Wang & Zhou (2021), "Marginal Utility Diminishes: Exploring the Minimum
     Knowledge for BERT Knowledge Distillation" (ACL). Student layer m = 0..M (0: the
     embeddings) learns teacher layer g(m) (g(0) = 0; g(1..M) from ``layer_map``: the uniform
-    g(m) = m N / M of :func:`~kdistill.recipes.layer_stages.resolve_layer_map`, a list, or ``auto``,
-    measured before training). Only a slice of the teacher's hidden states is distilled:
+    g(m) = m N / M of :func:`~kdistill.recipes.layer_stages.resolve_layer_map`, a list, or
+    ``auto`` / ``auto_free``, measured before training). Only a slice of the teacher's hidden
+    states is distilled:
 
     * depth: the student's top ``layers`` hidden states, m in D = {M - layers + 1, ..., M};
     * length: per sample, the ``tokens`` valid tokens P_m whose pre-softmax attention score

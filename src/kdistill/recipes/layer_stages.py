@@ -18,6 +18,8 @@ from kdistill.recipes.shared import valid_rows
 from kdistill.taps import Taps, self_attention_layers
 from kdistill.teachers import TeacherSource
 
+MEASURED_MAPS = ("auto", "auto_free")  # layer_map values measured before training
+
 
 def resolve_layer_map(layer_map: Sequence[int] | None, student_layers: int,
                       teacher_layers: int) -> tuple[int, ...]:
@@ -93,18 +95,19 @@ def refuse_task_stage(recipe: str, intermediate: str) -> None:
 
 class LayerStagesParams(RecipeParams):
     """What every layer-to-layer recipe takes (its ``stage`` is its own): the depths M and N,
-    the layer map (``None``: uniform; a list; ``auto``: measured before training), the
+    the layer map (``None``: uniform; a list; ``auto``: measured before training, the last
+    student layer on the teacher's last; ``auto_free``: measured without that pin), the
     prediction layer's temperature and stage ``task``'s intermediate epochs."""
 
     student_layers: int = Field(default=4, ge=1)
     teacher_layers: int = Field(default=12, ge=1)
-    layer_map: list[int] | Literal["auto"] | None = None
+    layer_map: list[int] | Literal["auto", "auto_free"] | None = None
     temperature: float = Field(default=1.0, gt=0)
     intermediate_epochs: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
     def _valid_map(self) -> Self:
-        if self.layer_map != "auto":
+        if self.layer_map not in MEASURED_MAPS:
             resolve_layer_map(self.layer_map, self.student_layers, self.teacher_layers)
         return self
 
@@ -121,24 +124,31 @@ class LayerStagesRecipe(Recipe):
     def __init__(self, params: RecipeParams | None = None, **overrides: Any):
         super().__init__(params, **overrides)
         p = self.params
-        self.layer_map: tuple[int, ...] | None = None if p.layer_map == "auto" else \
+        self.layer_map: tuple[int, ...] | None = None if p.layer_map in MEASURED_MAPS else \
             resolve_layer_map(p.layer_map, p.student_layers, p.teacher_layers)
 
     @property
     def layer_map_pending(self) -> bool:
-        """Whether ``layer_map`` is ``auto`` and not measured yet."""
+        """Whether ``layer_map`` is ``auto`` or ``auto_free`` and not measured yet."""
         return self.layer_map is None
+
+    @property
+    def pins_last_layer(self) -> bool:
+        """Whether the measured map sends the last student layer to the teacher's last
+        (``auto``; not ``auto_free``)."""
+        return self.params.layer_map != "auto_free"
 
     def with_layer_map(self, mapping: Sequence[int]) -> Self:
         """This recipe with the layer map g(1), ..., g(M) = ``mapping``."""
         return type(self)(self.params, layer_map=list(mapping))
 
     def mapped(self) -> tuple[int, ...]:
-        """g(1), ..., g(M); an error while ``layer_map: auto`` is not measured."""
+        """g(1), ..., g(M); an error while a measured ``layer_map`` is not measured yet."""
         if self.layer_map is None:
-            raise KdistillError(f"{self.name}: layer_map 'auto' is measured on the student and "
-                                "the teacher before training (kdistill train and Distiller.fit "
-                                "do it); this recipe was asked for its taps before that")
+            raise KdistillError(f"{self.name}: layer_map '{self.params.layer_map}' is measured on "
+                                "the student and the teacher before training (kdistill train "
+                                "and Distiller.fit do it); this recipe was asked for its taps "
+                                "before that")
         return self.layer_map
 
     def wrap_student(self, student: nn.Module) -> nn.Module:

@@ -47,9 +47,10 @@ class TinyBERT(LayerStagesRecipe):
     Jiao, Yin, Shang, Jiang, Chen, Li, Wang & Liu (2020), "TinyBERT: Distilling BERT for
     Natural Language Understanding". Student layer m = 1..M learns from teacher layer g(m)
     (:func:`resolve_layer_map`: uniform g(m) = m N / M, or ``layer_map``; ``layer_map: auto``
-    is measured on the two models before training, :mod:`kdistill.layermap`); layer 0, the
-    embedding output, from the teacher's. With the student's valid tokens (``token_mask``) and
-    a learnt projection W from the student's width to the teacher's:
+    and ``auto_free`` are measured on the two models before training,
+    :mod:`kdistill.layermap`); layer 0, the embedding output, from the teacher's. With the
+    student's valid tokens (``token_mask``) and a learnt projection W from the student's width
+    to the teacher's:
 
         L_embd = MSE(E_s W_0, E_t)                              (unit: tokens)
         L_hidn = sum_m MSE(H_s^m W_m, H_t^g(m))                 (unit: tokens)
