@@ -304,8 +304,8 @@ class Benchmark:
         return build_model("lm_student", (), self.vocabulary, task="lm",
                            teacher=self.settings.teacher, **self.settings.student)
 
-    def run_row(self, row: Row) -> tuple[dict[str, Any], nn.Module]:
-        """Train and score one row; also return its student."""
+    def run_row(self, row: Row) -> dict[str, Any]:
+        """Train and score one row."""
         s = self.settings
         source: Any = (None if row.signal == "none" else
                        FrozenTeacher(self.teacher) if row.signal == "live" else
@@ -326,11 +326,12 @@ class Benchmark:
                                     if cache is not None else None),
                 "train_s": trained, "load": [round(v, 2) for v in os.getloadavg()],
                 "labelled_tokens": data.token_count(),
-                "params": count_parameters(student)}, student
+                "params": count_parameters(student)}
 
     def speed(self, student: nn.Module) -> dict[str, Any]:
         """Teacher and student tokens/s, timed in alternating rounds on one held-out batch
-        (every row trains the same architecture: its speed is measured once)."""
+        (every row trains the same architecture: its speed is measured once, after the rows,
+        on a freshly built ``student``; delete ``speed`` from the results to measure again)."""
         s = self.settings
         rows = benchmark_models({"teacher": self.teacher, "student": student}, self.batches[:1],
                                 reference="teacher", latency_batch=self.batches[0],
@@ -345,9 +346,10 @@ class Benchmark:
             if row.name in self.saved["rows"]:
                 continue
             print(f"{row.name} ...", flush=True)
-            self.saved["rows"][row.name], student = self.run_row(row)
-            if "speed" not in self.saved:
-                self.saved["speed"] = self.speed(student)
+            self.saved["rows"][row.name] = self.run_row(row)
+            self.save()
+        if "speed" not in self.saved:
+            self.saved["speed"] = self.speed(self.student())
             self.save()
 
 

@@ -56,6 +56,11 @@ def test_the_quick_benchmark_scores_each_signal_and_resumes(tmp_path, monkeypatc
 
     monkeypatch.setattr(bench.Benchmark, "run_row", trained_again)
     bench.main(args)  # everything saved: nothing to train
+    del saved["speed"]
+    (tmp_path / "work" / "lm.json").write_text(json.dumps(saved))
+    bench.main(args)  # the speed alone is measured again, no row trained
+    again = json.loads((tmp_path / "work" / "lm.json").read_text())
+    assert again["rows"] == rows and again["speed"]["speedup"] > 0
 
 
 def test_prompt_pairs_cut_after_the_first_words_at_most_half_and_keep_the_whitespace():
