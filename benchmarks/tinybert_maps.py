@@ -21,7 +21,8 @@ Protocol:
   student layer to the teacher's last, ``auto_free`` leaves it free; the map is saved with
   each run, measured again the same way by ``kdistill.run.measure_layer_map``);
 * seeds 0, 1, 2 (initialisation of the new parts and data order); test accuracy of the final
-  student and the wall time of the run with the machine's load average.
+  student, as a share of the teacher's (measured once on the same test split), and the wall
+  time of the run with the machine's load average.
 """
 
 from __future__ import annotations
@@ -33,13 +34,14 @@ from typing import Any
 
 from pages import load_note, write_results
 from resumable import saved_results, write_json
-from text_sentiment import add_run_arguments, subset_note, train_one, training_subset
+from text_sentiment import accuracy, add_run_arguments, subset_note, train_one, training_subset
 
 from kdistill.config import RunConfig, load_config
+from kdistill.contexts import num_threads
 from kdistill.data import DataSplits
 from kdistill.recipes.layer_stages import MEASURED_MAPS, resolve_layer_map
 from kdistill.report import markdown_grid, mean_std, mean_std_text
-from kdistill.run import build_data, measure_layer_map
+from kdistill.run import build_data, measure_layer_map, obtain_teacher, teacher_training
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "text" / "tinybert.yaml"
@@ -73,6 +75,15 @@ def map_used(config: RunConfig, data: DataSplits) -> list[int]:
     return list(resolve_layer_map(None, recipe["student_layers"], recipe["teacher_layers"]))
 
 
+def teacher_accuracy(config: RunConfig, data: DataSplits, threads: int) -> float:
+    """The test accuracy of ``config``'s teacher, obtained as the runs obtain it (the text
+    benchmark's, from the cache) from the full training split ``data``."""
+    with num_threads(threads):
+        teacher, _ = obtain_teacher(config.teacher, config.data, data,
+                                    recipe=teacher_training(config.teacher, None))
+    return accuracy(teacher, data)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--students", nargs="+", choices=list(STUDENTS), default=list(STUDENTS))
@@ -80,10 +91,14 @@ def main(argv: list[str] | None = None) -> None:
     add_run_arguments(parser, SEEDS, THREADS)
     args = parser.parse_args(argv)
     protocol = f"{__doc__}\ntraining texts: {args.train_texts or 'all'}"
-    results = saved_results(OUTPUT, args.fresh, protocol, {"runs": []})
+    results = saved_results(OUTPUT, args.fresh, protocol, {"runs": []},
+                            keep=("teacher_accuracy",))
     results["train_texts"] = args.train_texts
-    data = training_subset(build_data(variant_config(args.students[0], "uniform", 0).data),
-                           args.train_texts)
+    first = variant_config(args.students[0], "uniform", 0)
+    full = build_data(first.data)
+    if "teacher_accuracy" not in results:
+        results["teacher_accuracy"] = teacher_accuracy(first, full, args.threads)
+    data = training_subset(full, args.train_texts)
     for student in args.students:
         for layer_map in args.maps:
             for seed in args.seeds:
@@ -105,6 +120,7 @@ def main(argv: list[str] | None = None) -> None:
 def report(results: Mapping[str, Any]) -> str:
     """Accuracy ± sd per student and map, the map each used, and the machine's load."""
     rows = []
+    teacher = results["teacher_accuracy"]
     for student in STUDENTS:
         for layer_map in MAPS:
             runs = [r for r in results["runs"] if (r["student"], r["map"]) == (student,
@@ -114,12 +130,13 @@ def report(results: Mapping[str, Any]) -> str:
             mean, std = mean_std([r["accuracy"] for r in runs])
             used = sorted({tuple(r["layer_map"]) for r in runs})
             rows.append([student, layer_map, " / ".join(str(list(m)) for m in used),
-                         mean_std_text(mean, std), str(len(runs)),
+                         mean_std_text(mean, std), f"{100 * mean / teacher:.1f}%", str(len(runs)),
                          f"{mean_std([r['train_seconds'] for r in runs])[0]:.0f}"])
     text = markdown_grid(["student (teacher layers)", "map", "g(1), g(2)", "accuracy %",
-                          "seeds", "train s"], rows)
+                          "of teacher", "seeds", "train s"], rows)
     note = load_note(results["runs"])
-    return subset_note(results) + text + (f"\n\n{note}" if note else "")
+    return (subset_note(results) + f"Teacher: {100 * teacher:.2f}% test accuracy.\n\n" + text
+            + (f"\n\n{note}" if note else ""))
 
 
 if __name__ == "__main__":

@@ -38,22 +38,24 @@ def test_the_report_gives_each_student_and_map_with_the_maps_used() -> None:
                                      ("bottom", "uniform", 1, 0.72, [3, 6]),
                                      ("bottom", "auto", 0, 0.75, [1, 2]),
                                      ("bottom", "auto", 1, 0.77, [1, 2]))]
-    lines = bench.report({"runs": runs}).splitlines()
-    assert lines[2].split("|")[1:-1] == [" bottom ", " uniform ", " [3, 6] ", " 71.00 ± 1.41 ",
-                                         " 2 ", " 100 "]
-    assert lines[3].split("|")[1:-1] == [" bottom ", " auto ", " [1, 2] ", " 76.00 ± 1.41 ",
-                                         " 2 ", " 100 "]
+    lines = bench.report({"runs": runs, "teacher_accuracy": 0.8}).splitlines()
+    assert lines[0] == "Teacher: 80.00% test accuracy."
+    assert lines[4].split("|")[1:-1] == [" bottom ", " uniform ", " [3, 6] ", " 71.00 ± 1.41 ",
+                                         " 88.8% ", " 2 ", " 100 "]
+    assert lines[5].split("|")[1:-1] == [" bottom ", " auto ", " [1, 2] ", " 76.00 ± 1.41 ",
+                                         " 95.0% ", " 2 ", " 100 "]
     assert "Load average (1 min) at the end of the runs: 2.00 to 2.00." in lines[-1]
 
 
 def test_a_subset_report_says_how_many_texts_the_students_saw() -> None:
     runs = [{"student": "top", "map": "auto", "seed": 0, "accuracy": 0.7, "train_seconds": 1.0,
              "layer_map": [2, 6], "load_average": [2.0, 1, 1]}]
-    text = bench.report({"runs": runs, "train_texts": 3000})
+    text = bench.report({"runs": runs, "train_texts": 3000, "teacher_accuracy": 0.8})
     assert text.startswith("Students trained on 3,000 of the training texts (a seeded random "
                            "sample, seed 0); the teacher and the test split are the full "
-                           "benchmark's.\n\n| student")
-    assert bench.report({"runs": runs, "train_texts": None}).startswith("| student")
+                           "benchmark's.\n\nTeacher: 80.00% test accuracy.\n\n| student")
+    assert bench.report({"runs": runs, "train_texts": None,
+                         "teacher_accuracy": 0.8}).startswith("Teacher: 80.00%")
 
 
 @pytest.mark.usefixtures("minilm")
