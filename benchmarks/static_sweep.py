@@ -8,8 +8,9 @@ Run on demand (after ``benchmarks/embeddings.py``, whose teacher cache it reads)
 
 Protocol: ``examples/embeddings/static.yaml`` with ``embedding_kd`` (cosine) as the
 ``static embedding_kd`` row of ``benchmarks/embeddings.py`` (the same training texts, teacher
-cache and seed 0), one override each (:data:`VARIANTS`); scored on the same held-out snippets
-against the teacher (``similarity_spearman``, ``nn10_overlap``) and by the same linear probe.
+cache and seed 0), one override each (:data:`VARIANTS`); scored as that row is, by
+:func:`~kdistill.evaluate.task_metrics` (``similarity_spearman`` and ``nn10_overlap`` against the
+teacher on the same seeded sample of 2,000 held-out snippets) and by the same linear probe.
 No timing: every variant is the same model.
 """
 
@@ -23,8 +24,7 @@ from embeddings import fortunes_file, probe, row_config
 from resumable import saved_results, write_json
 
 from kdistill.contexts import num_threads
-from kdistill.embedding_metrics import neighbour_overlap, similarity_spearman
-from kdistill.evaluate import eval_batches, predict
+from kdistill.evaluate import eval_batches, predict, task_metrics
 from kdistill.models import deployable
 from kdistill.run import build_data, build_from, train_run
 
@@ -54,11 +54,11 @@ def main(argv: list[str] | None = None) -> None:
             started = time.perf_counter()
             _, fit = train_run(row_config(ROW, False, fortunes, VARIANTS[name]), data)
             student = deployable(fit.student)
-            embeddings = predict(student, eval_batches(data.test, 64)).logits
+            metrics = task_metrics(predict(student, eval_batches(data.test, 64)), reference)
             results["variants"][name] = {
                 "overrides": VARIANTS[name],
-                "similarity_spearman": similarity_spearman(embeddings, reference),
-                "nn10_overlap": neighbour_overlap(embeddings, reference),
+                "similarity_spearman": metrics["similarity_spearman"],
+                "nn10_overlap": metrics["nn10_overlap"],
                 "probe_accuracy": probe(student, data),
                 "seconds": time.perf_counter() - started}
             print(name, results["variants"][name], flush=True)
