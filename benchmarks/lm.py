@@ -18,12 +18,13 @@ Protocol:
   between ``%`` lines), shuffled with seed 0; the first texts up to ``test_tokens`` tokens are
   the held-out split, the next ones up to ``train_tokens`` the training split; both packed into
   blocks of 128 tokens with the teacher's tokenizer (docs/lm.md). The rows that complete
-  prompts (``seqkd``, ``gkd``) read the same training fortunes as prompt/completion pairs
-  instead, one a row: a fortune's first ``prompt_words`` (8) words (at most half of them) are
-  the prompt, the rest its completion, cut at 128 tokens; their loss counts completion tokens
-  only, so they learn from fewer tokens than the packed rows (the token counts are saved with
-  the results), and the completions they generate (the teacher's beam search for ``seqkd``,
-  the student's samples for ``gkd``) stop at ``MAX_NEW_TOKENS`` (64);
+  prompts (``seqkd``, ``gkd``), and ``ce (pairs)`` as their baseline, read the same training
+  fortunes as prompt/completion pairs instead, one a row: a fortune's first ``prompt_words``
+  (8) words (at most half of them) are the prompt, the rest its completion, cut at 128
+  tokens; their loss counts completion tokens only, so they learn from fewer tokens than the
+  packed rows (the token counts are saved with the results), and the completions they
+  generate (the teacher's beam search for ``seqkd``, the student's samples for ``gkd``) stop
+  at ``MAX_NEW_TOKENS`` (64);
 * teacher: SmolLM2-135M-Instruct (its GGUF converted once), fp32, never trained;
 * student: ``lm_student`` with 4 layers of width 256 (4 heads, MLP 768) from the teacher's
   configuration, embeddings tied as the teacher's, about 16M parameters; every row starts from
@@ -35,6 +36,9 @@ Protocol:
   with importance weights) are derived from it without the teacher (a replay of its cached
   logits), so every row reads the same teacher answers; ``cache MB / 1k tok`` is each cache's
   size on disk per 1,000 training tokens;
+* the ``+ ce`` rows add the reference token's cross-entropy to forward KL, weight
+  ``CE_WEIGHT`` (1) beside KD's 1, with the dense and top-32 signals: does the label give the
+  sparse signal back what its lost tail took?
 * scored on the held-out split: perplexity of the next token, next-token agreement with the
   teacher (its most likely token), and speed: teacher and student timed in alternating rounds
   on one held-out batch (``tok/s``: that batch's tokens per second; speed-up: the teacher's
@@ -46,8 +50,8 @@ distillation is for). One pass over twice the text favours ``ce``: with ``--trai
 KL 903 (docs/lm.md). Compute plan (measured here): the teacher's pass ran at 347 tokens/s on 2
 threads (100,000 tokens in 289 s; 98 MB of dense fp16 cache per 1,000 tokens), a dense KD row
 trained at about 240 tokens/s on 2 cores shared with another job, so a KD row of 200,000
-tokens takes about 8-14 min and the 13 rows (``seqkd`` and ``gkd`` generate with the live
-teacher) 2-3 h. Rows are saved one by one, so the run can be split over several sittings
+tokens takes about 8-14 min and the 16 rows (``seqkd`` and ``gkd`` generate with the live
+teacher) 3-4 h. Rows are saved one by one, so the run can be split over several sittings
 (``--rows``).
 
 Rows are :data:`ROWS`.
@@ -72,6 +76,7 @@ from pages import write_results
 from torch import nn
 
 from kdistill import Distiller
+from kdistill.batch import TOKEN_MASK
 from kdistill.cache import CachedTeacher, LogitSample, TeacherCache
 from kdistill.checkpoint import atomic_write_text
 from kdistill.contexts import num_threads
@@ -92,6 +97,7 @@ from kdistill.evaluate import (
     predict,
     task_metrics,
 )
+from kdistill.losses.topk import TopKLogits
 from kdistill.models import build_model
 from kdistill.models.lm import lm_folder, load_lm
 from kdistill.recipes import build_recipe
@@ -104,29 +110,35 @@ RESULTS = ROOT / "benchmarks" / "results" / "lm.json"
 PAGE = ROOT / "docs" / "lm.md"
 DENSE = "dense"
 MAX_NEW_TOKENS = 64  # of the completions seqkd's teacher and gkd's student generate
+CE_WEIGHT = 1.0  # of the label term beside forward KL in the ``+ ce`` rows (KD's own weight: 1)
 
 
 @dataclass(frozen=True)
 class Row:
-    """One student: its ``recipe`` and the teacher ``signal`` it reads: ``none``, ``dense``
-    (the dense cache), ``top-<k>``, ``sampled-<k>`` (caches derived from it) or ``live`` (the
-    teacher itself, for recipes that generate)."""
+    """One student: its ``recipe``, the teacher ``signal`` it reads (``none``, ``dense``: the
+    dense cache, ``top-<k>``, ``sampled-<k>``: caches derived from it, or ``live``: the teacher
+    itself, for recipes that generate) and its data: the packed blocks, or the prompt /
+    completion ``pairs`` of the same fortunes (which the recipes that complete prompts need)."""
 
     name: str
     recipe: Mapping[str, Any]
     signal: str = DENSE
+    pairs: bool = False
 
 
 ROWS = [
     Row("ce", {"name": "ce"}, "none"),
+    Row("ce (pairs)", {"name": "ce"}, "none", pairs=True),
     *(Row(f"dense {d}", {"name": "token_kd", "divergence": d})
       for d in ("forward_kl", "reverse_kl", "generalized_jsd", "tvd")),
     *(Row(f"top-{k} forward_kl", {"name": "token_kd"}, f"top-{k}") for k in (8, 32, 128)),
     *(Row(f"top-32 {d}", {"name": "token_kd", "divergence": d}, "top-32")
       for d in ("generalized_jsd", "tvd")),
     Row("sampled-32 forward_kl", {"name": "token_kd"}, "sampled-32"),
-    Row("seqkd", {"name": "seqkd", "max_new_tokens": MAX_NEW_TOKENS}, "live"),
-    Row("gkd", {"name": "gkd", "max_new_tokens": MAX_NEW_TOKENS}, "live"),
+    *(Row(f"{signal} forward_kl + ce", {"name": "token_kd", "ce_weight": CE_WEIGHT}, signal)
+      for signal in (DENSE, "top-32")),
+    Row("seqkd", {"name": "seqkd", "max_new_tokens": MAX_NEW_TOKENS}, "live", pairs=True),
+    Row("gkd", {"name": "gkd", "max_new_tokens": MAX_NEW_TOKENS}, "live", pairs=True),
 ]
 
 
@@ -247,6 +259,23 @@ def signal_cache(signal: str, dense: TeacherCache, train: TokenBlocks, work: Pat
                               batch_size=batch_size, progress=False, device="cpu", **storage)
 
 
+def top_k_coverage(cache: TeacherCache, blocks: TokenBlocks) -> dict[str, float]:
+    """What a top-k cache leaves out at the labelled positions of ``blocks`` (the rows it was
+    built on): ``tail_mass``, the teacher's mean probability outside its k kept tokens, and
+    ``reference_outside``, the share of reference next tokens among them (where top-k KD
+    says nothing about the token the text has)."""
+    columns = blocks.columns()
+    rows = torch.arange(len(blocks))
+    kept = cache.read("logits", rows, columns, torch.device("cpu"))
+    if not isinstance(kept, TopKLogits):
+        raise ValueError(f"{cache.path} is not a top-k cache")
+    labelled = columns[TOKEN_MASK].bool()
+    tail_mass = kept.bucket_log_probs()[..., -1].exp()[labelled]
+    inside = (kept.indices.long() == columns["labels"].unsqueeze(-1)).any(-1)[labelled]
+    return {"tail_mass": tail_mass.mean().item(),
+            "reference_outside": 1 - inside.float().mean().item()}
+
+
 class Benchmark:
     """The data, the teacher, its caches and the results file of one run."""
 
@@ -312,7 +341,7 @@ class Benchmark:
                        CachedTeacher(self.cache(row.signal)))
         student = self.student()
         started = time.monotonic()
-        data = self.pairs if row.signal == "live" else self.train
+        data = self.pairs if row.pairs else self.train
         Distiller(student, source, build_recipe(**row.recipe), epochs=s.epochs,
                   batch_size=s.batch_size, cpu=True, progress=False, seed=0,
                   optimizer={"name": "adamw", "lr": s.lr, "weight_decay": 0.01}).fit(data)
@@ -348,6 +377,11 @@ class Benchmark:
             print(f"{row.name} ...", flush=True)
             self.saved["rows"][row.name] = self.run_row(row)
             self.save()
+        coverage = self.saved.setdefault("coverage", {})
+        for signal in sorted({r.signal for r in rows if r.signal.startswith("top-")}):
+            if signal not in coverage:
+                coverage[signal] = top_k_coverage(self.cache(signal), self.train)
+                self.save()
         if "speed" not in self.saved:
             self.saved["speed"] = self.speed(self.student())
             self.save()
@@ -371,7 +405,8 @@ def tables(saved: Mapping[str, Any]) -> str:
                 significant(speed["student_tok_s"]) if speed else "–",
                 f"{significant(speed['speedup'])}×" if speed else "–"]
 
-    lines = [markdown_grid(header, [line(n, r) for n, r in rows.items()],
+    ordered = [row.name for row in ROWS if row.name in rows]
+    lines = [markdown_grid(header, [line(n, rows[n]) for n in ordered],
                            [False, False] + [True] * 6)]
     if speed is not None:
         teacher = saved.get("teacher", {})
@@ -385,6 +420,14 @@ def tables(saved: Mapping[str, Any]) -> str:
             f"{s['train_tokens']:,} training tokens x {s['epochs']} epoch(s) for every row, "
             f"{s['test_tokens']:,} held-out tokens; PPL in brackets: against `ce`; teacher pass: "
             "the one teacher forward over the training split, shared by every cached row.\n")
+    coverage = saved.get("coverage", {})
+    if coverage:
+        kept = "; ".join(f"{signal}: {significant(c['tail_mass'])} of the teacher's "
+                         f"probability, {100 * c['reference_outside']:.1f}% of reference tokens"
+                         for signal, c in sorted(coverage.items(),
+                                                 key=lambda item: int(item[0].split("-")[1])))
+        lines.append(f"What the top-k caches leave in the tail, over the training tokens: "
+                     f"{kept}.\n")
     return "\n".join(lines)
 
 
@@ -407,8 +450,8 @@ def quick_teacher(work: Path, tokenizer_of: str) -> str:
 QUICK = {"train_tokens": 1_000, "test_tokens": 500, "epochs": 1, "repeats": 1,
          "student": {"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2,
                      "num_key_value_heads": 2, "intermediate_size": 64}}
-QUICK_ROWS = ("ce", "dense forward_kl", "top-8 forward_kl", "top-32 tvd", "sampled-32 forward_kl",
-              "seqkd", "gkd")
+QUICK_ROWS = ("ce", "ce (pairs)", "dense forward_kl", "top-8 forward_kl", "top-32 tvd",
+              "sampled-32 forward_kl", "seqkd", "gkd")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

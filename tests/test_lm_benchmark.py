@@ -10,10 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from lm_models import WORDS, save_llama
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import lm as bench  # noqa: E402
+
+from kdistill.cache import TeacherCache  # noqa: E402
 
 
 def fortunes(path: Path) -> Path:
@@ -35,10 +38,11 @@ def test_the_quick_benchmark_scores_each_signal_and_resumes(tmp_path, monkeypatc
     assert saved["teacher_pass_s"] > 0 and saved["teacher"]["perplexity"] > 1
     for name, row in rows.items():
         assert row["perplexity"] > 1 and 0 <= row["agreement"] <= 1, name
-        assert (row["cache_mb_per_1k"] is None) == (name in ("ce", "seqkd", "gkd")), name
+        uncached = name in ("ce", "ce (pairs)", "seqkd", "gkd")
+        assert (row["cache_mb_per_1k"] is None) == uncached, name
     # The completing rows learn from the completions of the same fortunes: fewer tokens.
-    assert 0 < rows["gkd"]["labelled_tokens"] == rows["seqkd"]["labelled_tokens"] < rows[
-        "ce"]["labelled_tokens"]
+    assert 0 < rows["gkd"]["labelled_tokens"] == rows["seqkd"]["labelled_tokens"] == rows[
+        "ce (pairs)"]["labelled_tokens"] < rows["ce"]["labelled_tokens"]
     speed = saved["speed"]  # one architecture: timed once, against the teacher
     assert speed["student_tok_s"] > 0 and speed["teacher_tok_s"] > 0
     assert speed["speedup"] == pytest.approx(speed["student_tok_s"] / speed["teacher_tok_s"])
@@ -47,7 +51,26 @@ def test_the_quick_benchmark_scores_each_signal_and_resumes(tmp_path, monkeypatc
     assert rows["dense forward_kl"]["cache_mb_per_1k"] > 100 * 2 / 1000
     assert rows["top-8 forward_kl"]["cache_mb_per_1k"] < rows["dense forward_kl"][
         "cache_mb_per_1k"] / 4
+    # The top-k caches' tail, against the dense cache's logits: 1 - the k largest
+    # probabilities, and the labels outside the k largest logits, over the labelled positions.
+    (dense_folder,) = (tmp_path / "work").glob("*/dense")
+    dense = TeacherCache.open(dense_folder, verify=False)
+    blocks = bench.splits(bench.Settings(**bench.QUICK, texts=args[4]),
+                          tmp_path / "work" / "teacher")[0]  # the training split
+    columns = blocks.columns()
+    logits = dense.read("logits", torch.arange(len(blocks)), columns, torch.device("cpu"))
+    labelled = columns["token_mask"].bool()
+    for k in (8, 32):
+        top = logits.float().softmax(-1).topk(k, dim=-1)
+        expected_tail = (1 - top.values.sum(-1))[labelled].mean().item()
+        outside = ~(top.indices == columns["labels"].unsqueeze(-1)).any(-1)
+        measured = saved["coverage"][f"top-{k}"]
+        assert measured["tail_mass"] == pytest.approx(expected_tail, abs=1e-3)
+        assert measured["reference_outside"] == pytest.approx(
+            outside[labelled].float().mean().item(), abs=1e-6)
+    assert saved["coverage"]["top-8"]["tail_mass"] > saved["coverage"]["top-32"]["tail_mass"]
     page = (tmp_path / "work" / "lm.md").read_text()
+    assert "What the top-k caches leave in the tail" in page
     assert page.startswith("<!-- results: benchmarks/lm.py -->\n| Student | Signal |")
     assert all(f"| {name} |" in page for name in bench.QUICK_ROWS)
 
